@@ -1,0 +1,34 @@
+"""The `jaxllm` command line: `jaxllm pretrain ...`, `jaxllm generate ...`.
+
+Each subcommand is a module of this package with `add_arguments(parser)` and
+`run(args) -> int`; it is imported only when chosen, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "pretrain": "Train a model on text (a preset or config file, local data, checkpoints).",
+    "generate": "Generate text from a checkpoint or Hugging Face GPT-2 weights.",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="jaxllm", description="GPT-style LLMs in JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    module = importlib.import_module(f"jaxllm.cli.{name}")
+    cmd = argparse.ArgumentParser(prog=f"jaxllm {name}", description=SUBCOMMANDS[name])
+    module.add_arguments(cmd)
+    return module.run(cmd.parse_args(argv[1:]))

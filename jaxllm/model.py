@@ -1,0 +1,248 @@
+"""GPT-2 as pure functions over a parameter pytree.
+
+The parameter tree is nested dicts and a list of blocks, named after the
+architecture (print it, map over it, save it)::
+
+    {"tok_emb":   {"embedding": (vocab, emb)},
+     "pos_emb":   {"embedding": (context, emb)},
+     "blocks": [{"norm1": {"scale", "bias"},
+                 "attn":  {"qkv": {"kernel": (emb, 3*emb), "bias"?}, "out": {"kernel", "bias"}},
+                 "norm2": {"scale", "bias"},
+                 "ffn":   {"fc": {"kernel": (emb, hidden), "bias"}, "proj": {"kernel", "bias"}}}, ...],
+     "final_norm": {"scale", "bias"},
+     "out_head":  {"kernel": (emb, vocab)}}          # absent when tie_embeddings
+
+Dense kernels are (in, out), the layout of Hugging Face's GPT-2 `Conv1D`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.attention import causal_attention
+from jaxllm.config import GPTConfig
+
+Params = dict[str, Any]
+
+
+# -- initialisation ----------------------------------------------------------
+def init_params(config: GPTConfig, key: jax.Array) -> Params:
+    """GPT-2 initialisation: weights N(0, 0.02), residual projections scaled by
+    1/sqrt(2 * n_layers), biases 0, LayerNorm scales 1."""
+    c = config
+    dtype = jnp.dtype(c.param_dtype)
+    d, h, v = c.emb_dim, c.hidden_dim, c.padded_vocab_size
+    std, resid_std = 0.02, 0.02 / math.sqrt(2 * c.n_layers)
+    keys = iter(jax.random.split(key, 3 + 4 * c.n_layers))
+
+    def normal(shape, s=std):
+        return (s * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    def norm():
+        return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
+
+    def dense(shape, s=std, bias=True):
+        layer = {"kernel": normal(shape, s)}
+        if bias:
+            layer["bias"] = jnp.zeros((shape[1],), dtype)
+        return layer
+
+    params: Params = {
+        "tok_emb": {"embedding": normal((v, d))},
+        "pos_emb": {"embedding": normal((c.context_length, d))},
+        "blocks": [
+            {
+                "norm1": norm(),
+                "attn": {"qkv": dense((d, 3 * d), bias=c.qkv_bias), "out": dense((d, d), resid_std)},
+                "norm2": norm(),
+                "ffn": {"fc": dense((d, h)), "proj": dense((h, d), resid_std)},
+            }
+            for _ in range(c.n_layers)
+        ],
+        "final_norm": norm(),
+    }
+    out_key = next(keys)
+    if not c.tie_embeddings:
+        params["out_head"] = {"kernel": (std * jax.random.normal(out_key, (d, v))).astype(dtype)}
+    return params
+
+
+# -- layers ------------------------------------------------------------------
+def layer_norm(p, x, eps: float):
+    """LayerNorm with biased variance, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+
+
+def dense(p, x):
+    """x @ kernel + bias, with the leading axes flattened to one matrix product."""
+    lead = x.shape[:-1]
+    y = x.reshape(-1, x.shape[-1]) @ p["kernel"]
+    if "bias" in p:
+        y = y + p["bias"]
+    return y.reshape(*lead, y.shape[-1])
+
+
+def dropout(x, rate: float, rng):
+    if rate == 0.0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def qkv_heads(p, x, config: GPTConfig):
+    """Project x (batch, seq, emb) to q, k, v of shape (batch, seq, heads, head_dim)."""
+    b, t, _ = x.shape
+    qkv = dense(p["qkv"], x).reshape(b, t, 3, config.n_heads, config.head_dim)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def feed_forward(p, x):
+    return dense(p["proj"], jax.nn.gelu(dense(p["fc"], x), approximate=True))
+
+
+def block(p, x, config: GPTConfig, rng=None):
+    """One pre-norm transformer block. `rng` is None when dropout is off."""
+    rate = config.drop_rate if rng is not None else 0.0
+    r_attn, r_res1, r_res2 = jax.random.split(rng, 3) if rng is not None else (None,) * 3
+    b, t, d = x.shape
+    q, k, v = qkv_heads(p["attn"], layer_norm(p["norm1"], x, config.ln_eps), config)
+    a = causal_attention(q, k, v, config.attn_impl, dropout_rate=rate, rng=r_attn)
+    x = x + dropout(dense(p["attn"]["out"], a.reshape(b, t, d)), rate, r_res1)
+    h = feed_forward(p["ffn"], layer_norm(p["norm2"], x, config.ln_eps))
+    return x + dropout(h, rate, r_res2)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _run_blocks(blocks, x, config: GPTConfig, rng):
+    fn = block
+    if config.remat != "none":
+        fn = jax.checkpoint(block, policy=_REMAT_POLICIES[config.remat], static_argnums=(2,))
+    rngs = None if rng is None else jax.random.split(rng, config.n_layers)
+    if config.scan_layers:
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+
+        def step(h, layer):
+            p, r = layer
+            return fn(p, h, config, r), None
+
+        x, _ = jax.lax.scan(step, x, (stacked, rngs))
+        return x
+    for i, p in enumerate(blocks):
+        x = fn(p, x, config, None if rngs is None else rngs[i])
+    return x
+
+
+def cast_params(params: Params, config: GPTConfig) -> Params:
+    """Params in the compute dtype (a no-op when it equals the parameter dtype)."""
+    dtype = jnp.dtype(config.compute_dtype)
+    return jax.tree.map(lambda a: a.astype(dtype) if a.dtype != dtype else a, params)
+
+
+def embed(params: Params, tokens, config: GPTConfig, positions=None):
+    """Token plus position embeddings. Out-of-range ids give NaN rather than a
+    silently clamped row (the eager API checks them before this point)."""
+    t = tokens.shape[-1]
+    tok = jnp.take(params["tok_emb"]["embedding"], tokens, axis=0, mode="fill", fill_value=jnp.nan)
+    if positions is None:
+        positions = jnp.arange(t)
+    return tok + params["pos_emb"]["embedding"][positions]
+
+
+def head_logits(params: Params, x, config: GPTConfig):
+    """Final LayerNorm and output head: logits over the padded vocabulary, float32.
+
+    Rows past `vocab_size` (padding) are set to a large negative value, so they
+    take no probability in a softmax, a loss or a sample.
+    """
+    x = layer_norm(params["final_norm"], x, config.ln_eps)
+    if config.tie_embeddings:
+        w = params["tok_emb"]["embedding"].T
+    else:
+        w = params["out_head"]["kernel"]
+    logits = dense({"kernel": w}, x).astype(jnp.float32)
+    if config.padded_vocab_size != config.vocab_size:
+        valid = jnp.arange(config.padded_vocab_size) < config.vocab_size
+        logits = jnp.where(valid, logits, -1e30)
+    return logits
+
+
+def apply(params: Params, tokens, config: GPTConfig, *, rng=None, return_hidden: bool = False):
+    """The model on (batch, seq) token ids; logits over the padded vocabulary.
+
+    The traceable core of `forward`: no input checks, dropout on exactly when
+    `rng` is given and `drop_rate` > 0.
+    """
+    p = cast_params(params, config)
+    if config.drop_rate == 0.0:
+        rng = None
+    r_emb, r_blocks = jax.random.split(rng) if rng is not None else (None, None)
+    x = embed(p, tokens, config).astype(jnp.dtype(config.compute_dtype))
+    x = dropout(x, config.drop_rate if rng is not None else 0.0, r_emb)
+    x = _run_blocks(p["blocks"], x, config, r_blocks)
+    if return_hidden:
+        return x
+    return head_logits(p, x, config)
+
+
+def forward(params: Params, tokens, config: GPTConfig, *, train: bool = False, rng=None):
+    """Logits of shape (batch, seq, vocab_size) for integer `tokens` (batch, seq).
+
+    A 1-D `tokens` is one sequence and gives (seq, vocab_size). With
+    `train=True`, dropout is applied with `rng` (required); with `train=False`
+    the result is deterministic. Token ids and length are checked here when
+    they are concrete values; under `jax.jit` an out-of-range id yields NaN
+    logits instead of silently reading a clamped embedding row.
+    """
+    tokens = check_tokens(tokens, config)
+    if train and rng is None:
+        raise ValueError("forward(train=True) needs an rng key for dropout")
+    one_seq = tokens.ndim == 1
+    if one_seq:
+        tokens = tokens[None]
+    logits = apply(params, tokens, config, rng=rng if train else None)
+    if config.padded_vocab_size != config.vocab_size:
+        logits = logits[..., : config.vocab_size]
+    return logits[0] if one_seq else logits
+
+
+def check_tokens(tokens, config: GPTConfig, *, name: str = "tokens", max_len: int | None = None):
+    """Validate a token array at the API boundary and return it as a JAX array.
+
+    Checks dtype (integer), rank (1 or 2), length (<= context_length, or
+    `max_len`) and, when the values are concrete, the range [0, vocab_size).
+    """
+    if isinstance(tokens, (list, tuple)):
+        tokens = np.asarray(tokens)
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.ndim not in (1, 2):
+        raise ValueError(f"{name} must have shape (seq,) or (batch, seq), got {tokens.shape}")
+    limit = config.context_length if max_len is None else max_len
+    if tokens.shape[-1] > limit:
+        raise ValueError(
+            f"{name} has length {tokens.shape[-1]}, longer than the context length {limit}")
+    if tokens.shape[-1] == 0:
+        raise ValueError(f"{name} is empty (length 0)")
+    if not isinstance(tokens, jax.core.Tracer):
+        arr = np.asarray(tokens)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{name} contains id {bad}, outside [0, {config.vocab_size}) (vocab_size)")
+    return jnp.asarray(tokens)

@@ -1,0 +1,120 @@
+"""Tokenizers behind one small interface: encode, decode, vocab_size, eot_id.
+
+- `ByteTokenizer`: the 256 byte values plus an end-of-text id; needs no files.
+- `GPT2Tokenizer`: GPT-2's byte-level BPE through tiktoken, built from local
+  vocabulary files (`gpt2.tiktoken`, or `encoder.json` + `vocab.bpe`) found in
+  a directory given as an argument or in `$JAXLLM_GPT2_DIR`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Protocol
+
+GPT2_DIR_ENV = "JAXLLM_GPT2_DIR"
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_EOT = "<|endoftext|>"
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    eot_id: int
+
+    def encode(self, text: str, *, allow_eot: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, end-of-text as 256."""
+
+    name = "byte"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, text: str, *, allow_eot: bool = False) -> list[int]:
+        if not allow_eot:
+            return list(text.encode("utf-8"))
+        ids: list[int] = []
+        for i, part in enumerate(text.split(_EOT)):
+            if i:
+                ids.append(self.eot_id)
+            ids.extend(part.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out, chunk = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if i == self.eot_id:
+                out.append(chunk.decode("utf-8", errors="replace") + _EOT)
+                chunk = bytearray()
+            elif 0 <= i < 256:
+                chunk.append(i)
+            else:
+                raise ValueError(f"token id {i} is outside the byte vocabulary [0, {self.vocab_size})")
+        out.append(chunk.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class GPT2Tokenizer:
+    """GPT-2's 50,257-token byte-level BPE (tiktoken)."""
+
+    name = "gpt2"
+    vocab_size = 50257
+    eot_id = 50256
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self._enc = _gpt2_encoding(directory)
+
+    def encode(self, text: str, *, allow_eot: bool = False) -> list[int]:
+        if allow_eot:
+            return self._enc.encode(text, allowed_special={_EOT})
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the GPT-2 vocabulary [0, {self.vocab_size})")
+        return self._enc.decode(ids)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self._enc.decode_bytes([int(i) for i in ids])
+
+
+def _gpt2_encoding(directory):
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
+
+    directory = directory if directory is not None else os.environ.get(GPT2_DIR_ENV)
+    how = (f"pass the directory that holds gpt2.tiktoken (or encoder.json and vocab.bpe), "
+           f"e.g. --tokenizer-dir PATH, or set ${GPT2_DIR_ENV}")
+    if directory is None:
+        try:  # online users: tiktoken downloads and caches the files itself
+            return tiktoken.get_encoding("gpt2")
+        except Exception as err:
+            raise FileNotFoundError(f"GPT-2 vocabulary files not found and could not be "
+                                    f"downloaded ({type(err).__name__}); {how}") from None
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"GPT-2 tokenizer directory {d} does not exist; {how}")
+    if (d / "gpt2.tiktoken").exists():
+        ranks = load_tiktoken_bpe(str(d / "gpt2.tiktoken"))
+    elif (d / "encoder.json").exists() and (d / "vocab.bpe").exists():
+        ranks = data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json"))
+    else:
+        raise FileNotFoundError(f"{d / 'gpt2.tiktoken'} not found (nor encoder.json + vocab.bpe); {how}")
+    return tiktoken.Encoding(name="gpt2", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={_EOT: 50256}, explicit_n_vocab=50257)
+
+
+def get_tokenizer(name: str = "byte", directory: str | os.PathLike | None = None) -> Tokenizer:
+    """`"byte"` or `"gpt2"` (with an optional vocabulary directory)."""
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "gpt2":
+        return GPT2Tokenizer(directory)
+    raise ValueError(f"unknown tokenizer {name!r}; choose 'byte' or 'gpt2'")
