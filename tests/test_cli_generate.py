@@ -1,0 +1,97 @@
+"""`jaxllm generate` on a tiny model saved in Hugging Face format, byte tokenizer."""
+
+import sys
+
+import jax
+import numpy as np
+import pytest
+import transformers
+
+import jaxllm
+from jaxllm.cli import main
+from jaxllm.generate import generate
+from jaxllm.hf import hf_config_kwargs, save_safetensors
+from jaxllm.tokenizer import ByteTokenizer
+
+# GPT-2's layout: biased qkv projection, head tied to the token embedding
+CFG = jaxllm.GPTConfig(vocab_size=257, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
+                       drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
+PROMPT = "Hi"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """model.safetensors + config.json, as `save_pretrained` writes them."""
+    d = tmp_path_factory.mktemp("tiny_gpt2")
+    params = jaxllm.init_params(CFG, jax.random.PRNGKey(0))
+    # give the qkv biases values, so that loading them is tested
+    for blk in params["blocks"]:
+        blk["attn"]["qkv"]["bias"] = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (96,))
+    save_safetensors(params, CFG, d / "model.safetensors")
+    transformers.GPT2Config(**hf_config_kwargs(CFG)).save_pretrained(d)
+    return d, params
+
+
+def expected_text(params, max_new_tokens, **kwargs):
+    tok = ByteTokenizer()
+    out = generate(params, CFG, tok.encode(PROMPT), max_new_tokens, eos_id=tok.eot_id, **kwargs)
+    new = out.tokens[0, : out.lengths[0]].tolist()
+    if new and new[-1] == tok.eot_id:
+        new = new[:-1]
+    return PROMPT + tok.decode(new) + "\n"
+
+
+def test_streams_the_same_text_as_generate(model_dir, capsys):
+    d, params = model_dir
+    rc = main(["generate", "--hf", str(d), "--prompt", PROMPT, "--max-new-tokens", "20",
+               "--tokenizer", "byte"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert printed == expected_text(params, 20, chunk_size=1)
+    assert len(printed) > len(PROMPT) + 1
+
+
+def test_sampling_options_and_a_bare_safetensors_file(model_dir, capsys):
+    d, params = model_dir
+    # without config.json beside it the architecture is read off the shapes
+    rc = main(["generate", "--hf", str(d / "model.safetensors"), "--prompt", PROMPT,
+               "--max-new-tokens", "12", "--tokenizer", "byte", "--temperature", "0.8",
+               "--top-k", "50", "--top-p", "0.9", "--seed", "3", "--n-heads", "4"])
+    assert rc == 0
+    assert capsys.readouterr().out == expected_text(
+        params, 12, rng=jax.random.PRNGKey(3), temperature=0.8, top_k=50, top_p=0.9,
+        chunk_size=1)
+
+
+def test_incomplete_utf8_waits_for_the_rest(model_dir, capsys, monkeypatch):
+    """A two-byte character produced over two steps prints only when complete."""
+    import jaxllm.cli.generate as cli
+
+    euro = "é".encode("utf-8")
+    chunks = [(np.array([[euro[0]]]), None), (np.array([[euro[1]]]), None),
+              (np.array([[ord("!")]]), None)]
+    written = []
+
+    class Recorder:
+        def write(self, s):
+            written.append(s)
+
+        def flush(self):
+            pass
+
+    # (the module, not the function `jaxllm.generate` that shadows its name)
+    monkeypatch.setattr(sys.modules["jaxllm.generate"], "generate_stream",
+                        lambda *a, **k: iter(chunks))
+    monkeypatch.setattr(cli.sys, "stdout", Recorder())
+    d, _ = model_dir
+    assert main(["generate", "--hf", str(d), "--prompt", PROMPT, "--tokenizer", "byte"]) == 0
+    assert written == [PROMPT, "", "é", "!", "\n"]
+
+
+def test_bad_arguments_are_reported(model_dir, capsys, tmp_path):
+    d, _ = model_dir
+    assert main(["generate", "--hf", str(tmp_path / "nope"), "--tokenizer", "byte"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["generate", "--hf", str(d), "--tokenizer", "byte", "--top-p", "1.5",
+                 "--temperature", "1"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
