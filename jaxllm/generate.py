@@ -24,6 +24,9 @@ next token needs the model on the last `context_length` tokens with positions
 renumbered from 0 (the window slides). Every cached key and value depends on
 its position, so the cache is recomputed over that window at each such step:
 exactly what the classic loop that crops the context computes, at its cost.
+(The decode loop stops after a step that slides; a separate jitted function,
+compiled once, recomputes the cache, and the loop resumes. Keeping that
+branch out of the loop keeps the cache updates in place.)
 With `allow_slide=False` a request that would run past the context is a
 ValueError instead.
 
@@ -88,6 +91,7 @@ class DecodeState(NamedTuple):
     logits: jax.Array   # (batch, vocab_size) logits for each sequence's next token
     done: jax.Array     # (batch,) the sequence has produced eos
     step: jax.Array     # () tokens generated so far (the sampling key is folded with it)
+    stale: jax.Array    # () a window slid: the cache and logits need `_refresh`
 
 
 # -- sampling ----------------------------------------------------------------
@@ -223,15 +227,15 @@ def _prefill(params: Params, window, length, *, config: GPTConfig, bucket: int) 
     cache, logits = _prefill_into(p, window[:, :bucket], length, cache, config)
     batch = window.shape[0]
     return DecodeState(cache, window, length, logits, jnp.zeros((batch,), bool),
-                       jnp.zeros((), jnp.int32))
+                       jnp.zeros((), jnp.int32), jnp.zeros((), bool))
 
 
 def _feed(p: Params, st: DecodeState, token, active, config: GPTConfig) -> DecodeState:
     """Append `token` (batch,) to the active sequences and compute their next logits.
 
-    A sequence whose window is full slides it by one token; if any does, the
-    whole cache is recomputed over the windows (the rows that did not slide
-    get the same keys and values again).
+    A sequence whose window is full slides it by one token instead, which
+    makes every cached key and value stale: the state is then flagged
+    `stale`, and `_refresh` must recompute the cache before the next step.
     """
     ctx = config.context_length
     rows = jnp.arange(token.shape[0])
@@ -241,16 +245,20 @@ def _feed(p: Params, st: DecodeState, token, active, config: GPTConfig) -> Decod
     window = jnp.where(slide[:, None], jnp.roll(st.window, -1, axis=1), st.window)
     window = window.at[rows, pos].set(jnp.where(active, token, window[rows, pos]))
     length = jnp.where(active & ~full, st.length + 1, st.length)
+    hidden, cache = _forward_cached(p, token[:, None], pos[:, None], st.cache, config)
+    logits = _logits_at(p, hidden, jnp.zeros_like(pos), config)
+    return st._replace(cache=cache, window=window, length=length, logits=logits,
+                       stale=jnp.any(slide))
 
-    def recompute(cache):
-        return _prefill_into(p, window, length, cache, config)
 
-    def decode(cache):
-        hidden, cache = _forward_cached(p, token[:, None], pos[:, None], cache, config)
-        return cache, _logits_at(p, hidden, jnp.zeros_like(pos), config)
-
-    cache, logits = jax.lax.cond(jnp.any(slide), recompute, decode, st.cache)
-    return st._replace(cache=cache, window=window, length=length, logits=logits)
+@partial(jax.jit, donate_argnames=("state",), static_argnames=("config",))
+def _refresh(params: Params, state: DecodeState, *, config: GPTConfig) -> DecodeState:
+    """Recompute the cache and the next logits over the (slid) windows, from
+    position 0. Rows that did not slide get the same keys and values again."""
+    TRACE_COUNTS["refresh"] += 1
+    p = cast_params(params, config)
+    cache, logits = _prefill_into(p, state.window, state.length, state.cache, config)
+    return state._replace(cache=cache, logits=logits, stale=jnp.zeros((), bool))
 
 
 @partial(jax.jit, donate_argnames=("state",),
@@ -258,9 +266,10 @@ def _feed(p: Params, st: DecodeState, token, active, config: GPTConfig) -> Decod
 def _decode_chunk(params: Params, state: DecodeState, rng, sampler: Sampler | None, n_steps, *,
                   config: GPTConfig, chunk: int, filters: tuple[bool, bool], eos_id,
                   with_logits: bool):
-    """Up to `n_steps` (<= chunk) tokens in one while loop; stops early when
-    every sequence is done. Returns the state, tokens (batch, chunk) and, if
-    asked, their logits (batch, chunk, vocab_size)."""
+    """Up to `n_steps` (<= chunk) tokens in one while loop. Stops early when
+    every sequence is done, or after a step that slid a window (the state is
+    then stale). Returns the state, the steps taken, tokens (batch, chunk)
+    and, if asked, their logits (batch, chunk, vocab_size)."""
     TRACE_COUNTS["decode"] += 1
     p = cast_params(params, config)
     batch = state.length.shape[0]
@@ -270,7 +279,7 @@ def _decode_chunk(params: Params, state: DecodeState, rng, sampler: Sampler | No
 
     def cond(carry):
         i, st, _, _ = carry
-        return (i < n_steps) & ~jnp.all(st.done)
+        return (i < n_steps) & ~jnp.all(st.done) & ~st.stale
 
     def body(carry):
         i, st, tokens, logits_out = carry
@@ -284,9 +293,9 @@ def _decode_chunk(params: Params, state: DecodeState, rng, sampler: Sampler | No
         st = _feed(p, st._replace(done=done, step=st.step + 1), nxt, ~done, config)
         return i + 1, st, tokens, logits_out
 
-    _, state, tokens, logits_out = jax.lax.while_loop(
+    steps, state, tokens, logits_out = jax.lax.while_loop(
         cond, body, (jnp.zeros((), jnp.int32), state, tokens, logits_out))
-    return state, tokens, logits_out
+    return state, steps, tokens, logits_out
 
 
 # -- input checks --------------------------------------------------------------
@@ -383,8 +392,8 @@ def generate_stream(params: Params, config: GPTConfig, prompt_tokens, max_new_to
                     return_logits: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Like `generate`, but yields the new tokens as they are produced: one
     `(tokens, logits)` pair per chunk of up to `chunk_size` steps (tokens
-    (batch, n), logits (batch, n, vocab_size) or None). `chunk_size=1`
-    streams token by token. Stops early once every sequence has produced
+    (batch, n), logits (batch, n, vocab_size) or None; a chunk ends early
+    when a window slides). `chunk_size=1` streams token by token. Stops early once every sequence has produced
     `eos_id`. Arguments are checked before the first token is computed."""
     rows = _prompt_rows(prompt_tokens, lengths)
     _check_request(config, rows, max_new_tokens, rng, temperature, top_k, top_p, eos_id,
@@ -413,12 +422,16 @@ def _stream(params, config, rows, max_new_tokens, rng, temperature, top_k, top_p
             bucket = prompt_bucket(int(length.max()), ctx)
             state = _prefill(params, jnp.asarray(window), jnp.asarray(length), config=config,
                              bucket=bucket)
+        elif bool(state.stale):
+            state = _refresh(params, state, config=config)
         n = min(chunk_size, max_new_tokens - produced)
-        state, tokens, logits = _decode_chunk(
+        state, steps, tokens, logits = _decode_chunk(
             params, state, rng, sampler, jnp.int32(n), config=config, chunk=chunk_size,
             filters=filters, eos_id=eos_id, with_logits=return_logits)
-        produced += n
-        yield np.asarray(tokens[:, :n]), (np.asarray(logits[:, :n]) if return_logits else None)
+        steps = int(steps)
+        produced += steps
+        yield (np.asarray(tokens[:, :steps]),
+               np.asarray(logits[:, :steps]) if return_logits else None)
         if eos_id is not None and bool(jnp.all(state.done)):
             break
 
