@@ -76,7 +76,12 @@ class Generation(NamedTuple):
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer, (batch, heads, context_length, head_dim) each."""
+    """Keys and values of every layer, one array per layer.
+
+    keys (batch, heads, head_dim, context_length) are stored transposed and
+    values (batch, heads, context_length, head_dim) as they are, so that both
+    attention products read the cache in its stored layout, with no copy.
+    """
 
     keys: list
     values: list
@@ -160,36 +165,90 @@ def _sampler(temperature: float, top_k, top_p) -> tuple[Sampler | None, tuple[bo
 
 
 # -- the cached forward pass -------------------------------------------------
-def cached_attention(q, cache_k, cache_v, query_pos):
-    """Attention of queries (batch, seq, heads, head_dim) at positions
-    `query_pos` (batch, seq) over the cache slots at or before each position."""
-    d = q.shape[-1]
-    scores = jnp.einsum("bthd,bhcd->bhtc", q, cache_k).astype(jnp.float32) / math.sqrt(d)
-    slots = jnp.arange(cache_k.shape[2])
-    visible = slots[None, None, :] <= query_pos[:, :, None]  # (batch, seq, slots)
-    scores = jnp.where(visible[:, None], scores, _MASK_VALUE)
-    weights = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
-    return jnp.einsum("bhtc,bhcd->bthd", weights, cache_v)
+def cached_attention(q, k, v, cache_k, cache_v, start):
+    """Attention of the new tokens' queries over the cached past and themselves.
+
+    q, k, v (batch, seq, heads, head_dim) are the new tokens, which sit at
+    positions start.. (`start` () or (batch,)); they see the cache slots
+    before `start` (keys (batch, heads, head_dim, slots), values (batch,
+    heads, slots, head_dim)) and, causally, each other. Reading the cache
+    as it was before this step's write lets XLA update it in place. With
+    `start` the int 0 (a prefill) there is no past and the cache is not read.
+    """
+    t, d = q.shape[1], q.shape[-1]
+    scale = 1.0 / math.sqrt(d)
+    new = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
+    new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), new, _MASK_VALUE)
+    if isinstance(start, int) and start == 0:  # a prefill: no past to read
+        weights = jax.nn.softmax(new, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhts,bshd->bthd", weights, v)
+    past = jnp.einsum("bthd,bhdc->bhtc", q, cache_k).astype(jnp.float32) * scale
+    start = jnp.broadcast_to(start, (q.shape[0],))
+    before = jnp.arange(cache_k.shape[3])[None, :] < start[:, None]  # (batch, slots)
+    past = jnp.where(before[:, None, None, :], past, _MASK_VALUE)
+    weights = jax.nn.softmax(jnp.concatenate([past, new], axis=-1), axis=-1)
+    w_past, w_new = weights[..., :-t].astype(v.dtype), weights[..., -t:].astype(v.dtype)
+    return (jnp.einsum("bhtc,bhcd->bthd", w_past, cache_v)
+            + jnp.einsum("bhts,bshd->bthd", w_new, v))
 
 
-def _write(cache_layer, new, start):
-    """Write new (batch, seq, heads, head_dim) into slots start[b].. of each row."""
-    new = new.transpose(0, 2, 1, 3).astype(cache_layer.dtype)
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(
-        cache_layer, new, start)
+def _write(cache_layer, new, start, slot_axis: int):
+    """Write `new` (in the cache's layout) at slot `start` along `slot_axis`:
+    one offset () for every row, or one per row (batch,).
+
+    Each write is a `dynamic_update_slice` with scalar offsets, which XLA
+    performs in place; a vmapped one would become a scatter that rewrites
+    the whole cache.
+    """
+    new = new.astype(cache_layer.dtype)
+    if jnp.ndim(start) == 0:
+        offsets = [0, 0, 0, 0]
+        offsets[slot_axis] = start
+        return jax.lax.dynamic_update_slice(cache_layer, new, offsets)
+    for row in range(new.shape[0]):
+        offsets = [row, 0, 0, 0]
+        offsets[slot_axis] = start[row]
+        cache_layer = jax.lax.dynamic_update_slice(cache_layer, new[row:row + 1], offsets)
+    return cache_layer
 
 
-def _forward_cached(p: Params, tokens, positions, cache: KVCache, config: GPTConfig):
-    """The model on tokens (batch, seq) at `positions` (batch, seq), consecutive
-    per row: writes their keys and values into the cache and attends over it.
-    Returns the final hidden states (batch, seq, emb) and the new cache."""
+def _after(x, dependency):
+    """`x`, made to depend on `dependency` (adds 0 * its sum).
+
+    The attention reads the cache and the new keys and values are written
+    into it in place. Unless the write depends on the read's result, XLA
+    cannot tell which comes first and copies the whole cache every step;
+    this cheap dependency orders them.
+    """
+    return x + 0.0 * dependency.sum().astype(x.dtype)
+
+
+def _untie_head(p: Params, config: GPTConfig) -> tuple[Params, GPTConfig]:
+    """Parameters with the tied output head as its own (emb, vocab) kernel.
+
+    Inside the decode loop XLA would transpose the token embedding for the
+    head at every step; doing it once before the loop saves that copy.
+    """
+    if not config.tie_embeddings:
+        return p, config
+    untied = dict(p, out_head={"kernel": p["tok_emb"]["embedding"].T})
+    return untied, config.replace(tie_embeddings=False)
+
+
+def _forward_cached(p: Params, tokens, positions, start, cache: KVCache, config: GPTConfig):
+    """The model on tokens (batch, seq) at `positions` (batch, seq), which run
+    consecutively from `start` (one () for all rows, or (batch,)): writes
+    their keys and values into the cache and attends over it. Returns the
+    final hidden states (batch, seq, emb) and the new cache."""
     b, t = tokens.shape
     x = embed(p, tokens, config, positions=positions).astype(jnp.dtype(config.compute_dtype))
     keys, values = [], []
     for blk, ck, cv in zip(p["blocks"], cache.keys, cache.values):
         q, k, v = qkv_heads(blk["attn"], layer_norm(blk["norm1"], x, config.ln_eps), config)
-        ck, cv = _write(ck, k, positions[:, 0]), _write(cv, v, positions[:, 0])
-        a = cached_attention(q, ck, cv, positions)
+        a = cached_attention(q, k, v, ck, cv, start)
+        k, v = _after(k, a), _after(v, a)
+        ck = _write(ck, k.transpose(0, 2, 3, 1), start, slot_axis=3)
+        cv = _write(cv, v.transpose(0, 2, 1, 3), start, slot_axis=2)
         x = x + dense(blk["attn"]["out"], a.reshape(b, t, config.emb_dim))
         x = x + feed_forward(blk["ffn"], layer_norm(blk["norm2"], x, config.ln_eps))
         keys.append(ck)
@@ -207,15 +266,15 @@ def _prefill_into(p: Params, tokens, length, cache: KVCache, config: GPTConfig):
     """Run right-padded tokens (batch, seq) from position 0 into the cache;
     logits after each row's last real token."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    hidden, cache = _forward_cached(p, tokens, positions, cache, config)
+    hidden, cache = _forward_cached(p, tokens, positions, 0, cache, config)
     return cache, _logits_at(p, hidden, length - 1, config)
 
 
 def empty_cache(config: GPTConfig, batch: int) -> KVCache:
-    shape = (batch, config.n_heads, config.context_length, config.head_dim)
+    h, c, d = config.n_heads, config.context_length, config.head_dim
     dtype = jnp.dtype(config.compute_dtype)
-    zeros = [jnp.zeros(shape, dtype) for _ in range(config.n_layers)]
-    return KVCache(zeros, list(zeros))
+    return KVCache([jnp.zeros((batch, h, d, c), dtype) for _ in range(config.n_layers)],
+                   [jnp.zeros((batch, h, c, d), dtype) for _ in range(config.n_layers)])
 
 
 @partial(jax.jit, static_argnames=("config", "bucket"))
@@ -245,7 +304,7 @@ def _feed(p: Params, st: DecodeState, token, active, config: GPTConfig) -> Decod
     window = jnp.where(slide[:, None], jnp.roll(st.window, -1, axis=1), st.window)
     window = window.at[rows, pos].set(jnp.where(active, token, window[rows, pos]))
     length = jnp.where(active & ~full, st.length + 1, st.length)
-    hidden, cache = _forward_cached(p, token[:, None], pos[:, None], st.cache, config)
+    hidden, cache = _forward_cached(p, token[:, None], pos[:, None], pos, st.cache, config)
     logits = _logits_at(p, hidden, jnp.zeros_like(pos), config)
     return st._replace(cache=cache, window=window, length=length, logits=logits,
                        stale=jnp.any(slide))
@@ -271,7 +330,7 @@ def _decode_chunk(params: Params, state: DecodeState, rng, sampler: Sampler | No
     then stale). Returns the state, the steps taken, tokens (batch, chunk)
     and, if asked, their logits (batch, chunk, vocab_size)."""
     TRACE_COUNTS["decode"] += 1
-    p = cast_params(params, config)
+    p, config = _untie_head(cast_params(params, config), config)
     batch = state.length.shape[0]
     pad = eos_id if eos_id is not None else 0
     tokens = jnp.full((batch, chunk), pad, jnp.int32)
