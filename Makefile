@@ -21,3 +21,6 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(RESULTS) runs .pytest_cache
+
+bench-generate: $(STAMP)  ## generation speed: KV cache vs uncached loop vs PyTorch (results/bench_generate)
+	$(RUN) -m experiments.bench_generate

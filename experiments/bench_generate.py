@@ -23,6 +23,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -47,6 +48,10 @@ def median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), times
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def torch_model(params) -> transformers.GPT2LMHeadModel:
@@ -77,20 +82,23 @@ def main() -> None:
     results = {}
     t, runs = median_seconds(cached(n), args.repeats)
     results["jaxllm_cached"] = dict(tokens=n, seconds=t, runs=runs)
+    progress(f"jaxllm cached {n} tokens: {t:.2f} s")
     t, runs = median_seconds(cached(n_unc), args.repeats)
     results["jaxllm_cached_short"] = dict(tokens=n_unc, seconds=t, runs=runs)
+    progress(f"jaxllm cached {n_unc} tokens: {t:.2f} s")
     t, runs = median_seconds(lambda: generate_simple(params, CONFIG, prompt, n_unc),
                              args.uncached_repeats)
     results["jaxllm_uncached_short"] = dict(tokens=n_unc, seconds=t, runs=runs)
+    progress(f"jaxllm uncached {n_unc} tokens: {t:.2f} s")
     # one uncached step per bucket the full run passes through
-    lengths = [len(prompt) + i for i in range(n)]
+    bucket_of_step = [prompt_bucket(len(prompt) + i, CONFIG.context_length) for i in range(n)]
     step_seconds = {}
-    for bucket in sorted({prompt_bucket(n_tok, CONFIG.context_length) for n_tok in lengths}):
-        longest = [n_tok for n_tok in lengths if prompt_bucket(n_tok, CONFIG.context_length) == bucket][-1]
-        seq = (prompt * (longest // len(prompt) + 1))[:longest]
+    for bucket in sorted(set(bucket_of_step)):
+        seq = (prompt * (bucket // len(prompt) + 1))[:bucket]
         step_seconds[bucket], _ = median_seconds(
             lambda: generate_simple(params, CONFIG, seq, 1), args.uncached_repeats)
-    estimate = sum(step_seconds[prompt_bucket(n_tok, CONFIG.context_length)] for n_tok in lengths)
+        progress(f"uncached step, padded length {bucket}: {step_seconds[bucket]:.3f} s")
+    estimate = sum(step_seconds[b] for b in bucket_of_step)
     results["jaxllm_uncached_estimated"] = dict(tokens=n, seconds=estimate,
                                                 step_seconds_by_bucket=step_seconds)
 
@@ -106,6 +114,7 @@ def main() -> None:
 
     t, runs = median_seconds(torch_generate, args.repeats)
     results["torch_cached"] = dict(tokens=n, seconds=t, runs=runs)
+    progress(f"torch cached {n} tokens: {t:.2f} s")
     for r in results.values():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
 
@@ -117,11 +126,13 @@ def main() -> None:
 
     tps = {k: r["tokens_per_s"] for k, r in results.items()}
     ratios = {
-        "cached_over_uncached_same_tokens": tps["jaxllm_cached_short"] / tps["jaxllm_uncached_short"],
+        "cached_over_uncached_same_tokens":
+            tps["jaxllm_cached_short"] / tps["jaxllm_uncached_short"],
         "cached_over_uncached_estimated": tps["jaxllm_cached"] / tps["jaxllm_uncached_estimated"],
         "jaxllm_cached_over_torch": tps["jaxllm_cached"] / tps["torch_cached"],
     }
-    machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+    machine = dict(platform=platform.platform(),
+                   processor=platform.processor() or platform.machine(),
                    cores=threads, torch_threads=torch.get_num_threads(),
                    jax=jax.__version__, jax_device=str(jax.devices()[0]),
                    torch=torch.__version__, transformers=transformers.__version__)
@@ -131,7 +142,8 @@ def main() -> None:
                 machine=machine)
 
     rows = [
-        ("jaxllm generate (KV cache)", n, results["jaxllm_cached"]["seconds"], tps["jaxllm_cached"]),
+        ("jaxllm generate (KV cache)", n, results["jaxllm_cached"]["seconds"],
+         tps["jaxllm_cached"]),
         ("PyTorch transformers generate (KV cache)", n, results["torch_cached"]["seconds"],
          tps["torch_cached"]),
         ("jaxllm generate_simple (no cache), estimated from one step per bucket", n,

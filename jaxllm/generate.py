@@ -223,18 +223,6 @@ def _after(x, dependency):
     return x + 0.0 * dependency.sum().astype(x.dtype)
 
 
-def _untie_head(p: Params, config: GPTConfig) -> tuple[Params, GPTConfig]:
-    """Parameters with the tied output head as its own (emb, vocab) kernel.
-
-    Inside the decode loop XLA would transpose the token embedding for the
-    head at every step; doing it once before the loop saves that copy.
-    """
-    if not config.tie_embeddings:
-        return p, config
-    untied = dict(p, out_head={"kernel": p["tok_emb"]["embedding"].T})
-    return untied, config.replace(tie_embeddings=False)
-
-
 def _forward_cached(p: Params, tokens, positions, start, cache: KVCache, config: GPTConfig):
     """The model on tokens (batch, seq) at `positions` (batch, seq), which run
     consecutively from `start` (one () for all rows, or (batch,)): writes
@@ -330,7 +318,7 @@ def _decode_chunk(params: Params, state: DecodeState, rng, sampler: Sampler | No
     then stale). Returns the state, the steps taken, tokens (batch, chunk)
     and, if asked, their logits (batch, chunk, vocab_size)."""
     TRACE_COUNTS["decode"] += 1
-    p, config = _untie_head(cast_params(params, config), config)
+    p = cast_params(params, config)
     batch = state.length.shape[0]
     pad = eos_id if eos_id is not None else 0
     tokens = jnp.full((batch, chunk), pad, jnp.int32)
@@ -452,8 +440,9 @@ def generate_stream(params: Params, config: GPTConfig, prompt_tokens, max_new_to
     """Like `generate`, but yields the new tokens as they are produced: one
     `(tokens, logits)` pair per chunk of up to `chunk_size` steps (tokens
     (batch, n), logits (batch, n, vocab_size) or None; a chunk ends early
-    when a window slides). `chunk_size=1` streams token by token. Stops early once every sequence has produced
-    `eos_id`. Arguments are checked before the first token is computed."""
+    when a window slides). `chunk_size=1` streams token by token. Stops
+    early once every sequence has produced `eos_id`. Arguments are checked
+    before the first token is computed."""
     rows = _prompt_rows(prompt_tokens, lengths)
     _check_request(config, rows, max_new_tokens, rng, temperature, top_k, top_p, eos_id,
                    allow_slide)

@@ -171,10 +171,12 @@ def head_logits(params: Params, x, config: GPTConfig):
     """
     x = layer_norm(params["final_norm"], x, config.ln_eps)
     if config.tie_embeddings:
-        w = params["tok_emb"]["embedding"].T
+        # contract with the embedding as stored, (vocab, emb): multiplying by its
+        # transpose makes XLA copy the whole matrix first
+        logits = jnp.einsum("...d,vd->...v", x, params["tok_emb"]["embedding"])
     else:
-        w = params["out_head"]["kernel"]
-    logits = dense({"kernel": w}, x).astype(jnp.float32)
+        logits = dense(params["out_head"], x)
+    logits = logits.astype(jnp.float32)
     if config.padded_vocab_size != config.vocab_size:
         valid = jnp.arange(config.padded_vocab_size) < config.vocab_size
         logits = jnp.where(valid, logits, -1e30)

@@ -81,11 +81,12 @@ def hf_config(path: str, n_heads: int | None = None):
         vocab, emb = sd["transformer.wte.weight"].shape
         layers = {k.split(".")[2] for k in sd if k.startswith("transformer.h.")}
         head = sd.get("lm_head.weight")
+        tied = head is None or bool((head == sd["transformer.wte.weight"]).all())
         kwargs = dict(vocab_size=int(vocab), emb_dim=int(emb), n_layers=len(layers),
                       context_length=int(sd["transformer.wpe.weight"].shape[0]),
                       n_heads=n_heads if n_heads is not None else max(1, int(emb) // 64),
                       ffn_dim=int(sd["transformer.h.0.mlp.c_fc.weight"].shape[1]),
-                      tie_embeddings=head is None or bool((head == sd["transformer.wte.weight"]).all()))
+                      tie_embeddings=tied)
     return GPTConfig(qkv_bias=True, drop_rate=0.0, **kwargs)
 
 
