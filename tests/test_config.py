@@ -231,3 +231,15 @@ def test_param_shapes_agree_with_init_params(tied):
     actual = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf.shape
               for path, leaf in paths}
     assert actual == param_shapes(c)
+
+
+def test_component_breakdown_of_124m():
+    from experiments.config import count_by_component
+
+    parts = count_by_component(GPT_CONFIG_124M)
+    assert parts["token embedding"] == parts["output head"] == 50257 * 768
+    assert parts["position embedding"] == 1024 * 768
+    assert parts["final norm"] == 2 * 768
+    assert parts["transformer blocks"] == 12 * (12 * 768**2 + 10 * 768)
+    assert sum(parts.values()) == count_params(GPT_CONFIG_124M)
+    assert count_by_component(GPT_CONFIG_124M.replace(tie_embeddings=True))["output head"] == 0
