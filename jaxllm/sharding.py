@@ -309,15 +309,18 @@ def check_batch(global_batch: int, mesh: Mesh, name: str = "batch") -> None:
             f"{' * '.join(f'{a}={mesh.shape[a]}' for a in BATCH_AXES)} = {n}")
 
 
-def shard_batch(mesh: Mesh, *arrays):
-    """Global batch arrays, split by `batch_sharding`.
+def shard_batch(mesh: Mesh, *arrays, per_process: bool = False):
+    """Global batch arrays split by `batch_sharding`.
 
-    Host arrays (numpy, lists) are this process's rows. With one process they
-    are the whole batch; with several, each process passes its own rows
-    (process i loads rows i*b..(i+1)*b-1, say) and the global batch is their
-    concatenation in process order, built by
-    `jax.make_array_from_process_local_data` without any host seeing it all.
-    A `jax.Array` is already global and is resharded if needed.
+    Host arrays (numpy, lists) are by default the whole global batch, the same
+    on every process (as when every host computes batch k of a seeded
+    order); each process copies only the rows its devices hold
+    (`jax.make_array_from_callback`). With `per_process=True` each process
+    passes only its own rows (process i loaded rows i*b..(i+1)*b-1, say) and
+    the global batch is their concatenation in process order
+    (`jax.make_array_from_process_local_data`): no host sees it all. With one
+    process both modes are the same. A `jax.Array` is already global and is
+    resharded if needed. A batch not divisible by the batch axes is a ValueError.
     """
     sharding = batch_sharding(mesh)
     out = []
@@ -329,8 +332,12 @@ def shard_batch(mesh: Mesh, *arrays):
         a = np.asarray(a)
         if a.ndim < 1:
             raise ValueError(f"batch arrays need a leading batch dimension, got shape {a.shape}")
-        check_batch(a.shape[0] * jax.process_count(), mesh)
-        out.append(jax.make_array_from_process_local_data(sharding, a))
+        if per_process:
+            check_batch(a.shape[0] * jax.process_count(), mesh)
+            out.append(jax.make_array_from_process_local_data(sharding, a))
+        else:
+            check_batch(a.shape[0], mesh)
+            out.append(jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index]))
     return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -342,8 +349,9 @@ def make_sharded_train_step(config: GPTConfig, tc: TrainConfig, mesh: Mesh,
 
     The state comes in and goes out with `train_state_shardings` (donated, so
     updated in place shard by shard), the batch split by `batch_sharding`,
-    the metrics replicated. Host arrays are placed with `shard_batch`; a batch
-    that does not divide over the batch axes is a ValueError.
+    the metrics replicated. Host arrays are the global batch, placed with
+    `shard_batch` (per-host rows: call `shard_batch(..., per_process=True)`
+    first); a batch that does not divide over the batch axes is a ValueError.
     """
     optimizer = optimizer or make_optimizer(tc)
     state_sh = train_state_shardings(abstract_train_state(config, tc, optimizer), mesh, rules,
@@ -364,13 +372,25 @@ def make_sharded_train_step(config: GPTConfig, tc: TrainConfig, mesh: Mesh,
 
 def make_sharded_eval_step(config: GPTConfig, mesh: Mesh, params_shardings) -> Callable:
     """`eval_step(params, inputs, targets) -> mean loss` jitted over the mesh;
-    `params_shardings` as from `param_shardings` (or `state_shardings.params`)."""
+    `params_shardings` as from `param_shardings` (or `state_shardings.params`).
+
+    Batches are split like training batches; one that does not divide over
+    the batch axes (the last, partial batch of an evaluation set) is
+    replicated instead, so every evaluation batch works.
+    """
     bs, replicated = batch_sharding(mesh), NamedSharding(mesh, P())
+    # Batch shardings left to the arguments: split or replicated, as placed below.
     jitted = jax.jit(make_eval_step(config, jit=False),
-                     in_shardings=(params_shardings, bs, bs), out_shardings=replicated)
+                     in_shardings=(params_shardings, None, None), out_shardings=replicated)
 
     def sharded_eval_step(params, inputs, targets):
-        inputs, targets = shard_batch(mesh, inputs, targets)
+        divides = np.shape(inputs)[0] % batch_divisor(mesh) == 0
+        if divides:
+            inputs, targets = shard_batch(mesh, inputs, targets)
+        else:
+            inputs, targets = (jax.make_array_from_callback(
+                np.shape(a), replicated, lambda index, a=np.asarray(a): a[index])
+                for a in (inputs, targets))
         return jitted(params, inputs, targets)
 
     sharded_eval_step.jitted = jitted
@@ -393,12 +413,11 @@ def initialize_distributed(coordinator_address: str | None = None,
     `JAXLLM_NUM_PROCESSES`, `JAXLLM_PROCESS_ID`); when none is set at all, JAX
     detects the cluster itself (SLURM, Open MPI, Cloud TPU). On two hosts::
 
-        # host 0 (its address is the coordinator's)
-        JAXLLM_COORDINATOR=10.0.0.1:1234 JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=0 \\
-            jaxllm pretrain --distributed --mesh data=2,fsdp=-1 ...
-        # host 1
-        JAXLLM_COORDINATOR=10.0.0.1:1234 JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=1 \\
-            jaxllm pretrain --distributed --mesh data=2,fsdp=-1 ...
+        # host 0 (its address is the coordinator's), then host 1
+        JAXLLM_COORDINATOR=10.0.0.1:1234 JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=0 python train.py
+        JAXLLM_COORDINATOR=10.0.0.1:1234 JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=1 python train.py
+
+    where train.py calls `initialize_distributed()` first.
 
     Afterwards `jax.devices()` lists every host's devices, so `make_mesh`
     spans them all. Extra keyword arguments go to `jax.distributed.initialize`.

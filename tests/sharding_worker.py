@@ -109,6 +109,9 @@ def main(out_dir: str) -> dict:
         if spec == "data=2,fsdp=4":
             ev = sh.make_sharded_eval_step(CONFIG, mesh, step.state_shardings.params)
             entry["eval"] = float(ev(state.params, ev_in, ev_tg))
+            # A partial batch (12 rows on 8 devices) is evaluated replicated.
+            entry["eval_partial"] = float(ev(state.params, ev_in[:12], ev_tg[:12]))
+            entry["ref_eval_partial"] = float(ref_eval(ref.params, ev_in[:12], ev_tg[:12]))
         report[spec] = entry
         states[spec], steps[spec] = (mesh, state), step
         lap(spec)

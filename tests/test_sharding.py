@@ -140,7 +140,9 @@ def test_sharded_training_equals_one_device(eight_devices, spec):
 
 
 def test_sharded_eval_equals_one_device(eight_devices):
-    assert abs(eight_devices["data=2,fsdp=4"]["eval"] - eight_devices["ref_eval"]) < 1e-5
+    run = eight_devices["data=2,fsdp=4"]
+    assert abs(run["eval"] - eight_devices["ref_eval"]) < 1e-5
+    assert abs(run["eval_partial"] - run["ref_eval_partial"]) < 1e-5
 
 
 def test_fsdp_splits_every_matrix_and_its_moments_eight_ways(eight_devices):
