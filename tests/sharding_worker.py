@@ -47,6 +47,12 @@ STEPS = 3
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=4")
 
 
+def init_state(config: GPTConfig, tc: TrainConfig):
+    """A fresh single-device TrainState (one compiled program, not op by op)."""
+    return jax.jit(lambda key: init_train_state(init_params(config, key), tc))(
+        jax.random.key(tc.seed))
+
+
 def batches(n: int):
     rng = np.random.default_rng(0)
     return [(rng.integers(0, CONFIG.vocab_size, (16, 32), dtype=np.int32),
@@ -80,7 +86,7 @@ def main(out_dir: str) -> dict:
     ev_in, ev_tg = data[-1]
 
     # Single device, no mesh: the plain jitted step is the reference.
-    ref = init_train_state(init_params(CONFIG, jax.random.key(TC.seed)), TC)
+    ref = init_state(CONFIG, TC)
     ref_step, ref_eval = make_train_step(CONFIG, TC), make_eval_step(CONFIG)
     ref_losses = []
     for x, y in data[:STEPS]:
@@ -97,7 +103,7 @@ def main(out_dir: str) -> dict:
             state = sh.init_sharded_train_state(CONFIG, TC, mesh)
         else:  # placed from a single-device state
             state = sh.shard_train_state(
-                init_train_state(init_params(CONFIG, jax.random.key(TC.seed)), TC), mesh)
+                init_state(CONFIG, TC), mesh)
         step = sh.make_sharded_train_step(CONFIG, TC, mesh)
         losses = []
         for x, y in data[:STEPS]:
@@ -115,6 +121,26 @@ def main(out_dir: str) -> dict:
         report[spec] = entry
         states[spec], steps[spec] = (mesh, state), step
         lap(spec)
+
+    # Dropout and gradient accumulation: the masks depend on (seed, step) only
+    # (partitionable threefry), so the sharded step still equals one device.
+    # One layer keeps the two extra compiles short.
+    config_d, tc_d = CONFIG.replace(drop_rate=0.1, n_layers=1), TC.replace(grad_accum=2)
+    ref_d, mesh = init_state(config_d, tc_d), states["data=2,fsdp=4"][0]
+    state_d = sh.shard_train_state(init_state(config_d, tc_d), mesh)  # own buffers: both donate
+    no_dropout_loss = float(make_eval_step(config_d)(ref_d.params, *data[0]))
+    ref_step_d = make_train_step(config_d, tc_d)
+    step_d = sh.make_sharded_train_step(config_d, tc_d, mesh)
+    losses, loss_diffs = [], []
+    for x, y in data[:2]:
+        ref_d, mr = ref_step_d(ref_d, x, y)
+        state_d, m = step_d(state_d, x, y)
+        losses.append(float(m["loss"]))
+        loss_diffs.append(abs(float(m["loss"]) - float(mr["loss"])))
+    report["dropout_accum"] = {"losses": losses, "loss_diffs": loss_diffs,
+                               "no_dropout_loss": no_dropout_loss,
+                               "params_diff": max_diff(state_d.params, ref_d.params)}
+    lap("dropout_accum")
 
     # FSDP memory: every device holds 1/8 of each matrix and of its Adam moments.
     mesh, state = states["fsdp=8"]

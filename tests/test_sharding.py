@@ -139,6 +139,13 @@ def test_sharded_training_equals_one_device(eight_devices, spec):
     assert run["opt_state_diff"] < 1e-5
 
 
+def test_sharded_dropout_and_grad_accum_equal_one_device(eight_devices):
+    run = eight_devices["dropout_accum"]
+    assert max(run["loss_diffs"]) < 1e-5 and run["params_diff"] < 1e-5
+    # Same initial parameters and batch: dropout did change the first loss.
+    assert abs(run["losses"][0] - run["no_dropout_loss"]) > 1e-4
+
+
 def test_sharded_eval_equals_one_device(eight_devices):
     run = eight_devices["data=2,fsdp=4"]
     assert abs(run["eval"] - eight_devices["ref_eval"]) < 1e-5
