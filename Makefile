@@ -21,3 +21,9 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(RESULTS) runs .pytest_cache
+
+# GPT-2 vocabulary for the tokenizer: a shared data folder above the checkout, when there is one.
+GPT2_DIR ?= $(firstword $(wildcard ../shared/data ../../shared/data))
+
+model: $(STAMP)
+	$(if $(GPT2_DIR),JAXLLM_GPT2_DIR=$(GPT2_DIR) )$(RUN) -m experiments.model
