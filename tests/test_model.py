@@ -5,6 +5,7 @@ agreeing with each other, and clear errors for bad input."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -340,3 +341,19 @@ def test_state_dict_that_the_config_cannot_represent(state_dict):
     # Untied weights (lm_head differs from wte) cannot load into a tied config.
     with pytest.raises(ValueError, match=r"lm_head\.weight differs.*tie_embeddings=True"):
         from_hf_state_dict(state_dict, TINY.replace(tie_embeddings=True))
+
+
+# -- documentation ---------------------------------------------------------------------
+def test_readme_functional_api_example_runs():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The functional API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    config, loss = namespace["config"], float(namespace["loss"])
+    assert abs(loss - math.log(config.vocab_size)) < 0.1  # near uniform at initialisation
+    assert namespace["logits"].shape == (4, 32, config.vocab_size)
+    before = init_params(config, jax.random.key(0))
+    after = namespace["params"]
+    assert not np.allclose(before["blocks"][0]["ffn"]["fc"]["kernel"],
+                           after["blocks"][0]["ffn"]["fc"]["kernel"])
