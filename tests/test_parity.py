@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.numpy import save_file
 
-from jaxllm import GPTConfig, forward, from_hf_state_dict, init_params, lm_loss, to_hf_state_dict
+from jaxllm import GPTConfig, count_params, forward, from_hf_state_dict, init_params, lm_loss, to_hf_state_dict
 from jaxllm.hf import hf_config_kwargs, save_safetensors
 from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
 
@@ -290,6 +290,9 @@ def test_hf_round_trip_is_exact(tie, qkv_bias, tmp_path):
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_kwargs(config)))
     from safetensors.torch import load_file
     model.load_state_dict(load_file(str(tmp_path / "ours.safetensors")), strict=True)
+    # Same parameter count, but for the zero c_attn.bias HF keeps when jaxllm has none.
+    hf_extra = 0 if qkv_bias else config.n_layers * 3 * config.emb_dim
+    assert model.num_parameters() == count_params(config) + hf_extra
     for name, value in model.state_dict().items():
         assert np.array_equal(value.numpy(), original[name]), name
 
