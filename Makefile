@@ -19,6 +19,21 @@ install: $(STAMP)
 test: $(STAMP)
 	$(RUN) -m pytest -q
 
+# Experiments: each writes results/<name>/results.json and results.md.
+experiments: tensors autodiff backprop config model
+
+tensors: $(STAMP)
+	$(RUN) -m experiments.tensors
+
+autodiff: $(STAMP)
+	$(RUN) -m experiments.autodiff
+
+backprop: $(STAMP)
+	$(RUN) -m experiments.backprop
+
+config: $(STAMP)
+	$(RUN) -m experiments.config
+
 clean:
 	rm -rf $(VENV) $(RESULTS) runs .pytest_cache
 
