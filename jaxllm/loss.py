@@ -14,7 +14,8 @@ def cross_entropy(logits, targets, mask=None):
 
     Computed as logsumexp minus the target logit, so no (..., vocab) array of
     log-probabilities is materialised. `mask` (same shape as targets, 0/1 or
-    bool) selects the positions that count; the mean is over those.
+    bool) selects the positions that count; the mean is over those. A target
+    outside [0, vocab) makes the loss NaN (unless masked out).
     """
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -28,9 +29,9 @@ def cross_entropy(logits, targets, mask=None):
         return nll.mean()
     if mask.shape != targets.shape:
         raise ValueError(f"mask has shape {mask.shape}, targets have shape {targets.shape}")
-    # where, not multiply: an ignored position must not bring a NaN or inf in.
-    nll = jnp.where(mask.astype(bool), nll, 0.0)
     mask = mask.astype(jnp.float32)
+    # where as well as multiply: an ignored position must not bring a NaN in (0 * NaN).
+    nll = jnp.where(mask != 0, nll * mask, 0.0)
     return nll.sum() / jnp.maximum(mask.sum(), 1.0)
 
 

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import (GPT_CONFIG_124M, GPTConfig, count_params, forward, from_hf_state_dict,
-                    init_params, lm_loss, to_hf_state_dict)
+from jaxllm import (GPT_CONFIG_124M, GPTConfig, count_params, cross_entropy, forward,
+                    from_hf_state_dict, init_params, lm_loss, to_hf_state_dict)
 from jaxllm.attention import causal_attention
 
 TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
@@ -257,6 +257,19 @@ def test_out_of_range_ids_under_jit_give_nan(params, bad_id):
     assert np.isnan(loss(params, tokens, good, TINY))
     assert np.isnan(loss(params, good, tokens, TINY))
     assert np.isfinite(loss(params, good, good, TINY))
+
+
+def test_cross_entropy_with_bad_targets():
+    """A bad target id is NaN, never a wrapped-around row, unless the mask drops it."""
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    targets = np.array([[0, 4, 2], [1, -1, 3]])
+    mask = np.array([[1, 1, 1], [1, 0, 1]])
+    ce = jax.jit(cross_entropy)
+    assert np.isnan(ce(logits, targets))
+    masked = ce(logits, targets, mask)
+    clean = np.where(mask == 1, targets, 0)
+    np.testing.assert_allclose(masked, ce(logits, clean, mask), rtol=1e-6)
+    assert np.isnan(ce(logits, np.where(mask == 1, targets, 5)))
 
 
 def test_padding_ids_under_jit_give_nan():
