@@ -231,7 +231,7 @@ def test_weight_decay_is_decoupled_and_masked():
     params = random_params(config, seed=9)
     optimizer = make_optimizer(tc)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    updates, _ = jax.jit(optimizer.update)(zeros, optimizer.init(params), params)
     stepped = optax.apply_updates(params, updates)
 
     model = hf_model(params, config)
