@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(RUN) -m pytest -q
 
 # Experiments: each writes results/<name>/results.json and results.md.
-experiments: tensors autodiff backprop config
+experiments: tensors autodiff backprop config model
 
 tensors: $(STAMP)
 	$(RUN) -m experiments.tensors
@@ -36,3 +36,9 @@ config: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(RESULTS) runs .pytest_cache
+
+# GPT-2 vocabulary for the tokenizer: a shared data folder above the checkout, when there is one.
+GPT2_DIR ?= $(firstword $(wildcard ../shared/data ../../shared/data))
+
+model: $(STAMP)
+	$(if $(GPT2_DIR),JAXLLM_GPT2_DIR=$(GPT2_DIR) )$(RUN) -m experiments.model
