@@ -21,3 +21,12 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(RESULTS) runs .pytest_cache
+
+# Pretraining: the small preset (byte tokens) on Python's built-in help text.
+PRETRAIN_OUT ?= runs/pretrain
+PRETRAIN_ARGS ?= --steps 800 --set batch_size=8 --set lr=5e-3 --set warmup_steps=20 \
+	--eval-every 100 --set eval_batches=8 --save-every 400 --keep 2 \
+	--set sample_prompt="The " --set sample_tokens=100
+pretrain: $(STAMP)
+	rm -rf $(PRETRAIN_OUT)
+	$(RUN) -m jaxllm pretrain --preset small --out $(PRETRAIN_OUT) $(PRETRAIN_ARGS)

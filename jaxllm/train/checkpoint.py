@@ -16,7 +16,6 @@ goes on.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -167,8 +166,3 @@ def check_compatible(run_dir, saved: dict[str, Any], current: dict[str, Any]) ->
         raise ValueError(f"the checkpoint in {checkpoint_dir(run_dir)} (step {saved.get('step')}) "
                          f"was saved with a different configuration:\n  " + "\n  ".join(diffs)
                          + "\nuse the same settings to resume, or a new --out folder")
-
-
-def as_json_dict(dc) -> dict[str, Any]:
-    """A config dataclass as a JSON-ready dict."""
-    return dataclasses.asdict(dc)

@@ -67,7 +67,8 @@ class LoopConfig:
     keep: int = 3  # checkpoints kept
     sample_prompt: str = "Every effort moves you"
     sample_tokens: int = 50
-    temperature: float = 0.8
+    sample_every: int | None = None  # steps between text samples; None: at every evaluation
+    temperature: float = 0.8  # of the second sample (0: greedy sample only)
 
     def __post_init__(self) -> None:
         for name in ("eval_every", "eval_batches", "log_every", "save_every", "keep",
@@ -81,8 +82,13 @@ class LoopConfig:
                 raise ValueError(f"LoopConfig.{name} must be a positive int or None, got {v!r}")
         if not 0.0 < self.train_ratio < 1.0:
             raise ValueError(f"LoopConfig.train_ratio must be in (0, 1), got {self.train_ratio!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"LoopConfig.temperature must be positive, got {self.temperature!r}")
+        if self.sample_every is not None and (isinstance(self.sample_every, bool) or not
+                                              isinstance(self.sample_every, int)
+                                              or self.sample_every <= 0):
+            raise ValueError(f"LoopConfig.sample_every must be a positive int or None, "
+                             f"got {self.sample_every!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"LoopConfig.temperature must be >= 0, got {self.temperature!r}")
 
     def replace(self, **changes) -> "LoopConfig":
         return dataclasses.replace(self, **changes)
@@ -200,19 +206,21 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     sample_key = jax.random.key(tc.seed + 1)
     last_saved = latest
 
-    def evaluate(params, step: int) -> dict[str, Any]:
+    def evaluate(params, step: int, final: bool = False) -> dict[str, Any]:
         train_loss = float(np.mean([float(eval_step(params, x, y)) for x, y in train_eval]))
         val_loss = float(np.mean([float(eval_step(params, x, y)) for x, y in val_eval]))
         record = {"kind": "eval", "step": step, "tokens": step * tokens_per_step,
                   "train_loss": train_loss, "val_loss": val_loss,
                   "val_perplexity": math.exp(min(val_loss, 700.0)),
                   "temperature": lc.temperature}
-        if math.isfinite(train_loss) and math.isfinite(val_loss):
+        due = final or lc.sample_every is None or step % lc.sample_every == 0
+        if due and math.isfinite(train_loss) and math.isfinite(val_loss):
             record["sample_greedy"] = sample_text(
                 params, config, tokenizer, lc.sample_prompt, lc.sample_tokens)
-            record["sample_temperature"] = sample_text(
-                params, config, tokenizer, lc.sample_prompt, lc.sample_tokens,
-                temperature=lc.temperature, key=jax.random.fold_in(sample_key, step))
+            if lc.temperature > 0:
+                record["sample_temperature"] = sample_text(
+                    params, config, tokenizer, lc.sample_prompt, lc.sample_tokens,
+                    temperature=lc.temperature, key=jax.random.fold_in(sample_key, step))
         log.append([record])
         bar.write(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
                   f"val perplexity {record['val_perplexity']:.1f}")
@@ -287,7 +295,7 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
             if done % lc.log_every == 0 or at_eval or at_save:
                 flush()
                 if at_eval:
-                    evaluate(state.params, done)
+                    evaluate(state.params, done, final=done == end)
                 if at_save:
                     save(state, done)
                 seg_start = time.perf_counter()

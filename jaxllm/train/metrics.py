@@ -49,5 +49,7 @@ def write_samples(records: list[dict[str, Any]], path: str | os.PathLike) -> Non
             continue
         lines.append(f"== step {r['step']} ({r['tokens']:,} tokens, val loss {r['val_loss']:.3f})")
         lines.append(f"-- greedy:\n{r['sample_greedy']}")
-        lines.append(f"-- temperature {r['temperature']}:\n{r['sample_temperature']}\n")
+        if "sample_temperature" in r:
+            lines.append(f"-- temperature {r['temperature']}:\n{r['sample_temperature']}")
+        lines.append("")
     Path(path).write_text("\n".join(lines) + "\n")

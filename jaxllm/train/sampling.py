@@ -1,10 +1,10 @@
 """A small, cache-free text sampler for watching a model learn.
 
 Each new token runs the whole model on the last `context_length` tokens.
-The tokens sit left-aligned in a fixed (1, context_length) buffer and the
-logits are read at the last real position; causal attention makes the
-padding after it irrelevant, and the fixed shape means one compilation for
-the whole sample.
+The tokens sit left-aligned in a buffer whose length is the next power of
+two (at least 16, at most `context_length`) and the logits are read at the
+last real position; causal attention makes the padding after it irrelevant.
+The few buffer lengths mean a few compilations per sample, not one per token.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ def _logits_at(params, buffer, position, config: GPTConfig):
     return apply(params, buffer, config)[0, position, : config.vocab_size]
 
 
+def _bucket(n: int, ctx: int) -> int:
+    return min(ctx, max(16, 1 << (n - 1).bit_length()))
+
+
 def sample_text(params, config: GPTConfig, tokenizer: Tokenizer, prompt: str,
                 max_new_tokens: int = 50, *, temperature: float = 0.0, top_k: int | None = None,
                 key: jax.Array | None = None) -> str:
@@ -43,7 +47,7 @@ def sample_text(params, config: GPTConfig, tokenizer: Tokenizer, prompt: str,
     ctx = config.context_length
     for i in range(max_new_tokens):
         window = ids[-ctx:]
-        buffer = np.zeros((1, ctx), np.int32)
+        buffer = np.zeros((1, _bucket(len(window), ctx)), np.int32)
         buffer[0, : len(window)] = window
         logits = _logits_at(params, jnp.asarray(buffer), len(window) - 1, config)
         if temperature == 0:
