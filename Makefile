@@ -24,9 +24,13 @@ clean:
 
 # Pretraining: the small preset (byte tokens) on Python's built-in help text.
 PRETRAIN_OUT ?= runs/pretrain
-PRETRAIN_ARGS ?= --steps 800 --set batch_size=8 --set lr=5e-3 --set warmup_steps=20 \
-	--eval-every 100 --set eval_batches=8 --save-every 400 --keep 2 \
+PRETRAIN_ARGS ?= --steps 450 --set batch_size=16 --set lr=3e-3 --set warmup_steps=20 \
+	--eval-every 50 --set eval_batches=8 --save-every 150 --keep 2 \
 	--set sample_prompt="The " --set sample_tokens=100
 pretrain: $(STAMP)
 	rm -rf $(PRETRAIN_OUT)
 	$(RUN) -m jaxllm pretrain --preset small --out $(PRETRAIN_OUT) $(PRETRAIN_ARGS)
+
+# The classic chapter-5 run (GPT-2 124M on the-verdict.txt); slow on a small CPU.
+chapter5: $(STAMP)
+	$(RUN) -m experiments.chapter5

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
 
 def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike, *,
@@ -35,8 +36,9 @@ def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike, *,
         top = ax.secondary_xaxis("top", functions=(lambda t: t / tokens_per_epoch,
                                                    lambda e: e * tokens_per_epoch))
         top.set_xlabel("epochs")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1M
     if title:
-        ax.set_title(title, fontsize=10)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
