@@ -19,6 +19,21 @@ install: $(STAMP)
 test: $(STAMP)
 	$(RUN) -m pytest -q
 
+# Experiments: each writes results/<name>/results.json and results.md.
+experiments: tensors autodiff backprop config model
+
+tensors: $(STAMP)
+	$(RUN) -m experiments.tensors
+
+autodiff: $(STAMP)
+	$(RUN) -m experiments.autodiff
+
+backprop: $(STAMP)
+	$(RUN) -m experiments.backprop
+
+config: $(STAMP)
+	$(RUN) -m experiments.config
+
 clean:
 	rm -rf $(VENV) $(RESULTS) runs .pytest_cache
 
@@ -34,3 +49,9 @@ pretrain: $(STAMP)
 # The classic chapter-5 run (GPT-2 124M on the-verdict.txt); slow on a small CPU.
 chapter5: $(STAMP)
 	$(RUN) -m experiments.chapter5
+
+# GPT-2 vocabulary for the tokenizer: a shared data folder above the checkout, when there is one.
+GPT2_DIR ?= $(firstword $(wildcard ../shared/data ../../shared/data))
+
+model: $(STAMP)
+	$(if $(GPT2_DIR),JAXLLM_GPT2_DIR=$(GPT2_DIR) )$(RUN) -m experiments.model

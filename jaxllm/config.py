@@ -88,7 +88,7 @@ class GPTConfig:
         if not isinstance(d, Mapping):
             raise ValueError(f"GPTConfig.from_dict expects a mapping, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names, key=repr)  # keys may not all be strings
         if unknown:
             raise ValueError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(names)}")
         return cls(**dict(d))

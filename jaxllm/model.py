@@ -157,6 +157,10 @@ def embed(params: Params, tokens, config: GPTConfig, positions=None):
     """Token plus position embeddings. Out-of-range ids give NaN rather than a
     silently clamped row (the eager API checks them before this point)."""
     t = tokens.shape[-1]
+    # jnp.take wraps negative ids like NumPy and would read a padding row for
+    # ids in [vocab_size, padded_vocab_size): send every invalid id past the end.
+    valid = (tokens >= 0) & (tokens < config.vocab_size)
+    tokens = jnp.where(valid, tokens, config.padded_vocab_size)
     tok = jnp.take(params["tok_emb"]["embedding"], tokens, axis=0, mode="fill", fill_value=jnp.nan)
     if positions is None:
         positions = jnp.arange(t)
@@ -226,7 +230,7 @@ def check_tokens(tokens, config: GPTConfig, *, name: str = "tokens", max_len: in
     Checks dtype (integer), rank (1 or 2), length (<= context_length, or
     `max_len`) and, when the values are concrete, the range [0, vocab_size).
     """
-    if isinstance(tokens, (list, tuple)):
+    if not hasattr(tokens, "dtype"):  # a list, tuple or Python scalar
         tokens = np.asarray(tokens)
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"{name} must be integer token ids, got dtype {tokens.dtype}")
@@ -236,8 +240,8 @@ def check_tokens(tokens, config: GPTConfig, *, name: str = "tokens", max_len: in
     if tokens.shape[-1] > limit:
         raise ValueError(
             f"{name} has length {tokens.shape[-1]}, longer than the context length {limit}")
-    if tokens.shape[-1] == 0:
-        raise ValueError(f"{name} is empty (length 0)")
+    if tokens.size == 0:
+        raise ValueError(f"{name} is empty (shape {tokens.shape})")
     if not isinstance(tokens, jax.core.Tracer):
         arr = np.asarray(tokens)
         lo, hi = int(arr.min()), int(arr.max())
