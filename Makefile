@@ -37,6 +37,19 @@ config: $(STAMP)
 clean:
 	rm -rf $(VENV) $(RESULTS) runs .pytest_cache
 
+# Pretraining: the small preset (byte tokens) on Python's built-in help text.
+PRETRAIN_OUT ?= runs/pretrain
+PRETRAIN_ARGS ?= --steps 450 --set batch_size=16 --set lr=3e-3 --set warmup_steps=20 \
+	--eval-every 50 --set eval_batches=8 --save-every 150 --keep 2 \
+	--set sample_prompt="The " --set sample_tokens=100
+pretrain: $(STAMP)
+	rm -rf $(PRETRAIN_OUT)
+	$(RUN) -m jaxllm pretrain --preset small --out $(PRETRAIN_OUT) $(PRETRAIN_ARGS)
+
+# The classic chapter-5 run (GPT-2 124M on the-verdict.txt); slow on a small CPU.
+chapter5: $(STAMP)
+	$(RUN) -m experiments.chapter5
+
 # GPT-2 vocabulary for the tokenizer: a shared data folder above the checkout, when there is one.
 GPT2_DIR ?= $(firstword $(wildcard ../shared/data ../../shared/data))
 
