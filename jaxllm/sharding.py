@@ -454,34 +454,10 @@ def abstract_sharded_state(config: GPTConfig, tc: TrainConfig, mesh: Mesh,
                            rules: Rules = DEFAULT_RULES, optimizer=None, *,
                            strict: bool = False) -> TrainState:
     """The TrainState as `jax.ShapeDtypeStruct`s carrying their shardings on
-    `mesh`: the target that restores a checkpoint straight into its shards."""
+    `mesh`: the target that restores a checkpoint straight into its shards,
+    `jaxllm.train.checkpoint.restore(run_dir, target=...)`, whatever mesh
+    shape it was saved from (Orbax writes and reads each shard)."""
     abstract = abstract_train_state(config, tc, optimizer)
     shardings = train_state_shardings(abstract, mesh, rules, strict=strict)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
-
-
-def save_sharded(path: str | os.PathLike, state) -> None:
-    """Save a (sharded) pytree with Orbax: each process writes the shards it
-    holds, no host gathers the whole state. `path` must not exist yet."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    if os.path.exists(path):
-        raise ValueError(f"checkpoint path {path} already exists")
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, state)
-        checkpointer.wait_until_finished()
-
-
-def restore_sharded(path: str | os.PathLike, target):
-    """Restore a checkpoint saved by `save_sharded` onto the shardings of
-    `target` (e.g. `abstract_sharded_state` for any mesh: the mesh shape at
-    save time does not matter)."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(path, target)

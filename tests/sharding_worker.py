@@ -38,7 +38,10 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxllm.config import GPTConfig  # noqa: E402
 from jaxllm.model import init_params  # noqa: E402
-from jaxllm.train import TrainConfig, init_train_state, make_eval_step, make_train_step  # noqa: E402
+from jaxllm.data import default_corpus_documents, tokenize_documents  # noqa: E402
+from jaxllm.tokenizer import ByteTokenizer  # noqa: E402
+from jaxllm.train import TrainConfig, checkpoint, init_train_state, make_eval_step, make_train_step  # noqa: E402
+from jaxllm.train.loop import LoopConfig, train  # noqa: E402
 
 CONFIG = GPTConfig(vocab_size=128, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
                    drop_rate=0.0)
@@ -122,26 +125,6 @@ def main(out_dir: str) -> dict:
         states[spec], steps[spec] = (mesh, state), step
         lap(spec)
 
-    # Dropout and gradient accumulation: the masks depend on (seed, step) only
-    # (partitionable threefry), so the sharded step still equals one device.
-    # One layer keeps the two extra compiles short.
-    config_d, tc_d = CONFIG.replace(drop_rate=0.1, n_layers=1), TC.replace(grad_accum=2)
-    ref_d, mesh = init_state(config_d, tc_d), states["data=2,fsdp=4"][0]
-    state_d = sh.shard_train_state(init_state(config_d, tc_d), mesh)  # own buffers: both donate
-    no_dropout_loss = float(make_eval_step(config_d)(ref_d.params, *data[0]))
-    ref_step_d = make_train_step(config_d, tc_d)
-    step_d = sh.make_sharded_train_step(config_d, tc_d, mesh)
-    losses, loss_diffs = [], []
-    for x, y in data[:2]:
-        ref_d, mr = ref_step_d(ref_d, x, y)
-        state_d, m = step_d(state_d, x, y)
-        losses.append(float(m["loss"]))
-        loss_diffs.append(abs(float(m["loss"]) - float(mr["loss"])))
-    report["dropout_accum"] = {"losses": losses, "loss_diffs": loss_diffs,
-                               "no_dropout_loss": no_dropout_loss,
-                               "params_diff": max_diff(state_d.params, ref_d.params)}
-    lap("dropout_accum")
-
     # FSDP memory: every device holds 1/8 of each matrix and of its Adam moments.
     mesh, state = states["fsdp=8"]
     adam = state.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
@@ -167,12 +150,14 @@ def main(out_dir: str) -> dict:
     lap("fsdp8_shards")
 
     # Sharded checkpoint: saved on fsdp=8, restored onto 1 device and onto data=2,fsdp=4.
-    path = os.path.join(out_dir, "fsdp8")
-    sh.save_sharded(path, state)
+    run_dir = os.path.join(out_dir, "fsdp8")
+    manager = checkpoint.open_manager(run_dir, create=True)
+    checkpoint.save(manager, state, {"note": "saved on fsdp=8"})
+    manager.close()
     restored = {}
     for spec, devices in (("data=1", jax.devices()[:1]), ("data=2,fsdp=4", None)):
         target_mesh = sh.make_mesh(spec, devices)
-        r = sh.restore_sharded(path, sh.abstract_sharded_state(CONFIG, TC, target_mesh))
+        r = checkpoint.restore(run_dir, target=sh.abstract_sharded_state(CONFIG, TC, target_mesh)).state
         qkv = r.params["blocks"][0]["attn"]["qkv"]["kernel"]
         restored[spec] = {
             "equal": max_diff(r, state) == 0.0,
@@ -190,6 +175,40 @@ def main(out_dir: str) -> dict:
             restored[spec]["next_params_diff"] = max_diff(r.params, ref.params)
     report["restored"] = restored
     lap("checkpoint")
+
+    # The training loop: one device straight through, against fsdp=8 stopped
+    # at step 2 and resumed from its sharded checkpoint on data=2,fsdp=4. With
+    # dropout and gradient accumulation: the masks depend on (seed, step) only
+    # (partitionable threefry), so the sharded steps still equal one device.
+    tok = ByteTokenizer()
+    tokens = tokenize_documents(default_corpus_documents()[:1], tok)[:4000]
+    # 257 rows: the embedding falls back to a split by column.
+    config_l = CONFIG.replace(vocab_size=tok.vocab_size, drop_rate=0.1)
+    tc_l = TC.replace(total_steps=4, grad_accum=2)
+    lc = LoopConfig(eval_every=100, eval_batches=1, log_every=1, save_every=100,
+                    sample_prompt="The ", sample_tokens=2, temperature=0.0)
+
+    def run(name, **kwargs):
+        train(os.path.join(out_dir, name), config_l, tc_l, lc, tok, tokens, progress=False,
+              **kwargs)
+        with open(os.path.join(out_dir, name, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+    straight = run("loop_one_device")
+    run("loop_sharded", mesh=sh.make_mesh("fsdp=8"), stop_at=2)
+    resumed = run("loop_sharded", mesh=sh.make_mesh("data=2,fsdp=4"), resume=True)
+    one = checkpoint.restore(os.path.join(out_dir, "loop_one_device")).state
+    sharded = checkpoint.restore(os.path.join(out_dir, "loop_sharded")).state  # onto one device
+    report["loop"] = {
+        "straight": [(r["step"], r["loss"]) for r in straight if r["kind"] == "train"],
+        "resumed": [(r["step"], r["loss"]) for r in resumed if r["kind"] == "train"],
+        "val_loss": [[r["val_loss"] for r in recs if r["kind"] == "eval"][-1]
+                     for recs in (straight, resumed)],
+        "final_params_diff": max_diff(sharded.params, one.params),
+        "final_step": int(sharded.step),
+        "meta_mesh": checkpoint.read_meta(os.path.join(out_dir, "loop_sharded"))["mesh"],
+    }
+    lap("loop")
 
     # Errors that name what does not fit.
     mesh8, step8 = states["data=8"][0], steps["data=8"]

@@ -139,13 +139,6 @@ def test_sharded_training_equals_one_device(eight_devices, spec):
     assert run["opt_state_diff"] < 1e-5
 
 
-def test_sharded_dropout_and_grad_accum_equal_one_device(eight_devices):
-    run = eight_devices["dropout_accum"]
-    assert max(run["loss_diffs"]) < 1e-5 and run["params_diff"] < 1e-5
-    # Same initial parameters and batch: dropout did change the first loss.
-    assert abs(run["losses"][0] - run["no_dropout_loss"]) > 1e-4
-
-
 def test_sharded_eval_equals_one_device(eight_devices):
     run = eight_devices["data=2,fsdp=4"]
     assert abs(run["eval"] - eight_devices["ref_eval"]) < 1e-5
@@ -181,3 +174,15 @@ def test_errors_on_eight_devices(eight_devices):
     # The default rule falls back to the columns when the rows do not divide.
     assert eight_devices["fallback_spec"] == "P(None, 'fsdp')"
     assert "['lora/.*'] match no parameter" in eight_devices["err_unused_rule"]
+
+
+def test_training_loop_on_meshes_equals_one_device(eight_devices):
+    # Dropout and grad_accum=2 on; steps 1-2 on fsdp=8, 3-4 resumed on data=2,fsdp=4.
+    run = eight_devices["loop"]
+    assert [step for step, _ in run["straight"]] == [1, 2, 3, 4]
+    assert [step for step, _ in run["resumed"]] == [1, 2, 3, 4]
+    np.testing.assert_allclose([loss for _, loss in run["resumed"]],
+                               [loss for _, loss in run["straight"]], rtol=0, atol=1e-5)
+    assert abs(run["val_loss"][0] - run["val_loss"][1]) < 1e-5
+    assert run["final_step"] == 4 and run["final_params_diff"] < 1e-5
+    assert run["meta_mesh"] == "data=2,fsdp=4"

@@ -4,6 +4,7 @@
     jaxllm pretrain --preset small --data notes/ --steps 2000 --out runs/notes
     jaxllm pretrain --set emb_dim=256 --set lr=1e-3 --set drop_rate=0.1
     jaxllm pretrain --out runs/notes --resume         # continue where it stopped
+    jaxllm pretrain --mesh data=2,fsdp=4              # data parallel + FSDP over 8 devices
 
 `--set key=value` reaches any field of GPTConfig, TrainConfig or LoopConfig;
 the value is parsed by the field's type (`none` for optional fields).
@@ -54,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, help="steps between checkpoints")
     parser.add_argument("--keep", type=int, help="checkpoints kept")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--mesh", metavar="SPEC",
+                        help="device mesh, e.g. 'data=2,fsdp=4' or 'fsdp=-1' (all devices): split "
+                             "the batch over the devices and shard the state (jaxllm.sharding); "
+                             "default: one device")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-host run first (jax.distributed; coordinator from "
+                             "JAXLLM_COORDINATOR, JAXLLM_NUM_PROCESSES, JAXLLM_PROCESS_ID)")
 
 
 # -- configuration -------------------------------------------------------------
@@ -201,6 +209,13 @@ def run(args) -> int:
     from jaxllm.train.loop import TrainingDiverged, format_summary, train
 
     try:
+        mesh = None
+        if args.distributed or args.mesh:
+            from jaxllm import sharding
+
+            if args.distributed:
+                sharding.initialize_distributed()
+            mesh = sharding.make_mesh(args.mesh or "")
         model, tc, lc, explicit = build_configs(args)
         name = args.tokenizer or ("gpt2" if model.vocab_size == 50257 else "byte")
         tokenizer = get_tokenizer(name, args.tokenizer_dir)
@@ -210,7 +225,7 @@ def run(args) -> int:
               f"{model.n_layers} layers x {model.emb_dim} ({_count(model):,} parameters); "
               f"run folder {args.out}", file=sys.stderr)
         summary = train(args.out, model, tc, lc, tokenizer, tokens, data_name=data_name,
-                        resume=args.resume, progress=not args.quiet)
+                        resume=args.resume, progress=not args.quiet, mesh=mesh)
     except TrainingDiverged as err:
         print(f"jaxllm pretrain: {err}", file=sys.stderr)
         return 1

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxllm import sharding
 from jaxllm.config import GPTConfig
 from jaxllm.data.token_file import RandomWindowBatches
 from jaxllm.data.windows import SlidingWindows, WindowBatches, split_tokens
@@ -108,9 +109,13 @@ def _all_finite(tree) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=8)
-def _steps(config: GPTConfig, tc: TrainConfig):
+def _steps(config: GPTConfig, tc: TrainConfig, mesh=None):
     """The jitted train and eval steps, built once per configuration so that
-    runs in one process (a resume, say) reuse the compiled code."""
+    runs in one process (a resume, say) reuse the compiled code; on a device
+    mesh, the steps of `jaxllm.sharding` (batch split, FSDP state)."""
+    if mesh is not None:
+        step = sharding.make_sharded_train_step(config, tc, mesh)
+        return step, sharding.make_sharded_eval_step(config, mesh, step.state_shardings.params)
     return make_train_step(config, tc), make_eval_step(config)
 
 
@@ -130,15 +135,17 @@ def _fixed_batches(tokens, length: int, batch_size: int, count: int, name: str):
 
 def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer: Tokenizer,
           tokens: np.ndarray, *, val_tokens: np.ndarray | None = None, data_name: str = "corpus",
-          resume: bool = False, stop_at: int | None = None, progress: bool = True
-          ) -> dict[str, Any]:
+          resume: bool = False, stop_at: int | None = None, progress: bool = True,
+          mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; returns the summary dict.
 
     `tokens` is the token stream; unless `val_tokens` is given, its first
     `lc.train_ratio` trains and the rest validates. `stop_at` ends the run
     early at that step (saving a checkpoint there), as an interruption would.
     Raises `TrainingDiverged` on a non-finite loss, with the last good
-    checkpoint left in place.
+    checkpoint left in place. With a `mesh` (`jaxllm.sharding.make_mesh`) the
+    batch is split over its devices and the state sharded by the default
+    partition rules; checkpoints are written in shards and resume onto any mesh.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +157,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         raise ValueError(f"max_length {length} exceeds the context length {config.context_length}")
     if val_tokens is None:
         tokens, val_tokens = split_tokens(tokens, lc.train_ratio)
+    if mesh is not None:
+        sharding.check_batch(tc.batch_size, mesh, name="TrainConfig.batch_size")
 
     # -- data ----------------------------------------------------------------
     if lc.random_windows:
@@ -182,7 +191,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         checkpoint.check_compatible(run_dir, saved, identity)
         target = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-            checkpoint.abstract_train_state(config, tc))
+            checkpoint.abstract_train_state(config, tc)) if mesh is None else \
+            sharding.abstract_sharded_state(config, tc, mesh)
         state = checkpoint.restore(run_dir, latest, target=target).state
         start = int(state.step)
         if saved.get("data_position") != start:
@@ -192,17 +202,19 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     else:
         # Placed on the device explicitly, like a restored state, so that fresh
         # and resumed runs hit the same compiled step.
-        state = jax.device_put(_init_fn(config, tc)(jax.random.key(tc.seed)), device)
+        state = jax.device_put(_init_fn(config, tc)(jax.random.key(tc.seed)), device) \
+            if mesh is None else sharding.init_sharded_train_state(config, tc, mesh)
         start = 0
         if log.path.exists():
             log.path.unlink()  # a fresh run: stale metrics of an unsaved run go
     meta = dict(identity, format=META_FORMAT, data_name=data_name,
                 loop=dataclasses.asdict(lc), tokens_per_step=tokens_per_step,
-                batches_per_epoch=batches.batches_per_epoch)
+                batches_per_epoch=batches.batches_per_epoch,
+                mesh=None if mesh is None else sharding.mesh_description(mesh))
     (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
 
-    train_step, eval_step = _steps(config, tc)
+    train_step, eval_step = _steps(config, tc, mesh)
     sample_key = jax.random.key(tc.seed + 1)
     last_saved = latest
 
