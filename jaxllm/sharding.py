@@ -417,7 +417,8 @@ def initialize_distributed(coordinator_address: str | None = None,
         JAXLLM_COORDINATOR=10.0.0.1:1234 JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=0 python train.py
         JAXLLM_COORDINATOR=10.0.0.1:1234 JAXLLM_NUM_PROCESSES=2 JAXLLM_PROCESS_ID=1 python train.py
 
-    where train.py calls `initialize_distributed()` first.
+    where train.py calls `initialize_distributed()` first (`jaxllm pretrain
+    --distributed --mesh ...` does).
 
     Afterwards `jax.devices()` lists every host's devices, so `make_mesh`
     spans them all. Extra keyword arguments go to `jax.distributed.initialize`.

@@ -186,3 +186,10 @@ def test_training_loop_on_meshes_equals_one_device(eight_devices):
     assert abs(run["val_loss"][0] - run["val_loss"][1]) < 1e-5
     assert run["final_step"] == 4 and run["final_params_diff"] < 1e-5
     assert run["meta_mesh"] == "data=2,fsdp=4"
+
+
+def test_cli_mesh_flag_reports_a_mesh_that_does_not_fit(tmp_path, capsys):
+    from jaxllm.cli import main
+
+    assert main(["pretrain", "--mesh", "data=2", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "mesh {'data': 2, 'fsdp': 1} has 2 devices but there are 1" in capsys.readouterr().err

@@ -109,14 +109,17 @@ def _all_finite(tree) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=8)
-def _steps(config: GPTConfig, tc: TrainConfig, mesh=None):
+def _steps(config: GPTConfig, tc: TrainConfig):
     """The jitted train and eval steps, built once per configuration so that
-    runs in one process (a resume, say) reuse the compiled code; on a device
-    mesh, the steps of `jaxllm.sharding` (batch split, FSDP state)."""
-    if mesh is not None:
-        step = sharding.make_sharded_train_step(config, tc, mesh)
-        return step, sharding.make_sharded_eval_step(config, mesh, step.state_shardings.params)
+    runs in one process (a resume, say) reuse the compiled code."""
     return make_train_step(config, tc), make_eval_step(config)
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_steps(config: GPTConfig, tc: TrainConfig, mesh: jax.sharding.Mesh):
+    """The train and eval steps on a device mesh (batch split, FSDP state)."""
+    step = sharding.make_sharded_train_step(config, tc, mesh)
+    return step, sharding.make_sharded_eval_step(config, mesh, step.state_shardings.params)
 
 
 @functools.lru_cache(maxsize=8)
@@ -214,7 +217,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
 
-    train_step, eval_step = _steps(config, tc, mesh)
+    train_step, eval_step = _steps(config, tc) if mesh is None else \
+        _sharded_steps(config, tc, mesh)
     sample_key = jax.random.key(tc.seed + 1)
     last_saved = latest
 
