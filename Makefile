@@ -21,3 +21,6 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(RESULTS) runs .pytest_cache
+
+bench: $(STAMP)
+	$(RUN) -m experiments.bench_train
