@@ -3,6 +3,7 @@
     python -m experiments.bench_train                 # CPU: the config and the small preset
     python -m experiments.bench_train --gpu           # GPU: GPT-2 124M, bf16, context 1024, batch 16
     python -m experiments.bench_train --device-check  # the GPU recipe on a tiny config, any device
+    python -m experiments.bench_train --threads 1     # one core each (steadier on a busy machine)
 
 Both sides train the same model from the same weights on the same batch:
 jaxllm through `make_train_step` (AdamW from `make_optimizer`, global-norm
@@ -317,7 +318,17 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a GPTConfig field on the jaxllm side (e.g. attn_impl=reference)")
     ap.add_argument("--out", default=None, help="results folder name under results/")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for both sides (default: all cores). 1 gives a per-core "
+                         "comparison that a busy machine disturbs least")
     args = ap.parse_args(argv)
+    if args.threads == 1:
+        # Read when XLA's CPU backend starts, which is at the first JAX computation below.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1").strip()
+    elif args.threads is not None:
+        raise SystemExit("--threads takes 1 (single core) or is left out (all cores)")
 
     gpu_present = torch.cuda.is_available() and jax.default_backend() == "gpu"
     if args.gpu and not gpu_present:
@@ -325,7 +336,7 @@ def main(argv=None) -> int:
     on_gpu = gpu_present
     if not on_gpu:
         # Same thread count on both sides: XLA's CPU client uses every core.
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
     overrides = parse_overrides(args.set)
     if args.device_check:
         cases, name = device_check_cases(overrides, on_gpu), "bench-device-check"
@@ -333,10 +344,11 @@ def main(argv=None) -> int:
         cases, name = gpu_cases(overrides), "bench-gpu"
     else:
         cases, name = cpu_cases(overrides), "bench"
-    name = args.out or name
+    name = args.out or (name + ("-1thread" if args.threads == 1 else ""))
 
     tc = TrainConfig(lr=3e-4, warmup_steps=0, total_steps=10_000, grad_clip=1.0)
     info = machine_info(on_gpu)
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     print(f"machine: {info}", flush=True)
     rate = matmul_rate(on_gpu)
     print(f"matmul {rate['n']}^3 {rate['dtype']}: jax {rate['jax'] / 1e9:.1f} GFLOP/s, "
