@@ -172,7 +172,7 @@ def make_torch_step(model, opt, tc: TrainConfig, autocast_device: str | None):
         if tc.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
-        return loss
+        return loss.detach()
     return step
 
 
