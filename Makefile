@@ -55,3 +55,6 @@ GPT2_DIR ?= $(firstword $(wildcard ../shared/data ../../shared/data))
 
 model: $(STAMP)
 	$(if $(GPT2_DIR),JAXLLM_GPT2_DIR=$(GPT2_DIR) )$(RUN) -m experiments.model
+
+bench: $(STAMP)
+	$(RUN) -m experiments.bench_train

@@ -163,7 +163,8 @@ def embed(params: Params, tokens, config: GPTConfig, positions=None):
     tokens = jnp.where(valid, tokens, config.padded_vocab_size)
     tok = jnp.take(params["tok_emb"]["embedding"], tokens, axis=0, mode="fill", fill_value=jnp.nan)
     if positions is None:
-        positions = jnp.arange(t)
+        # A slice, not a gather: its gradient is a pad rather than a scatter-add.
+        return tok + params["pos_emb"]["embedding"][:t]
     return tok + params["pos_emb"]["embedding"][positions]
 
 
