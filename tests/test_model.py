@@ -350,3 +350,25 @@ def test_state_dict_that_the_config_cannot_represent(state_dict):
     with pytest.raises(ValueError, match=r"lm_head\.weight differs.*tie_embeddings=True"):
         from_hf_state_dict(state_dict, TINY.replace(tie_embeddings=True))
 
+
+
+def test_torch_init_scheme_matches_pytorch_defaults():
+    """scheme="torch": embeddings N(0, 1), weights and biases U(+-1/sqrt(fan_in))."""
+    config = GPTConfig(vocab_size=512, context_length=64, emb_dim=128, n_heads=4,
+                              n_layers=2, qkv_bias=True, drop_rate=0.0)
+    params = init_params(config, jax.random.key(0), scheme="torch")
+    emb = np.asarray(params["tok_emb"]["embedding"])
+    assert abs(emb.std() - 1.0) < 0.02 and abs(emb.mean()) < 0.02
+    for name, layer, fan_in in (("qkv", params["blocks"][0]["attn"]["qkv"], 128),
+                                ("fc", params["blocks"][1]["ffn"]["fc"], 128),
+                                ("proj", params["blocks"][1]["ffn"]["proj"], 512),
+                                ("out_head", params["out_head"], 128)):
+        bound = 1.0 / np.sqrt(fan_in)
+        kernel = np.asarray(layer["kernel"])
+        assert np.abs(kernel).max() <= bound, name
+        # a uniform on [-b, b] has standard deviation b / sqrt(3)
+        assert abs(kernel.std() - bound / np.sqrt(3)) < 0.05 * bound, name
+        if "bias" in layer:
+            assert np.abs(np.asarray(layer["bias"])).max() <= bound and np.any(layer["bias"] != 0)
+    with pytest.raises(ValueError, match="init scheme"):
+        init_params(config, jax.random.key(0), scheme="xavier")

@@ -126,7 +126,7 @@ def _sharded_steps(config: GPTConfig, tc: TrainConfig, mesh: jax.sharding.Mesh):
 def _init_fn(config: GPTConfig, tc: TrainConfig):
     """A fresh TrainState from a key, as one compiled program (eagerly, every
     parameter shape would compile its own random-normal kernel)."""
-    return jax.jit(lambda key: init_train_state(init_params(config, key), tc))
+    return jax.jit(lambda key: init_train_state(init_params(config, key, scheme=tc.init), tc))
 
 
 def _fixed_batches(tokens, length: int, batch_size: int, count: int, name: str):
