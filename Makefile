@@ -19,8 +19,45 @@ install: $(STAMP)
 test: $(STAMP)
 	$(RUN) -m pytest -q
 
+# Experiments: each writes results/<name>/results.json and results.md.
+experiments: tensors autodiff backprop config model
+
+tensors: $(STAMP)
+	$(RUN) -m experiments.tensors
+
+autodiff: $(STAMP)
+	$(RUN) -m experiments.autodiff
+
+backprop: $(STAMP)
+	$(RUN) -m experiments.backprop
+
+config: $(STAMP)
+	$(RUN) -m experiments.config
+
 clean:
 	rm -rf $(VENV) $(RESULTS) runs .pytest_cache
+
+# Pretraining: the small preset (byte tokens) on Python's built-in help text.
+PRETRAIN_OUT ?= runs/pretrain
+PRETRAIN_ARGS ?= --steps 450 --set batch_size=16 --set lr=3e-3 --set warmup_steps=20 \
+	--eval-every 50 --set eval_batches=8 --save-every 150 --keep 2 \
+	--set sample_prompt="The " --set sample_tokens=100
+pretrain: $(STAMP)
+	rm -rf $(PRETRAIN_OUT)
+	$(RUN) -m jaxllm pretrain --preset small --out $(PRETRAIN_OUT) $(PRETRAIN_ARGS)
+
+# The classic chapter-5 run (GPT-2 124M on the-verdict.txt); slow on a small CPU.
+chapter5: $(STAMP)
+	$(RUN) -m experiments.chapter5
+
+# GPT-2 vocabulary for the tokenizer: a shared data folder above the checkout, when there is one.
+GPT2_DIR ?= $(firstword $(wildcard ../shared/data ../../shared/data))
+
+model: $(STAMP)
+	$(if $(GPT2_DIR),JAXLLM_GPT2_DIR=$(GPT2_DIR) )$(RUN) -m experiments.model
+
+bench: $(STAMP)
+	$(RUN) -m experiments.bench_train
 
 bench-generate: $(STAMP)  ## generation speed: KV cache vs uncached loop vs PyTorch (results/bench_generate)
 	$(RUN) -m experiments.bench_generate

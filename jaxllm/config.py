@@ -42,7 +42,7 @@ class GPTConfig:
     tie_embeddings: bool = False  # output head shares the token embedding
     ln_eps: float = 1e-5
     # Implementation choices: same function, different speed.
-    attn_impl: str = "xla"
+    attn_impl: str = "blockwise"
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     scan_layers: bool = False
@@ -88,7 +88,7 @@ class GPTConfig:
         if not isinstance(d, Mapping):
             raise ValueError(f"GPTConfig.from_dict expects a mapping, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names, key=repr)  # keys may not all be strings
         if unknown:
             raise ValueError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(names)}")
         return cls(**dict(d))

@@ -201,9 +201,12 @@ def save_safetensors(params: Params, config: GPTConfig, path: str | os.PathLike)
 
 def hf_config_kwargs(config: GPTConfig) -> dict[str, Any]:
     """Keyword arguments for `transformers.GPT2Config` describing the same model."""
+    # GPT-2's end-of-text id (50256) as bos/eos only where the vocabulary has it.
+    eot = 50256 if config.vocab_size > 50256 else None
     return dict(vocab_size=config.vocab_size, n_positions=config.context_length,
                 n_embd=config.emb_dim, n_layer=config.n_layers, n_head=config.n_heads,
                 n_inner=config.hidden_dim, activation_function="gelu_new",
                 resid_pdrop=config.drop_rate, embd_pdrop=config.drop_rate,
                 attn_pdrop=config.drop_rate, layer_norm_epsilon=config.ln_eps,
-                tie_word_embeddings=config.tie_embeddings)
+                tie_word_embeddings=config.tie_embeddings,
+                bos_token_id=eot, eos_token_id=eot)

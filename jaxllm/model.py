@@ -31,10 +31,23 @@ Params = dict[str, Any]
 
 
 # -- initialisation ----------------------------------------------------------
-def init_params(config: GPTConfig, key: jax.Array) -> Params:
-    """GPT-2 initialisation: weights N(0, 0.02), residual projections scaled by
-    1/sqrt(2 * n_layers), biases 0, LayerNorm scales 1."""
+INIT_SCHEMES = ("gpt2", "torch")
+
+
+def init_params(config: GPTConfig, key: jax.Array, *, scheme: str = "gpt2") -> Params:
+    """A fresh parameter tree.
+
+    `scheme="gpt2"` (default) is GPT-2's initialisation: weights N(0, 0.02),
+    residual projections N(0, 0.02/sqrt(2 * n_layers)), biases 0, LayerNorm
+    scales 1. `scheme="torch"` is what a PyTorch model built from `nn.Embedding`
+    and `nn.Linear` starts from: embeddings N(0, 1), weights and biases
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), LayerNorm scales 1 (the classic
+    from-scratch GPT uses it, and its published loss curves assume it).
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown init scheme {scheme!r}; choose from {INIT_SCHEMES}")
     c = config
+    torch_like = scheme == "torch"
     dtype = jnp.dtype(c.param_dtype)
     d, h, v = c.emb_dim, c.hidden_dim, c.padded_vocab_size
     std, resid_std = 0.02, 0.02 / math.sqrt(2 * c.n_layers)
@@ -43,18 +56,29 @@ def init_params(config: GPTConfig, key: jax.Array) -> Params:
     def normal(shape, s=std):
         return (s * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
 
+    def embedding(shape):
+        return normal(shape, 1.0 if torch_like else std)
+
     def norm():
         return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
 
     def dense(shape, s=std, bias=True):
-        layer = {"kernel": normal(shape, s)}
+        if not torch_like:
+            layer = {"kernel": normal(shape, s)}
+            if bias:
+                layer["bias"] = jnp.zeros((shape[1],), dtype)
+            return layer
+        k = next(keys)
+        bound = 1.0 / math.sqrt(shape[0])
+        layer = {"kernel": jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(dtype)}
         if bias:
-            layer["bias"] = jnp.zeros((shape[1],), dtype)
+            layer["bias"] = jax.random.uniform(jax.random.fold_in(k, 1), (shape[1],),
+                                               jnp.float32, -bound, bound).astype(dtype)
         return layer
 
     params: Params = {
-        "tok_emb": {"embedding": normal((v, d))},
-        "pos_emb": {"embedding": normal((c.context_length, d))},
+        "tok_emb": {"embedding": embedding((v, d))},
+        "pos_emb": {"embedding": embedding((c.context_length, d))},
         "blocks": [
             {
                 "norm1": norm(),
@@ -66,9 +90,8 @@ def init_params(config: GPTConfig, key: jax.Array) -> Params:
         ],
         "final_norm": norm(),
     }
-    out_key = next(keys)
     if not c.tie_embeddings:
-        params["out_head"] = {"kernel": (std * jax.random.normal(out_key, (d, v))).astype(dtype)}
+        params["out_head"] = dense((d, v), bias=False)
     return params
 
 
@@ -157,9 +180,14 @@ def embed(params: Params, tokens, config: GPTConfig, positions=None):
     """Token plus position embeddings. Out-of-range ids give NaN rather than a
     silently clamped row (the eager API checks them before this point)."""
     t = tokens.shape[-1]
+    # jnp.take wraps negative ids like NumPy and would read a padding row for
+    # ids in [vocab_size, padded_vocab_size): send every invalid id past the end.
+    valid = (tokens >= 0) & (tokens < config.vocab_size)
+    tokens = jnp.where(valid, tokens, config.padded_vocab_size)
     tok = jnp.take(params["tok_emb"]["embedding"], tokens, axis=0, mode="fill", fill_value=jnp.nan)
     if positions is None:
-        positions = jnp.arange(t)
+        # A slice, not a gather: its gradient is a pad rather than a scatter-add.
+        return tok + params["pos_emb"]["embedding"][:t]
     return tok + params["pos_emb"]["embedding"][positions]
 
 
@@ -228,7 +256,7 @@ def check_tokens(tokens, config: GPTConfig, *, name: str = "tokens", max_len: in
     Checks dtype (integer), rank (1 or 2), length (<= context_length, or
     `max_len`) and, when the values are concrete, the range [0, vocab_size).
     """
-    if isinstance(tokens, (list, tuple)):
+    if not hasattr(tokens, "dtype"):  # a list, tuple or Python scalar
         tokens = np.asarray(tokens)
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"{name} must be integer token ids, got dtype {tokens.dtype}")
@@ -238,8 +266,8 @@ def check_tokens(tokens, config: GPTConfig, *, name: str = "tokens", max_len: in
     if tokens.shape[-1] > limit:
         raise ValueError(
             f"{name} has length {tokens.shape[-1]}, longer than the context length {limit}")
-    if tokens.shape[-1] == 0:
-        raise ValueError(f"{name} is empty (length 0)")
+    if tokens.size == 0:
+        raise ValueError(f"{name} is empty (shape {tokens.shape})")
     if not isinstance(tokens, jax.core.Tracer):
         arr = np.asarray(tokens)
         lo, hi = int(arr.min()), int(arr.max())

@@ -26,6 +26,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
     seed: int = 0
+    init: str = "gpt2"  # parameter initialisation scheme, see `jaxllm.model.init_params`
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "batch_size", "grad_accum"):
@@ -44,6 +45,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.weight_decay < 0:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.init not in ("gpt2", "torch"):
+            raise ValueError(f"TrainConfig.init must be 'gpt2' or 'torch', got {self.init!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be positive or None, got {self.grad_clip!r}")
 

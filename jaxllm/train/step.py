@@ -80,7 +80,7 @@ def make_train_step(config: GPTConfig, tc: TrainConfig,
             (loss, grads), _ = jax.lax.scan(one, (jnp.zeros((), jnp.float32), zeros),
                                             (jnp.arange(accum), micro_in, micro_tg))
             loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}

@@ -1,0 +1,401 @@
+"""Training throughput: jaxllm's train step against a PyTorch peer of the same model.
+
+    python -m experiments.bench_train                 # CPU: the issue's config and the small preset
+    python -m experiments.bench_train --gpu           # GPU: GPT-2 124M, bf16, context 1024, batch 16
+    python -m experiments.bench_train --device-check  # the GPU recipe on a tiny config, any device
+    python -m experiments.bench_train --threads 1     # one core each (steadier on a busy machine)
+
+Both sides train the same model from the same weights on the same batch:
+jaxllm through `make_train_step` (AdamW from `make_optimizer`, global-norm
+clipping on), PyTorch through the `TorchGPT` module below with `torch.optim.AdamW`
+and `clip_grad_norm_`. On CPU PyTorch runs eagerly in float32 with its fused
+`scaled_dot_product_attention`; on GPU it gets `torch.compile`, bf16 autocast
+and fused AdamW. The two are timed interleaved (a block of steps of one, then
+of the other, alternating which goes first) because the machine is shared
+and its speed drifts; the table reports the median over the repeats.
+
+Model FLOPs per token are 6N + 12*L*H*Q*T (N = weights used in matrix
+products, L layers, H heads, Q head size, T sequence length). MFU divides the
+achieved FLOP rate by a large matrix product's rate measured in the same run
+(float32 on CPU, bf16 on GPU) and, where known, by the datasheet peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experiments.common import markdown_table, write_report
+from jaxllm.config import GPTConfig, count_params, get_preset
+from jaxllm.model import init_params
+from jaxllm.train import TrainConfig, init_train_state, make_optimizer, make_train_step
+
+# Datasheet dense bf16 peaks (FLOP/s) by a substring of the device name.
+DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12}
+
+ISSUE_CPU = GPTConfig(vocab_size=2048, context_length=256, emb_dim=256, n_heads=4, n_layers=4,
+                      drop_rate=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark row: a model, a batch shape and the precision recipe."""
+
+    name: str
+    config: GPTConfig
+    batch: int
+    seq: int
+    gpu_recipe: bool = False  # bf16 compute; torch.compile + autocast + fused AdamW
+
+
+def cpu_cases(overrides: dict) -> list[Case]:
+    small = get_preset("small")
+    return [Case("issue-cpu (L4 d256 h4 T256 V2048)", ISSUE_CPU.replace(**overrides), 8, 256),
+            Case("small preset (L4 d128 h4 T128 V257)", small.replace(**overrides), 16, 128)]
+
+
+def gpu_cases(overrides: dict) -> list[Case]:
+    fast = dict(compute_dtype="bfloat16", param_dtype="float32", drop_rate=0.0,
+                attn_impl="cudnn", vocab_multiple=128)
+    return [Case("gpt2-124m bf16 T1024 B16", get_preset("gpt2-124m").replace(**{**fast, **overrides}),
+                 16, 1024, gpu_recipe=True)]
+
+
+def device_check_cases(overrides: dict, on_gpu: bool) -> list[Case]:
+    tiny = GPTConfig(vocab_size=100, context_length=64, emb_dim=64, n_heads=4, n_layers=2,
+                     drop_rate=0.0, compute_dtype="bfloat16", vocab_multiple=128,
+                     attn_impl="cudnn" if on_gpu else "xla")
+    return [Case("device-check tiny bf16", tiny.replace(**overrides), 4, 64, gpu_recipe=True)]
+
+
+# -- the PyTorch peer ----------------------------------------------------------
+class TorchBlock(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        d = c.emb_dim
+        self.n_heads = c.n_heads
+        self.norm1 = nn.LayerNorm(d, eps=c.ln_eps)
+        self.qkv = nn.Linear(d, 3 * d, bias=c.qkv_bias)
+        self.out = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d, eps=c.ln_eps)
+        self.fc = nn.Linear(d, c.hidden_dim)
+        self.proj = nn.Linear(c.hidden_dim, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True)
+        x = x + self.out(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.proj(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))
+
+
+class TorchGPT(nn.Module):
+    """GPT-2 in PyTorch with jaxllm's parameter layout and math (no dropout)."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.tied = c.tie_embeddings
+        self.tok_emb = nn.Embedding(c.vocab_size, c.emb_dim)
+        self.pos_emb = nn.Embedding(c.context_length, c.emb_dim)
+        self.blocks = nn.ModuleList(TorchBlock(c) for _ in range(c.n_layers))
+        self.final_norm = nn.LayerNorm(c.emb_dim, eps=c.ln_eps)
+        if not self.tied:
+            self.out_head = nn.Linear(c.emb_dim, c.vocab_size, bias=False)
+
+    def forward(self, tokens):
+        x = self.tok_emb(tokens) + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.final_norm(x)
+        w = self.tok_emb.weight if self.tied else self.out_head.weight
+        return x @ w.T
+
+    @torch.no_grad()
+    def load_jaxllm(self, params, c: GPTConfig) -> "TorchGPT":
+        """Copy a jaxllm parameter tree in (kernels transposed, vocabulary padding dropped)."""
+        def put(dst, src, transpose=False):
+            a = torch.from_numpy(np.array(jnp.asarray(src, jnp.float32)))
+            dst.copy_(a.T if transpose else a)
+
+        put(self.tok_emb.weight, params["tok_emb"]["embedding"][: c.vocab_size])
+        put(self.pos_emb.weight, params["pos_emb"]["embedding"])
+        for blk, p in zip(self.blocks, params["blocks"]):
+            for mod, src in ((blk.norm1, p["norm1"]), (blk.norm2, p["norm2"])):
+                put(mod.weight, src["scale"])
+                put(mod.bias, src["bias"])
+            for mod, src in ((blk.qkv, p["attn"]["qkv"]), (blk.out, p["attn"]["out"]),
+                             (blk.fc, p["ffn"]["fc"]), (blk.proj, p["ffn"]["proj"])):
+                put(mod.weight, src["kernel"], transpose=True)
+                if mod.bias is not None:
+                    put(mod.bias, src["bias"])
+        put(self.final_norm.weight, params["final_norm"]["scale"])
+        put(self.final_norm.bias, params["final_norm"]["bias"])
+        if not self.tied:
+            put(self.out_head.weight, params["out_head"]["kernel"][:, : c.vocab_size], transpose=True)
+        return self
+
+
+def torch_optimizer(model: nn.Module, tc: TrainConfig, fused: bool):
+    """AdamW with decay on matrices only (not embeddings), like `make_optimizer`."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                             fused=fused or None)
+
+
+def make_torch_step(model, opt, tc: TrainConfig, autocast_device: str | None):
+    def step(x, y):
+        ctx = (torch.autocast(autocast_device, dtype=torch.bfloat16) if autocast_device
+               else contextlib.nullcontext())
+        with ctx:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        return loss.detach()
+    return step
+
+
+# -- measurements ----------------------------------------------------------------
+def flops_per_token(c: GPTConfig, seq: int) -> float:
+    """6N + 12*L*H*Q*T, N counting the weights that enter matrix products."""
+    real = c.replace(vocab_multiple=1)
+    n = count_params(real) - c.context_length * c.emb_dim  # position table: a lookup
+    if not c.tie_embeddings:
+        n -= c.vocab_size * c.emb_dim  # the token table is a lookup; the head is separate
+    return 6.0 * n + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_rate(on_gpu: bool) -> dict:
+    """FLOP/s of a large square matrix product (float32 on CPU, bf16 on GPU), JAX and torch."""
+    n = 8192 if on_gpu else 1536
+    flops = 2.0 * n ** 3
+    dt = jnp.bfloat16 if on_gpu else jnp.float32
+    a = jnp.ones((n, n), dt) * 0.01
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, a).block_until_ready()
+    jax_rate = flops / median_time(lambda: mm(a, a).block_until_ready(), 5)
+    dev = "cuda" if on_gpu else "cpu"
+    ta = torch.full((n, n), 0.01, dtype=torch.bfloat16 if on_gpu else torch.float32, device=dev)
+
+    def torch_mm():
+        ta @ ta
+        if on_gpu:
+            torch.cuda.synchronize()
+    torch_mm()
+    torch_rate = flops / median_time(torch_mm, 5)
+    return {"n": n, "dtype": "bfloat16" if on_gpu else "float32", "jax": jax_rate,
+            "torch": torch_rate, "best": max(jax_rate, torch_rate)}
+
+
+def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bool) -> dict:
+    c = case.config
+    key = jax.random.key(0)
+    params = init_params(c, key)
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, c.vocab_size, size=(case.batch, case.seq + 1))
+    inputs, targets = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
+
+    dev = "cuda" if on_gpu else "cpu"
+    model = TorchGPT(c).load_jaxllm(params, c).to(dev)
+    topt = torch_optimizer(model, tc, fused=case.gpu_recipe)
+    fwd = torch.compile(model) if case.gpu_recipe else model
+    tstep = make_torch_step(fwd, topt, tc, dev if case.gpu_recipe else None)
+    tx = torch.from_numpy(data[:, :-1]).to(dev)
+    ty = torch.from_numpy(data[:, 1:]).to(dev)
+
+    optimizer = make_optimizer(tc)
+    jstep = make_train_step(c, tc, optimizer)
+    state = init_train_state(params, tc, optimizer)
+
+    # First step from identical weights: the losses must agree (same model, same batch).
+    t0 = time.perf_counter()
+    state, metrics = jstep(state, inputs, targets)
+    jax_first = float(metrics["loss"])
+    jax_compile = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    torch_first = float(tstep(tx, ty))
+    torch_compile = time.perf_counter() - t0
+
+    def run_jax():
+        nonlocal state
+        for _ in range(steps):
+            state, m = jstep(state, inputs, targets)
+        m["loss"].block_until_ready()
+
+    def run_torch():
+        for _ in range(steps):
+            loss = tstep(tx, ty)
+        float(loss)  # waits for the device
+
+    run_jax(), run_torch()  # warm-up
+    jax_t, torch_t = [], []
+    for r in range(repeats):
+        order = ((run_jax, jax_t), (run_torch, torch_t))
+        for fn, out in (order if r % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    tokens = steps * case.batch * case.seq
+    jax_tps = tokens / statistics.median(jax_t)
+    torch_tps = tokens / statistics.median(torch_t)
+    return {"case": case.name, "config": c.to_dict(), "batch": case.batch, "seq": case.seq,
+            "steps_per_repeat": steps, "repeats": repeats,
+            "jax_tokens_per_s": jax_tps, "torch_tokens_per_s": torch_tps,
+            "ratio": jax_tps / torch_tps, "jax_step_s": sorted(t / steps for t in jax_t),
+            "torch_step_s": sorted(t / steps for t in torch_t),
+            "first_loss_jax": jax_first, "first_loss_torch": torch_first,
+            "compile_s": {"jax": jax_compile, "torch": torch_compile},
+            "flops_per_token": flops_per_token(c, case.seq)}
+
+
+def machine_info(on_gpu: bool) -> dict:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "jax": jax.__version__, "torch": torch.__version__, "jax_backend": jax.default_backend(),
+            "torch_threads": torch.get_num_threads()}
+    if on_gpu:
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set attn_impl=reference` style GPTConfig overrides (values parsed as Python literals)."""
+    import ast
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpu", action="store_true", help="GPT-2 124M bf16 on the GPU")
+    ap.add_argument("--device-check", action="store_true",
+                    help="run the GPU recipe on a tiny config on whatever device is present")
+    ap.add_argument("--steps", type=int, default=3, help="train steps per timed block")
+    ap.add_argument("--repeats", type=int, default=5, help="timed blocks per framework")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a GPTConfig field on the jaxllm side (e.g. attn_impl=reference)")
+    ap.add_argument("--out", default=None, help="results folder name under results/")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for both sides (default: all cores). 1 gives a per-core "
+                         "comparison that a busy machine disturbs least")
+    args = ap.parse_args(argv)
+    if args.threads == 1:
+        # Read when XLA's CPU backend starts, which is at the first JAX computation below.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1").strip()
+    elif args.threads is not None:
+        raise SystemExit("--threads takes 1 (single core) or is left out (all cores)")
+
+    gpu_present = torch.cuda.is_available() and jax.default_backend() == "gpu"
+    if args.gpu and not gpu_present:
+        raise SystemExit("--gpu needs a CUDA GPU visible to both JAX and PyTorch")
+    on_gpu = gpu_present
+    if not on_gpu:
+        # Same thread count on both sides: XLA's CPU client uses every core.
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    overrides = parse_overrides(args.set)
+    if args.device_check:
+        cases, name = device_check_cases(overrides, on_gpu), "bench-device-check"
+    elif on_gpu:
+        cases, name = gpu_cases(overrides), "bench-gpu"
+    else:
+        cases, name = cpu_cases(overrides), "bench"
+    name = args.out or (name + ("-1thread" if args.threads == 1 else ""))
+
+    tc = TrainConfig(lr=3e-4, warmup_steps=0, total_steps=10_000, grad_clip=1.0)
+    info = machine_info(on_gpu)
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    print(f"machine: {info}", flush=True)
+    rate = matmul_rate(on_gpu)
+    print(f"matmul {rate['n']}^3 {rate['dtype']}: jax {rate['jax'] / 1e9:.1f} GFLOP/s, "
+          f"torch {rate['torch'] / 1e9:.1f} GFLOP/s", flush=True)
+    peak = next((v for k, v in DATASHEET_BF16.items() if on_gpu and k in info.get("gpu", "")), None)
+
+    rows, results = [], []
+    for case in cases:
+        print(f"benchmarking {case.name} ...", flush=True)
+        r = bench_case(case, tc, args.steps, args.repeats, on_gpu)
+        fpt = r["flops_per_token"]
+        r["mfu_measured"] = {k: r[f"{k}_tokens_per_s"] * fpt / rate["best"] for k in ("jax", "torch")}
+        r["mfu_datasheet"] = ({k: r[f"{k}_tokens_per_s"] * fpt / peak for k in ("jax", "torch")}
+                              if peak else None)
+        r["floor_step_s"] = fpt * case.batch * case.seq / rate["best"]
+        results.append(r)
+        row = [case.name, case.batch, case.seq, round(r["jax_tokens_per_s"]),
+               round(r["torch_tokens_per_s"]), f"{r['ratio']:.2f}x",
+               f"{100 * r['mfu_measured']['jax']:.1f}% / {100 * r['mfu_measured']['torch']:.1f}%"]
+        if peak:
+            row.append(f"{100 * r['mfu_datasheet']['jax']:.1f}% / {100 * r['mfu_datasheet']['torch']:.1f}%")
+        row.append(f"{r['first_loss_jax']:.4f} / {r['first_loss_torch']:.4f}")
+        rows.append(row)
+        print(f"  jaxllm {r['jax_tokens_per_s']:.0f} tok/s, torch {r['torch_tokens_per_s']:.0f} tok/s, "
+              f"ratio {r['ratio']:.2f}", flush=True)
+
+    torch_mode = "torch.compile + bf16 autocast + fused AdamW" if cases[0].gpu_recipe else "eager float32"
+    headers = ["case", "batch", "seq", "jaxllm tok/s", f"torch tok/s ({torch_mode})",
+               "jaxllm/torch", "MFU vs measured matmul (jax / torch)"]
+    if peak:
+        headers.append("MFU vs datasheet (jax / torch)")
+    headers.append("first-step loss (jax / torch)")
+    impl = {k: cases[0].config.to_dict()[k] for k in
+            ("attn_impl", "param_dtype", "compute_dtype", "scan_layers", "remat", "vocab_multiple")}
+    md = (f"# Training throughput: jaxllm vs PyTorch\n\n"
+          f"Machine: {info.get('gpu', info['cpu'])}, nproc {info['nproc']}, jax {info['jax']} "
+          f"({info['jax_backend']}), torch {info['torch']} ({info['torch_threads']} threads).\n"
+          f"Matmul rate ({rate['n']}^3 {rate['dtype']}): {rate['best'] / 1e9:.1f} GFLOP/s "
+          f"(jax {rate['jax'] / 1e9:.1f}, torch {rate['torch'] / 1e9:.1f})"
+          + (f"; datasheet peak {peak / 1e12:.0f} TFLOP/s" if peak else "") + ".\n"
+          f"jaxllm implementation: {impl}. AdamW, grad clip {tc.grad_clip}, "
+          f"median of {args.repeats} blocks of {args.steps} steps, interleaved.\n\n"
+          + markdown_table(headers, rows))
+    write_report(name, {"machine": info, "matmul": rate, "datasheet_peak": peak,
+                        "train_config": dataclasses.asdict(tc), "results": results}, md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""`jaxllm pretrain`: train a model on text, with checkpoints, metrics and a loss plot.
+
+    jaxllm pretrain                                   # the "small" preset on the built-in corpus
+    jaxllm pretrain --preset small --data notes/ --steps 2000 --out runs/notes
+    jaxllm pretrain --set emb_dim=256 --set lr=1e-3 --set drop_rate=0.1
+    jaxllm pretrain --out runs/notes --resume         # continue where it stopped
+    jaxllm pretrain --mesh data=2,fsdp=4              # data parallel + FSDP over 8 devices
+
+`--set key=value` reaches any field of GPTConfig, TrainConfig or LoopConfig;
+the value is parsed by the field's type (`none` for optional fields).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from jaxllm.config import PRESETS, GPTConfig, get_preset
+
+DEFAULT_OUT = "runs/pretrain"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help="model preset (default: small)")
+    model.add_argument("--config", metavar="FILE.json",
+                       help="JSON config: a GPTConfig dict, or sections 'model', 'train', 'loop' "
+                            "(a run's config.json works)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override any GPTConfig, TrainConfig or "
+                                                  "LoopConfig field (repeatable)")
+    parser.add_argument("--data", metavar="PATH",
+                        help="text file, folder of *.txt files, or token file (.bin with its .json "
+                             "header); default: the built-in corpus (Python's help topics)")
+    parser.add_argument("--token-file", metavar="PATH.bin",
+                        help="tokenise --data once into this binary file (reused when it exists) "
+                             "and read it through a memory map")
+    parser.add_argument("--errors", default="strict", choices=("strict", "replace"),
+                        help="how to treat invalid UTF-8 in text files")
+    parser.add_argument("--tokenizer", choices=("byte", "gpt2"),
+                        help="default: gpt2 when the config's vocab_size is 50257, else byte")
+    parser.add_argument("--tokenizer-dir", metavar="DIR",
+                        help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="RUN_DIR",
+                        help=f"run folder for checkpoints, metrics and plots (default {DEFAULT_OUT})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --out (fresh start if none)")
+    parser.add_argument("--steps", type=int, help="total optimizer steps (TrainConfig.total_steps)")
+    parser.add_argument("--eval-every", type=int, help="steps between evaluations")
+    parser.add_argument("--save-every", type=int, help="steps between checkpoints")
+    parser.add_argument("--keep", type=int, help="checkpoints kept")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--mesh", metavar="SPEC",
+                        help="device mesh, e.g. 'data=2,fsdp=4' or 'fsdp=-1' (all devices): split "
+                             "the batch over the devices and shard the state (jaxllm.sharding); "
+                             "default: one device")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-host run first (jax.distributed; coordinator from "
+                             "JAXLLM_COORDINATOR, JAXLLM_NUM_PROCESSES, JAXLLM_PROCESS_ID)")
+
+
+# -- configuration -------------------------------------------------------------
+def _config_classes():
+    from jaxllm.train.loop import LoopConfig
+    from jaxllm.train.optim import TrainConfig
+
+    return {"model": GPTConfig, "train": TrainConfig, "loop": LoopConfig}
+
+
+def _field_owner() -> dict[str, tuple[str, dataclasses.Field]]:
+    owner = {}
+    for section, cls in _config_classes().items():
+        for f in dataclasses.fields(cls):
+            owner[f.name] = (section, f)
+    return owner
+
+
+def parse_value(field: dataclasses.Field, text: str) -> Any:
+    """`text` as a value of the field's declared type (int, float, bool, str, or X | None)."""
+    kind = str(field.type).replace(" ", "")
+    optional = "None" in kind.split("|")
+    base = [t for t in kind.split("|") if t != "None"][0]
+    if optional and text.lower() in ("none", "null"):
+        return None
+    try:
+        if base == "bool":
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base == "int":
+            return int(text)
+        if base == "float":
+            return float(text)
+    except ValueError:
+        raise ValueError(f"--set {field.name}={text}: expected {kind}") from None
+    return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`["lr=1e-3", "emb_dim=64"]` -> `{"train": {"lr": 0.001}, "model": {"emb_dim": 64}}`."""
+    owner = _field_owner()
+    out: dict[str, dict[str, Any]] = {s: {} for s in _config_classes()}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in owner:
+            raise ValueError(f"--set {key}: unknown setting; known settings: {sorted(owner)}")
+        section, field = owner[key]
+        out[section][key] = parse_value(field, value)
+    return out
+
+
+def _read_config_file(path: str) -> dict[str, dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a JSON object")
+    classes = _config_classes()
+    if "model" in data:  # sectioned (a run's config.json has more keys; they are ignored)
+        return {s: dict(data.get(s) or {}) for s in classes}
+    owner = _field_owner()  # flat: route each key to the config that owns it
+    sections: dict[str, dict[str, Any]] = {s: {} for s in classes}
+    for key, value in data.items():
+        if key not in owner:
+            raise ValueError(f"config file {p}: unknown field {key!r}")
+        sections[owner[key][0]][key] = value
+    return sections
+
+
+def build_configs(args) -> tuple[GPTConfig, Any, Any, set[str]]:
+    """(GPTConfig, TrainConfig, LoopConfig, the field names the user set explicitly)."""
+    classes = _config_classes()
+    base = {s: {} for s in classes}
+    explicit: set[str] = set()
+    if args.config:
+        base = _read_config_file(args.config)
+        explicit |= {k for section in base.values() for k in section}
+        model = GPTConfig.from_dict(base["model"]) if base["model"] else GPTConfig()
+    else:
+        model = get_preset(args.preset or "small")
+    overrides = parse_overrides(args.overrides)
+    for flag, section, key in (("steps", "train", "total_steps"), ("eval_every", "loop", "eval_every"),
+                               ("save_every", "loop", "save_every"), ("keep", "loop", "keep")):
+        if getattr(args, flag) is not None:
+            overrides[section][key] = getattr(args, flag)
+    explicit |= {k for section in overrides.values() for k in section}
+    model = model.replace(**overrides["model"])
+    train = classes["train"](**{**base["train"], **overrides["train"]})
+    loop = classes["loop"](**{**base["loop"], **overrides["loop"]})
+    return model, train, loop, explicit
+
+
+def match_vocab(model: GPTConfig, tokenizer, explicit: set[str]) -> GPTConfig:
+    """Take vocab_size from the tokenizer, unless the user set a different one."""
+    if model.vocab_size == tokenizer.vocab_size:
+        return model
+    if "vocab_size" in explicit:
+        raise ValueError(f"vocab_size={model.vocab_size} was set explicitly, but the "
+                         f"{tokenizer.name} tokenizer has {tokenizer.vocab_size} ids; drop the "
+                         f"setting or choose the matching tokenizer")
+    return model.replace(vocab_size=tokenizer.vocab_size)
+
+
+# -- data ------------------------------------------------------------------------
+def load_tokens(args, tokenizer):
+    """(token array, description) for --data / --token-file."""
+    from jaxllm.data import (DEFAULT_CORPUS_NAME, TokenFile, read_documents, tokenize_documents,
+                             write_token_file)
+    from jaxllm.data.token_file import sidecar_path
+
+    data = Path(args.data) if args.data else None
+    if data is not None and data.suffix == ".bin" and sidecar_path(data).exists():
+        token_file = Path(args.data)
+    elif args.token_file:
+        token_file = Path(args.token_file)
+        if not token_file.exists():
+            if data is None:
+                raise ValueError("--token-file needs --data (the text to tokenise)")
+            sources = sorted(data.glob("*.txt")) if data.is_dir() else [data]
+            if not sources:
+                raise FileNotFoundError(f"folder {data} holds no *.txt files")
+            print(f"tokenising {data} into {token_file} ...", file=sys.stderr)
+            write_token_file(token_file, sources, tokenizer, errors=args.errors)
+    else:
+        docs = read_documents(data, errors=args.errors)
+        name = str(data) if data is not None else DEFAULT_CORPUS_NAME
+        return tokenize_documents(docs, tokenizer), name
+    tf = TokenFile(token_file)
+    if tf.tokenizer != tokenizer.name:
+        raise ValueError(f"token file {token_file} was written with the {tf.tokenizer} tokenizer, "
+                         f"not {tokenizer.name}")
+    return tf.tokens, str(token_file)
+
+
+def run(args) -> int:
+    from jaxllm.tokenizer import get_tokenizer
+    from jaxllm.train.loop import TrainingDiverged, format_summary, train
+
+    try:
+        mesh = None
+        if args.distributed or args.mesh:
+            from jaxllm import sharding
+
+            if args.distributed:
+                sharding.initialize_distributed()
+            mesh = sharding.make_mesh(args.mesh or "")
+        model, tc, lc, explicit = build_configs(args)
+        name = args.tokenizer or ("gpt2" if model.vocab_size == 50257 else "byte")
+        tokenizer = get_tokenizer(name, args.tokenizer_dir)
+        model = match_vocab(model, tokenizer, explicit)
+        tokens, data_name = load_tokens(args, tokenizer)
+        print(f"{data_name}: {len(tokens):,} {tokenizer.name} tokens; model "
+              f"{model.n_layers} layers x {model.emb_dim} ({_count(model):,} parameters); "
+              f"run folder {args.out}", file=sys.stderr)
+        summary = train(args.out, model, tc, lc, tokenizer, tokens, data_name=data_name,
+                        resume=args.resume, progress=not args.quiet, mesh=mesh)
+    except TrainingDiverged as err:
+        print(f"jaxllm pretrain: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as err:
+        print(f"jaxllm pretrain: error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
+
+
+def _count(model: GPTConfig) -> int:
+    from jaxllm.config import count_params
+
+    return count_params(model)

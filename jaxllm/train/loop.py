@@ -1,0 +1,361 @@
+"""The pretraining loop: batches in, a trained, saved, resumable model out.
+
+`train(...)` runs `TrainConfig.total_steps` optimizer steps of the jitted,
+donated train step over sliding windows of a token stream (or random
+windows of a token file), and around them:
+
+- every `log_every` steps, one device->host transfer of the pending step
+  metrics, appended to `metrics.jsonl` and shown on a tqdm bar (loss,
+  tokens/s, ETA); non-finite loss stops the run, naming the step;
+- every `eval_every` steps (and at step 0 and at the end), the mean loss over a
+  fixed set of training and validation batches, the validation perplexity,
+  and a greedy and a temperature sample from a fixed prompt;
+- every `save_every` steps and at the end, an Orbax checkpoint (the last
+  `keep` are kept), written only after checking that the parameters are
+  finite and give a finite loss on the next batch;
+- at the end, `loss.png` (loss against tokens seen), `samples.txt`,
+  `summary.json` and a printed summary.
+
+The batch order is a function of the step (see `jaxllm.data.windows`) and the
+dropout keys of (seed, step), so a run resumed from a checkpoint writes the
+same losses, bit for bit, as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxllm import sharding
+from jaxllm.config import GPTConfig
+from jaxllm.data.token_file import RandomWindowBatches
+from jaxllm.data.windows import SlidingWindows, WindowBatches, split_tokens
+from jaxllm.model import init_params
+from jaxllm.tokenizer import Tokenizer
+from jaxllm.train import checkpoint
+from jaxllm.train.metrics import MetricsLog, write_samples
+from jaxllm.train.optim import TrainConfig
+from jaxllm.train.plot import plot_losses
+from jaxllm.train.sampling import sample_text
+from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
+
+META_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Data windows, evaluation, logging and checkpoint settings of a run."""
+
+    max_length: int | None = None  # tokens per training window; None: the context length
+    stride: int | None = None  # tokens between window starts; None: max_length
+    train_ratio: float = 0.9  # leading share of the token stream used for training
+    shuffle: bool = True  # shuffle the windows each epoch (by TrainConfig.seed)
+    random_windows: bool = False  # draw windows at random offsets instead (large corpora)
+    eval_every: int = 100
+    eval_batches: int = 10  # fixed batches per evaluation, from each split
+    log_every: int = 10  # steps between device->host metric transfers
+    save_every: int = 500
+    keep: int = 3  # checkpoints kept
+    sample_prompt: str = "Every effort moves you"
+    sample_tokens: int = 50
+    sample_every: int | None = None  # steps between text samples; None: at every evaluation
+    temperature: float = 0.8  # of the second sample (0: greedy sample only)
+
+    def __post_init__(self) -> None:
+        for name in ("eval_every", "eval_batches", "log_every", "save_every", "keep",
+                     "sample_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"LoopConfig.{name} must be a positive int, got {v!r}")
+        for name in ("max_length", "stride"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"LoopConfig.{name} must be a positive int or None, got {v!r}")
+        if not 0.0 < self.train_ratio < 1.0:
+            raise ValueError(f"LoopConfig.train_ratio must be in (0, 1), got {self.train_ratio!r}")
+        if self.sample_every is not None and (isinstance(self.sample_every, bool) or not
+                                              isinstance(self.sample_every, int)
+                                              or self.sample_every <= 0):
+            raise ValueError(f"LoopConfig.sample_every must be a positive int or None, "
+                             f"got {self.sample_every!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"LoopConfig.temperature must be >= 0, got {self.temperature!r}")
+
+    def replace(self, **changes) -> "LoopConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the parameters) became NaN or infinite."""
+
+    def __init__(self, message: str, step: int, last_checkpoint: int | None):
+        super().__init__(message)
+        self.step, self.last_checkpoint = step, last_checkpoint
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+@functools.lru_cache(maxsize=8)
+def _steps(config: GPTConfig, tc: TrainConfig):
+    """The jitted train and eval steps, built once per configuration so that
+    runs in one process (a resume, say) reuse the compiled code."""
+    return make_train_step(config, tc), make_eval_step(config)
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_steps(config: GPTConfig, tc: TrainConfig, mesh: jax.sharding.Mesh):
+    """The train and eval steps on a device mesh (batch split, FSDP state)."""
+    step = sharding.make_sharded_train_step(config, tc, mesh)
+    return step, sharding.make_sharded_eval_step(config, mesh, step.state_shardings.params)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(config: GPTConfig, tc: TrainConfig):
+    """A fresh TrainState from a key, as one compiled program (eagerly, every
+    parameter shape would compile its own random-normal kernel)."""
+    return jax.jit(lambda key: init_train_state(init_params(config, key, scheme=tc.init), tc))
+
+
+def _fixed_batches(tokens, length: int, batch_size: int, count: int, name: str):
+    """The first `count` batches of non-overlapping windows, in order."""
+    windows = SlidingWindows(tokens, length, length, name=name)
+    batches = WindowBatches(windows, batch_size, shuffle=False, drop_last=False)
+    return [batches.batch_at(k) for k in range(min(count, len(batches)))]
+
+
+def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer: Tokenizer,
+          tokens: np.ndarray, *, val_tokens: np.ndarray | None = None, data_name: str = "corpus",
+          resume: bool = False, stop_at: int | None = None, progress: bool = True,
+          mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; returns the summary dict.
+
+    `tokens` is the token stream; unless `val_tokens` is given, its first
+    `lc.train_ratio` trains and the rest validates. `stop_at` ends the run
+    early at that step (saving a checkpoint there), as an interruption would.
+    Raises `TrainingDiverged` on a non-finite loss, with the last good
+    checkpoint left in place. With a `mesh` (`jaxllm.sharding.make_mesh`) the
+    batch is split over its devices and the state sharded by the default
+    partition rules; checkpoints are written in shards and resume onto any mesh.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the "
+                         f"model's vocab_size is {config.vocab_size}")
+    length = lc.max_length or config.context_length
+    if length > config.context_length:
+        raise ValueError(f"max_length {length} exceeds the context length {config.context_length}")
+    if val_tokens is None:
+        tokens, val_tokens = split_tokens(tokens, lc.train_ratio)
+    if mesh is not None:
+        sharding.check_batch(tc.batch_size, mesh, name="TrainConfig.batch_size")
+
+    # -- data ----------------------------------------------------------------
+    if lc.random_windows:
+        batches = RandomWindowBatches(tokens, length, tc.batch_size, seed=tc.seed,
+                                      name="training split")
+    else:
+        windows = SlidingWindows(tokens, length, lc.stride or length, name="training split")
+        batches = WindowBatches(windows, tc.batch_size, shuffle=lc.shuffle, seed=tc.seed)
+    train_eval = _fixed_batches(tokens, length, tc.batch_size, lc.eval_batches, "training split")
+    val_eval = _fixed_batches(val_tokens, length, tc.batch_size, lc.eval_batches,
+                              "validation split")
+    tokens_per_step = tc.batch_size * length
+
+    # -- state: fresh or resumed -----------------------------------------------
+    identity = {
+        "model": config.to_dict(), "train": dataclasses.asdict(tc), "tokenizer": tokenizer.name,
+        "data": {"train_tokens": int(len(tokens)), "val_tokens": int(len(val_tokens)),
+                 "max_length": length, "stride": lc.stride or length, "shuffle": lc.shuffle,
+                 "random_windows": lc.random_windows, "eval_batches": lc.eval_batches},
+    }
+    manager = checkpoint.open_manager(run_dir, keep=lc.keep, create=True)
+    log = MetricsLog(run_dir)
+    latest = manager.latest_step()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if latest is not None and not resume:
+        raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); resume it "
+                         f"(--resume) or choose another run folder")
+    if latest is not None:
+        saved = checkpoint.read_meta(run_dir, latest)
+        checkpoint.check_compatible(run_dir, saved, identity)
+        target = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+            checkpoint.abstract_train_state(config, tc)) if mesh is None else \
+            sharding.abstract_sharded_state(config, tc, mesh)
+        state = checkpoint.restore(run_dir, latest, target=target).state
+        start = int(state.step)
+        if saved.get("data_position") != start:
+            raise ValueError(f"checkpoint {latest} has data position {saved.get('data_position')} "
+                             f"but step {start}")
+        log.truncate_after(start)
+    else:
+        # Placed on the device explicitly, like a restored state, so that fresh
+        # and resumed runs hit the same compiled step.
+        state = jax.device_put(_init_fn(config, tc)(jax.random.key(tc.seed)), device) \
+            if mesh is None else sharding.init_sharded_train_state(config, tc, mesh)
+        start = 0
+        if log.path.exists():
+            log.path.unlink()  # a fresh run: stale metrics of an unsaved run go
+    meta = dict(identity, format=META_FORMAT, data_name=data_name,
+                loop=dataclasses.asdict(lc), tokens_per_step=tokens_per_step,
+                batches_per_epoch=batches.batches_per_epoch,
+                mesh=None if mesh is None else sharding.mesh_description(mesh))
+    (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
+
+    train_step, eval_step = _steps(config, tc) if mesh is None else \
+        _sharded_steps(config, tc, mesh)
+    sample_key = jax.random.key(tc.seed + 1)
+    last_saved = latest
+
+    def evaluate(params, step: int, final: bool = False) -> dict[str, Any]:
+        train_loss = float(np.mean([float(eval_step(params, x, y)) for x, y in train_eval]))
+        val_loss = float(np.mean([float(eval_step(params, x, y)) for x, y in val_eval]))
+        record = {"kind": "eval", "step": step, "tokens": step * tokens_per_step,
+                  "train_loss": train_loss, "val_loss": val_loss,
+                  "val_perplexity": math.exp(min(val_loss, 700.0)),
+                  "temperature": lc.temperature}
+        due = final or lc.sample_every is None or step % lc.sample_every == 0
+        if due and math.isfinite(train_loss) and math.isfinite(val_loss):
+            record["sample_greedy"] = sample_text(
+                params, config, tokenizer, lc.sample_prompt, lc.sample_tokens)
+            if lc.temperature > 0:
+                record["sample_temperature"] = sample_text(
+                    params, config, tokenizer, lc.sample_prompt, lc.sample_tokens,
+                    temperature=lc.temperature, key=jax.random.fold_in(sample_key, step))
+        log.append([record])
+        bar.write(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
+                  f"val perplexity {record['val_perplexity']:.1f}")
+        if "sample_greedy" in record:
+            bar.write("  " + repr(record["sample_greedy"])[:160])
+        return record
+
+    def diverged(step: int, what: str) -> TrainingDiverged:
+        where = (f"the last good checkpoint is step {last_saved} in {checkpoint.checkpoint_dir(run_dir)}"
+                 if last_saved is not None else "no checkpoint was saved")
+        return TrainingDiverged(f"training diverged: {what} at step {step}; stopped without "
+                                f"saving it ({where})", step, last_saved)
+
+    def save(state, step: int) -> None:
+        nonlocal last_saved
+        x, y = batches.batch_at(step)
+        if not bool(_all_finite(state.params)):
+            raise diverged(step, "the parameters are not finite")
+        next_loss = float(eval_step(state.params, x, y))
+        if not math.isfinite(next_loss):
+            raise diverged(step, f"the parameters give loss {next_loss} on the next batch")
+        checkpoint.save(manager, state, dict(meta, data_position=step,
+                                             tokens_seen=step * tokens_per_step))
+        last_saved = step
+
+    pending: list[tuple[int, dict]] = []
+    train_time, seg_start, seg_steps, timed_steps, compile_s = 0.0, time.perf_counter(), 0, 0, None
+    wall_start = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal pending, train_time, seg_start, seg_steps
+        if not pending:
+            return
+        host = jax.device_get([m for _, m in pending])
+        seconds = time.perf_counter() - seg_start
+        train_time += seconds
+        records = []
+        for (step, _), m in zip(pending, host):
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                log.append(records)
+                pending = []
+                raise diverged(step, f"loss is {loss}")
+            records.append({"kind": "train", "step": step, "tokens": step * tokens_per_step,
+                            "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])})
+        log.append(records)
+        bar.set_postfix(loss=f"{records[-1]['loss']:.3f}",
+                        tok_s=f"{seg_steps * tokens_per_step / max(seconds, 1e-9):,.0f}")
+        pending, seg_steps = [], 0
+
+    bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, disable=not progress)
+    first_eval = None
+    try:
+        if start == 0:
+            first_eval = evaluate(state.params, 0)
+        seg_start = time.perf_counter()
+        for step in range(start, end):
+            x, y = batches.batch_at(step)  # the data position is the step
+            state, metrics = train_step(state, x, y)
+            done = step + 1
+            pending.append((done, metrics))
+            bar.update(1)
+            if step == start:  # the first call compiles: keep it out of tokens/s
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - seg_start
+                seg_start = time.perf_counter()
+            else:
+                seg_steps += 1
+                timed_steps += 1
+            at_eval = done % lc.eval_every == 0 or done == end
+            at_save = done % lc.save_every == 0 or done == end
+            if done % lc.log_every == 0 or at_eval or at_save:
+                flush()
+                if at_eval:
+                    evaluate(state.params, done, final=done == end)
+                if at_save:
+                    save(state, done)
+                seg_start = time.perf_counter()
+        flush()
+        if last_saved != int(state.step) and end > start:
+            save(state, int(state.step))
+    finally:
+        bar.close()
+        manager.close()
+        records = log.read()
+        if records:
+            plot_losses(records, run_dir / "loss.png",
+                        tokens_per_epoch=batches.batches_per_epoch * tokens_per_step,
+                        title=f"{data_name}: {config.n_layers} layers, emb {config.emb_dim}, "
+                              f"{tokenizer.name} tokens")
+            write_samples(records, run_dir / "samples.txt")
+
+    evals = [r for r in records if r["kind"] == "eval"]
+    first_eval = first_eval or (evals[0] if evals else None)
+    last = evals[-1] if evals else {}
+    summary = {
+        "run_dir": str(run_dir), "steps": int(state.step), "resumed_from": latest,
+        "tokens_seen": int(state.step) * tokens_per_step,
+        "epochs": int(state.step) / batches.batches_per_epoch,
+        "wall_s": time.perf_counter() - wall_start,
+        "compile_s": compile_s,
+        "train_tokens_per_s": timed_steps * tokens_per_step / train_time if train_time else None,
+        "initial_val_loss": first_eval["val_loss"] if first_eval else None,
+        "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
+        "final_val_perplexity": last.get("val_perplexity"),
+        "last_checkpoint": last_saved,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    rate = f"{s['train_tokens_per_s']:,.0f} tokens/s" if s["train_tokens_per_s"] else "n/a"
+    lines = [
+        f"trained {s['steps']} steps ({s['tokens_seen']:,} tokens, {s['epochs']:.2f} epochs) "
+        f"in {s['wall_s']:.1f} s, {rate} while training",
+        f"loss: train {s['final_train_loss']:.3f}, validation {s['final_val_loss']:.3f} "
+        f"(perplexity {s['final_val_perplexity']:.1f})" if s["final_val_loss"] is not None else "",
+        f"wrote {s['run_dir']}/: metrics.jsonl, loss.png, samples.txt, summary.json, "
+        f"checkpoints/{s['last_checkpoint']}",
+    ]
+    return "\n".join(line for line in lines if line)

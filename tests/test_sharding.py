@@ -1,0 +1,195 @@
+"""jaxllm.sharding: mesh specs, partition rules, and (in a subprocess with 8
+fake CPU devices) data parallel and FSDP training equal to one device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxllm import sharding as sh
+from jaxllm.config import GPTConfig
+from jaxllm.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = GPTConfig(vocab_size=128, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
+                   drop_rate=0.0)
+
+
+# -- in this process (one device) -------------------------------------------------
+def test_parse_mesh_spec():
+    assert sh.parse_mesh_spec("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
+    assert sh.parse_mesh_spec(" fsdp=4 , data=2 ") == {"data": 2, "fsdp": 4}
+    assert sh.parse_mesh_spec("data=8") == {"data": 8, "fsdp": 1}
+    assert sh.parse_mesh_spec("data=2,fsdp=-1", 8) == {"data": 2, "fsdp": 4}
+    assert sh.parse_mesh_spec("", 8) == {"data": 1, "fsdp": 8}
+
+
+@pytest.mark.parametrize("spec, devices, match", [
+    ("data=2,tensor=2", None, "unknown axis 'tensor'"),
+    ("data", None, "expected AXIS=SIZE"),
+    ("data=two", None, "must be an int"),
+    ("data=0", None, "must be positive or -1"),
+    ("data=2,data=2", None, "given twice"),
+    ("data=-1,fsdp=-1", 8, "only one axis may be -1"),
+    ("data=3,fsdp=-1", 8, "do not divide"),
+    ("fsdp=-1", None, "needs the device count"),
+])
+def test_parse_mesh_spec_errors(spec, devices, match):
+    with pytest.raises(ValueError, match=match):
+        sh.parse_mesh_spec(spec, devices)
+
+
+def test_make_mesh_one_device_and_size_mismatch():
+    mesh = sh.make_mesh("data=1")
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
+    assert sh.mesh_description(mesh) == "data=1,fsdp=1"
+    with pytest.raises(ValueError, match=r"has 2 devices but there are 1"):
+        sh.make_mesh("data=2")
+
+
+def test_default_rules_cover_every_parameter_and_pick_rows_first():
+    mesh = sh.make_mesh("fsdp=1")
+    for config in (CONFIG, CONFIG.replace(tie_embeddings=True, qkv_bias=True)):
+        params = sh.abstract_train_state(config, TrainConfig()).params
+        specs = sh.param_specs(params, mesh)
+        flat = {sh.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+            specs, is_leaf=lambda x: isinstance(x, P))[0]}
+        shapes = {sh.path_str(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+        assert flat.keys() == shapes.keys()
+        for name, spec in flat.items():
+            assert spec == (P("fsdp", None) if len(shapes[name]) == 2 else P()), name
+
+
+def test_rule_errors_name_the_problem():
+    mesh = sh.make_mesh("fsdp=1")
+    params = sh.abstract_train_state(CONFIG, TrainConfig()).params
+    with pytest.raises(ValueError, match=r"parameter blocks/0/norm1/scale \(shape \(64,\)\) matches no partition rule"):
+        sh.param_specs(params, mesh, [(r".*kernel|.*embedding|.*bias", P())])
+    with pytest.raises(ValueError, match=r"rule\(s\) \['out_head/.*'\] match no parameter"):
+        sh.param_specs(sh.abstract_train_state(CONFIG.replace(tie_embeddings=True),
+                                               TrainConfig()).params,
+                       mesh, sh.DEFAULT_RULES, strict=True)
+    # Without strict, a rule for a parameter this config lacks is fine.
+    sh.param_specs(params, mesh, list(sh.DEFAULT_RULES) + [(r"lora/.*", P())])
+    with pytest.raises(ValueError, match=r"bad regex"):
+        sh.param_specs(params, mesh, [(r"blocks/(", P())])
+    with pytest.raises(ValueError, match=r"mesh axis 'tensor'"):
+        sh.param_specs(params, mesh, [(r".*", P("tensor"))])
+    with pytest.raises(ValueError, match=r"more entries than the 1 dimensions"):
+        sh.param_specs(params, mesh, [(r".*", P(None, "fsdp"))])
+    with pytest.raises(ValueError, match=r"must be a PartitionSpec"):
+        sh.param_specs(params, mesh, [(r".*", ("fsdp",))])
+
+
+def test_optimizer_state_follows_params_and_counts_are_replicated():
+    mesh = sh.make_mesh("fsdp=1")
+    abstract = sh.abstract_train_state(CONFIG, TrainConfig())
+    shardings = sh.train_state_shardings(abstract, mesh)
+    adam = shardings.opt_state[1][0]
+    assert adam.mu == shardings.params and adam.nu == shardings.params
+    assert adam.count.spec == P() and shardings.step.spec == P()
+    assert jax.tree.structure(shardings.opt_state) == jax.tree.structure(abstract.opt_state)
+
+
+def test_initialize_distributed_rejects_partial_settings(monkeypatch):
+    for var in (sh.ENV_COORDINATOR, sh.ENV_NUM_PROCESSES, sh.ENV_PROCESS_ID):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match=r"also give \['process_id'\]"):
+        sh.initialize_distributed("10.0.0.1:1234", 2)
+    monkeypatch.setenv(sh.ENV_COORDINATOR, "10.0.0.1:1234")
+    monkeypatch.setenv(sh.ENV_NUM_PROCESSES, "2")
+    monkeypatch.setenv(sh.ENV_PROCESS_ID, "2")
+    with pytest.raises(ValueError, match=r"process_id 2 is outside \[0, num_processes=2\)"):
+        sh.initialize_distributed()
+    monkeypatch.setenv(sh.ENV_PROCESS_ID, "one")
+    with pytest.raises(ValueError, match=r"JAXLLM_PROCESS_ID must be an int"):
+        sh.initialize_distributed()
+
+
+# -- 8 fake devices, in one subprocess ------------------------------------------------
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding")
+    # The worker adds the 8-device flag to XLA_FLAGS itself, before importing JAX.
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "sharding_worker.py"), str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_worker_sees_eight_devices_in_one_process(eight_devices):
+    assert eight_devices["device_count"] == 8 and eight_devices["process_count"] == 1
+
+
+@pytest.mark.parametrize("spec", ["data=8", "fsdp=8", "data=2,fsdp=4"])
+def test_sharded_training_equals_one_device(eight_devices, spec):
+    run = eight_devices[spec]
+    assert run["step"] == 3
+    np.testing.assert_allclose(run["losses"], eight_devices["ref_losses"], rtol=0, atol=1e-5)
+    assert run["params_diff"] < 1e-5
+    assert run["opt_state_diff"] < 1e-5
+
+
+def test_sharded_eval_equals_one_device(eight_devices):
+    run = eight_devices["data=2,fsdp=4"]
+    assert abs(run["eval"] - eight_devices["ref_eval"]) < 1e-5
+    assert abs(run["eval_partial"] - run["ref_eval_partial"]) < 1e-5
+
+
+def test_fsdp_splits_every_matrix_and_its_moments_eight_ways(eight_devices):
+    shards = eight_devices["fsdp8_matrix_shards"]
+    # 2 layers x 4 kernels + 2 embeddings + head, each as params, mu and nu.
+    assert len(shards) == 3 * (2 * 4 + 3)
+    for name, (n_shards, shard_sizes, size) in shards.items():
+        assert n_shards == 8 and shard_sizes == [size // 8], name
+    assert eight_devices["fsdp8_vectors_not_replicated"] == []
+    assert eight_devices["fsdp8_count_sharding"] == "P()"
+
+
+def test_checkpoint_saved_on_fsdp8_restores_onto_other_meshes(eight_devices):
+    one, two_by_four = (eight_devices["restored"][k] for k in ("data=1", "data=2,fsdp=4"))
+    assert one["equal"] and one["mesh"] == "data=1,fsdp=1" and one["n_shards"] == 1
+    assert one["qkv_shard_shape"] == [64, 192]
+    assert two_by_four["equal"] and two_by_four["mesh"] == "data=2,fsdp=4"
+    assert two_by_four["n_shards"] == 8 and two_by_four["qkv_shard_shape"] == [64 // 4, 192]
+    # Training goes on from the restored shards exactly as on one device.
+    assert two_by_four["next_loss_diff"] < 1e-5 and two_by_four["next_params_diff"] < 1e-5
+
+
+def test_errors_on_eight_devices(eight_devices):
+    assert "batch of 12 sequences is not divisible" in eight_devices["err_batch"]
+    assert "data=8 * fsdp=1 = 8" in eight_devices["err_batch"]
+    assert "has 4 devices but there are 8" in eight_devices["err_mesh_size"]
+    err = eight_devices["err_not_divisible"]
+    assert "tok_emb/embedding" in err and "size 100" in err and "size 8" in err
+    # The default rule falls back to the columns when the rows do not divide.
+    assert eight_devices["fallback_spec"] == "P(None, 'fsdp')"
+    assert "['lora/.*'] match no parameter" in eight_devices["err_unused_rule"]
+
+
+def test_training_loop_on_meshes_equals_one_device(eight_devices):
+    # Dropout and grad_accum=2 on; steps 1-2 on fsdp=8, 3-4 resumed on data=2,fsdp=4.
+    run = eight_devices["loop"]
+    assert [step for step, _ in run["straight"]] == [1, 2, 3, 4]
+    assert [step for step, _ in run["resumed"]] == [1, 2, 3, 4]
+    np.testing.assert_allclose([loss for _, loss in run["resumed"]],
+                               [loss for _, loss in run["straight"]], rtol=0, atol=1e-5)
+    assert abs(run["val_loss"][0] - run["val_loss"][1]) < 1e-5
+    assert run["final_step"] == 4 and run["final_params_diff"] < 1e-5
+    assert run["meta_mesh"] == "data=2,fsdp=4"
+
+
+def test_cli_mesh_flag_reports_a_mesh_that_does_not_fit(tmp_path, capsys):
+    from jaxllm.cli import main
+
+    assert main(["pretrain", "--mesh", "data=2", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "mesh {'data': 2, 'fsdp': 1} has 2 devices but there are 1" in capsys.readouterr().err
