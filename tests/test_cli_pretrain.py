@@ -103,3 +103,11 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert summary["final_val_loss"] < summary["initial_val_loss"]
     assert pretrain.run(parse(*common[4:])) == 2  # a second run may not overwrite the first
     assert "already holds checkpoints" in capsys.readouterr().err
+
+    # The trained run generates from its last checkpoint, with its own (byte) tokenizer.
+    from jaxllm.cli import main
+
+    assert main(["generate", "--run-dir", str(out), "--prompt", "the cat",
+                 "--max-new-tokens", "6", "--ignore-eos", "--no-stream"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("the cat") and len(printed.rstrip("\n")) > len("the cat")

@@ -1,4 +1,4 @@
-"""The cache-free sampler used during training."""
+"""The text sampler used during training (a layer over `jaxllm.generate`)."""
 
 import jax
 import numpy as np

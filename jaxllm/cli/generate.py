@@ -99,11 +99,8 @@ def load_model(args):
             raise FileNotFoundError(f"--hf {args.hf}: no such file or directory")
         config = hf_config(args.hf, args.n_heads)
         return from_hf_state_dict(args.hf, config), config, "gpt2"
-    try:
-        from jaxllm.train.checkpoint import load_params
-    except ImportError as err:
-        raise ValueError(f"--run-dir needs jaxllm.train.checkpoint, which is not available "
-                         f"({err})") from None
+    from jaxllm.train.checkpoint import load_params
+
     return load_params(args.run_dir)
 
 
