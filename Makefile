@@ -39,8 +39,8 @@ clean:
 
 # Pretraining: the small preset (byte tokens) on Python's built-in help text.
 PRETRAIN_OUT ?= runs/pretrain
-PRETRAIN_ARGS ?= --steps 450 --set batch_size=16 --set lr=3e-3 --set warmup_steps=20 \
-	--eval-every 50 --set eval_batches=8 --save-every 150 --keep 2 \
+PRETRAIN_ARGS ?= --steps 1200 --set batch_size=16 --set lr=3e-3 --set warmup_steps=20 \
+	--eval-every 100 --set eval_batches=8 --save-every 400 --keep 2 \
 	--set sample_prompt="The " --set sample_tokens=100
 pretrain: $(STAMP)
 	rm -rf $(PRETRAIN_OUT)
