@@ -42,7 +42,7 @@ class GPTConfig:
     tie_embeddings: bool = False  # output head shares the token embedding
     ln_eps: float = 1e-5
     # Implementation choices: same function, different speed.
-    attn_impl: str = "blockwise"
+    attn_impl: str = "blockwise"  # fastest on CPU; "cudnn" on NVIDIA GPUs (see attention.py)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     scan_layers: bool = False
