@@ -3,7 +3,7 @@
     python -m experiments.bench_train                 # CPU: the issue's config and the small preset
     python -m experiments.bench_train --gpu           # GPU: GPT-2 124M, bf16, context 1024, batch 16
     python -m experiments.bench_train --device-check  # the GPU recipe on a tiny config, any device
-    python -m experiments.bench_train --threads 1     # one core each (steadier on a busy machine)
+    python -m experiments.bench_train --threads 1     # both pinned to one core
 
 Both sides train the same model from the same weights on the same batch:
 jaxllm through `make_train_step` (AdamW from `make_optimizer`, global-norm
@@ -287,10 +287,24 @@ def machine_info(on_gpu: bool) -> dict:
                 break
     info = {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
             "jax": jax.__version__, "torch": torch.__version__, "jax_backend": jax.default_backend(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0))}
     if on_gpu:
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def pin_cores(n: int) -> None:
+    """Confine this process (XLA's thread pool and torch's) to its first `n` allowed cores.
+
+    XLA's CPU client ignores thread-count flags such as
+    `intra_op_parallelism_threads=1` (its pool keeps using every core it may
+    run on), so the only way to give both frameworks the same cores is CPU
+    affinity, set before either starts its threads.
+    """
+    allowed = sorted(os.sched_getaffinity(0))
+    if not 1 <= n <= len(allowed):
+        raise SystemExit(f"--threads must be between 1 and {len(allowed)} (cores available), got {n}")
+    os.sched_setaffinity(0, allowed[:n])
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -319,24 +333,19 @@ def main(argv=None) -> int:
                     help="override a GPTConfig field on the jaxllm side (e.g. attn_impl=reference)")
     ap.add_argument("--out", default=None, help="results folder name under results/")
     ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for both sides (default: all cores). 1 gives a per-core "
-                         "comparison that a busy machine disturbs least")
+                    help="pin the process to this many cores and give torch as many threads "
+                         "(default: all cores). 1 compares the two core for core")
     args = ap.parse_args(argv)
-    if args.threads == 1:
-        # Read when XLA's CPU backend starts, which is at the first JAX computation below.
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false"
-                                   " intra_op_parallelism_threads=1").strip()
-    elif args.threads is not None:
-        raise SystemExit("--threads takes 1 (single core) or is left out (all cores)")
+    if args.threads is not None:
+        pin_cores(args.threads)
 
     gpu_present = torch.cuda.is_available() and jax.default_backend() == "gpu"
     if args.gpu and not gpu_present:
         raise SystemExit("--gpu needs a CUDA GPU visible to both JAX and PyTorch")
     on_gpu = gpu_present
     if not on_gpu:
-        # Same thread count on both sides: XLA's CPU client uses every core.
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        # Same cores on both sides: XLA's CPU client uses every core it may run on.
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
     overrides = parse_overrides(args.set)
     if args.device_check:
         cases, name = device_check_cases(overrides, on_gpu), "bench-device-check"
@@ -344,7 +353,7 @@ def main(argv=None) -> int:
         cases, name = gpu_cases(overrides), "bench-gpu"
     else:
         cases, name = cpu_cases(overrides), "bench"
-    name = args.out or (name + ("-1thread" if args.threads == 1 else ""))
+    name = args.out or (name + (f"-{args.threads}core" if args.threads else ""))
 
     tc = TrainConfig(lr=3e-4, warmup_steps=0, total_steps=10_000, grad_clip=1.0)
     info = machine_info(on_gpu)
@@ -385,7 +394,8 @@ def main(argv=None) -> int:
             ("attn_impl", "param_dtype", "compute_dtype", "scan_layers", "remat", "vocab_multiple")}
     md = (f"# Training throughput: jaxllm vs PyTorch\n\n"
           f"Machine: {info.get('gpu', info['cpu'])}, nproc {info['nproc']}, jax {info['jax']} "
-          f"({info['jax_backend']}), torch {info['torch']} ({info['torch_threads']} threads).\n"
+          f"({info['jax_backend']}), torch {info['torch']} ({info['torch_threads']} threads), "
+          f"{info['cores']} core(s) for both.\n"
           f"Matmul rate ({rate['n']}^3 {rate['dtype']}): {rate['best'] / 1e9:.1f} GFLOP/s "
           f"(jax {rate['jax'] / 1e9:.1f}, torch {rate['torch'] / 1e9:.1f})"
           + (f"; datasheet peak {peak / 1e12:.0f} TFLOP/s" if peak else "") + ".\n"

@@ -14,6 +14,7 @@ import pytest
 from jaxllm import (GPT_CONFIG_124M, GPTConfig, count_params, cross_entropy, forward,
                     from_hf_state_dict, init_params, lm_loss, to_hf_state_dict)
 from jaxllm.attention import causal_attention
+from jaxllm.model import layer_norm
 
 TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
                  drop_rate=0.0, attn_impl="reference")
@@ -196,6 +197,42 @@ def numpy_causal_attention(q, k, v):
         w /= w.sum(-1, keepdims=True)
         out[:, t] = np.einsum("bhs,bshd->bhd", w, v[:, : t + 1])
     return out
+
+
+def _textbook_layer_norm(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) / jnp.sqrt(var + eps) * scale + bias).astype(x.dtype)
+
+
+def test_layer_norm_gradient_equals_autodiff_of_the_formula():
+    keys = jax.random.split(jax.random.key(3), 4)
+    x = 3.0 * jax.random.normal(keys[0], (2, 5, 32)) + 1.5
+    p = {"scale": 1.0 + 0.1 * jax.random.normal(keys[1], (32,)),
+         "bias": 0.1 * jax.random.normal(keys[2], (32,))}
+    cot = jax.random.normal(keys[3], x.shape)
+
+    def loss(fn):
+        return lambda x, s, b: jnp.sum(fn(x, s, b) * cot)
+
+    ours = jax.grad(loss(lambda x, s, b: layer_norm({"scale": s, "bias": b}, x, 1e-5)),
+                    argnums=(0, 1, 2))(x, p["scale"], p["bias"])
+    ref = jax.grad(loss(lambda x, s, b: _textbook_layer_norm(x, s, b, 1e-5)),
+                   argnums=(0, 1, 2))(x, p["scale"], p["bias"])
+    np.testing.assert_allclose(layer_norm(p, x, 1e-5), _textbook_layer_norm(x, p["scale"], p["bias"], 1e-5),
+                               atol=1e-6)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_keeps_dtypes_in_bfloat16():
+    x = jax.random.normal(jax.random.key(0), (4, 16), jnp.bfloat16)
+    p = {"scale": jnp.ones((16,), jnp.bfloat16), "bias": jnp.zeros((16,), jnp.bfloat16)}
+    y, vjp = jax.vjp(lambda x, p: layer_norm(p, x, 1e-5), x, p)
+    dx, dp = vjp(jnp.ones_like(y))
+    assert y.dtype == dx.dtype == dp["scale"].dtype == dp["bias"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(dp["bias"], np.float32), 4.0)
 
 
 @pytest.mark.parametrize("seq", [100, 192], ids=lambda s: f"seq{s}")
