@@ -78,6 +78,20 @@ def test_resume_is_bitwise_identical(tokens, straight, tmp_path):
     assert int(b.step) == 6
 
 
+def test_only_the_first_process_writes_run_files(tokens, straight, tmp_path, monkeypatch):
+    """A second host of a multi-host run trains and checkpoints like the first
+    but leaves the metrics, plots, samples and summary to process 0."""
+    monkeypatch.setattr(loop, "_is_writer", lambda: False)
+    summary = run(tmp_path, tokens, stop_at=6)
+    written = {p.name for p in tmp_path.iterdir()}
+    assert not written & {"metrics.jsonl", "loss.png", "samples.txt", "summary.json", "config.json"}
+    assert checkpoint.open_manager(tmp_path).latest_step() == 6
+    # its own view of the run is still complete, and equal to process 0's
+    evals = [r for r in losses(straight) if r["kind"] == "eval"]
+    assert summary["final_val_loss"] == evals[-1]["val_loss"]
+    assert summary["initial_val_loss"] == evals[0]["val_loss"]
+
+
 def test_resume_skips_half_written_checkpoint(tokens, straight, tmp_path):
     run(tmp_path, tokens, stop_at=3)
     ckpts = checkpoint.checkpoint_dir(tmp_path)

@@ -109,6 +109,13 @@ def _all_finite(tree) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=8)
+def _is_writer() -> bool:
+    """Whether this process writes the run's metrics, plots, samples and summary:
+    only the first, so that the hosts of a multi-host run do not overwrite
+    each other's files in the shared run folder."""
+    return jax.process_index() == 0
+
+
 def _steps(config: GPTConfig, tc: TrainConfig):
     """The jitted train and eval steps, built once per configuration so that
     runs in one process (a resume, say) reuse the compiled code."""
@@ -149,8 +156,13 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     checkpoint left in place. With a `mesh` (`jaxllm.sharding.make_mesh`) the
     batch is split over its devices and the state sharded by the default
     partition rules; checkpoints are written in shards and resume onto any mesh.
+    In a multi-host run every process calls `train` with the same arguments;
+    all of them compute and checkpoint, and process 0 alone writes the
+    metrics, plots, samples and summary (the others return the summary of
+    their own view).
     """
     run_dir = Path(run_dir)
+    writer = _is_writer()
     run_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the "
@@ -183,7 +195,7 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
                  "random_windows": lc.random_windows, "eval_batches": lc.eval_batches},
     }
     manager = checkpoint.open_manager(run_dir, keep=lc.keep, create=True)
-    log = MetricsLog(run_dir)
+    log = MetricsLog(run_dir, write=writer)
     latest = manager.latest_step()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if latest is not None and not resume:
@@ -208,13 +220,13 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         state = jax.device_put(_init_fn(config, tc)(jax.random.key(tc.seed)), device) \
             if mesh is None else sharding.init_sharded_train_state(config, tc, mesh)
         start = 0
-        if log.path.exists():
-            log.path.unlink()  # a fresh run: stale metrics of an unsaved run go
+        log.clear()  # a fresh run: stale metrics of an unsaved run go
     meta = dict(identity, format=META_FORMAT, data_name=data_name,
                 loop=dataclasses.asdict(lc), tokens_per_step=tokens_per_step,
                 batches_per_epoch=batches.batches_per_epoch,
                 mesh=None if mesh is None else sharding.mesh_description(mesh))
-    (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if writer:
+        (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
 
     train_step, eval_step = _steps(config, tc) if mesh is None else \
@@ -238,6 +250,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
                     params, config, tokenizer, lc.sample_prompt, lc.sample_tokens,
                     temperature=lc.temperature, key=jax.random.fold_in(sample_key, step))
         log.append([record])
+        if not writer:
+            return record
         bar.write(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
                   f"val perplexity {record['val_perplexity']:.1f}")
         if "sample_greedy" in record:
@@ -287,7 +301,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
                         tok_s=f"{seg_steps * tokens_per_step / max(seconds, 1e-9):,.0f}")
         pending, seg_steps = [], 0
 
-    bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True,
+               disable=not (progress and writer))
     first_eval = None
     try:
         if start == 0:
@@ -322,7 +337,7 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         bar.close()
         manager.close()
         records = log.read()
-        if records:
+        if records and writer:
             plot_losses(records, run_dir / "loss.png",
                         tokens_per_epoch=batches.batches_per_epoch * tokens_per_step,
                         title=f"{data_name}: {config.n_layers} layers, emb {config.emb_dim}, "
@@ -344,7 +359,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         "final_val_perplexity": last.get("val_perplexity"),
         "last_checkpoint": last_saved,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if writer:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

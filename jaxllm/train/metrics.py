@@ -17,23 +17,45 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str | os.PathLike):
+    """Append-only JSON-lines log in `run_dir`.
+
+    With `write=False` (every process but the first in a multi-host run) the
+    records stay in memory and nothing touches the shared run folder.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, write: bool = True):
         self.path = Path(run_dir) / METRICS_FILE
+        self.write = write
+        self._memory: list[dict[str, Any]] = []
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
+        if not self.write:
+            self._memory.extend(records)
+            return
         with open(self.path, "a") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        if not self.write:
+            return list(self._memory)
         if not self.path.exists():
             return []
         with open(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
+    def clear(self) -> None:
+        """Start afresh: a new run drops the metrics of an earlier, unsaved one."""
+        self._memory = []
+        if self.write:
+            self.path.unlink(missing_ok=True)
+
     def truncate_after(self, step: int) -> None:
         """Drop the records past `step`: a resumed run rewrites them."""
         kept = [r for r in self.read() if r["step"] <= step]
+        if not self.write:
+            self._memory = kept
+            return
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w") as f:
             for r in kept:
