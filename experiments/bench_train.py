@@ -4,6 +4,7 @@
     python -m experiments.bench_train --gpu           # GPU: GPT-2 124M, bf16, context 1024, batch 16
     python -m experiments.bench_train --device-check  # the GPU recipe on a tiny config, any device
     python -m experiments.bench_train --threads 1     # both pinned to one core
+    python -m experiments.bench_train --profile       # and a per-op profile of jaxllm's step
 
 Both sides train the same model from the same weights on the same batch:
 jaxllm through `make_train_step` (AdamW from `make_optimizer`, global-norm
@@ -23,11 +24,15 @@ achieved FLOP rate by a large matrix product's rate measured in the same run
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
+import glob
 import math
 import os
 import platform
+import re
+import shutil
 import statistics
 import time
 
@@ -38,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.common import markdown_table, write_report
+from experiments.common import markdown_table, results_dir, write_report
 from jaxllm.config import GPTConfig, count_params, get_preset
 from jaxllm.model import init_params
 from jaxllm.train import TrainConfig, init_train_state, make_optimizer, make_train_step
@@ -217,7 +222,57 @@ def matmul_rate(on_gpu: bool) -> dict:
             "torch": torch_rate, "best": max(jax_rate, torch_rate)}
 
 
-def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bool) -> dict:
+# Profiler events that are the runtime's own bookkeeping rather than an XLA op.
+_SCAFFOLDING = ("ThunkExecutor", "SlinkyThreadPool", "end: ")
+
+
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Instruction name -> (result shape, source op from the metadata) of an HLO module."""
+    ops = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ", line)
+        if m:
+            source = re.search(r'op_name="([^"]*)"', line)
+            ops[m.group(1)] = (m.group(2).split("{")[0], source.group(1) if source else "")
+    return ops
+
+
+def op_profile(run, steps: int, trace_dir: str, hlo_text: str, top: int = 25) -> list[dict]:
+    """Trace `run()` (which does `steps` train steps) with jax.profiler and sum the
+    time of each XLA op per step, largest first.
+
+    GPU: the device's "XLA Ops" line. CPU: the XLA thread pool's threads; there
+    the products may run asynchronously on the pool while other ops' events are
+    open, so the times show proportions, not a partition of the wall time.
+    """
+    from jax.profiler import ProfileData
+
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    jax.profiler.start_trace(trace_dir)
+    run()
+    jax.profiler.stop_trace()
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        return []
+    total, calls = collections.Counter(), collections.Counter()
+    for plane in ProfileData.from_file(files[0]).planes:
+        on_device = plane.name.startswith("/device:")
+        for line in plane.lines:
+            if (line.name != "XLA Ops") if on_device else not line.name.startswith("tf_XLA"):
+                continue
+            for ev in line.events:
+                if not ev.name.startswith(_SCAFFOLDING):
+                    total[ev.name] += ev.duration_ns / 1e6 / steps
+                    calls[ev.name] += 1 / steps
+    ops, traced = hlo_ops(hlo_text), sum(total.values()) or 1.0
+    return [{"op": name, "ms_per_step": ms, "calls_per_step": calls[name],
+             "share": ms / traced, "shape": ops.get(name, ("", ""))[0],
+             "source": ops.get(name, ("", ""))[1]}
+            for name, ms in total.most_common(top)]
+
+
+def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bool,
+               profile_dir: str | None = None) -> dict:
     c = case.config
     key = jax.random.key(0)
     params = init_params(c, key)
@@ -265,6 +320,10 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)
+    profile = None
+    if profile_dir:
+        hlo = jstep.lower(state, inputs, targets).compile().as_text()
+        profile = op_profile(run_jax, steps, profile_dir, hlo)
     tokens = steps * case.batch * case.seq
     jax_tps = tokens / statistics.median(jax_t)
     torch_tps = tokens / statistics.median(torch_t)
@@ -275,7 +334,7 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
             "torch_step_s": sorted(t / steps for t in torch_t),
             "first_loss_jax": jax_first, "first_loss_torch": torch_first,
             "compile_s": {"jax": jax_compile, "torch": torch_compile},
-            "flops_per_token": flops_per_token(c, case.seq)}
+            "flops_per_token": flops_per_token(c, case.seq), "profile": profile}
 
 
 def machine_info(on_gpu: bool) -> dict:
@@ -335,6 +394,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="pin the process to this many cores and give torch as many threads "
                          "(default: all cores). 1 compares the two core for core")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace a block of jaxllm steps with jax.profiler and list its "
+                         "costliest XLA ops (traces under results/<name>/trace-<case>)")
     args = ap.parse_args(argv)
     if args.threads is not None:
         pin_cores(args.threads)
@@ -367,7 +429,9 @@ def main(argv=None) -> int:
     rows, results = [], []
     for case in cases:
         print(f"benchmarking {case.name} ...", flush=True)
-        r = bench_case(case, tc, args.steps, args.repeats, on_gpu)
+        trace = (str(results_dir(name) / f"trace-{re.sub(r'[^A-Za-z0-9]+', '-', case.name)}")
+                 if args.profile else None)
+        r = bench_case(case, tc, args.steps, args.repeats, on_gpu, profile_dir=trace)
         fpt = r["flops_per_token"]
         r["mfu_measured"] = {k: r[f"{k}_tokens_per_s"] * fpt / rate["best"] for k in ("jax", "torch")}
         r["mfu_datasheet"] = ({k: r[f"{k}_tokens_per_s"] * fpt / peak for k in ("jax", "torch")}
@@ -402,6 +466,17 @@ def main(argv=None) -> int:
           f"jaxllm implementation: {impl}. AdamW, grad clip {tc.grad_clip}, "
           f"median of {args.repeats} blocks of {args.steps} steps, interleaved.\n\n"
           + markdown_table(headers, rows))
+    for r in results:
+        if r["profile"]:
+            md += (f"\n## Costliest XLA ops of jaxllm's step: {r['case']}\n\n"
+                   "jax.profiler, time per step summed over each op's calls"
+                   + ("" if on_gpu else "; on the CPU the products run on the thread pool while "
+                      "other ops' events are open, so these are proportions, not wall time")
+                   + ".\n\n" + markdown_table(
+                       ["op", "ms/step", "calls/step", "share", "shape", "source"],
+                       [[p["op"], f"{p['ms_per_step']:.2f}", f"{p['calls_per_step']:g}",
+                         f"{100 * p['share']:.1f}%", p["shape"], p["source"][-60:]]
+                        for p in r["profile"]]))
     write_report(name, {"machine": info, "matmul": rate, "datasheet_peak": peak,
                         "train_config": dataclasses.asdict(tc), "results": results}, md)
     return 0
