@@ -31,6 +31,7 @@ and `shard_batch` builds each global batch from the rows each host loaded.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -173,6 +174,82 @@ def _compile_rules(rules: Rules) -> list[tuple[str, re.Pattern, tuple[P, ...]]]:
         except re.error as e:
             raise ValueError(f"partition rule #{i}: bad regex {pattern!r}: {e}") from None
     return compiled
+
+
+def _spec_from_json(dims, where: str) -> P:
+    if not isinstance(dims, list):
+        raise ValueError(f"{where}: a spec is a list with one entry per array dimension "
+                         f"(null, an axis name, or a list of axis names), got {dims!r}")
+    out = []
+    for d in dims:
+        if d is None or isinstance(d, str):
+            out.append(d)
+        elif isinstance(d, list) and d and all(isinstance(a, str) for a in d):
+            out.append(tuple(d))
+        else:
+            raise ValueError(f"{where}: bad dimension entry {d!r} (null, an axis name, or a list "
+                             f"of axis names)")
+        for axis in (d if isinstance(d, list) else [d]):
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(f"{where}: unknown mesh axis {axis!r}; the axes are {MESH_AXES}")
+    return P(*out)
+
+
+def rules_from_json(data) -> tuple[tuple[str, P | tuple[P, ...]], ...]:
+    """Partition rules from their JSON form (as written by `rules_to_json`)::
+
+        [{"match": "blocks/\\d+/ffn/fc/kernel", "specs": [["fsdp", null], [null, "fsdp"]]},
+         {"match": ".*/(bias|scale)", "spec": []}]
+
+    `spec` is one PartitionSpec, one entry per dimension; `specs` lists
+    alternatives tried in order (the first whose split dimensions divide).
+    """
+    if not isinstance(data, list):
+        raise ValueError(f"partition rules must be a JSON list of rules, got {type(data).__name__}")
+    rules = []
+    for i, rule in enumerate(data):
+        where = f"partition rule #{i}"
+        if not isinstance(rule, dict) or not isinstance(rule.get("match"), str) \
+                or ("spec" in rule) == ("specs" in rule) or set(rule) - {"match", "spec", "specs"}:
+            raise ValueError(f"{where} must be {{\"match\": REGEX, \"spec\": [...]}} or "
+                             f"{{\"match\": REGEX, \"specs\": [[...], ...]}}, got {rule!r}")
+        where = f"{where} ({rule['match']!r})"
+        if "spec" in rule:
+            spec = _spec_from_json(rule["spec"], where)
+        else:
+            if not isinstance(rule["specs"], list) or not rule["specs"]:
+                raise ValueError(f"{where}: specs must be a non-empty list of specs")
+            spec = tuple(_spec_from_json(s, where) for s in rule["specs"])
+        rules.append((rule["match"], spec))
+    _compile_rules(rules)  # regexes checked here, with the rule named
+    return tuple(rules)
+
+
+def rules_to_json(rules: Rules = DEFAULT_RULES) -> str:
+    """The JSON form of `rules` (the default ones: a file to start a layout from)."""
+    def dims(spec: P):
+        return [list(d) if isinstance(d, tuple) else d for d in spec]
+
+    out = []
+    for pattern, spec in rules:
+        out.append({"match": pattern, "spec": dims(spec)} if isinstance(spec, P)
+                   else {"match": pattern, "specs": [dims(s) for s in spec]})
+    return "[\n  " + ",\n  ".join(json.dumps(rule) for rule in out) + "\n]\n"
+
+
+def load_rules(path: str | os.PathLike) -> tuple[tuple[str, P | tuple[P, ...]], ...]:
+    """Partition rules from a JSON file (see `rules_from_json`)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"partition rules file {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"partition rules file {str(path)!r} is not valid JSON: {e}") from None
+    try:
+        return rules_from_json(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _spec_problem(shape: tuple[int, ...], spec: P, mesh: Mesh) -> str | None:

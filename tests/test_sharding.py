@@ -193,3 +193,58 @@ def test_cli_mesh_flag_reports_a_mesh_that_does_not_fit(tmp_path, capsys):
 
     assert main(["pretrain", "--mesh", "data=2", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "mesh {'data': 2, 'fsdp': 1} has 2 devices but there are 1" in capsys.readouterr().err
+
+
+# -- partition rules from a file -------------------------------------------------
+def test_rules_json_round_trip_and_format():
+    text = sh.rules_to_json()
+    assert sh.rules_from_json(json.loads(text)) == sh.DEFAULT_RULES
+    rules = sh.rules_from_json([{"match": "blocks/.*", "spec": [["data", "fsdp"], None]},
+                                {"match": ".*", "spec": []}])
+    assert rules == (("blocks/.*", P(("data", "fsdp"), None)), (".*", P()))
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"match": ".*"}, "must be a JSON list"),
+    ([{"spec": []}], r"rule #0 must be"),
+    ([{"match": ".*", "spec": [], "specs": [[]]}], r"rule #0 must be"),
+    ([{"match": ".*", "spec": ["tensor"]}], r"rule #0 \('\.\*'\): unknown mesh axis 'tensor'"),
+    ([{"match": ".*", "spec": [1]}], "bad dimension entry 1"),
+    ([{"match": ".*", "spec": "fsdp"}], "one entry per array dimension"),
+    ([{"match": ".*", "specs": []}], "non-empty list"),
+    ([{"match": "(", "spec": []}], r"rule #0: bad regex"),
+])
+def test_rules_json_errors_name_the_rule(data, match):
+    with pytest.raises(ValueError, match=match):
+        sh.rules_from_json(data)
+
+
+def test_load_rules_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sh.load_rules(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("[{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        sh.load_rules(tmp_path / "bad.json")
+
+
+def test_cli_partition_rules_reach_the_loop(tmp_path, capsys):
+    """The file's rules are used (a rule naming no parameter is refused, as a likely
+    typo), recorded in the run's config.json, and need a mesh."""
+    from jaxllm.cli import main
+
+    base = ["pretrain", "--preset", "small", "--steps", "2", "--eval-every", "2", "--quiet",
+            "--set", "eval_batches=1", "--set", "sample_tokens=2"]
+    replicate = tmp_path / "replicate.json"
+    replicate.write_text('[{"match": ".*", "spec": []}]')
+    assert main(base + ["--out", str(tmp_path / "run"), "--mesh", "fsdp=1",
+                        "--partition-rules", str(replicate)]) == 0
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["partition_rules"] == [{"match": ".*", "spec": []}]
+
+    typo = tmp_path / "typo.json"
+    typo.write_text('[{"match": "blocks/\\\\d+/mlp/.*", "spec": []}, {"match": ".*", "spec": []}]')
+    assert main(base + ["--out", str(tmp_path / "typo"), "--mesh", "fsdp=1",
+                        "--partition-rules", str(typo)]) == 2
+    assert "match no parameter" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "nomesh"), "--partition-rules", str(replicate)]) == 2
+    assert "--partition-rules needs --mesh" in capsys.readouterr().err

@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device mesh, e.g. 'data=2,fsdp=4' or 'fsdp=-1' (all devices): split "
                              "the batch over the devices and shard the state (jaxllm.sharding); "
                              "default: one device")
+    parser.add_argument("--partition-rules", metavar="FILE",
+                        help="JSON file of partition rules for --mesh (default: jaxllm.sharding."
+                             "DEFAULT_RULES; `python -c \"from jaxllm import sharding; "
+                             "print(sharding.rules_to_json())\"` prints them to start from)")
     parser.add_argument("--distributed", action="store_true",
                         help="join a multi-host run first (jax.distributed; coordinator from "
                              "JAXLLM_COORDINATOR, JAXLLM_NUM_PROCESSES, JAXLLM_PROCESS_ID)")
@@ -216,6 +220,13 @@ def run(args) -> int:
             if args.distributed:
                 sharding.initialize_distributed()
             mesh = sharding.make_mesh(args.mesh or "")
+        if args.partition_rules and mesh is None:
+            raise ValueError("--partition-rules needs --mesh (or --distributed)")
+        rules = None
+        if args.partition_rules:
+            from jaxllm import sharding
+
+            rules = sharding.load_rules(args.partition_rules)
         model, tc, lc, explicit = build_configs(args)
         name = args.tokenizer or ("gpt2" if model.vocab_size == 50257 else "byte")
         tokenizer = get_tokenizer(name, args.tokenizer_dir)
@@ -225,7 +236,8 @@ def run(args) -> int:
               f"{model.n_layers} layers x {model.emb_dim} ({_count(model):,} parameters); "
               f"run folder {args.out}", file=sys.stderr)
         summary = train(args.out, model, tc, lc, tokenizer, tokens, data_name=data_name,
-                        resume=args.resume, progress=not args.quiet, mesh=mesh)
+                        resume=args.resume, progress=not args.quiet, mesh=mesh,
+                        partition_rules=rules)
     except TrainingDiverged as err:
         print(f"jaxllm pretrain: {err}", file=sys.stderr)
         return 1

@@ -123,9 +123,10 @@ def _steps(config: GPTConfig, tc: TrainConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def _sharded_steps(config: GPTConfig, tc: TrainConfig, mesh: jax.sharding.Mesh):
+def _sharded_steps(config: GPTConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, rules,
+                   strict: bool):
     """The train and eval steps on a device mesh (batch split, FSDP state)."""
-    step = sharding.make_sharded_train_step(config, tc, mesh)
+    step = sharding.make_sharded_train_step(config, tc, mesh, rules, strict=strict)
     return step, sharding.make_sharded_eval_step(config, mesh, step.state_shardings.params)
 
 
@@ -146,7 +147,8 @@ def _fixed_batches(tokens, length: int, batch_size: int, count: int, name: str):
 def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer: Tokenizer,
           tokens: np.ndarray, *, val_tokens: np.ndarray | None = None, data_name: str = "corpus",
           resume: bool = False, stop_at: int | None = None, progress: bool = True,
-          mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+          mesh: jax.sharding.Mesh | None = None,
+          partition_rules: sharding.Rules | None = None) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; returns the summary dict.
 
     `tokens` is the token stream; unless `val_tokens` is given, its first
@@ -155,7 +157,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     Raises `TrainingDiverged` on a non-finite loss, with the last good
     checkpoint left in place. With a `mesh` (`jaxllm.sharding.make_mesh`) the
     batch is split over its devices and the state sharded by the default
-    partition rules; checkpoints are written in shards and resume onto any mesh.
+    partition rules (or `partition_rules`, which must each match a parameter);
+    checkpoints are written in shards and resume onto any mesh and layout.
     In a multi-host run every process calls `train` with the same arguments;
     all of them compute and checkpoint, and process 0 alone writes the
     metrics, plots, samples and summary (the others return the summary of
@@ -174,6 +177,12 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         tokens, val_tokens = split_tokens(tokens, lc.train_ratio)
     if mesh is not None:
         sharding.check_batch(tc.batch_size, mesh, name="TrainConfig.batch_size")
+    elif partition_rules is not None:
+        raise ValueError("partition rules need a device mesh (mesh=...)")
+    # A rule of the user's that matches no parameter is an error (a typo, most
+    # likely); the default rules also name parameters some configs lack.
+    custom_rules = partition_rules is not None
+    rules = tuple(partition_rules) if custom_rules else sharding.DEFAULT_RULES
 
     # -- data ----------------------------------------------------------------
     if lc.random_windows:
@@ -207,7 +216,7 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         target = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
             checkpoint.abstract_train_state(config, tc)) if mesh is None else \
-            sharding.abstract_sharded_state(config, tc, mesh)
+            sharding.abstract_sharded_state(config, tc, mesh, rules, strict=custom_rules)
         state = checkpoint.restore(run_dir, latest, target=target).state
         start = int(state.step)
         if saved.get("data_position") != start:
@@ -218,19 +227,21 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         # Placed on the device explicitly, like a restored state, so that fresh
         # and resumed runs hit the same compiled step.
         state = jax.device_put(_init_fn(config, tc)(jax.random.key(tc.seed)), device) \
-            if mesh is None else sharding.init_sharded_train_state(config, tc, mesh)
+            if mesh is None else sharding.init_sharded_train_state(config, tc, mesh, rules,
+                                                                   strict=custom_rules)
         start = 0
         log.clear()  # a fresh run: stale metrics of an unsaved run go
     meta = dict(identity, format=META_FORMAT, data_name=data_name,
                 loop=dataclasses.asdict(lc), tokens_per_step=tokens_per_step,
                 batches_per_epoch=batches.batches_per_epoch,
-                mesh=None if mesh is None else sharding.mesh_description(mesh))
+                mesh=None if mesh is None else sharding.mesh_description(mesh),
+                partition_rules=json.loads(sharding.rules_to_json(rules)) if custom_rules else None)
     if writer:
         (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
 
     train_step, eval_step = _steps(config, tc) if mesh is None else \
-        _sharded_steps(config, tc, mesh)
+        _sharded_steps(config, tc, mesh, rules, custom_rules)
     sample_key = jax.random.key(tc.seed + 1)
     last_saved = latest
 
