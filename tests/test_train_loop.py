@@ -78,6 +78,12 @@ def test_resume_is_bitwise_identical(tokens, straight, tmp_path):
     assert int(b.step) == 6
 
 
+def test_steps_are_built_once_per_configuration():
+    """A resume in the same process reuses the compiled steps of the first run."""
+    assert loop._steps(CONFIG, TC) is loop._steps(CONFIG, TC)
+    assert loop._steps(CONFIG, TC) is not loop._steps(CONFIG, TC.replace(lr=2e-2))
+
+
 def test_only_the_first_process_writes_run_files(tokens, straight, tmp_path, monkeypatch):
     """A second host of a multi-host run trains and checkpoints like the first
     but leaves the metrics, plots, samples and summary to process 0."""

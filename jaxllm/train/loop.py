@@ -108,7 +108,6 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-@functools.lru_cache(maxsize=8)
 def _is_writer() -> bool:
     """Whether this process writes the run's metrics, plots, samples and summary:
     only the first, so that the hosts of a multi-host run do not overwrite
@@ -116,6 +115,7 @@ def _is_writer() -> bool:
     return jax.process_index() == 0
 
 
+@functools.lru_cache(maxsize=8)
 def _steps(config: GPTConfig, tc: TrainConfig):
     """The jitted train and eval steps, built once per configuration so that
     runs in one process (a resume, say) reuse the compiled code."""
