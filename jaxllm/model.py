@@ -119,13 +119,12 @@ def _layer_norm_fwd(x, scale, bias, eps):
     rstd = jax.lax.rsqrt(jnp.square(centered).mean(-1, keepdims=True) + eps)
     xhat = centered * rstd
     y = xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    # the zero-size array carries bias's dtype to the backward pass
-    return y.astype(x.dtype), (xhat, rstd, scale, jnp.zeros((0,), bias.dtype))
+    return y.astype(x.dtype), (xhat, rstd, scale, bias)
 
 
 def _layer_norm_bwd(eps, res, g):
     del eps
-    xhat, rstd, scale, bias_like = res
+    xhat, rstd, scale, bias = res
     g32 = g.astype(jnp.float32)
     gs = g32 * scale.astype(jnp.float32)
     # d/dx of (x - mean) * rstd, applied to gs: the standard LayerNorm input gradient
@@ -133,7 +132,7 @@ def _layer_norm_bwd(eps, res, g):
     rows = (-1, xhat.shape[-1])
     dscale = (g32 * xhat).reshape(rows).sum(0)
     dbias = g32.reshape(rows).sum(0)
-    return dx.astype(g.dtype), dscale.astype(scale.dtype), dbias.astype(bias_like.dtype)
+    return dx.astype(g.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

@@ -225,16 +225,20 @@ def rules_from_json(data) -> tuple[tuple[str, P | tuple[P, ...]], ...]:
     return tuple(rules)
 
 
-def rules_to_json(rules: Rules = DEFAULT_RULES) -> str:
-    """The JSON form of `rules` (the default ones: a file to start a layout from)."""
+def rules_as_data(rules: Rules = DEFAULT_RULES) -> list[dict]:
+    """`rules` as plain lists and dicts, the inverse of `rules_from_json`."""
     def dims(spec: P):
         return [list(d) if isinstance(d, tuple) else d for d in spec]
 
-    out = []
-    for pattern, spec in rules:
-        out.append({"match": pattern, "spec": dims(spec)} if isinstance(spec, P)
-                   else {"match": pattern, "specs": [dims(s) for s in spec]})
-    return "[\n  " + ",\n  ".join(json.dumps(rule) for rule in out) + "\n]\n"
+    return [{"match": pattern, "spec": dims(spec)} if isinstance(spec, P)
+            else {"match": pattern, "specs": [dims(s) for s in spec]}
+            for pattern, spec in rules]
+
+
+def rules_to_json(rules: Rules = DEFAULT_RULES) -> str:
+    """The JSON text of `rules`, one rule per line (the default ones: a file to
+    start a layout from)."""
+    return "[\n  " + ",\n  ".join(json.dumps(r) for r in rules_as_data(rules)) + "\n]\n"
 
 
 def load_rules(path: str | os.PathLike) -> tuple[tuple[str, P | tuple[P, ...]], ...]:

@@ -199,6 +199,7 @@ def test_cli_mesh_flag_reports_a_mesh_that_does_not_fit(tmp_path, capsys):
 def test_rules_json_round_trip_and_format():
     text = sh.rules_to_json()
     assert sh.rules_from_json(json.loads(text)) == sh.DEFAULT_RULES
+    assert json.loads(text) == sh.rules_as_data()
     rules = sh.rules_from_json([{"match": "blocks/.*", "spec": [["data", "fsdp"], None]},
                                 {"match": ".*", "spec": []}])
     assert rules == (("blocks/.*", P(("data", "fsdp"), None)), (".*", P()))

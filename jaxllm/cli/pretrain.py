@@ -213,20 +213,17 @@ def run(args) -> int:
     from jaxllm.train.loop import TrainingDiverged, format_summary, train
 
     try:
-        mesh = None
+        mesh = rules = None
+        if args.partition_rules and not (args.distributed or args.mesh):
+            raise ValueError("--partition-rules needs --mesh (or --distributed)")
         if args.distributed or args.mesh:
             from jaxllm import sharding
 
             if args.distributed:
                 sharding.initialize_distributed()
             mesh = sharding.make_mesh(args.mesh or "")
-        if args.partition_rules and mesh is None:
-            raise ValueError("--partition-rules needs --mesh (or --distributed)")
-        rules = None
-        if args.partition_rules:
-            from jaxllm import sharding
-
-            rules = sharding.load_rules(args.partition_rules)
+            if args.partition_rules:
+                rules = sharding.load_rules(args.partition_rules)
         model, tc, lc, explicit = build_configs(args)
         name = args.tokenizer or ("gpt2" if model.vocab_size == 50257 else "byte")
         tokenizer = get_tokenizer(name, args.tokenizer_dir)

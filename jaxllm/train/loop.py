@@ -235,7 +235,7 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
                 loop=dataclasses.asdict(lc), tokens_per_step=tokens_per_step,
                 batches_per_epoch=batches.batches_per_epoch,
                 mesh=None if mesh is None else sharding.mesh_description(mesh),
-                partition_rules=json.loads(sharding.rules_to_json(rules)) if custom_rules else None)
+                partition_rules=sharding.rules_as_data(rules) if custom_rules else None)
     if writer:
         (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
