@@ -246,8 +246,10 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     last_saved = latest
 
     def evaluate(params, step: int, final: bool = False) -> dict[str, Any]:
-        train_loss = float(np.mean([float(eval_step(params, x, y)) for x, y in train_eval]))
-        val_loss = float(np.mean([float(eval_step(params, x, y)) for x, y in val_eval]))
+        # every batch dispatched before the one wait for their losses
+        losses = jax.device_get([[eval_step(params, x, y) for x, y in split]
+                                 for split in (train_eval, val_eval)])
+        train_loss, val_loss = (float(np.mean(split)) for split in losses)
         record = {"kind": "eval", "step": step, "tokens": step * tokens_per_step,
                   "train_loss": train_loss, "val_loss": val_loss,
                   "val_perplexity": math.exp(min(val_loss, 700.0)),
