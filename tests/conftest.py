@@ -1,12 +1,16 @@
 """Shared test fixtures."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 
 def _find_shared_data() -> Path:
-    """`shared/data` in the nearest folder above the checkout that has one."""
+    """$JAXLLM_SHARED_DATA, else `shared/data` in the nearest folder above the
+    checkout that has one."""
+    if os.environ.get("JAXLLM_SHARED_DATA"):
+        return Path(os.environ["JAXLLM_SHARED_DATA"])
     for parent in Path(__file__).resolve().parents:
         candidate = parent / "shared" / "data"
         if candidate.is_dir():
@@ -21,5 +25,7 @@ SHARED_DATA = _find_shared_data()
 def shared_data() -> Path:
     """The shared data folder beside the checkout (GPT-2 vocabulary, corpora)."""
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data folder not found at {SHARED_DATA}")
+        pytest.fail(f"shared data folder not found at {SHARED_DATA}: the tokenizer and corpus "
+                    f"tests read it from shared/data above the checkout, or from "
+                    f"$JAXLLM_SHARED_DATA")
     return SHARED_DATA
