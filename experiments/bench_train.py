@@ -64,12 +64,23 @@ class Case:
     batch: int
     seq: int
     gpu_recipe: bool = False  # bf16 compute; torch.compile + autocast + fused AdamW
+    grad_accum: int = 1  # jaxllm's micro-batches per step (same batch, same mean gradient)
 
 
-def cpu_cases(overrides: dict) -> list[Case]:
+# jaxllm's CPU recipe: dense layers by MKL, and each batch of 8-16 sequences
+# run as 4 micro-batches, whose activations stay in the cores' caches.
+CPU_RECIPE = {"matmul_impl": "mkl"}
+CPU_GRAD_ACCUM = 4
+
+
+def cpu_cases(overrides: dict, grad_accum: int | None = None) -> list[Case]:
     small = get_preset("small")
-    return [Case("issue-cpu (L4 d256 h4 T256 V2048)", ISSUE_CPU.replace(**overrides), 8, 256),
-            Case("small preset (L4 d128 h4 T128 V257)", small.replace(**overrides), 16, 128)]
+    over = {**CPU_RECIPE, **overrides}
+    accum = CPU_GRAD_ACCUM if grad_accum is None else grad_accum
+    return [Case("issue-cpu (L4 d256 h4 T256 V2048)", ISSUE_CPU.replace(**over), 8, 256,
+                 grad_accum=accum),
+            Case("small preset (L4 d128 h4 T128 V257)", small.replace(**over), 16, 128,
+                 grad_accum=accum)]
 
 
 def gpu_cases(overrides: dict) -> list[Case]:
@@ -288,9 +299,10 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
     tx = torch.from_numpy(data[:, :-1]).to(dev)
     ty = torch.from_numpy(data[:, 1:]).to(dev)
 
-    optimizer = make_optimizer(tc)
-    jstep = make_train_step(c, tc, optimizer)
-    state = init_train_state(params, tc, optimizer)
+    jtc = tc.replace(grad_accum=case.grad_accum)
+    optimizer = make_optimizer(jtc)
+    jstep = make_train_step(c, jtc, optimizer)
+    state = init_train_state(params, jtc, optimizer)
 
     # First step from identical weights: the losses must agree (same model, same batch).
     t0 = time.perf_counter()
@@ -328,6 +340,7 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
     jax_tps = tokens / statistics.median(jax_t)
     torch_tps = tokens / statistics.median(torch_t)
     return {"case": case.name, "config": c.to_dict(), "batch": case.batch, "seq": case.seq,
+            "grad_accum": case.grad_accum,
             "steps_per_repeat": steps, "repeats": repeats,
             "jax_tokens_per_s": jax_tps, "torch_tokens_per_s": torch_tps,
             "ratio": jax_tps / torch_tps, "jax_step_s": sorted(t / steps for t in jax_t),
@@ -390,6 +403,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed blocks per framework")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a GPTConfig field on the jaxllm side (e.g. attn_impl=reference)")
+    ap.add_argument("--grad-accum", type=int, default=None,
+                    help=f"jaxllm's micro-batches per CPU step (default {CPU_GRAD_ACCUM}; "
+                         "1 runs each batch whole)")
     ap.add_argument("--out", default=None, help="results folder name under results/")
     ap.add_argument("--threads", type=int, default=None,
                     help="pin the process to this many cores and give torch as many threads "
@@ -414,7 +430,7 @@ def main(argv=None) -> int:
     elif on_gpu:
         cases, name = gpu_cases(overrides), "bench-gpu"
     else:
-        cases, name = cpu_cases(overrides), "bench"
+        cases, name = cpu_cases(overrides, args.grad_accum), "bench"
     name = args.out or (name + (f"-{args.threads}core" if args.threads else ""))
 
     tc = TrainConfig(lr=3e-4, warmup_steps=0, total_steps=10_000, grad_clip=1.0)
@@ -455,7 +471,9 @@ def main(argv=None) -> int:
         headers.append("MFU vs datasheet (jax / torch)")
     headers.append("first-step loss (jax / torch)")
     impl = {k: cases[0].config.to_dict()[k] for k in
-            ("attn_impl", "param_dtype", "compute_dtype", "scan_layers", "remat", "vocab_multiple")}
+            ("attn_impl", "matmul_impl", "param_dtype", "compute_dtype", "scan_layers", "remat",
+             "vocab_multiple")}
+    impl["grad_accum"] = cases[0].grad_accum
     md = (f"# Training throughput: jaxllm vs PyTorch\n\n"
           f"Machine: {info.get('gpu', info['cpu'])}, nproc {info['nproc']}, jax {info['jax']} "
           f"({info['jax_backend']}), torch {info['torch']} ({info['torch_threads']} threads), "

@@ -3,7 +3,8 @@
 A `GPTConfig` holds two kinds of field. The architecture fields (the seed's
 seven keys plus `ffn_dim`, `tie_embeddings` and `ln_eps`) decide the
 parameter shapes and the function the model computes. The implementation
-fields (`attn_impl`, dtypes, `scan_layers`, `remat`, `vocab_multiple`) only
+fields (`attn_impl`, `matmul_impl`, dtypes, `scan_layers`, `remat`,
+`vocab_multiple`) only
 change how XLA computes the same function, and every one of them is tested
 for equality with the reference path. Because the config is hashable it can
 be passed to `jax.jit` as a static argument.
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 ATTN_IMPLS = ("reference", "blockwise", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MATMUL_IMPLS = ("xla", "mkl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,7 @@ class GPTConfig:
     scan_layers: bool = False
     remat: str = "none"
     vocab_multiple: int = 1  # pad the embedding rows to a multiple of this
+    matmul_impl: str = "xla"  # dense layers: XLA's dot, or "mkl" (CPU, float32; jaxllm.kernels.mkl)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -138,10 +141,14 @@ def _validate(c: GPTConfig) -> None:
     if not eps > 0:
         raise ValueError(f"GPTConfig.ln_eps must be positive, got {eps!r}")
     for name, allowed in (("attn_impl", ATTN_IMPLS), ("param_dtype", DTYPES),
-                          ("compute_dtype", DTYPES), ("remat", REMAT_POLICIES)):
+                          ("compute_dtype", DTYPES), ("remat", REMAT_POLICIES),
+                          ("matmul_impl", MATMUL_IMPLS)):
         value = expect(name, (str,), f"one of {allowed}")
         if value not in allowed:
             raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {value!r}")
+    if c.matmul_impl == "mkl" and c.compute_dtype != "float32":
+        raise ValueError(f"GPTConfig.matmul_impl='mkl' computes in float32, but compute_dtype is "
+                         f"{c.compute_dtype!r}; use matmul_impl='xla' for low-precision compute")
 
 
 def count_params(config: GPTConfig) -> int:

@@ -237,8 +237,9 @@ def _forward_cached(p: Params, tokens, positions, start, cache: KVCache, config:
         k, v = _after(k, a), _after(v, a)
         ck = _write(ck, k.transpose(0, 2, 3, 1), start, slot_axis=3)
         cv = _write(cv, v.transpose(0, 2, 1, 3), start, slot_axis=2)
-        x = x + dense(blk["attn"]["out"], a.reshape(b, t, config.emb_dim))
-        x = x + feed_forward(blk["ffn"], layer_norm(blk["norm2"], x, config.ln_eps))
+        x = x + dense(blk["attn"]["out"], a.reshape(b, t, config.emb_dim), config.matmul_impl)
+        x = x + feed_forward(blk["ffn"], layer_norm(blk["norm2"], x, config.ln_eps),
+                             config.matmul_impl)
         keys.append(ck)
         values.append(cv)
     return x, KVCache(keys, values)

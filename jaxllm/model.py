@@ -138,13 +138,29 @@ def _layer_norm_bwd(eps, res, g):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def dense(p, x):
-    """x @ kernel + bias, with the leading axes flattened to one matrix product."""
+def dense(p, x, impl: str = "xla"):
+    """x @ kernel + bias, with the leading axes flattened to one matrix product.
+
+    `impl` is `GPTConfig.matmul_impl`: "xla" (XLA's dot) or "mkl" (the same
+    product and its gradients by Intel MKL, `jaxllm.kernels.mkl`).
+    """
     lead = x.shape[:-1]
-    y = x.reshape(-1, x.shape[-1]) @ p["kernel"]
+    y = matmul(x.reshape(-1, x.shape[-1]), p["kernel"], impl)
     if "bias" in p:
         y = y + p["bias"]
     return y.reshape(*lead, y.shape[-1])
+
+
+def matmul(x, w, impl: str, *, transpose_w: bool = False):
+    """x @ w (or x @ w.T) for 2-D operands, by the `matmul_impl` named."""
+    if impl == "mkl":
+        from jaxllm.kernels import mkl  # builds the kernel on first use
+        return mkl.matmul(x, w, transpose_w)
+    if impl != "xla":
+        raise ValueError(f"unknown matmul implementation {impl!r}")
+    if transpose_w:
+        return jnp.einsum("nd,vd->nv", x, w)
+    return x @ w
 
 
 def dropout(x, rate: float, rng):
@@ -157,12 +173,12 @@ def dropout(x, rate: float, rng):
 def qkv_heads(p, x, config: GPTConfig):
     """Project x (batch, seq, emb) to q, k, v of shape (batch, seq, heads, head_dim)."""
     b, t, _ = x.shape
-    qkv = dense(p["qkv"], x).reshape(b, t, 3, config.n_heads, config.head_dim)
+    qkv = dense(p["qkv"], x, config.matmul_impl).reshape(b, t, 3, config.n_heads, config.head_dim)
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
-def feed_forward(p, x):
-    return dense(p["proj"], jax.nn.gelu(dense(p["fc"], x), approximate=True))
+def feed_forward(p, x, impl: str = "xla"):
+    return dense(p["proj"], jax.nn.gelu(dense(p["fc"], x, impl), approximate=True), impl)
 
 
 def block(p, x, config: GPTConfig, rng=None):
@@ -172,8 +188,8 @@ def block(p, x, config: GPTConfig, rng=None):
     b, t, d = x.shape
     q, k, v = qkv_heads(p["attn"], layer_norm(p["norm1"], x, config.ln_eps), config)
     a = causal_attention(q, k, v, config.attn_impl, dropout_rate=rate, rng=r_attn)
-    x = x + dropout(dense(p["attn"]["out"], a.reshape(b, t, d)), rate, r_res1)
-    h = feed_forward(p["ffn"], layer_norm(p["norm2"], x, config.ln_eps))
+    x = x + dropout(dense(p["attn"]["out"], a.reshape(b, t, d), config.matmul_impl), rate, r_res1)
+    h = feed_forward(p["ffn"], layer_norm(p["norm2"], x, config.ln_eps), config.matmul_impl)
     return x + dropout(h, rate, r_res2)
 
 
@@ -234,9 +250,11 @@ def head_logits(params: Params, x, config: GPTConfig):
     if config.tie_embeddings:
         # contract with the embedding as stored, (vocab, emb): multiplying by its
         # transpose makes XLA copy the whole matrix first
-        logits = jnp.einsum("...d,vd->...v", x, params["tok_emb"]["embedding"])
+        lead = x.shape[:-1]
+        logits = matmul(x.reshape(-1, x.shape[-1]), params["tok_emb"]["embedding"],
+                        config.matmul_impl, transpose_w=True).reshape(*lead, -1)
     else:
-        logits = dense(params["out_head"], x)
+        logits = dense(params["out_head"], x, config.matmul_impl)
     logits = logits.astype(jnp.float32)
     if config.padded_vocab_size != config.vocab_size:
         valid = jnp.arange(config.padded_vocab_size) < config.vocab_size

@@ -1,0 +1,1 @@
+"""Compiled kernels that XLA calls as custom calls (CPU only, opt-in by config)."""
