@@ -9,6 +9,8 @@ steps next to the reference one.
 
 from __future__ import annotations
 
+import platform
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,6 +127,8 @@ def reference_run():
     dict(attn_impl="blockwise"), dict(attn_impl="xla"), dict(scan_layers=True),
     dict(remat="full"), dict(remat="dots"), dict(remat="dots_no_batch"),
     dict(scan_layers=True, remat="dots", attn_impl="blockwise"),
+    pytest.param(dict(matmul_impl="mkl"), marks=pytest.mark.skipif(
+        platform.machine() != "x86_64", reason="Intel MKL is x86-64 only")),
 ])
 def test_lever_matches_reference(lever, reference_run):
     params, (ref_loss, ref_grads) = reference_run
@@ -211,8 +215,9 @@ def test_precision_policy(param_dtype, reference_run):
 
 
 # -- the accuracy goal: 20 training steps -----------------------------------
-def _train_losses(c: GPTConfig, steps: int = 20):
-    tc = TrainConfig(lr=1e-3, warmup_steps=2, total_steps=steps, batch_size=4)
+def _train_losses(c: GPTConfig, steps: int = 20, grad_accum: int = 1):
+    tc = TrainConfig(lr=1e-3, warmup_steps=2, total_steps=steps, batch_size=4,
+                     grad_accum=grad_accum)
     opt = make_optimizer(tc)
     state = init_train_state(init_params(c.replace(vocab_multiple=1, param_dtype="float32"),
                                          jax.random.key(0)), tc, opt)
@@ -240,3 +245,11 @@ def test_fast_path_trains_like_reference():
     np.testing.assert_allclose(_train_losses(fast), ref, rtol=0, atol=1e-4)
     bf16 = _train_losses(fast.replace(compute_dtype="bfloat16"))
     assert np.max(np.abs(bf16 - ref)) < 2e-2
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="Intel MKL is x86-64 only")
+def test_cpu_recipe_trains_like_reference():
+    # The benchmark's CPU recipe: MKL dense layers, each batch as micro-batches.
+    ref = _train_losses(reference_config(TINY))
+    np.testing.assert_allclose(_train_losses(TINY.replace(matmul_impl="mkl"), grad_accum=2), ref,
+                               rtol=0, atol=1e-4)

@@ -59,7 +59,8 @@ def mkl_libraries() -> list[pathlib.Path]:
     if missing:
         where = f"in JAXLLM_MKL_LIB_DIR={lib_dir}" if lib_dir else "from the 'mkl' package"
         raise MKLUnavailable(
-            f"matmul_impl='mkl' needs Intel MKL, but {', '.join(missing)} was not found {where}; "
+            f"matmul_impl='mkl' needs Intel MKL, but {where} these were not found: "
+            f"{', '.join(missing)}; "
             "install it with: pip install 'jaxllm[mkl]' (x86-64 only), or use matmul_impl='xla'")
     return [found[n] for n in _MKL_LIBS]
 
