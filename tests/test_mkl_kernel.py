@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxllm.config import GPTConfig
+from jaxllm.generate import generate
 from jaxllm.kernels import mkl
 from jaxllm.model import apply, init_params
 from jaxllm.sharding import _check_matmul_impl
@@ -127,3 +128,14 @@ def test_config_and_mesh_checks():
     _check_matmul_impl(GPTConfig(matmul_impl="mkl"), types.SimpleNamespace(size=1))
     with pytest.raises(ValueError, match="one CPU device"):
         _check_matmul_impl(GPTConfig(matmul_impl="mkl"), types.SimpleNamespace(size=2))
+
+
+def test_cached_generation_matches_xla():
+    c = GPTConfig(vocab_size=50, context_length=12, emb_dim=16, n_heads=2, n_layers=2,
+                  drop_rate=0.0)
+    params = init_params(c, jax.random.key(0))
+    prompts = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    ref = generate(params, c, prompts, 10, return_logits=True)  # slides past the context
+    got = generate(params, c.replace(matmul_impl="mkl"), prompts, 10, return_logits=True)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(ref.logits), rtol=1e-4, atol=1e-5)
