@@ -10,7 +10,8 @@ splits each product over XLA's own intra-op threads. It is what
 The handler is compiled on first use with the C++ compiler (`$CXX`, else
 `g++`) against the XLA FFI headers that ship with jaxlib and the MKL that
 `pip install "jaxllm[mkl]"` installs, and cached under `$JAXLLM_CACHE_DIR`
-(default `~/.cache/jaxllm`) keyed by the source, jaxlib and MKL versions.
+(default `~/.cache/jaxllm`) keyed by the source, the jaxlib version and the
+paths of the MKL libraries it links.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def _cache_dir() -> pathlib.Path:
 
 
 def build(libs: list[pathlib.Path]) -> pathlib.Path:
-    """Compile the FFI handler (once per source, jaxlib and MKL version) and return its path."""
+    """Compile the FFI handler (once per source, jaxlib version and MKL libraries) and
+    return its path."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + jax.lib.__version__.encode()
                          + "\0".join(map(str, libs)).encode()).hexdigest()[:16]
