@@ -9,6 +9,10 @@ shape. They compute one function and are tested equal; they differ in speed:
   keys at or before it, so the masked upper triangle is mostly never computed.
   Fastest on CPU.
 - `xla` / `cudnn`: `jax.nn.dot_product_attention` with that implementation.
+- `mkl`: a native CPU kernel (`jaxllm.kernels.mkl.attention`), float32, that
+  reads q, k and v straight from the qkv projection's output; fastest on x86
+  CPUs. `packed_causal_attention` takes that packed input, which is how the
+  model calls every implementation.
 """
 
 from __future__ import annotations
@@ -79,6 +83,25 @@ def _attend(qh, kh, vh, *, q_offset: int):
     return jnp.matmul(weights, vh)
 
 
+def packed_causal_attention(qkv, n_heads: int, impl: str, *, dropout_rate: float = 0.0,
+                            rng=None):
+    """Attention from the qkv projection's output (batch, seq, 3 * emb) to (batch, seq, emb).
+
+    The last axis holds q, k and v side by side, each `n_heads` heads wide.
+    `mkl` consumes it as it is; the others split it into (batch, seq, heads,
+    head_dim) operands first.
+    """
+    b, t, width = qkv.shape
+    emb = width // 3
+    if impl == "mkl" and dropout_rate == 0.0:
+        from jaxllm.kernels import mkl  # builds the kernel on first use
+        return mkl.attention(qkv, n_heads)
+    heads = qkv.reshape(b, t, 3, n_heads, emb // n_heads)
+    out = causal_attention(heads[:, :, 0], heads[:, :, 1], heads[:, :, 2], impl,
+                           dropout_rate=dropout_rate, rng=rng)
+    return out.reshape(b, t, emb)
+
+
 def causal_attention(q, k, v, impl: str, *, dropout_rate: float = 0.0, rng=None):
     """Dispatch to the kernel named by `impl` (see the module docstring).
 
@@ -91,4 +114,8 @@ def causal_attention(q, k, v, impl: str, *, dropout_rate: float = 0.0, rng=None)
         return blockwise_attention(q, k, v)
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    if impl == "mkl":
+        b, t, h, d = q.shape
+        qkv = jnp.concatenate([x.reshape(b, t, h * d) for x in (q, k, v)], axis=-1)
+        return packed_causal_attention(qkv, h, impl).reshape(b, t, h, d)
     raise ValueError(f"unknown attention implementation {impl!r}")

@@ -18,7 +18,7 @@ import math
 import os
 from typing import Any, Mapping
 
-ATTN_IMPLS = ("reference", "blockwise", "xla", "cudnn")
+ATTN_IMPLS = ("reference", "blockwise", "xla", "cudnn", "mkl")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MATMUL_IMPLS = ("xla", "mkl")
@@ -44,7 +44,7 @@ class GPTConfig:
     tie_embeddings: bool = False  # output head shares the token embedding
     ln_eps: float = 1e-5
     # Implementation choices: same function, different speed.
-    attn_impl: str = "blockwise"  # fastest on CPU; "cudnn" on NVIDIA GPUs (see attention.py)
+    attn_impl: str = "blockwise"  # "mkl" fastest on x86 CPUs, "cudnn" on NVIDIA GPUs (attention.py)
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     scan_layers: bool = False
@@ -146,9 +146,11 @@ def _validate(c: GPTConfig) -> None:
         value = expect(name, (str,), f"one of {allowed}")
         if value not in allowed:
             raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {value!r}")
-    if c.matmul_impl == "mkl" and c.compute_dtype != "float32":
-        raise ValueError(f"GPTConfig.matmul_impl='mkl' computes in float32, but compute_dtype is "
-                         f"{c.compute_dtype!r}; use matmul_impl='xla' for low-precision compute")
+    for name, alternative in (("matmul_impl", "xla"), ("attn_impl", "blockwise")):
+        if getattr(c, name) == "mkl" and c.compute_dtype != "float32":
+            raise ValueError(f"GPTConfig.{name}='mkl' computes in float32, but compute_dtype is "
+                             f"{c.compute_dtype!r}; use {name}={alternative!r} for low-precision "
+                             "compute")
 
 
 def count_params(config: GPTConfig) -> int:

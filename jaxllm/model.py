@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.attention import causal_attention
+from jaxllm.attention import packed_causal_attention
 from jaxllm.config import GPTConfig
 
 Params = dict[str, Any]
@@ -185,10 +185,10 @@ def block(p, x, config: GPTConfig, rng=None):
     """One pre-norm transformer block. `rng` is None when dropout is off."""
     rate = config.drop_rate if rng is not None else 0.0
     r_attn, r_res1, r_res2 = jax.random.split(rng, 3) if rng is not None else (None,) * 3
-    b, t, d = x.shape
-    q, k, v = qkv_heads(p["attn"], layer_norm(p["norm1"], x, config.ln_eps), config)
-    a = causal_attention(q, k, v, config.attn_impl, dropout_rate=rate, rng=r_attn)
-    x = x + dropout(dense(p["attn"]["out"], a.reshape(b, t, d), config.matmul_impl), rate, r_res1)
+    qkv = dense(p["attn"]["qkv"], layer_norm(p["norm1"], x, config.ln_eps), config.matmul_impl)
+    a = packed_causal_attention(qkv, config.n_heads, config.attn_impl, dropout_rate=rate,
+                                rng=r_attn)
+    x = x + dropout(dense(p["attn"]["out"], a, config.matmul_impl), rate, r_res1)
     h = feed_forward(p["ffn"], layer_norm(p["norm2"], x, config.ln_eps), config.matmul_impl)
     return x + dropout(h, rate, r_res2)
 

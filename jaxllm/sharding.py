@@ -423,12 +423,13 @@ def shard_batch(mesh: Mesh, *arrays, per_process: bool = False):
 
 
 # -- sharded steps -------------------------------------------------------------
-def _check_matmul_impl(config: GPTConfig, mesh: Mesh) -> None:
+def _check_native_kernels(config: GPTConfig, mesh: Mesh) -> None:
     # XLA's partitioner cannot split a custom call: it would gather every
     # sharded operand onto each device, undoing FSDP.
-    if config.matmul_impl != "xla" and mesh.size > 1:
-        raise ValueError(f"matmul_impl={config.matmul_impl!r} runs on one CPU device; a mesh of "
-                         f"{mesh.size} devices needs matmul_impl='xla'")
+    for name, alternative in (("matmul_impl", "xla"), ("attn_impl", "blockwise")):
+        if getattr(config, name) == "mkl" and mesh.size > 1:
+            raise ValueError(f"{name}='mkl' runs on one CPU device; a mesh of {mesh.size} "
+                             f"devices needs {name}={alternative!r}")
 
 
 def make_sharded_train_step(config: GPTConfig, tc: TrainConfig, mesh: Mesh,
@@ -442,7 +443,7 @@ def make_sharded_train_step(config: GPTConfig, tc: TrainConfig, mesh: Mesh,
     `shard_batch` (per-host rows: call `shard_batch(..., per_process=True)`
     first); a batch that does not divide over the batch axes is a ValueError.
     """
-    _check_matmul_impl(config, mesh)
+    _check_native_kernels(config, mesh)
     optimizer = optimizer or make_optimizer(tc)
     state_sh = train_state_shardings(abstract_train_state(config, tc, optimizer), mesh, rules,
                                      strict=strict)
@@ -468,7 +469,7 @@ def make_sharded_eval_step(config: GPTConfig, mesh: Mesh, params_shardings) -> C
     the batch axes (the last, partial batch of an evaluation set) is
     replicated instead, so every evaluation batch works.
     """
-    _check_matmul_impl(config, mesh)
+    _check_native_kernels(config, mesh)
     bs, replicated = batch_sharding(mesh), NamedSharding(mesh, P())
     # Batch shardings left to the arguments: split or replicated, as placed below.
     jitted = jax.jit(make_eval_step(config, jit=False),

@@ -1,4 +1,5 @@
-"""The MKL matrix-product kernel (`GPTConfig.matmul_impl="mkl"`) against NumPy and XLA.
+"""The MKL kernels against NumPy and XLA: the matrix product (`GPTConfig.matmul_impl="mkl"`)
+and causal attention (`GPTConfig.attn_impl="mkl"`).
 
 MKL ships for x86-64 only; there the test extra installs it, so these run
 (never skip) in CI.
@@ -14,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm.attention import causal_attention, reference_attention
 from jaxllm.config import GPTConfig
 from jaxllm.generate import generate
 from jaxllm.kernels import mkl
 from jaxllm.model import apply, init_params
-from jaxllm.sharding import _check_matmul_impl
+from jaxllm.sharding import _check_native_kernels
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="Intel MKL is x86-64 only")
 
@@ -125,9 +127,12 @@ def test_config_and_mesh_checks():
         GPTConfig(matmul_impl="blas")
     with pytest.raises(ValueError, match="computes in float32"):
         GPTConfig(matmul_impl="mkl", compute_dtype="bfloat16")
-    _check_matmul_impl(GPTConfig(matmul_impl="mkl"), types.SimpleNamespace(size=1))
-    with pytest.raises(ValueError, match="one CPU device"):
-        _check_matmul_impl(GPTConfig(matmul_impl="mkl"), types.SimpleNamespace(size=2))
+    with pytest.raises(ValueError, match="attn_impl='mkl' computes in float32"):
+        GPTConfig(attn_impl="mkl", compute_dtype="bfloat16")
+    for field in ("matmul_impl", "attn_impl"):
+        _check_native_kernels(GPTConfig(**{field: "mkl"}), types.SimpleNamespace(size=1))
+        with pytest.raises(ValueError, match=f"{field}='mkl' runs on one CPU device"):
+            _check_native_kernels(GPTConfig(**{field: "mkl"}), types.SimpleNamespace(size=2))
 
 
 def test_cached_generation_matches_xla():
@@ -139,3 +144,100 @@ def test_cached_generation_matches_xla():
     got = generate(params, c.replace(matmul_impl="mkl"), prompts, 10, return_logits=True)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(got.logits), np.asarray(ref.logits), rtol=1e-4, atol=1e-5)
+
+
+# -- attention -----------------------------------------------------------------
+def numpy_attention(q, k, v):
+    """Causal softmax attention in float64, (batch, seq, heads, head_dim)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    t = q.shape[1]
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def qkv_operands(b, t, h, d, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.normal(size=(b, t, h, d)).astype(np.float32)) for _ in range(3))
+
+
+# (batch, seq, heads, head_dim): one query block (seq < 128), exactly one and two
+# blocks, a ragged last block, a single position, and large scores (scaled q).
+ATTENTION_SHAPES = [(2, 16, 2, 8), (1, 128, 4, 16), (2, 256, 4, 64), (3, 130, 2, 16),
+                    (2, 1, 3, 8), (1, 300, 1, 32)]
+
+
+@pytest.mark.parametrize("b, t, h, d", ATTENTION_SHAPES)
+def test_attention_matches_numpy(b, t, h, d):
+    q, k, v = qkv_operands(b, t, h, d)
+    got = jax.jit(causal_attention, static_argnums=3)(q, k, v, "mkl")
+    assert got.shape == (b, t, h, d) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_with_large_scores_is_stable():
+    q, k, v = qkv_operands(2, 140, 2, 16, seed=1)
+    q = q * 30.0  # scores in the hundreds: the softmax must subtract its row maximum
+    got = np.asarray(causal_attention(q, k, v, "mkl"))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, numpy_attention(q, k, v), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("b, t, h, d", [(2, 16, 2, 8), (2, 256, 4, 64), (3, 130, 2, 16),
+                                        (2, 1, 3, 8)])
+def test_attention_gradients_match_xla(b, t, h, d):
+    q, k, v = qkv_operands(b, t, h, d, seed=2)
+    w = jnp.asarray(np.random.default_rng(3).normal(size=(b, t, h, d)).astype(np.float32))
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(w * jnp.tanh(causal_attention(q, k, v, impl)))
+
+    want = jax.grad(lambda q, k, v: jnp.sum(w * jnp.tanh(reference_attention(q, k, v))),
+                    argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(loss("mkl"), argnums=(0, 1, 2)))(q, k, v)
+    for name, g, r in zip("qkv", got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5,
+                                   err_msg=f"d{name}")
+
+
+def test_packed_attention_reads_the_qkv_layout():
+    # The kernel's input is the qkv projection's output: q, k, v side by side.
+    b, t, h, d = 2, 40, 3, 8
+    q, k, v = qkv_operands(b, t, h, d, seed=4)
+    qkv = jnp.concatenate([x.reshape(b, t, h * d) for x in (q, k, v)], axis=-1)
+    got = np.asarray(mkl.attention(qkv, h))
+    np.testing.assert_allclose(got, numpy_attention(q, k, v).reshape(b, t, h * d),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_attention_of_an_empty_batch_is_empty():
+    qkv = jnp.zeros((0, 8, 3 * 16))
+    assert mkl.attention(qkv, 2).shape == (0, 8, 16)
+    assert jax.grad(lambda x: mkl.attention(x, 2).sum())(qkv).shape == qkv.shape
+
+
+def test_attention_rejects_bad_operands():
+    with pytest.raises(ValueError, match=r"3 \* n_heads \* head_dim"):
+        mkl.attention(jnp.zeros((2, 8, 20)), 3)
+    with pytest.raises(ValueError, match=r"3 \* n_heads"):
+        mkl.attention(jnp.zeros((8, 24)), 2)
+    with pytest.raises(ValueError, match="float32"):
+        mkl.attention(jnp.zeros((2, 8, 24), jnp.bfloat16), 2)
+
+
+def test_attention_model_matches_reference_and_falls_back_under_dropout():
+    c = GPTConfig(vocab_size=64, context_length=140, emb_dim=32, n_heads=4, n_layers=2,
+                  drop_rate=0.0, attn_impl="reference")
+    params = init_params(c, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 64, size=(2, 140)))
+    want = np.asarray(apply(params, tokens, c))
+    got = np.asarray(jax.jit(apply, static_argnums=2)(params, tokens, c.replace(attn_impl="mkl")))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # With dropout on, every implementation takes the reference path (it needs the weights).
+    drop = c.replace(drop_rate=0.1)
+    key = jax.random.key(1)
+    np.testing.assert_array_equal(
+        np.asarray(apply(params, tokens, drop.replace(attn_impl="mkl"), rng=key)),
+        np.asarray(apply(params, tokens, drop, rng=key)))

@@ -9,6 +9,7 @@ weight conversion itself are compared.
 from __future__ import annotations
 
 import math
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,9 @@ from jaxllm import GPTConfig, count_params, forward, from_hf_state_dict, init_pa
 from jaxllm.hf import hf_config_kwargs, save_safetensors
 from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
 
-CPU_ATTN_IMPLS = ("reference", "blockwise", "xla")
+# "mkl" is the native CPU kernel; Intel MKL ships for x86-64 only.
+CPU_ATTN_IMPLS = ("reference", "blockwise", "xla") + (
+    ("mkl",) if platform.machine() == "x86_64" else ())
 BASE = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
                  drop_rate=0.0)
 LOGIT_ATOL = 1e-5

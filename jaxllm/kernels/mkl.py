@@ -1,4 +1,4 @@
-"""Dense float32 matrix products on the CPU by Intel MKL, as an XLA custom call.
+"""Dense products and causal attention on the CPU by Intel MKL, as XLA custom calls.
 
 XLA's own CPU dot kernels run the shapes of a small GPT's dense layers 25-40 %
 below MKL (PyTorch's CPU matrix library), most of all the weight-gradient
@@ -7,11 +7,18 @@ MKL's `cblas_sgemm`, called from an XLA FFI handler (`mkl_sgemm.cc`) that
 splits each product over XLA's own intra-op threads. It is what
 `GPTConfig(matmul_impl="mkl")` uses for every dense layer.
 
-The handler is compiled on first use with the C++ compiler (`$CXX`, else
-`g++`) against the XLA FFI headers that ship with jaxlib and the MKL that
-`pip install "jaxllm[mkl]"` installs, and cached under `$JAXLLM_CACHE_DIR`
-(default `~/.cache/jaxllm`) keyed by the source, the jaxlib version and the
-paths of the MKL libraries it links.
+`attention` is causal multi-head attention read straight from the qkv
+projection's output (`mkl_attention.cc`): MKL products per (sequence, head)
+pair with the softmax in between, no head split, transpose or concatenation
+in the graph, forward and backward. It is `GPTConfig(attn_impl="mkl")`.
+
+The handlers are compiled on first use, into one library, with the C++
+compiler (`$CXX`, else `g++`, for this machine's CPU: `-march=native`) against
+the XLA FFI headers that ship with jaxlib and the MKL that
+`pip install "jaxllm[mkl]"` installs. The library is cached under
+`$JAXLLM_CACHE_DIR` (default `~/.cache/jaxllm`) keyed by the sources, the
+compiler and its flags, the CPU's model and features, the jaxlib version and
+the paths of the MKL libraries it links.
 """
 
 from __future__ import annotations
@@ -22,14 +29,20 @@ import hashlib
 import importlib.metadata
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TARGET = "jaxllm_mkl_sgemm"
-SOURCE = pathlib.Path(__file__).with_name("mkl_sgemm.cc")
+ATTENTION_FWD, ATTENTION_BWD = "jaxllm_mkl_attention_fwd", "jaxllm_mkl_attention_bwd"
+_HERE = pathlib.Path(__file__).parent
+SOURCES = (_HERE / "mkl_sgemm.cc", _HERE / "mkl_attention.cc")
+HEADERS = (_HERE / "parallel.h",)
+_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
 # MKL's LP64 interface with its sequential layer: threads come from XLA's pool.
 _MKL_LIBS = ("libmkl_intel_lp64.so", "libmkl_sequential.so", "libmkl_core.so")
 
@@ -72,38 +85,58 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(root) / "kernels"
 
 
+def _cpu_identity() -> str:
+    """The CPU model and feature flags (the build is `-march=native`)."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(keep))  # one copy per distinct line, not one per core
+
+
 def build(libs: list[pathlib.Path]) -> pathlib.Path:
-    """Compile the FFI handler (once per source, jaxlib version and MKL libraries) and
-    return its path."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + jax.lib.__version__.encode()
-                         + "\0".join(map(str, libs)).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"mkl_sgemm-{key}.so"
+    """Compile the FFI handlers into one library (once per sources, compiler, CPU,
+    jaxlib version and MKL libraries) and return its path."""
+    cxx = os.environ.get("CXX", "g++")
+    code = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(b"\0".join([
+        code, jax.lib.__version__.encode(), "\0".join(map(str, libs)).encode(),
+        " ".join((cxx, *_FLAGS)).encode(), _cpu_identity().encode()])).hexdigest()[:16]
+    out = _cache_dir() / f"jaxllm_mkl-{key}.so"
     if out.exists():
         return out
-    cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
-        raise MKLUnavailable(f"matmul_impl='mkl' compiles a small C++ kernel on first use, "
-                             f"but the compiler {cxx!r} was not found (set CXX)")
+        raise MKLUnavailable(f"the MKL kernels (matmul_impl or attn_impl 'mkl') are compiled on "
+                             f"first use, but the C++ compiler {cxx!r} was not found (set CXX)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     rpath = sorted({str(p.parent) for p in libs})
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-           str(SOURCE), "-o", str(tmp), *map(str, libs), *(f"-Wl,-rpath,{d}" for d in rpath)]
+    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{_HERE}", *map(str, SOURCES),
+           "-o", str(tmp), *map(str, libs), *(f"-Wl,-rpath,{d}" for d in rpath)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise MKLUnavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr}")
+        raise MKLUnavailable(f"compiling the MKL kernels failed ({' '.join(cmd)}):\n{proc.stderr}")
     os.replace(tmp, out)  # atomic: an interrupted build leaves no half-written library
     return out
 
 
 @functools.cache
 def register() -> str:
-    """Build, load and register the handler with XLA's CPU backend (once per process)."""
+    """Build, load and register the handlers with XLA's CPU backend (once per process)."""
     library = ctypes.CDLL(str(build(mkl_libraries())))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxllmMklSgemm), platform="cpu")
+    for target, symbol in ((TARGET, library.JaxllmMklSgemm),
+                           (ATTENTION_FWD, library.JaxllmMklAttentionFwd),
+                           (ATTENTION_BWD, library.JaxllmMklAttentionBwd)):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return TARGET
+
+
+def _check_cpu(field: str, alternative: str) -> None:
+    if jax.default_backend() != "cpu":
+        raise MKLUnavailable(f"{field}='mkl' is a CPU kernel, but JAX's default backend is "
+                             f"{jax.default_backend()!r}; use {field}={alternative!r} there")
 
 
 def sgemm(a, b, *, trans_a: bool = False, trans_b: bool = False):
@@ -117,9 +150,7 @@ def sgemm(a, b, *, trans_a: bool = False, trans_b: bool = False):
     if k != k_b:
         raise ValueError(f"sgemm: contracting sizes differ ({a.shape}, trans_a={trans_a}; "
                          f"{b.shape}, trans_b={trans_b})")
-    if jax.default_backend() != "cpu":
-        raise MKLUnavailable(f"matmul_impl='mkl' is a CPU kernel, but JAX's default backend is "
-                             f"{jax.default_backend()!r}; use matmul_impl='xla' there")
+    _check_cpu("matmul_impl", "xla")
     if 0 in (m, n, k):
         return jnp.zeros((m, n), jnp.float32)
     out = jax.ShapeDtypeStruct((m, n), jnp.float32)
@@ -149,3 +180,48 @@ def _matmul_bwd(transpose_w, res, g):
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def attention(qkv, n_heads: int):
+    """Causal self-attention from the qkv projection's output, by MKL.
+
+    qkv: float32 (batch, seq, 3 * emb), queries, keys and values side by side,
+    each split into `n_heads` heads of emb // n_heads columns (the layout of
+    `model.qkv_heads`). Returns (batch, seq, emb): every head's
+    softmax(q k^T / sqrt(head_dim) + causal mask) v, heads side by side, the
+    input of the attention's output projection. The gradient is a (batch,
+    seq, 3 * emb) array in the same layout, computed by the backward kernel.
+    """
+    return _attention_fwd(qkv, n_heads)[0]
+
+
+def _attention_fwd(qkv, n_heads):
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_heads):
+        raise ValueError(f"attention takes qkv of shape (batch, seq, 3 * n_heads * head_dim) with "
+                         f"n_heads={n_heads}, got {qkv.shape}")
+    if qkv.dtype != jnp.float32:
+        raise ValueError(f"attn_impl='mkl' computes in float32, got {qkv.dtype}")
+    _check_cpu("attn_impl", "blockwise")
+    b, t, width = qkv.shape
+    out = jax.ShapeDtypeStruct((b, t, width // 3), jnp.float32)
+    lse = jax.ShapeDtypeStruct((b, n_heads, t), jnp.float32)
+    if 0 in (b, t):
+        return jnp.zeros(out.shape, out.dtype), (qkv, jnp.zeros(out.shape), jnp.zeros(lse.shape))
+    register()
+    o, lse = jax.ffi.ffi_call(ATTENTION_FWD, (out, lse), vmap_method="sequential")(
+        qkv, heads=np.int64(n_heads))
+    return o, (qkv, o, lse)
+
+
+def _attention_bwd(n_heads, res, g):
+    qkv, o, lse = res
+    if 0 in qkv.shape[:2]:
+        return (jnp.zeros_like(qkv),)
+    grad = jax.ffi.ffi_call(ATTENTION_BWD, jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+                            vmap_method="sequential")(qkv, o, lse, g.astype(jnp.float32),
+                                                      heads=np.int64(n_heads))
+    return (grad,)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)

@@ -10,29 +10,23 @@
 // Built on first use by jaxllm/kernels/mkl.py.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
-extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k,
-                            float alpha, const float* a, int lda, const float* b, int ldb,
-                            float beta, float* c, int ldc);
-
 namespace {
 
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+using jaxllm::cblas_sgemm;
+using jaxllm::kNoTrans;
+using jaxllm::kRowMajor;
+using jaxllm::kTrans;
+
 // Products smaller than this many multiply-adds per panel are not split:
 // below it, handing a panel to another thread costs more than it saves.
 constexpr int64_t kMinPanelWork = int64_t{1} << 22;
-
-struct Panels {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
 
 ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                  ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
@@ -65,21 +59,7 @@ ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi:
                   trans_b ? B + lo * ldb : B + lo, ldb, 0.0f, C + lo, n);
     }
   };
-  // Every thread, this one included, claims panels until none is left, so the
-  // call finishes even when no pool thread is free to help (no deadlock when
-  // several products run at once).
-  auto state = std::make_shared<Panels>();
-  auto drain = [state, panel, parts] {
-    for (int64_t p; (p = state->next.fetch_add(1)) < parts;) {
-      panel(p);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t p = 1; p < parts; ++p) pool.Schedule([drain] { drain(); });
-  drain();
-  while (state->done.load(std::memory_order_acquire) < parts) {
-    __builtin_ia32_pause();
-  }
+  jaxllm::ParallelFor(pool, parts, panel);
   return ffi::Error::Success();
 }
 
