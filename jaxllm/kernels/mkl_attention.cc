@@ -115,17 +115,24 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                 s.ld(), K, s.ld(), 0.0f, S, nk);
     float* lse = LSE + pair * s.seq + lo;
     for (int64_t i = 0; i < nq; ++i) {
-      const float* row = S + i * nk;
+      float* row = S + i * nk;
       const int64_t visible = lo + i + 1;
       float m = row[0];
 #pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < visible; ++j) m = row[j] > m ? row[j] : m;
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < visible; ++j) sum += Exp(row[j] - m);
+      for (int64_t j = 0; j < visible; ++j) {
+        const float e = Exp(row[j] - m);
+        row[j] = e;
+        sum += e;
+      }
       lse[i] = m + std::log(sum);
+      const float inv = 1.0f / sum;
+#pragma omp simd
+      for (int64_t j = 0; j < visible; ++j) row[j] *= inv;
+      std::fill(row + visible, row + nk, 0.0f);
     }
-    Probabilities(S, nq, nk, lo, lse);
     cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, nq, s.head_dim, nk, 1.0f, S, nk, V, s.ld(), 0.0f,
                 O + (b * s.seq + lo) * s.width() + h * s.head_dim, s.width());
   });
