@@ -7,7 +7,7 @@ shape. They compute one function and are tested equal; they differ in speed:
   It is the only one that applies dropout to the attention weights.
 - `blockwise`: causal attention over query blocks, each attending only to the
   keys at or before it, so the masked upper triangle is mostly never computed.
-  Fastest on CPU.
+  The fastest XLA path on CPU.
 - `xla` / `cudnn`: `jax.nn.dot_product_attention` with that implementation.
 - `mkl`: a native CPU kernel (`jaxllm.kernels.mkl.attention`), float32, that
   reads q, k and v straight from the qkv projection's output; fastest on x86
@@ -83,6 +83,14 @@ def _attend(qh, kh, vh, *, q_offset: int):
     return jnp.matmul(weights, vh)
 
 
+def split_qkv(qkv, n_heads: int):
+    """The qkv projection's output (batch, seq, 3 * emb) as q, k, v of shape
+    (batch, seq, heads, head_dim)."""
+    b, t, width = qkv.shape
+    heads = qkv.reshape(b, t, 3, n_heads, width // (3 * n_heads))
+    return heads[:, :, 0], heads[:, :, 1], heads[:, :, 2]
+
+
 def packed_causal_attention(qkv, n_heads: int, impl: str, *, dropout_rate: float = 0.0,
                             rng=None):
     """Attention from the qkv projection's output (batch, seq, 3 * emb) to (batch, seq, emb).
@@ -91,15 +99,12 @@ def packed_causal_attention(qkv, n_heads: int, impl: str, *, dropout_rate: float
     `mkl` consumes it as it is; the others split it into (batch, seq, heads,
     head_dim) operands first.
     """
-    b, t, width = qkv.shape
-    emb = width // 3
     if impl == "mkl" and dropout_rate == 0.0:
         from jaxllm.kernels import mkl  # builds the kernel on first use
         return mkl.attention(qkv, n_heads)
-    heads = qkv.reshape(b, t, 3, n_heads, emb // n_heads)
-    out = causal_attention(heads[:, :, 0], heads[:, :, 1], heads[:, :, 2], impl,
-                           dropout_rate=dropout_rate, rng=rng)
-    return out.reshape(b, t, emb)
+    b, t, width = qkv.shape
+    out = causal_attention(*split_qkv(qkv, n_heads), impl, dropout_rate=dropout_rate, rng=rng)
+    return out.reshape(b, t, width // 3)
 
 
 def causal_attention(q, k, v, impl: str, *, dropout_rate: float = 0.0, rng=None):

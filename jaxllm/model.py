@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.attention import packed_causal_attention
+from jaxllm.attention import packed_causal_attention, split_qkv
 from jaxllm.config import GPTConfig
 
 Params = dict[str, Any]
@@ -172,9 +172,7 @@ def dropout(x, rate: float, rng):
 
 def qkv_heads(p, x, config: GPTConfig):
     """Project x (batch, seq, emb) to q, k, v of shape (batch, seq, heads, head_dim)."""
-    b, t, _ = x.shape
-    qkv = dense(p["qkv"], x, config.matmul_impl).reshape(b, t, 3, config.n_heads, config.head_dim)
-    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return split_qkv(dense(p["qkv"], x, config.matmul_impl), config.n_heads)
 
 
 def feed_forward(p, x, impl: str = "xla"):

@@ -188,7 +188,7 @@ def attention(qkv, n_heads: int):
 
     qkv: float32 (batch, seq, 3 * emb), queries, keys and values side by side,
     each split into `n_heads` heads of emb // n_heads columns (the layout of
-    `model.qkv_heads`). Returns (batch, seq, emb): every head's
+    `attention.split_qkv`). Returns (batch, seq, emb): every head's
     softmax(q k^T / sqrt(head_dim) + causal mask) v, heads side by side, the
     input of the attention's output projection. The gradient is a (batch,
     seq, 3 * emb) array in the same layout, computed by the backward kernel.

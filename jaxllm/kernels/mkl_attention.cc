@@ -30,12 +30,8 @@
 
 namespace ffi = xla::ffi;
 
+namespace jaxllm {
 namespace {
-
-using jaxllm::cblas_sgemm;
-using jaxllm::kNoTrans;
-using jaxllm::kRowMajor;
-using jaxllm::kTrans;
 
 constexpr int64_t kBlock = 128;
 
@@ -104,7 +100,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   const float* X = qkv.typed_data();
   float *O = out->typed_data(), *LSE = lse_out->typed_data();
   const int64_t blocks = s.blocks();
-  jaxllm::ParallelFor(pool, s.batch * heads * blocks, [=](int64_t task) {
+  ParallelFor(pool, s.batch * heads * blocks, [=](int64_t task) {
     const int64_t pair = task / blocks, blk = blocks - 1 - task % blocks;  // long blocks first
     const int64_t b = pair / heads, h = pair % heads;
     const int64_t lo = blk * kBlock, nq = std::min(kBlock, s.seq - lo), nk = lo + nq;
@@ -148,7 +144,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer
               *G = grad_out.typed_data();
   float* DX = grad_qkv->typed_data();
   const int64_t blocks = s.blocks();
-  jaxllm::ParallelFor(pool, s.batch * heads, [=](int64_t pair) {
+  ParallelFor(pool, s.batch * heads, [=](int64_t pair) {
     const int64_t b = pair / heads, h = pair % heads;
     const int64_t row0 = b * s.seq;
     const float* Q = X + row0 * s.ld() + h * s.head_dim;
@@ -202,8 +198,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer
 }
 
 }  // namespace
+}  // namespace jaxllm
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmMklAttentionFwd, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmMklAttentionFwd, jaxllm::Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // qkv
@@ -211,7 +208,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmMklAttentionFwd, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse (batch, heads, seq)
                                   .Attr<int64_t>("heads"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmMklAttentionBwd, Backward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmMklAttentionBwd, jaxllm::Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // qkv

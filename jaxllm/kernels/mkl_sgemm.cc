@@ -17,12 +17,8 @@
 
 namespace ffi = xla::ffi;
 
+namespace jaxllm {
 namespace {
-
-using jaxllm::cblas_sgemm;
-using jaxllm::kNoTrans;
-using jaxllm::kRowMajor;
-using jaxllm::kTrans;
 
 // Products smaller than this many multiply-adds per panel are not split:
 // below it, handing a panel to another thread costs more than it saves.
@@ -59,13 +55,14 @@ ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi:
                   trans_b ? B + lo * ldb : B + lo, ldb, 0.0f, C + lo, n);
     }
   };
-  jaxllm::ParallelFor(pool, parts, panel);
+  ParallelFor(pool, parts, panel);
   return ffi::Error::Success();
 }
 
 }  // namespace
+}  // namespace jaxllm
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmMklSgemm, Sgemm,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmMklSgemm, jaxllm::Sgemm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
