@@ -1,21 +1,40 @@
 """Shared test fixtures."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 
+def _origin_checkout(repo: Path) -> Path | None:
+    """The local repository this checkout was cloned from, if it was (`git clone .`)."""
+    try:
+        url = subprocess.run(["git", "-C", str(repo), "config", "--get", "remote.origin.url"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    url = url.removeprefix("file://")
+    if not url or "://" in url or ":" in url.split("/")[0]:  # none, or a remote (https, ssh)
+        return None
+    path = Path(url)
+    return path.resolve() if path.is_dir() else None
+
+
 def _find_shared_data() -> Path:
     """$JAXLLM_SHARED_DATA, else `shared/data` in the nearest folder above the
-    checkout that has one."""
+    checkout that has one, else above the local checkout it was cloned from (a
+    fresh `git clone . /tmp/x` reads the same data as its origin)."""
     if os.environ.get("JAXLLM_SHARED_DATA"):
         return Path(os.environ["JAXLLM_SHARED_DATA"])
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    repo = Path(__file__).resolve().parents[1]
+    origin = _origin_checkout(repo)
+    for checkout in (repo, origin):
+        for parent in checkout.parents if checkout else ():
+            candidate = parent / "shared" / "data"
+            if candidate.is_dir():
+                return candidate
+    return repo.parent / "shared" / "data"
 
 
 SHARED_DATA = _find_shared_data()
@@ -26,6 +45,7 @@ def shared_data() -> Path:
     """The shared data folder beside the checkout (GPT-2 vocabulary, corpora)."""
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared data folder not found at {SHARED_DATA}: the tokenizer and corpus "
-                    f"tests read it from shared/data above the checkout, or from "
+                    f"tests read it from shared/data above the checkout (or above the one it was "
+                    f"cloned from), or from "
                     f"$JAXLLM_SHARED_DATA")
     return SHARED_DATA
