@@ -13,7 +13,9 @@ and `clip_grad_norm_`. On CPU PyTorch runs eagerly in float32 with its fused
 `scaled_dot_product_attention`; on GPU it gets `torch.compile`, bf16 autocast
 and fused AdamW. The two are timed interleaved (a block of steps of one, then
 of the other, alternating which goes first) because the machine is shared
-and its speed drifts; the table reports the median over the repeats.
+and its speed drifts. Tokens/s are medians over the repeats; the ratio is the
+median of the repeats' own ratios (each repeat's two neighbouring blocks), so
+a slowdown that spans a pair of blocks cancels.
 
 Model FLOPs per token are 6N + 12*L*H*Q*T (N = weights used in matrix
 products, L layers, H heads, Q head size, T sequence length). MFU divides the
@@ -67,10 +69,11 @@ class Case:
     grad_accum: int = 1  # jaxllm's micro-batches per step (same batch, same mean gradient)
 
 
-# jaxllm's CPU recipe: dense layers and attention by MKL (x86-64 only), and each
-# batch of 8-16 sequences run as 4 micro-batches, whose activations stay in the
-# cores' caches.
-CPU_RECIPE = {"matmul_impl": "mkl", "attn_impl": "mkl"} if platform.machine() == "x86_64" else {}
+# jaxllm's CPU recipe: dense layers, attention and LayerNorm by the kernels of
+# jaxllm.kernels.mkl (x86-64 only), and each batch of 8-16 sequences run as 4
+# micro-batches, whose activations stay in the cores' caches.
+CPU_RECIPE = ({"matmul_impl": "mkl", "attn_impl": "mkl", "norm_impl": "mkl"}
+              if platform.machine() == "x86_64" else {})
 CPU_GRAD_ACCUM = 4
 
 
@@ -340,11 +343,15 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
     tokens = steps * case.batch * case.seq
     jax_tps = tokens / statistics.median(jax_t)
     torch_tps = tokens / statistics.median(torch_t)
+    # The ratio from each repeat's pair of neighbouring blocks, then the median:
+    # a slowdown of the machine that spans both blocks of a pair cancels out.
+    pair_ratios = sorted(t / j for j, t in zip(jax_t, torch_t))
     return {"case": case.name, "config": c.to_dict(), "batch": case.batch, "seq": case.seq,
             "grad_accum": case.grad_accum,
             "steps_per_repeat": steps, "repeats": repeats,
             "jax_tokens_per_s": jax_tps, "torch_tokens_per_s": torch_tps,
-            "ratio": jax_tps / torch_tps, "jax_step_s": sorted(t / steps for t in jax_t),
+            "ratio": statistics.median(pair_ratios), "pair_ratios": pair_ratios,
+            "ratio_of_medians": jax_tps / torch_tps, "jax_step_s": sorted(t / steps for t in jax_t),
             "torch_step_s": sorted(t / steps for t in torch_t),
             "first_loss_jax": jax_first, "first_loss_torch": torch_first,
             "compile_s": {"jax": jax_compile, "torch": torch_compile},
@@ -401,7 +408,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device-check", action="store_true",
                     help="run the GPU recipe on a tiny config on whatever device is present")
     ap.add_argument("--steps", type=int, default=3, help="train steps per timed block")
-    ap.add_argument("--repeats", type=int, default=5, help="timed blocks per framework")
+    ap.add_argument("--repeats", type=int, default=9, help="timed blocks per framework")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a GPTConfig field on the jaxllm side (e.g. attn_impl=reference)")
     ap.add_argument("--grad-accum", type=int, default=None,
@@ -456,14 +463,16 @@ def main(argv=None) -> int:
         r["floor_step_s"] = fpt * case.batch * case.seq / rate["best"]
         results.append(r)
         row = [case.name, case.batch, case.seq, round(r["jax_tokens_per_s"]),
-               round(r["torch_tokens_per_s"]), f"{r['ratio']:.2f}x",
+               round(r["torch_tokens_per_s"]),
+               f"{r['ratio']:.2f}x ({r['pair_ratios'][0]:.2f}-{r['pair_ratios'][-1]:.2f})",
                f"{100 * r['mfu_measured']['jax']:.1f}% / {100 * r['mfu_measured']['torch']:.1f}%"]
         if peak:
             row.append(f"{100 * r['mfu_datasheet']['jax']:.1f}% / {100 * r['mfu_datasheet']['torch']:.1f}%")
         row.append(f"{r['first_loss_jax']:.4f} / {r['first_loss_torch']:.4f}")
         rows.append(row)
         print(f"  jaxllm {r['jax_tokens_per_s']:.0f} tok/s, torch {r['torch_tokens_per_s']:.0f} tok/s, "
-              f"ratio {r['ratio']:.2f}", flush=True)
+              f"ratio {r['ratio']:.2f} (repeats {r['pair_ratios'][0]:.2f}-{r['pair_ratios'][-1]:.2f})",
+              flush=True)
 
     torch_mode = "torch.compile + bf16 autocast + fused AdamW" if cases[0].gpu_recipe else "eager float32"
     headers = ["case", "batch", "seq", "jaxllm tok/s", f"torch tok/s ({torch_mode})",
@@ -472,8 +481,8 @@ def main(argv=None) -> int:
         headers.append("MFU vs datasheet (jax / torch)")
     headers.append("first-step loss (jax / torch)")
     impl = {k: cases[0].config.to_dict()[k] for k in
-            ("attn_impl", "matmul_impl", "param_dtype", "compute_dtype", "scan_layers", "remat",
-             "vocab_multiple")}
+            ("attn_impl", "matmul_impl", "norm_impl", "param_dtype", "compute_dtype",
+             "scan_layers", "remat", "vocab_multiple")}
     impl["grad_accum"] = cases[0].grad_accum
     md = (f"# Training throughput: jaxllm vs PyTorch\n\n"
           f"Machine: {info.get('gpu', info['cpu'])}, nproc {info['nproc']}, jax {info['jax']} "
@@ -483,7 +492,9 @@ def main(argv=None) -> int:
           f"(jax {rate['jax'] / 1e9:.1f}, torch {rate['torch'] / 1e9:.1f})"
           + (f"; datasheet peak {peak / 1e12:.0f} TFLOP/s" if peak else "") + ".\n"
           f"jaxllm implementation: {impl}. AdamW, grad clip {tc.grad_clip}, "
-          f"median of {args.repeats} blocks of {args.steps} steps, interleaved.\n\n"
+          f"{args.repeats} blocks of {args.steps} steps each, interleaved: tokens/s are medians "
+          f"over the blocks, jaxllm/torch the median of the {args.repeats} neighbouring pairs' "
+          f"ratios (their range in brackets).\n\n"
           + markdown_table(headers, rows))
     for r in results:
         if r["profile"]:

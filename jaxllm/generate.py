@@ -47,7 +47,7 @@ import numpy as np
 
 from jaxllm.config import GPTConfig
 from jaxllm.model import (Params, apply, cast_params, dense, embed, feed_forward, head_logits,
-                          layer_norm, qkv_heads)
+                          norm, qkv_heads)
 
 MIN_BUCKET = 16
 _MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
@@ -232,14 +232,13 @@ def _forward_cached(p: Params, tokens, positions, start, cache: KVCache, config:
     x = embed(p, tokens, config, positions=positions).astype(jnp.dtype(config.compute_dtype))
     keys, values = [], []
     for blk, ck, cv in zip(p["blocks"], cache.keys, cache.values):
-        q, k, v = qkv_heads(blk["attn"], layer_norm(blk["norm1"], x, config.ln_eps), config)
+        q, k, v = qkv_heads(blk["attn"], norm(blk["norm1"], x, config), config)
         a = cached_attention(q, k, v, ck, cv, start)
         k, v = _after(k, a), _after(v, a)
         ck = _write(ck, k.transpose(0, 2, 3, 1), start, slot_axis=3)
         cv = _write(cv, v.transpose(0, 2, 1, 3), start, slot_axis=2)
         x = x + dense(blk["attn"]["out"], a.reshape(b, t, config.emb_dim), config.matmul_impl)
-        x = x + feed_forward(blk["ffn"], layer_norm(blk["norm2"], x, config.ln_eps),
-                             config.matmul_impl)
+        x = x + feed_forward(blk["ffn"], norm(blk["norm2"], x, config), config.matmul_impl)
         keys.append(ck)
         values.append(cv)
     return x, KVCache(keys, values)

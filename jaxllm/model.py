@@ -97,14 +97,21 @@ def init_params(config: GPTConfig, key: jax.Array, *, scheme: str = "gpt2") -> P
 
 
 # -- layers ------------------------------------------------------------------
-def layer_norm(p, x, eps: float):
+def layer_norm(p, x, eps: float, impl: str = "xla"):
     """LayerNorm with biased variance, computed in float32, returned in x's dtype.
 
     The backward pass is written out (`_layer_norm_bwd`): two row means for
     the input gradient and two column sums for the scale and bias, where
     autodiff of the forward formula leaves XLA's CPU backend several more
-    passes over the activations.
+    passes over the activations. `impl` is `GPTConfig.norm_impl`: "xla", or
+    "mkl" for the same function as one CPU kernel each way
+    (`jaxllm.kernels.mkl.layer_norm`).
     """
+    if impl == "mkl":
+        from jaxllm.kernels import mkl  # builds the kernels on first use
+        return mkl.layer_norm(x, p["scale"], p["bias"], eps)
+    if impl != "xla":
+        raise ValueError(f"unknown norm implementation {impl!r}")
     return _layer_norm(x, p["scale"], p["bias"], eps)
 
 
@@ -138,15 +145,24 @@ def _layer_norm_bwd(eps, res, g):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+def norm(p, x, config: GPTConfig):
+    """The model's LayerNorm: `layer_norm` with the config's eps and `norm_impl`."""
+    return layer_norm(p, x, config.ln_eps, config.norm_impl)
+
+
 def dense(p, x, impl: str = "xla"):
     """x @ kernel + bias, with the leading axes flattened to one matrix product.
 
     `impl` is `GPTConfig.matmul_impl`: "xla" (XLA's dot) or "mkl" (the same
-    product and its gradients by Intel MKL, `jaxllm.kernels.mkl`).
+    product and its gradients by Intel MKL, and the bias gradient by a kernel
+    of the same library: `jaxllm.kernels.mkl`).
     """
     lead = x.shape[:-1]
     y = matmul(x.reshape(-1, x.shape[-1]), p["kernel"], impl)
-    if "bias" in p:
+    if "bias" in p and impl == "mkl":
+        from jaxllm.kernels import mkl
+        y = mkl.add_bias(y, p["bias"])
+    elif "bias" in p:
         y = y + p["bias"]
     return y.reshape(*lead, y.shape[-1])
 
@@ -183,11 +199,11 @@ def block(p, x, config: GPTConfig, rng=None):
     """One pre-norm transformer block. `rng` is None when dropout is off."""
     rate = config.drop_rate if rng is not None else 0.0
     r_attn, r_res1, r_res2 = jax.random.split(rng, 3) if rng is not None else (None,) * 3
-    qkv = dense(p["attn"]["qkv"], layer_norm(p["norm1"], x, config.ln_eps), config.matmul_impl)
+    qkv = dense(p["attn"]["qkv"], norm(p["norm1"], x, config), config.matmul_impl)
     a = packed_causal_attention(qkv, config.n_heads, config.attn_impl, dropout_rate=rate,
                                 rng=r_attn)
     x = x + dropout(dense(p["attn"]["out"], a, config.matmul_impl), rate, r_res1)
-    h = feed_forward(p["ffn"], layer_norm(p["norm2"], x, config.ln_eps), config.matmul_impl)
+    h = feed_forward(p["ffn"], norm(p["norm2"], x, config), config.matmul_impl)
     return x + dropout(h, rate, r_res2)
 
 
@@ -244,7 +260,7 @@ def head_logits(params: Params, x, config: GPTConfig):
     Rows past `vocab_size` (padding) are set to a large negative value, so they
     take no probability in a softmax, a loss or a sample.
     """
-    x = layer_norm(params["final_norm"], x, config.ln_eps)
+    x = norm(params["final_norm"], x, config)
     if config.tie_embeddings:
         # contract with the embedding as stored, (vocab, emb): multiplying by its
         # transpose makes XLA copy the whole matrix first

@@ -41,7 +41,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxllm.config import GPTConfig
+from jaxllm.config import NATIVE_KERNEL_FIELDS, GPTConfig
 from jaxllm.model import init_params
 from jaxllm.train.optim import TrainConfig, make_optimizer
 from jaxllm.train.step import TrainState, init_train_state, make_eval_step, make_train_step
@@ -426,7 +426,7 @@ def shard_batch(mesh: Mesh, *arrays, per_process: bool = False):
 def _check_native_kernels(config: GPTConfig, mesh: Mesh) -> None:
     # XLA's partitioner cannot split a custom call: it would gather every
     # sharded operand onto each device, undoing FSDP.
-    for name, alternative in (("matmul_impl", "xla"), ("attn_impl", "blockwise")):
+    for name, alternative in NATIVE_KERNEL_FIELDS:
         if getattr(config, name) == "mkl" and mesh.size > 1:
             raise ValueError(f"{name}='mkl' runs on one CPU device; a mesh of {mesh.size} "
                              f"devices needs {name}={alternative!r}")

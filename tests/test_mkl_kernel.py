@@ -1,5 +1,6 @@
-"""The MKL kernels against NumPy and XLA: the matrix product (`GPTConfig.matmul_impl="mkl"`)
-and causal attention (`GPTConfig.attn_impl="mkl"`).
+"""The MKL kernels against NumPy and XLA: the matrix product (`GPTConfig.matmul_impl="mkl"`),
+causal attention (`GPTConfig.attn_impl="mkl"`), LayerNorm (`GPTConfig.norm_impl="mkl"`)
+and the column sum of the bias gradients.
 
 MKL ships for x86-64 only; there the test extra installs it, so these run
 (never skip) in CI.
@@ -19,7 +20,7 @@ from jaxllm.attention import causal_attention, reference_attention
 from jaxllm.config import GPTConfig
 from jaxllm.generate import generate
 from jaxllm.kernels import mkl
-from jaxllm.model import apply, init_params
+from jaxllm.model import apply, init_params, layer_norm
 from jaxllm.sharding import _check_native_kernels
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="Intel MKL is x86-64 only")
@@ -129,7 +130,11 @@ def test_config_and_mesh_checks():
         GPTConfig(matmul_impl="mkl", compute_dtype="bfloat16")
     with pytest.raises(ValueError, match="attn_impl='mkl' computes in float32"):
         GPTConfig(attn_impl="mkl", compute_dtype="bfloat16")
-    for field in ("matmul_impl", "attn_impl"):
+    with pytest.raises(ValueError, match="norm_impl='mkl' computes in float32"):
+        GPTConfig(norm_impl="mkl", compute_dtype="bfloat16")
+    with pytest.raises(ValueError, match="norm_impl must be one of"):
+        GPTConfig(norm_impl="fused")
+    for field in ("matmul_impl", "attn_impl", "norm_impl"):
         _check_native_kernels(GPTConfig(**{field: "mkl"}), types.SimpleNamespace(size=1))
         with pytest.raises(ValueError, match=f"{field}='mkl' runs on one CPU device"):
             _check_native_kernels(GPTConfig(**{field: "mkl"}), types.SimpleNamespace(size=2))
@@ -241,3 +246,104 @@ def test_attention_model_matches_reference_and_falls_back_under_dropout():
     np.testing.assert_array_equal(
         np.asarray(apply(params, tokens, drop.replace(attn_impl="mkl"), rng=key)),
         np.asarray(apply(params, tokens, drop, rng=key)))
+
+
+# -- LayerNorm and column sums ----------------------------------------------------
+def numpy_layer_norm(x, scale, bias, eps, g):
+    """LayerNorm and its vector-Jacobian product in float64."""
+    x, scale, bias, g = (np.asarray(a, np.float64) for a in (x, scale, bias, g))
+    mu = x.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+    xhat = (x - mu) * rstd
+    gs = g * scale
+    dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+    rows = (-1, x.shape[-1])
+    return (xhat * scale + bias, dx, (g * xhat).reshape(rows).sum(0), g.reshape(rows).sum(0))
+
+
+# 3-D activations split over the pool's threads, a width that is no multiple of
+# the vector length, a single row, and a 2-D input.
+NORM_SHAPES = [(2, 256, 256), (3, 7, 37), (1, 1, 64), (513, 130)]
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_layer_norm_matches_numpy(shape):
+    rng = np.random.default_rng(6)
+    d = shape[-1]
+    x = (3.0 * rng.normal(size=shape) + 1.5).astype(np.float32)  # a mean to subtract
+    scale, bias = (rng.normal(size=d).astype(np.float32) for _ in range(2))
+    g = rng.normal(size=shape).astype(np.float32)
+    y, vjp = jax.vjp(jax.jit(lambda x, s, b: mkl.layer_norm(x, s, b, 1e-5)), x, scale, bias)
+    want = numpy_layer_norm(x, scale, bias, 1e-5, g)
+    for name, got, ref in zip(("y", "dx", "dscale", "dbias"), (y, *vjp(g)), want):
+        assert got.shape == ref.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_layer_norm_matches_the_xla_path_in_the_model_layer():
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(4, 9, 48)), jnp.float32)
+    p = {"scale": jnp.asarray(rng.normal(size=48), jnp.float32),
+         "bias": jnp.asarray(rng.normal(size=48), jnp.float32)}
+    loss = lambda impl: lambda x, p: jnp.sum(jnp.sin(layer_norm(p, x, 1e-5, impl)))
+    want = jax.value_and_grad(loss("xla"), argnums=(0, 1))(x, p)
+    got = jax.jit(jax.value_and_grad(loss("mkl"), argnums=(0, 1)))(x, p)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown norm implementation"):
+        layer_norm(p, x, 1e-5, "fused")
+
+
+def test_layer_norm_of_an_empty_batch_is_empty():
+    x, s = jnp.zeros((0, 5, 8)), jnp.ones(8)
+    assert mkl.layer_norm(x, s, s, 1e-5).shape == x.shape
+    grads = jax.grad(lambda x, s: mkl.layer_norm(x, s, s, 1e-5).sum(), argnums=(0, 1))(x, s)
+    assert grads[0].shape == x.shape
+    np.testing.assert_array_equal(np.asarray(grads[1]), np.zeros(8, np.float32))
+
+
+def test_layer_norm_rejects_bad_operands():
+    with pytest.raises(ValueError, match=r"scale and bias \(d,\)"):
+        mkl.layer_norm(jnp.zeros((2, 8)), jnp.ones(4), jnp.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        mkl.layer_norm(jnp.zeros((2, 8), jnp.bfloat16), jnp.ones(8, jnp.bfloat16),
+                       jnp.ones(8, jnp.bfloat16), 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(512, 1024), (3, 7), (1, 300), (2, 65536)])
+def test_column_sum_matches_numpy(shape):
+    g = np.random.default_rng(8).normal(size=shape).astype(np.float32)
+    got = np.asarray(jax.jit(mkl.column_sum)(g))
+    np.testing.assert_allclose(got, g.astype(np.float64).sum(0), rtol=1e-5, atol=1e-4)
+    assert mkl.column_sum(jnp.zeros((0, 4))).shape == (4,)
+    with pytest.raises(ValueError, match="2-D float32"):
+        mkl.column_sum(jnp.zeros((2, 3, 4)))
+
+
+def test_bias_gradient_is_the_column_sum():
+    rng = np.random.default_rng(9)
+    y = jnp.asarray(rng.normal(size=(6, 5, 12)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=12), jnp.float32)
+    f = lambda impl: lambda y, b: jnp.sum(jnp.cos(impl(y, b)))
+    want = jax.grad(f(jnp.add), argnums=(0, 1))(y, b)
+    got = jax.jit(jax.grad(f(mkl.add_bias), argnums=(0, 1)))(y, b)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
+def test_norm_kernel_model_matches_xla_and_generates_alike():
+    c = GPTConfig(vocab_size=50, context_length=12, emb_dim=16, n_heads=2, n_layers=2,
+                  drop_rate=0.0)
+    params = init_params(c, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 12), 0, c.vocab_size)
+    loss = lambda cfg: jax.jit(jax.value_and_grad(lambda p: jnp.mean(apply(p, tokens, cfg) ** 2)))
+    (ref, ref_g), (got, got_g) = loss(c)(params), loss(c.replace(norm_impl="mkl"))(params)
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
+    prompts = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    want = generate(params, c, prompts, 10, return_logits=True)
+    out = generate(params, c.replace(norm_impl="mkl"), prompts, 10, return_logits=True)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(want.logits), rtol=1e-4,
+                               atol=1e-5)

@@ -1,0 +1,191 @@
+// LayerNorm and column sums for XLA's CPU backend, float32.
+//
+// XLA's CPU backend computes a LayerNorm as a dozen small ops, each one pass
+// over the activations, and its reductions over 512 x 256 activations cost
+// 40-500 us a call (see NOTES.md, v5). Here one handler does the forward in a
+// single pass per row, one the whole backward, and one the column sums that
+// a dense layer's bias gradient needs:
+//
+//   jaxllm_layer_norm_fwd:  y = (x - mean) * rstd * scale + bias, and the
+//                           rows' mean and rstd = 1 / sqrt(var + eps)
+//   jaxllm_layer_norm_bwd:  dx, dscale, dbias from x, scale, mean, rstd, dy
+//   jaxllm_column_sum:      s[j] = sum_i g[i, j]
+//
+// x is any float32 array whose last axis is normalised; the rows are split
+// over XLA's intra-op thread pool. Column sums are accumulated per thread and
+// added at the end, so their order of summation is fixed by the shape and the
+// thread count. Built on first use by jaxllm/kernels/mkl.py.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jaxllm {
+namespace {
+
+// Rows x columns below which a call stays on one thread.
+constexpr int64_t kMinPartWork = int64_t{1} << 15;
+
+int64_t Parts(ffi::ThreadPool& pool, int64_t rows, int64_t cols) {
+  return std::max<int64_t>(1, std::min({pool.num_threads(), rows, rows * cols / kMinPartWork}));
+}
+
+// Sums over row chunks [lo, hi) into per-part buffers of `width` floats, then
+// adds the parts into out[0 .. width). chunk(lo, hi, partial) accumulates.
+template <typename Chunk>
+void PartialSums(ffi::ThreadPool& pool, int64_t rows, int64_t width, int64_t parts, float* out,
+                 Chunk chunk) {
+  std::vector<float> partial(parts * width, 0.0f);
+  ParallelFor(pool, parts, [&](int64_t p) {
+    chunk(rows * p / parts, rows * (p + 1) / parts, partial.data() + p * width);
+  });
+  std::fill(out, out + width, 0.0f);
+  for (int64_t p = 0; p < parts; ++p) {
+    const float* src = partial.data() + p * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) out[j] += src[j];
+  }
+}
+
+ffi::Error LayerNormFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                        ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                        ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd,
+                        float eps) {
+  const auto dims = x.dimensions();
+  if (dims.size() == 0 || scale.element_count() != dims.back() ||
+      bias.element_count() != dims.back()) {
+    return ffi::Error::InvalidArgument("jaxllm_layer_norm_fwd: scale and bias must match x's last axis");
+  }
+  const int64_t d = dims.back(), rows = d ? x.element_count() / d : 0;
+  const float *X = x.typed_data(), *S = scale.typed_data(), *B = bias.typed_data();
+  float *Y = y->typed_data(), *M = mean->typed_data(), *R = rstd->typed_data();
+  const int64_t parts = Parts(pool, rows, d);
+  ParallelFor(pool, parts, [=](int64_t p) {
+    for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; ++r) {
+      const float* xr = X + r * d;
+      float* yr = Y + r * d;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < d; ++j) sum += xr[j];
+      const float mu = sum / d;
+      float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t j = 0; j < d; ++j) sq += (xr[j] - mu) * (xr[j] - mu);
+      const float rs = 1.0f / std::sqrt(sq / d + eps);
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) yr[j] = (xr[j] - mu) * rs * S[j] + B[j];
+      M[r] = mu;
+      R[r] = rs;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// With xhat = (x - mean) * rstd and gs = dy * scale:
+//   dx = rstd * (gs - mean_j(gs) - xhat * mean_j(gs * xhat))
+//   dscale = sum_rows dy * xhat,  dbias = sum_rows dy
+// Rows [lo, hi) write dx and add their part of dscale and dbias to ds, db.
+void LayerNormBwdRows(const float* __restrict X, const float* __restrict S,
+                      const float* __restrict M, const float* __restrict R,
+                      const float* __restrict G, float* __restrict DX, float* __restrict ds,
+                      float* __restrict db, int64_t d, int64_t lo, int64_t hi) {
+  for (int64_t r = lo; r < hi; ++r) {
+    const float *xr = X + r * d, *gr = G + r * d;
+    const float mu = M[r], rs = R[r];
+    float sum_gs = 0.0f, sum_gsc = 0.0f;
+#pragma omp simd reduction(+ : sum_gs, sum_gsc)
+    for (int64_t j = 0; j < d; ++j) {
+      const float gs = gr[j] * S[j];
+      sum_gs += gs;
+      sum_gsc += gs * (xr[j] - mu);
+    }
+    const float mean_gs = sum_gs / d, mean_gsx = sum_gsc * rs / d;
+    float* dxr = DX + r * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      const float xhat = (xr[j] - mu) * rs;
+      dxr[j] = rs * (gr[j] * S[j] - mean_gs - xhat * mean_gsx);
+      ds[j] += gr[j] * xhat;
+      db[j] += gr[j];
+    }
+  }
+}
+
+ffi::Error LayerNormBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                        ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
+                        ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                        ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dbias) {
+  const auto dims = x.dimensions();
+  if (dims.size() == 0 || scale.element_count() != dims.back() ||
+      dy.element_count() != x.element_count()) {
+    return ffi::Error::InvalidArgument("jaxllm_layer_norm_bwd: operand shapes do not match");
+  }
+  const int64_t d = dims.back(), rows = d ? x.element_count() / d : 0;
+  const float *X = x.typed_data(), *S = scale.typed_data(), *M = mean.typed_data(),
+              *R = rstd.typed_data(), *G = dy.typed_data();
+  float* DX = dx->typed_data();
+  std::vector<float> sums(2 * d);  // dscale, then dbias
+  PartialSums(pool, rows, 2 * d, Parts(pool, rows, d), sums.data(),
+              [=](int64_t lo, int64_t hi, float* acc) {
+                LayerNormBwdRows(X, S, M, R, G, DX, acc, acc + d, d, lo, hi);
+              });
+  std::copy(sums.begin(), sums.begin() + d, dscale->typed_data());
+  std::copy(sums.begin() + d, sums.end(), dbias->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error ColumnSum(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> s) {
+  const auto dims = g.dimensions();
+  if (dims.size() != 2 || s->element_count() != dims[1]) {
+    return ffi::Error::InvalidArgument("jaxllm_column_sum takes a 2-D operand");
+  }
+  const int64_t rows = dims[0], n = dims[1];
+  const float* G = g.typed_data();
+  PartialSums(pool, rows, n, Parts(pool, rows, n), s->typed_data(),
+              [=](int64_t lo, int64_t hi, float* acc) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* gr = G + r * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) acc[j] += gr[j];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jaxllm
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmLayerNormFwd, jaxllm::LayerNormFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // mean (rows)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // rstd (rows)
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmLayerNormBwd, jaxllm::LayerNormBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // rstd
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscale
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // dbias
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmColumnSum, jaxllm::ColumnSum,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
