@@ -192,6 +192,11 @@ def qkv_heads(p, x, config: GPTConfig):
 
 
 def feed_forward(p, x, impl: str = "xla"):
+    if impl == "mkl":  # GELU applied inside the first product (jaxllm.kernels.mkl.dense_gelu)
+        from jaxllm.kernels import mkl
+        lead = x.shape[:-1]
+        h = mkl.dense_gelu(x.reshape(-1, x.shape[-1]), p["fc"]["kernel"], p["fc"]["bias"])
+        return dense(p["proj"], h.reshape(*lead, -1), impl)
     return dense(p["proj"], jax.nn.gelu(dense(p["fc"], x, impl), approximate=True), impl)
 
 

@@ -347,3 +347,55 @@ def test_norm_kernel_model_matches_xla_and_generates_alike():
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(want.tokens))
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(want.logits), rtol=1e-4,
                                atol=1e-5)
+
+
+# -- the feed-forward's first layer: product, bias and GELU ------------------------
+def numpy_gelu(x):
+    """GELU (tanh form) and its derivative in float64."""
+    c = np.sqrt(2.0 / np.pi)
+    t = np.tanh(c * (x + 0.044715 * x ** 3))
+    return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t ** 2) * c * (1 + 3 * 0.044715 * x ** 2)
+
+
+# split by columns (n > m) and by rows (m >= n), a product below the split size,
+# and a single row.
+@pytest.mark.parametrize("m, k, n", [(512, 256, 1024), (257, 64, 130), (3, 5, 7), (1, 16, 300)])
+def test_dense_gelu_matches_numpy(m, k, n):
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    w = (3.0 * rng.normal(size=(k, n)) / np.sqrt(k)).astype(np.float32)  # pre-activations up to ~10
+    b = rng.normal(size=n).astype(np.float32)
+    g = rng.normal(size=(m, n)).astype(np.float32)
+    y, vjp = jax.vjp(jax.jit(mkl.dense_gelu), x, w, b)
+    pre = x.astype(np.float64) @ w + b
+    act, slope = numpy_gelu(pre)
+    dpre = g * slope
+    want = (act, dpre @ w.T.astype(np.float64), x.T.astype(np.float64) @ dpre, dpre.sum(0))
+    for name, got, ref in zip(("y", "dx", "dw", "db"), (y, *vjp(g)), want):
+        assert got.shape == ref.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
+                                   err_msg=name)
+
+
+def test_dense_gelu_is_accurate_over_the_whole_range():
+    # Large |x|: tanh saturates at +-1, exp must neither overflow nor lose the sign.
+    u = np.linspace(-40.0, 40.0, 200_001).astype(np.float32)
+    one = np.ones((1, 1), np.float32)
+    y = np.asarray(jax.jit(mkl.dense_gelu)(u[:, None], one, np.zeros(1, np.float32)))[:, 0]
+    act, slope = numpy_gelu(u.astype(np.float64))
+    np.testing.assert_allclose(y, act, rtol=0, atol=1e-6)
+    dpre = np.asarray(jax.grad(lambda v: mkl.dense_gelu(v, one, np.zeros(1, np.float32)).sum())(
+        jnp.asarray(u[:, None])))[:, 0]
+    np.testing.assert_allclose(dpre, slope, rtol=0, atol=1e-6)
+
+
+def test_dense_gelu_edge_cases_and_errors():
+    w, b = jnp.ones((4, 3)), jnp.zeros(3)
+    assert mkl.dense_gelu(jnp.zeros((0, 4)), w, b).shape == (0, 3)
+    grads = jax.grad(lambda x, w, b: mkl.dense_gelu(x, w, b).sum(), argnums=(0, 1, 2))(
+        jnp.zeros((0, 4)), w, b)
+    assert [g.shape for g in grads] == [(0, 4), (4, 3), (3,)]
+    with pytest.raises(ValueError, match=r"bias of shape \(3,\)"):
+        mkl.dense_gelu(jnp.ones((2, 4)), w, jnp.zeros(4))
+    with pytest.raises(ValueError, match="contracting"):
+        mkl.dense_gelu(jnp.ones((2, 5)), w, b)

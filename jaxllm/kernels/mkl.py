@@ -12,11 +12,12 @@ projection's output (`mkl_attention.cc`): MKL products per (sequence, head)
 pair with the softmax in between, no head split, transpose or concatenation
 in the graph, forward and backward. It is `GPTConfig(attn_impl="mkl")`.
 
-`layer_norm` (`layer_norm.cc`: no MKL calls, built into the same library) is
+`layer_norm` (`rowwise.cc`: no MKL calls, built into the same library) is
 LayerNorm as one forward and one backward kernel, where XLA's CPU backend
-runs a dozen small ops; it is `GPTConfig(norm_impl="mkl")`. `column_sum`,
-from the same file, sums a gradient over rows: the dense layers' bias
-gradients under `matmul_impl="mkl"` (`add_bias`).
+runs a dozen small ops; it is `GPTConfig(norm_impl="mkl")`. Under
+`matmul_impl="mkl"` the dense layers' bias gradients are one `column_sum`
+each (`add_bias`), and the feed-forward's first layer is `dense_gelu`: the
+bias and GELU applied to the product's panels as MKL finishes them.
 
 The handlers are compiled on first use, into one library, with the C++
 compiler (`$CXX`, else `g++`, for this machine's CPU: `-march=native`) against
@@ -47,9 +48,10 @@ TARGET = "jaxllm_mkl_sgemm"
 ATTENTION_FWD, ATTENTION_BWD = "jaxllm_mkl_attention_fwd", "jaxllm_mkl_attention_bwd"
 LAYER_NORM_FWD, LAYER_NORM_BWD = "jaxllm_layer_norm_fwd", "jaxllm_layer_norm_bwd"
 COLUMN_SUM = "jaxllm_column_sum"
+DENSE_GELU, GELU_BWD = "jaxllm_mkl_dense_gelu", "jaxllm_gelu_bwd"
 _HERE = pathlib.Path(__file__).parent
-SOURCES = (_HERE / "mkl_sgemm.cc", _HERE / "mkl_attention.cc", _HERE / "layer_norm.cc")
-HEADERS = (_HERE / "parallel.h",)
+SOURCES = (_HERE / "mkl_sgemm.cc", _HERE / "mkl_attention.cc", _HERE / "rowwise.cc")
+HEADERS = (_HERE / "parallel.h", _HERE / "fast_math.h")
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
 # MKL's LP64 interface with its sequential layer: threads come from XLA's pool.
 _MKL_LIBS = ("libmkl_intel_lp64.so", "libmkl_sequential.so", "libmkl_core.so")
@@ -139,7 +141,9 @@ def register() -> str:
                            (ATTENTION_BWD, library.JaxllmMklAttentionBwd),
                            (LAYER_NORM_FWD, library.JaxllmLayerNormFwd),
                            (LAYER_NORM_BWD, library.JaxllmLayerNormBwd),
-                           (COLUMN_SUM, library.JaxllmColumnSum)):
+                           (COLUMN_SUM, library.JaxllmColumnSum),
+                           (DENSE_GELU, library.JaxllmMklDenseGelu),
+                           (GELU_BWD, library.JaxllmGeluBwd)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return TARGET
 
@@ -150,8 +154,8 @@ def _check_cpu(field: str, alternative: str) -> None:
                              f"{jax.default_backend()!r}; use {field}={alternative!r} there")
 
 
-def sgemm(a, b, *, trans_a: bool = False, trans_b: bool = False):
-    """op(a) @ op(b) for 2-D float32 arrays, op a transpose where asked. Not differentiable."""
+def _product_shape(a, b, trans_a: bool = False, trans_b: bool = False) -> tuple[int, int, int]:
+    """(m, k, n) of op(a) @ op(b), after checking the operands and the backend."""
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"sgemm takes 2-D operands, got shapes {a.shape} and {b.shape}")
     if a.dtype != jnp.float32 or b.dtype != jnp.float32:
@@ -162,6 +166,12 @@ def sgemm(a, b, *, trans_a: bool = False, trans_b: bool = False):
         raise ValueError(f"sgemm: contracting sizes differ ({a.shape}, trans_a={trans_a}; "
                          f"{b.shape}, trans_b={trans_b})")
     _check_cpu("matmul_impl", "xla")
+    return m, k, n
+
+
+def sgemm(a, b, *, trans_a: bool = False, trans_b: bool = False):
+    """op(a) @ op(b) for 2-D float32 arrays, op a transpose where asked. Not differentiable."""
+    m, k, n = _product_shape(a, b, trans_a, trans_b)
     if 0 in (m, n, k):
         return jnp.zeros((m, n), jnp.float32)
     out = jax.ShapeDtypeStruct((m, n), jnp.float32)
@@ -270,9 +280,49 @@ def _add_bias_bwd(_, g):
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+@jax.custom_vjp
+def dense_gelu(x, w, b):
+    """GELU (tanh form) of x @ w + b, for 2-D float32 x: the feed-forward's first layer.
+
+    The bias and GELU are applied to each panel of the product as MKL finishes
+    it, while it is in cache; the backward is one kernel for GELU's derivative
+    and the bias gradient, then the two products.
+    """
+    return _dense_gelu_fwd(x, w, b)[0]
+
+
+def _dense_gelu_fwd(x, w, b):
+    m, k, n = _product_shape(x, w)
+    if b.shape != (n,) or b.dtype != jnp.float32:
+        raise ValueError(f"dense_gelu: a float32 bias of shape ({n},) for {n} columns, got "
+                         f"{b.dtype} {b.shape}")
+    if 0 in (m, n, k):
+        pre = jnp.broadcast_to(b, (m, n))
+        return jax.nn.gelu(pre, approximate=True), (x, w, pre)
+    register()
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    y, pre = jax.ffi.ffi_call(DENSE_GELU, (out, out), vmap_method="sequential")(x, w, b)
+    return y, (x, w, pre)
+
+
+def _dense_gelu_bwd(res, g):
+    x, w, pre = res
+    if 0 in pre.shape:
+        dpre, db = jnp.zeros_like(pre), jnp.zeros(pre.shape[1:], jnp.float32)
+    else:
+        dpre, db = jax.ffi.ffi_call(
+            GELU_BWD, (jax.ShapeDtypeStruct(pre.shape, jnp.float32),
+                       jax.ShapeDtypeStruct(pre.shape[1:], jnp.float32)),
+            vmap_method="sequential")(pre, g)
+    return (*_matmul_bwd(False, (x, w), dpre), db)
+
+
+dense_gelu.defvjp(_dense_gelu_fwd, _dense_gelu_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x, scale, bias, eps: float):
-    """LayerNorm over x's last axis (biased variance), float32, by `layer_norm.cc`.
+    """LayerNorm over x's last axis (biased variance), float32, by `rowwise.cc`.
 
     The same function as `jaxllm.model.layer_norm`; the forward is one pass per
     row and saves only each row's mean and 1/std, the backward is one kernel

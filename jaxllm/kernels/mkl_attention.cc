@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "fast_math.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -34,25 +35,6 @@ namespace jaxllm {
 namespace {
 
 constexpr int64_t kBlock = 128;
-
-// exp(x) for the softmax's x <= 0, as 2^n * 2^f with a degree-6 polynomial
-// for 2^f, f in [-0.5, 0.5] (relative error ~2e-7). Plain arithmetic, so the
-// loops below vectorise; libm's expf is a scalar call.
-inline float Exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float f = t - n;
-  float p = 1.5353362e-4f;
-  p = p * f + 1.3398874e-3f;
-  p = p * f + 9.6180911e-3f;
-  p = p * f + 5.5504109e-2f;
-  p = p * f + 2.4022650e-1f;
-  p = p * f + 6.9314718e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = __builtin_bit_cast(int32_t, p) + (static_cast<int32_t>(n) << 23);
-  return __builtin_bit_cast(float, bits);
-}
 
 // Per-thread scratch, grown on demand and kept between calls.
 float* Scratch(int64_t floats) {

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "fast_math.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -24,8 +25,11 @@ namespace {
 // below it, handing a panel to another thread costs more than it saves.
 constexpr int64_t kMinPanelWork = int64_t{1} << 22;
 
-ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                 ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
+// C = op(A) @ op(B), cut into panels on the pool; epilogue(r0, r1, c0, c1)
+// then runs on each finished panel of C, while it is in that core's cache.
+template <typename Epilogue>
+ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& b,
+                   float* C, bool trans_a, bool trans_b, Epilogue epilogue) {
   const auto da = a.dimensions(), db = b.dimensions();
   if (da.size() != 2 || db.size() != 2) {
     return ffi::Error::InvalidArgument("jaxllm_mkl_sgemm takes 2-D operands");
@@ -38,7 +42,6 @@ ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi:
   const int64_t lda = da[1], ldb = db[1];
   const float* A = a.typed_data();
   const float* B = b.typed_data();
-  float* C = c->typed_data();
   const int op_a = trans_a ? kTrans : kNoTrans, op_b = trans_b ? kTrans : kNoTrans;
 
   const int64_t parts =
@@ -49,14 +52,45 @@ ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi:
       const int64_t lo = m * p / parts, hi = m * (p + 1) / parts;
       cblas_sgemm(kRowMajor, op_a, op_b, hi - lo, n, k, 1.0f, trans_a ? A + lo : A + lo * lda,
                   lda, B, ldb, 0.0f, C + lo * n, n);
+      epilogue(lo, hi, 0, n);
     } else {  // C[:, lo:hi] = op(A) @ op(B)[:, lo:hi]
       const int64_t lo = n * p / parts, hi = n * (p + 1) / parts;
       cblas_sgemm(kRowMajor, op_a, op_b, m, hi - lo, k, 1.0f, A, lda,
                   trans_b ? B + lo * ldb : B + lo, ldb, 0.0f, C + lo, n);
+      epilogue(0, m, lo, hi);
     }
   };
   ParallelFor(pool, parts, panel);
   return ffi::Error::Success();
+}
+
+ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                 ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
+  return Product(pool, a, b, c->typed_data(), trans_a, trans_b,
+                 [](int64_t, int64_t, int64_t, int64_t) {});
+}
+
+// The feed-forward's first layer: pre = x @ w + bias and y = GELU(pre) (tanh
+// form), both returned: the backward needs pre.
+ffi::Error DenseGelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                     ffi::ResultBuffer<ffi::F32> pre) {
+  const int64_t n = w.dimensions().back();
+  if (bias.element_count() != n) {
+    return ffi::Error::InvalidArgument("jaxllm_mkl_dense_gelu: bias size differs from the columns");
+  }
+  float *P = pre->typed_data(), *Y = y->typed_data();
+  const float* b = bias.typed_data();
+  return Product(pool, x, w, P, false, false, [=](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float *pr = P + r * n, *yr = Y + r * n;
+#pragma omp simd
+      for (int64_t j = c0; j < c1; ++j) {
+        pr[j] += b[j];
+        yr[j] = Gelu(pr[j]);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -70,3 +104,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmMklSgemm, jaxllm::Sgemm,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("trans_a")
                                   .Attr<bool>("trans_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmMklDenseGelu, jaxllm::DenseGelu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // GELU(pre)
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // pre = x @ kernel + bias

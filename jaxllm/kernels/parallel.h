@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -34,6 +35,24 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t parts, Part part) {
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([drain] { drain(); });
   drain();
   while (state->done.load(std::memory_order_acquire) < parts) __builtin_ia32_pause();
+}
+
+// Column sums over `rows` rows in `parts` chunks: chunk(lo, hi, partial) adds
+// rows [lo, hi) into its own zeroed buffer of `width` floats, on the pool;
+// then the buffers are added into out[0 .. width) in a fixed order.
+template <typename Chunk>
+void PartialSums(xla::ffi::ThreadPool& pool, int64_t rows, int64_t width, int64_t parts, float* out,
+                 Chunk chunk) {
+  std::vector<float> partial(parts * width, 0.0f);
+  ParallelFor(pool, parts, [&](int64_t p) {
+    chunk(rows * p / parts, rows * (p + 1) / parts, partial.data() + p * width);
+  });
+  std::fill(out, out + width, 0.0f);
+  for (int64_t p = 0; p < parts; ++p) {
+    const float* src = partial.data() + p * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) out[j] += src[j];
+  }
 }
 
 // MKL's CBLAS interface (LP64), declared here so no MKL headers are needed.

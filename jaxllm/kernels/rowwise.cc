@@ -1,15 +1,17 @@
-// LayerNorm and column sums for XLA's CPU backend, float32.
+// Row-wise kernels for XLA's CPU backend, float32: LayerNorm, column sums and
+// the GELU backward.
 //
 // XLA's CPU backend computes a LayerNorm as a dozen small ops, each one pass
 // over the activations, and its reductions over 512 x 256 activations cost
-// 40-500 us a call (see NOTES.md, v5). Here one handler does the forward in a
-// single pass per row, one the whole backward, and one the column sums that
-// a dense layer's bias gradient needs:
+// 40-500 us a call (see NOTES.md, v5). Here each is one pass over the rows:
 //
 //   jaxllm_layer_norm_fwd:  y = (x - mean) * rstd * scale + bias, and the
 //                           rows' mean and rstd = 1 / sqrt(var + eps)
 //   jaxllm_layer_norm_bwd:  dx, dscale, dbias from x, scale, mean, rstd, dy
-//   jaxllm_column_sum:      s[j] = sum_i g[i, j]
+//   jaxllm_column_sum:      s[j] = sum_i g[i, j] (a dense layer's bias gradient)
+//   jaxllm_gelu_bwd:        dpre = dy * GELU'(pre) and its column sums (the
+//                           gradients of the feed-forward's first layer before
+//                           its products; its forward is in mkl_sgemm.cc)
 //
 // x is any float32 array whose last axis is normalised; the rows are split
 // over XLA's intra-op thread pool. Column sums are accumulated per thread and
@@ -21,6 +23,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "fast_math.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -34,23 +37,6 @@ constexpr int64_t kMinPartWork = int64_t{1} << 15;
 
 int64_t Parts(ffi::ThreadPool& pool, int64_t rows, int64_t cols) {
   return std::max<int64_t>(1, std::min({pool.num_threads(), rows, rows * cols / kMinPartWork}));
-}
-
-// Sums over row chunks [lo, hi) into per-part buffers of `width` floats, then
-// adds the parts into out[0 .. width). chunk(lo, hi, partial) accumulates.
-template <typename Chunk>
-void PartialSums(ffi::ThreadPool& pool, int64_t rows, int64_t width, int64_t parts, float* out,
-                 Chunk chunk) {
-  std::vector<float> partial(parts * width, 0.0f);
-  ParallelFor(pool, parts, [&](int64_t p) {
-    chunk(rows * p / parts, rows * (p + 1) / parts, partial.data() + p * width);
-  });
-  std::fill(out, out + width, 0.0f);
-  for (int64_t p = 0; p < parts; ++p) {
-    const float* src = partial.data() + p * width;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) out[j] += src[j];
-  }
 }
 
 ffi::Error LayerNormFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
@@ -140,6 +126,19 @@ ffi::Error LayerNormBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
+void GeluBwdRows(const float* __restrict P, const float* __restrict G, float* __restrict D,
+                 float* __restrict acc, int64_t n, int64_t lo, int64_t hi) {
+  for (int64_t r = lo; r < hi; ++r) {
+    const float *pr = P + r * n, *gr = G + r * n;
+    float* dr = D + r * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      dr[j] = gr[j] * GeluGrad(pr[j]);
+      acc[j] += dr[j];
+    }
+  }
+}
+
 ffi::Error ColumnSum(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> s) {
   const auto dims = g.dimensions();
   if (dims.size() != 2 || s->element_count() != dims[1]) {
@@ -155,6 +154,23 @@ ffi::Error ColumnSum(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::ResultB
       for (int64_t j = 0; j < n; ++j) acc[j] += gr[j];
     }
   });
+  return ffi::Error::Success();
+}
+
+// The feed-forward's GELU backward: dpre = dy * GELU'(pre), and its column
+// sums, the first layer's bias gradient.
+ffi::Error GeluBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> dy,
+                   ffi::ResultBuffer<ffi::F32> dpre, ffi::ResultBuffer<ffi::F32> dbias) {
+  const auto dims = pre.dimensions();
+  if (dims.size() != 2 || dy.element_count() != pre.element_count() ||
+      dbias->element_count() != dims[1]) {
+    return ffi::Error::InvalidArgument("jaxllm_gelu_bwd takes 2-D pre and dy of one shape");
+  }
+  const int64_t rows = dims[0], n = dims[1];
+  const float *P = pre.typed_data(), *G = dy.typed_data();
+  float* D = dpre->typed_data();
+  PartialSums(pool, rows, n, Parts(pool, rows, n), dbias->typed_data(),
+              [=](int64_t lo, int64_t hi, float* acc) { GeluBwdRows(P, G, D, acc, n, lo, hi); });
   return ffi::Error::Success();
 }
 
@@ -189,3 +205,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmColumnSum, jaxllm::ColumnSum,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmGeluBwd, jaxllm::GeluBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // pre
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dpre
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // dbias
