@@ -192,7 +192,7 @@ def qkv_heads(p, x, config: GPTConfig):
 
 
 def feed_forward(p, x, impl: str = "xla"):
-    if impl == "mkl":  # GELU applied inside the first product (jaxllm.kernels.mkl.dense_gelu)
+    if impl == "mkl" and "bias" in p["fc"]:  # bias and GELU inside the product (mkl.dense_gelu)
         from jaxllm.kernels import mkl
         lead = x.shape[:-1]
         h = mkl.dense_gelu(x.reshape(-1, x.shape[-1]), p["fc"]["kernel"], p["fc"]["bias"])

@@ -143,6 +143,22 @@ def test_gradients_of_each_attention_implementation(impl):
     check_loss_and_gradients(make_config(tie=False, qkv_bias=True, attn_impl=impl), seed=5)
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="Intel MKL is x86-64 only")
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_cpu_kernel_recipe_matches_torch(tie):
+    # Every native CPU kernel at once (MKL products, attention, LayerNorm, the
+    # bias, GELU and column-sum kernels): logits and every gradient.
+    config = make_config(tie, qkv_bias=True, attn_impl="mkl").replace(
+        matmul_impl="mkl", norm_impl="mkl")
+    params = random_params(config, seed=8)
+    tokens = random_tokens(config, (3, config.context_length), seed=9)
+    with torch.no_grad():
+        expected = torch_logits(hf_model(params, config), tokens).numpy()
+    err = np.abs(np.asarray(forward(params, tokens, config)) - expected).max()
+    assert err < LOGIT_ATOL, f"max |logit difference| {err:.3g}"
+    check_loss_and_gradients(config, seed=10)
+
+
 def test_masked_loss_matches_ignore_index():
     config = make_config(tie=False, qkv_bias=True)
     params = random_params(config, seed=5)

@@ -46,7 +46,8 @@ ffi::Error LayerNormFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const auto dims = x.dimensions();
   if (dims.size() == 0 || scale.element_count() != dims.back() ||
       bias.element_count() != dims.back()) {
-    return ffi::Error::InvalidArgument("jaxllm_layer_norm_fwd: scale and bias must match x's last axis");
+    return ffi::Error::InvalidArgument(
+        "jaxllm_layer_norm_fwd: scale and bias must match x's last axis");
   }
   const int64_t d = dims.back(), rows = d ? x.element_count() / d : 0;
   const float *X = x.typed_data(), *S = scale.typed_data(), *B = bias.typed_data();
@@ -126,16 +127,12 @@ ffi::Error LayerNormBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
-void GeluBwdRows(const float* __restrict P, const float* __restrict G, float* __restrict D,
-                 float* __restrict acc, int64_t n, int64_t lo, int64_t hi) {
+void ColumnSumRows(const float* __restrict G, float* __restrict acc, int64_t n, int64_t lo,
+                   int64_t hi) {
   for (int64_t r = lo; r < hi; ++r) {
-    const float *pr = P + r * n, *gr = G + r * n;
-    float* dr = D + r * n;
+    const float* gr = G + r * n;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      dr[j] = gr[j] * GeluGrad(pr[j]);
-      acc[j] += dr[j];
-    }
+    for (int64_t j = 0; j < n; ++j) acc[j] += gr[j];
   }
 }
 
@@ -147,14 +144,21 @@ ffi::Error ColumnSum(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::ResultB
   const int64_t rows = dims[0], n = dims[1];
   const float* G = g.typed_data();
   PartialSums(pool, rows, n, Parts(pool, rows, n), s->typed_data(),
-              [=](int64_t lo, int64_t hi, float* acc) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const float* gr = G + r * n;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) acc[j] += gr[j];
-    }
-  });
+              [=](int64_t lo, int64_t hi, float* acc) { ColumnSumRows(G, acc, n, lo, hi); });
   return ffi::Error::Success();
+}
+
+void GeluBwdRows(const float* __restrict P, const float* __restrict G, float* __restrict D,
+                 float* __restrict acc, int64_t n, int64_t lo, int64_t hi) {
+  for (int64_t r = lo; r < hi; ++r) {
+    const float *pr = P + r * n, *gr = G + r * n;
+    float* dr = D + r * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      dr[j] = gr[j] * GeluGrad(pr[j]);
+      acc[j] += dr[j];
+    }
+  }
 }
 
 // The feed-forward's GELU backward: dpre = dy * GELU'(pre), and its column
