@@ -150,20 +150,26 @@ def norm(p, x, config: GPTConfig):
     return layer_norm(p, x, config.ln_eps, config.norm_impl)
 
 
-def dense(p, x, impl: str = "xla"):
-    """x @ kernel + bias, with the leading axes flattened to one matrix product.
+def dense(p, x, impl: str = "xla", *, gelu: bool = False):
+    """x @ kernel + bias (then GELU, tanh form, with `gelu`), the leading axes
+    flattened to one matrix product.
 
     `impl` is `GPTConfig.matmul_impl`: "xla" (XLA's dot) or "mkl" (the same
-    product and its gradients by Intel MKL, and the bias gradient by a kernel
-    of the same library: `jaxllm.kernels.mkl`).
+    product and its gradients by Intel MKL, the bias gradient and GELU by
+    kernels of the same library: `jaxllm.kernels.mkl`).
     """
     lead = x.shape[:-1]
-    y = matmul(x.reshape(-1, x.shape[-1]), p["kernel"], impl)
-    if "bias" in p and impl == "mkl":
-        from jaxllm.kernels import mkl
-        y = mkl.add_bias(y, p["bias"])
-    elif "bias" in p:
-        y = y + p["bias"]
+    x = x.reshape(-1, x.shape[-1])
+    if impl == "mkl" and "bias" in p:
+        from jaxllm.kernels import mkl  # builds the kernels on first use
+        y = (mkl.dense_gelu(x, p["kernel"], p["bias"]) if gelu
+             else mkl.add_bias(matmul(x, p["kernel"], impl), p["bias"]))
+    else:
+        y = matmul(x, p["kernel"], impl)
+        if "bias" in p:
+            y = y + p["bias"]
+        if gelu:
+            y = jax.nn.gelu(y, approximate=True)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -192,12 +198,7 @@ def qkv_heads(p, x, config: GPTConfig):
 
 
 def feed_forward(p, x, impl: str = "xla"):
-    if impl == "mkl" and "bias" in p["fc"]:  # bias and GELU inside the product (mkl.dense_gelu)
-        from jaxllm.kernels import mkl
-        lead = x.shape[:-1]
-        h = mkl.dense_gelu(x.reshape(-1, x.shape[-1]), p["fc"]["kernel"], p["fc"]["bias"])
-        return dense(p["proj"], h.reshape(*lead, -1), impl)
-    return dense(p["proj"], jax.nn.gelu(dense(p["fc"], x, impl), approximate=True), impl)
+    return dense(p["proj"], dense(p["fc"], x, impl, gelu=True), impl)
 
 
 def block(p, x, config: GPTConfig, rng=None):
