@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import time
@@ -47,6 +48,7 @@ from torch import nn
 
 from experiments.common import markdown_table, results_dir, write_report
 from jaxllm.config import GPTConfig, count_params, get_preset
+from jaxllm.host_memory import reuse_host_memory
 from jaxllm.model import init_params
 from jaxllm.train import TrainConfig, init_train_state, make_optimizer, make_train_step
 
@@ -330,12 +332,15 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
 
     run_jax(), run_torch()  # warm-up
     jax_t, torch_t = [], []
+    faults = {run_jax: 0, run_torch: 0}  # minor page faults: fresh memory the step touched
     for r in range(repeats):
         order = ((run_jax, jax_t), (run_torch, torch_t))
         for fn, out in (order if r % 2 == 0 else order[::-1]):
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)
+            faults[fn] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     profile = None
     if profile_dir:
         hlo = jstep.lower(state, inputs, targets).compile().as_text()
@@ -353,6 +358,8 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
             "ratio": statistics.median(pair_ratios), "pair_ratios": pair_ratios,
             "ratio_of_medians": jax_tps / torch_tps, "jax_step_s": sorted(t / steps for t in jax_t),
             "torch_step_s": sorted(t / steps for t in torch_t),
+            "page_faults_per_step": {"jax": faults[run_jax] / (steps * repeats),
+                                     "torch": faults[run_torch] / (steps * repeats)},
             "first_loss_jax": jax_first, "first_loss_torch": torch_first,
             "compile_s": {"jax": jax_compile, "torch": torch_compile},
             "flops_per_token": flops_per_token(c, case.seq), "profile": profile}
@@ -421,7 +428,11 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also trace a block of jaxllm steps with jax.profiler and list its "
                          "costliest XLA ops (traces under results/<name>/trace-<case>)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc settings as they are (see jaxllm.host_memory); "
+                         "by default the process reuses freed memory, both frameworks alike")
     args = ap.parse_args(argv)
+    reused = False if args.default_malloc else reuse_host_memory()
     if args.threads is not None:
         pin_cores(args.threads)
 
@@ -444,6 +455,7 @@ def main(argv=None) -> int:
     tc = TrainConfig(lr=3e-4, warmup_steps=0, total_steps=10_000, grad_clip=1.0)
     info = machine_info(on_gpu)
     info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    info["reuse_host_memory"] = reused
     print(f"machine: {info}", flush=True)
     rate = matmul_rate(on_gpu)
     print(f"matmul {rate['n']}^3 {rate['dtype']}: jax {rate['jax'] / 1e9:.1f} GFLOP/s, "
@@ -469,17 +481,19 @@ def main(argv=None) -> int:
         if peak:
             row.append(f"{100 * r['mfu_datasheet']['jax']:.1f}% / {100 * r['mfu_datasheet']['torch']:.1f}%")
         row.append(f"{r['first_loss_jax']:.4f} / {r['first_loss_torch']:.4f}")
+        row.append(f"{r['page_faults_per_step']['jax']:.0f} / {r['page_faults_per_step']['torch']:.0f}")
         rows.append(row)
         print(f"  jaxllm {r['jax_tokens_per_s']:.0f} tok/s, torch {r['torch_tokens_per_s']:.0f} tok/s, "
-              f"ratio {r['ratio']:.2f} (repeats {r['pair_ratios'][0]:.2f}-{r['pair_ratios'][-1]:.2f})",
-              flush=True)
+              f"ratio {r['ratio']:.2f} (repeats {r['pair_ratios'][0]:.2f}-{r['pair_ratios'][-1]:.2f}), "
+              f"page faults/step {r['page_faults_per_step']['jax']:.0f} / "
+              f"{r['page_faults_per_step']['torch']:.0f}", flush=True)
 
     torch_mode = "torch.compile + bf16 autocast + fused AdamW" if cases[0].gpu_recipe else "eager float32"
     headers = ["case", "batch", "seq", "jaxllm tok/s", f"torch tok/s ({torch_mode})",
                "jaxllm/torch", "MFU vs measured matmul (jax / torch)"]
     if peak:
         headers.append("MFU vs datasheet (jax / torch)")
-    headers.append("first-step loss (jax / torch)")
+    headers += ["first-step loss (jax / torch)", "page faults/step (jax / torch)"]
     impl = {k: cases[0].config.to_dict()[k] for k in
             ("attn_impl", "matmul_impl", "norm_impl", "param_dtype", "compute_dtype",
              "scan_layers", "remat", "vocab_multiple")}
@@ -487,7 +501,9 @@ def main(argv=None) -> int:
     md = (f"# Training throughput: jaxllm vs PyTorch\n\n"
           f"Machine: {info.get('gpu', info['cpu'])}, nproc {info['nproc']}, jax {info['jax']} "
           f"({info['jax_backend']}), torch {info['torch']} ({info['torch_threads']} threads), "
-          f"{info['cores']} core(s) for both.\n"
+          f"{info['cores']} core(s) for both; malloc "
+          + ("reusing freed memory (`jaxllm.reuse_host_memory`)" if reused else "with glibc's defaults")
+          + ", one process for both.\n"
           f"Matmul rate ({rate['n']}^3 {rate['dtype']}): {rate['best'] / 1e9:.1f} GFLOP/s "
           f"(jax {rate['jax'] / 1e9:.1f}, torch {rate['torch'] / 1e9:.1f})"
           + (f"; datasheet peak {peak / 1e12:.0f} TFLOP/s" if peak else "") + ".\n"

@@ -19,6 +19,7 @@ from jaxllm.config import (
     param_shapes,
 )
 from jaxllm.generate import Generation, generate
+from jaxllm.host_memory import reuse_host_memory
 from jaxllm.hf import from_hf_state_dict, save_safetensors, to_hf_state_dict
 from jaxllm.loss import cross_entropy, lm_loss, perplexity
 from jaxllm.model import apply, forward, init_params
@@ -27,5 +28,5 @@ __all__ = [
     "GPT_CONFIG_124M", "PRESETS", "GPTConfig", "count_params", "get_preset", "param_bytes",
     "param_shapes", "from_hf_state_dict", "save_safetensors", "to_hf_state_dict",
     "cross_entropy", "lm_loss", "perplexity", "apply", "forward", "init_params",
-    "Generation", "generate",
+    "Generation", "generate", "reuse_host_memory",
 ]

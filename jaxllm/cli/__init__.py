@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from jaxllm.host_memory import reuse_host_memory
+
 SUBCOMMANDS = {
     "pretrain": "Train a model on text (a preset or config file, local data, checkpoints).",
     "generate": "Generate text from a checkpoint or Hugging Face GPT-2 weights.",
@@ -17,7 +19,9 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:  # the process's own entry point: JAX has not started yet
+        reuse_host_memory()
+        argv = sys.argv[1:]
     parser = argparse.ArgumentParser(prog="jaxllm", description="GPT-style LLMs in JAX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
