@@ -74,7 +74,7 @@ class Case:
 # jaxllm's CPU recipe: dense layers, attention and LayerNorm by the kernels of
 # jaxllm.kernels.mkl (x86-64 only), and each batch of 8-16 sequences run as 4
 # micro-batches, whose activations stay in the cores' caches.
-CPU_RECIPE = ({"matmul_impl": "mkl", "attn_impl": "mkl", "norm_impl": "mkl"}
+CPU_RECIPE = ({"matmul_impl": "mkl", "attn_impl": "mkl", "norm_impl": "mkl", "loss_impl": "mkl"}
               if platform.machine() == "x86_64" else {})
 CPU_GRAD_ACCUM = 4
 
@@ -495,7 +495,7 @@ def main(argv=None) -> int:
         headers.append("MFU vs datasheet (jax / torch)")
     headers += ["first-step loss (jax / torch)", "page faults/step (jax / torch)"]
     impl = {k: cases[0].config.to_dict()[k] for k in
-            ("attn_impl", "matmul_impl", "norm_impl", "param_dtype", "compute_dtype",
+            ("attn_impl", "matmul_impl", "norm_impl", "loss_impl", "param_dtype", "compute_dtype",
              "scan_layers", "remat", "vocab_multiple")}
     impl["grad_accum"] = cases[0].grad_accum
     md = (f"# Training throughput: jaxllm vs PyTorch\n\n"

@@ -3,8 +3,8 @@
 A `GPTConfig` holds two kinds of field. The architecture fields (the seed's
 seven keys plus `ffn_dim`, `tie_embeddings` and `ln_eps`) decide the
 parameter shapes and the function the model computes. The implementation
-fields (`attn_impl`, `matmul_impl`, `norm_impl`, dtypes, `scan_layers`,
-`remat`, `vocab_multiple`) only
+fields (`attn_impl`, `matmul_impl`, `norm_impl`, `loss_impl`, dtypes,
+`scan_layers`, `remat`, `vocab_multiple`) only
 change how XLA computes the same function, and every one of them is tested
 for equality with the reference path. Because the config is hashable it can
 be passed to `jax.jit` as a static argument.
@@ -23,9 +23,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MATMUL_IMPLS = ("xla", "mkl")
 NORM_IMPLS = ("xla", "mkl")
+LOSS_IMPLS = ("xla", "mkl")
 # Fields whose "mkl" value is a kernel of jaxllm.kernels.mkl (CPU, float32, one
 # device), each with the XLA-side value to use where that kernel cannot run.
-NATIVE_KERNEL_FIELDS = (("matmul_impl", "xla"), ("attn_impl", "blockwise"), ("norm_impl", "xla"))
+NATIVE_KERNEL_FIELDS = (("matmul_impl", "xla"), ("attn_impl", "blockwise"), ("norm_impl", "xla"),
+                        ("loss_impl", "xla"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,7 @@ class GPTConfig:
     vocab_multiple: int = 1  # pad the embedding rows to a multiple of this
     matmul_impl: str = "xla"  # dense layers: XLA's dot, or "mkl" (CPU, float32; jaxllm.kernels.mkl)
     norm_impl: str = "xla"  # LayerNorm: XLA ops, or "mkl" (the same library's CPU kernel, float32)
+    loss_impl: str = "xla"  # cross-entropy: XLA ops, or "mkl" (one CPU kernel pass, float32)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -147,7 +150,8 @@ def _validate(c: GPTConfig) -> None:
         raise ValueError(f"GPTConfig.ln_eps must be positive, got {eps!r}")
     for name, allowed in (("attn_impl", ATTN_IMPLS), ("param_dtype", DTYPES),
                           ("compute_dtype", DTYPES), ("remat", REMAT_POLICIES),
-                          ("matmul_impl", MATMUL_IMPLS), ("norm_impl", NORM_IMPLS)):
+                          ("matmul_impl", MATMUL_IMPLS), ("norm_impl", NORM_IMPLS),
+                          ("loss_impl", LOSS_IMPLS)):
         value = expect(name, (str,), f"one of {allowed}")
         if value not in allowed:
             raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {value!r}")

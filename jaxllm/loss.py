@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxllm.config import GPTConfig
+from jaxllm.config import LOSS_IMPLS, GPTConfig
 from jaxllm.model import Params, apply, check_tokens
 
 
-def cross_entropy(logits, targets, mask=None):
+def cross_entropy(logits, targets, mask=None, *, impl: str = "xla"):
     """Mean cross-entropy of integer `targets` under `logits` (..., vocab), in float32.
 
     The per-position loss is logsumexp minus the target logit, with a
@@ -19,8 +19,18 @@ def cross_entropy(logits, targets, mask=None):
     shape as targets, 0/1 or bool) selects the positions that count; the
     mean is over those. A target outside [0, vocab) makes the loss NaN
     (unless masked out), so a bad target under jit cannot pass unnoticed.
+    `impl` is `GPTConfig.loss_impl`: "xla", or "mkl" for the per-position
+    loss as one CPU kernel pass forward and one backward
+    (`jaxllm.kernels.mkl.token_nll`, float32 logits).
     """
-    nll = token_nll(logits, targets)
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"cross_entropy impl must be one of {LOSS_IMPLS}, got {impl!r}")
+    if impl == "mkl":
+        from jaxllm.kernels import mkl
+
+        nll = mkl.token_nll(logits.astype(jnp.float32), targets)
+    else:
+        nll = token_nll(logits, targets)
     if mask is None:
         return nll.mean()
     if mask.shape != targets.shape:
@@ -94,7 +104,7 @@ def lm_loss(params: Params, inputs, targets, config: GPTConfig, *, mask=None,
         inputs, targets = inputs[None], targets[None]
         mask = None if mask is None else mask[None]
     logits = apply(params, inputs, config, rng=rng if train else None)
-    return cross_entropy(logits, targets, mask)
+    return cross_entropy(logits, targets, mask, impl=config.loss_impl)
 
 
 def perplexity(loss):

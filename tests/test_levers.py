@@ -130,7 +130,8 @@ def reference_run():
     *(pytest.param(lever, marks=pytest.mark.skipif(
         platform.machine() != "x86_64", reason="Intel MKL is x86-64 only"))
       for lever in (dict(matmul_impl="mkl"), dict(attn_impl="mkl"), dict(norm_impl="mkl"),
-                    dict(matmul_impl="mkl", attn_impl="mkl", norm_impl="mkl"))),
+                    dict(loss_impl="mkl"),
+                    dict(matmul_impl="mkl", attn_impl="mkl", norm_impl="mkl", loss_impl="mkl"))),
 ])
 def test_lever_matches_reference(lever, reference_run):
     params, (ref_loss, ref_grads) = reference_run
@@ -252,7 +253,7 @@ def test_fast_path_trains_like_reference():
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="Intel MKL is x86-64 only")
 def test_cpu_recipe_trains_like_reference():
     # The benchmark's CPU recipe: the MKL library's dense layers, attention and
-    # LayerNorm, each batch as micro-batches.
+    # LayerNorm and cross-entropy, each batch as micro-batches.
     ref = _train_losses(reference_config(TINY))
-    recipe = TINY.replace(matmul_impl="mkl", attn_impl="mkl", norm_impl="mkl")
+    recipe = TINY.replace(matmul_impl="mkl", attn_impl="mkl", norm_impl="mkl", loss_impl="mkl")
     np.testing.assert_allclose(_train_losses(recipe, grad_accum=2), ref, rtol=0, atol=1e-4)

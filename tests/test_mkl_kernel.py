@@ -1,6 +1,6 @@
 """The MKL kernels against NumPy and XLA: the matrix product (`GPTConfig.matmul_impl="mkl"`),
-causal attention (`GPTConfig.attn_impl="mkl"`), LayerNorm (`GPTConfig.norm_impl="mkl"`)
-and the column sum of the bias gradients.
+causal attention (`GPTConfig.attn_impl="mkl"`), LayerNorm (`GPTConfig.norm_impl="mkl"`),
+the cross-entropy (`GPTConfig.loss_impl="mkl"`) and the column sum of the bias gradients.
 
 MKL ships for x86-64 only; there the test extra installs it, so these run
 (never skip) in CI.
@@ -20,6 +20,7 @@ from jaxllm.attention import causal_attention, reference_attention
 from jaxllm.config import GPTConfig
 from jaxllm.generate import generate
 from jaxllm.kernels import mkl
+from jaxllm.loss import cross_entropy, lm_loss
 from jaxllm.model import apply, init_params, layer_norm
 from jaxllm.sharding import _check_native_kernels
 
@@ -134,7 +135,11 @@ def test_config_and_mesh_checks():
         GPTConfig(norm_impl="mkl", compute_dtype="bfloat16")
     with pytest.raises(ValueError, match="norm_impl must be one of"):
         GPTConfig(norm_impl="fused")
-    for field in ("matmul_impl", "attn_impl", "norm_impl"):
+    with pytest.raises(ValueError, match="loss_impl='mkl' computes in float32"):
+        GPTConfig(loss_impl="mkl", compute_dtype="bfloat16")
+    with pytest.raises(ValueError, match="loss_impl must be one of"):
+        GPTConfig(loss_impl="chunked")
+    for field in ("matmul_impl", "attn_impl", "norm_impl", "loss_impl"):
         _check_native_kernels(GPTConfig(**{field: "mkl"}), types.SimpleNamespace(size=1))
         with pytest.raises(ValueError, match=f"{field}='mkl' runs on one CPU device"):
             _check_native_kernels(GPTConfig(**{field: "mkl"}), types.SimpleNamespace(size=2))
@@ -404,3 +409,75 @@ def test_dense_gelu_edge_cases_and_errors():
         mkl.dense_gelu(jnp.ones((2, 4)), w, jnp.zeros(4))
     with pytest.raises(ValueError, match="contracting"):
         mkl.dense_gelu(jnp.ones((2, 5)), w, b)
+
+
+def nll_float64(logits, targets):
+    """-log softmax per row and its gradient (softmax - one_hot), in float64."""
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    onehot = np.eye(x.shape[-1])[targets]
+    return -np.take_along_axis(logp, targets[..., None], -1)[..., 0], np.exp(logp) - onehot
+
+
+@pytest.mark.parametrize("shape", [(4, 2048), (2, 3, 7), (1, 50257), (5, 1)])
+def test_token_nll_matches_float64(shape):
+    rng = np.random.default_rng(11)
+    logits = (rng.normal(size=shape) * 4).astype(np.float32)
+    targets = rng.integers(0, shape[-1], size=shape[:-1])
+    weights = rng.normal(size=shape[:-1]).astype(np.float32)  # d loss / d nll per row
+    want, want_grad = nll_float64(logits, targets)
+    got, vjp = jax.vjp(lambda x: mkl.token_nll(x, jnp.asarray(targets)), jnp.asarray(logits))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(weights))[0]),
+                               want_grad * weights[..., None], rtol=1e-5, atol=1e-7)
+
+
+def test_token_nll_non_finite_logits_and_bad_targets_match_xla():
+    from jaxllm.loss import token_nll
+
+    logits = jnp.asarray(np.random.default_rng(12).normal(size=(6, 9)).astype(np.float32))
+    logits = (logits.at[1, 2].set(jnp.nan).at[2, 4].set(jnp.inf)
+              .at[4, :3].set(-jnp.inf).at[5, :].set(-jnp.inf))
+    targets = jnp.array([0, 1, 2, 9, 5, 3])  # row 3: a target past the vocabulary
+    got, want = mkl.token_nll(logits, targets), token_nll(logits, targets)
+    # NaN where a logit is NaN, the target invalid, or every logit -inf; +inf
+    # where a logit is +inf
+    assert np.isnan(np.asarray(got)).tolist() == [False, True, False, True, False, True]
+    assert float(got[2]) == np.inf
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    grad = jax.grad(lambda x: mkl.token_nll(x, targets)[4])(logits)
+    assert np.all(np.asarray(grad[4, :3]) == 0.0)  # -inf logits take no probability
+    np.testing.assert_allclose(np.asarray(grad[4]), np.asarray(
+        jax.grad(lambda x: token_nll(x, targets)[4])(logits)[4]), rtol=1e-5, atol=1e-7)
+
+
+def test_token_nll_edge_cases_and_errors():
+    assert mkl.token_nll(jnp.zeros((0, 5)), jnp.zeros((0,), jnp.int32)).shape == (0,)
+    assert np.isnan(np.asarray(mkl.token_nll(jnp.zeros((2, 0)), jnp.zeros(2, jnp.int32)))).all()
+    with pytest.raises(ValueError, match="targets of their leading shape"):
+        mkl.token_nll(jnp.zeros((2, 5)), jnp.zeros(3, jnp.int32))
+    with pytest.raises(ValueError, match="float32 logits"):
+        mkl.token_nll(jnp.zeros((2, 5), jnp.bfloat16), jnp.zeros(2, jnp.int32))
+    with pytest.raises(ValueError, match="integer targets"):
+        mkl.token_nll(jnp.zeros((2, 5)), jnp.zeros(2))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        cross_entropy(jnp.zeros((2, 5)), jnp.zeros(2, jnp.int32), impl="fused")
+
+
+def test_loss_kernel_in_the_model_matches_xla_with_padding_and_mask():
+    # vocab 50 padded to 64: the padding logits (-1e30) must take no probability
+    c = GPTConfig(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=1,
+                  drop_rate=0.0, vocab_multiple=64)
+    params = init_params(c, jax.random.key(0))
+    rng = np.random.default_rng(13)
+    x, y = (jnp.asarray(rng.integers(0, 50, size=(3, 16))) for _ in range(2))
+    mask = jnp.asarray(rng.random((3, 16)) < 0.5)
+
+    def loss(config):
+        return jax.jit(jax.value_and_grad(lambda p: lm_loss(p, x, y, config, mask=mask)))(params)
+
+    (ref, ref_g), (got, got_g) = loss(c), loss(c.replace(loss_impl="mkl"))
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

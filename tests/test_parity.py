@@ -147,9 +147,9 @@ def test_gradients_of_each_attention_implementation(impl):
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_cpu_kernel_recipe_matches_torch(tie):
     # Every native CPU kernel at once (MKL products, attention, LayerNorm, the
-    # bias, GELU and column-sum kernels): logits and every gradient.
+    # cross-entropy, the bias, GELU and column-sum kernels): logits and every gradient.
     config = make_config(tie, qkv_bias=True, attn_impl="mkl").replace(
-        matmul_impl="mkl", norm_impl="mkl")
+        matmul_impl="mkl", norm_impl="mkl", loss_impl="mkl")
     params = random_params(config, seed=8)
     tokens = random_tokens(config, (3, config.context_length), seed=9)
     with torch.no_grad():

@@ -18,6 +18,8 @@ runs a dozen small ops; it is `GPTConfig(norm_impl="mkl")`. Under
 `matmul_impl="mkl"` the dense layers' bias gradients are one `column_sum`
 each (`add_bias`), and the feed-forward's first layer is `dense_gelu`: the
 bias and GELU applied to the product's panels as MKL finishes them.
+`token_nll` is the cross-entropy per position as one pass over the logits
+forward and one backward; it is `GPTConfig(loss_impl="mkl")`.
 
 The handlers are compiled on first use, into one library, with the C++
 compiler (`$CXX`, else `g++`, for this machine's CPU: `-march=native`) against
@@ -49,6 +51,7 @@ ATTENTION_FWD, ATTENTION_BWD = "jaxllm_mkl_attention_fwd", "jaxllm_mkl_attention
 LAYER_NORM_FWD, LAYER_NORM_BWD = "jaxllm_layer_norm_fwd", "jaxllm_layer_norm_bwd"
 COLUMN_SUM = "jaxllm_column_sum"
 DENSE_GELU, GELU_BWD = "jaxllm_mkl_dense_gelu", "jaxllm_gelu_bwd"
+CROSS_ENTROPY_FWD, CROSS_ENTROPY_BWD = "jaxllm_cross_entropy_fwd", "jaxllm_cross_entropy_bwd"
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / "mkl_sgemm.cc", _HERE / "mkl_attention.cc", _HERE / "rowwise.cc")
 HEADERS = (_HERE / "parallel.h", _HERE / "fast_math.h")
@@ -143,7 +146,9 @@ def register() -> str:
                            (LAYER_NORM_BWD, library.JaxllmLayerNormBwd),
                            (COLUMN_SUM, library.JaxllmColumnSum),
                            (DENSE_GELU, library.JaxllmMklDenseGelu),
-                           (GELU_BWD, library.JaxllmGeluBwd)):
+                           (GELU_BWD, library.JaxllmGeluBwd),
+                           (CROSS_ENTROPY_FWD, library.JaxllmCrossEntropyFwd),
+                           (CROSS_ENTROPY_BWD, library.JaxllmCrossEntropyBwd)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return TARGET
 
@@ -361,3 +366,48 @@ def _layer_norm_bwd(eps, res, g):
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@jax.custom_vjp
+def token_nll(logits, targets):
+    """-log softmax(logits)[target] per position, float32 logits (..., vocab), by
+    `rowwise.cc`: the logsumexp and the target logit in one pass per row, the
+    gradient softmax - one_hot in one more. Same values as
+    `jaxllm.loss.token_nll`, NaN where a target is outside [0, vocab) or a
+    logit is NaN, +inf where one is +inf; -inf logits take no probability.
+    It is `GPTConfig(loss_impl="mkl")`.
+    """
+    return _token_nll_fwd(logits, targets)[0]
+
+
+def _token_nll_fwd(logits, targets):
+    if logits.dtype != jnp.float32 or logits.ndim == 0 or targets.shape != logits.shape[:-1]:
+        raise ValueError(f"token_nll takes float32 logits (..., vocab) and targets of their "
+                         f"leading shape, got {logits.dtype} {logits.shape} and {targets.shape}")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"token_nll takes integer targets, got {targets.dtype}")
+    _check_cpu("loss_impl", "xla")
+    vocab = logits.shape[-1]
+    # int32 for the kernel; an id outside the vocabulary (however wide) becomes -1,
+    # so no wide id wraps into range
+    ids = jnp.where((targets >= 0) & (targets < vocab), targets, -1).astype(jnp.int32)
+    if logits.size == 0:
+        lse = jnp.full(targets.shape, -jnp.inf, jnp.float32)
+        return jnp.full(targets.shape, jnp.nan, jnp.float32), (logits, lse, ids)
+    register()
+    rows = jax.ShapeDtypeStruct(targets.shape, jnp.float32)
+    nll, lse = jax.ffi.ffi_call(CROSS_ENTROPY_FWD, (rows, rows),
+                                vmap_method="sequential")(logits, ids)
+    return nll, (logits, lse, ids)
+
+
+def _token_nll_bwd(res, g):
+    logits, lse, ids = res
+    if logits.size == 0:
+        return jnp.zeros_like(logits), None
+    grad = jax.ffi.ffi_call(CROSS_ENTROPY_BWD, jax.ShapeDtypeStruct(logits.shape, jnp.float32),
+                            vmap_method="sequential")(logits, lse, ids, g.astype(jnp.float32))
+    return grad, None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)

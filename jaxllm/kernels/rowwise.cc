@@ -1,5 +1,5 @@
-// Row-wise kernels for XLA's CPU backend, float32: LayerNorm, column sums and
-// the GELU backward.
+// Row-wise kernels for XLA's CPU backend, float32: LayerNorm, column sums, the
+// GELU backward and the cross-entropy.
 //
 // XLA's CPU backend computes a LayerNorm as a dozen small ops, each one pass
 // over the activations, and its reductions over 512 x 256 activations cost
@@ -12,6 +12,9 @@
 //   jaxllm_gelu_bwd:        dpre = dy * GELU'(pre) and its column sums (the
 //                           gradients of the feed-forward's first layer before
 //                           its products; its forward is in mkl_sgemm.cc)
+//   jaxllm_cross_entropy_fwd: nll = logsumexp(logits) - logits[target] per
+//                           row, and the row's logsumexp
+//   jaxllm_cross_entropy_bwd: dlogits = (softmax(logits) - one_hot(target)) * g
 //
 // x is any float32 array whose last axis is normalised; the rows are split
 // over XLA's intra-op thread pool. Column sums are accumulated per thread and
@@ -177,6 +180,80 @@ ffi::Error GeluBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pre, ffi::Buffer<
               [=](int64_t lo, int64_t hi, float* acc) { GeluBwdRows(P, G, D, acc, n, lo, hi); });
   return ffi::Error::Success();
 }
+// Cross-entropy of integer targets under float32 logits (rows, vocab), with
+// the values of the formula logsumexp - target logit: NaN for a row with a NaN
+// logit or a target outside [0, vocab), +inf for a row with a +inf logit
+// (NaN if that is the target's), and -inf logits taking no probability.
+ffi::Error CrossEntropyFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
+                           ffi::Buffer<ffi::S32> targets, ffi::ResultBuffer<ffi::F32> nll,
+                           ffi::ResultBuffer<ffi::F32> lse) {
+  const auto dims = logits.dimensions();
+  const int64_t v = dims.size() == 0 ? 0 : dims.back(), rows = v ? logits.element_count() / v : 0;
+  if (dims.size() == 0 || targets.element_count() != rows || nll->element_count() != rows) {
+    return ffi::Error::InvalidArgument(
+        "jaxllm_cross_entropy_fwd: one target per row of the logits");
+  }
+  const float* X = logits.typed_data();
+  const int32_t* T = targets.typed_data();
+  float *L = nll->typed_data(), *Z = lse->typed_data();
+  const int64_t parts = Parts(pool, rows, v);
+  ParallelFor(pool, parts, [=](int64_t p) {
+    for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; ++r) {
+      const float* xr = X + r * v;
+      float mx = -INFINITY;
+      int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+      for (int64_t j = 0; j < v; ++j) {
+        mx = xr[j] > mx ? xr[j] : mx;
+        nan |= xr[j] != xr[j];
+      }
+      float z = mx;  // all -inf: lse = -inf; a +inf: lse = +inf
+      if (std::isfinite(mx)) {
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < v; ++j) sum += xr[j] == -INFINITY ? 0.0f : Exp(xr[j] - mx);
+        z = mx + std::log(sum);
+      }
+      const int32_t t = T[r];
+      Z[r] = nan ? NAN : z;
+      L[r] = nan || t < 0 || t >= v ? NAN : z - xr[t];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// A row whose logsumexp is not finite (a NaN or +inf logit, or every logit
+// -inf) gets a NaN gradient.
+ffi::Error CrossEntropyBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
+                           ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::S32> targets,
+                           ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dlogits) {
+  const auto dims = logits.dimensions();
+  const int64_t v = dims.size() == 0 ? 0 : dims.back(), rows = v ? logits.element_count() / v : 0;
+  if (dims.size() == 0 || lse.element_count() != rows || targets.element_count() != rows ||
+      g.element_count() != rows) {
+    return ffi::Error::InvalidArgument(
+        "jaxllm_cross_entropy_bwd: one lse, target and g per row of the logits");
+  }
+  const float *X = logits.typed_data(), *Z = lse.typed_data(), *G = g.typed_data();
+  const int32_t* T = targets.typed_data();
+  float* D = dlogits->typed_data();
+  const int64_t parts = Parts(pool, rows, v);
+  ParallelFor(pool, parts, [=](int64_t p) {
+    for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; ++r) {
+      const float *xr = X + r * v, z = Z[r], gr = G[r];
+      float* dr = D + r * v;
+      if (!std::isfinite(z)) {
+        std::fill(dr, dr + v, NAN);
+        continue;
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < v; ++j) dr[j] = (xr[j] == -INFINITY ? 0.0f : Exp(xr[j] - z)) * gr;
+      const int32_t t = T[r];
+      if (t >= 0 && t < v) dr[t] -= gr;
+    }
+  });
+  return ffi::Error::Success();
+}
 
 }  // namespace
 }  // namespace jaxllm
@@ -217,3 +294,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmGeluBwd, jaxllm::GeluBwd,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dpre
                                   .Ret<ffi::Buffer<ffi::F32>>()); // dbias
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmCrossEntropyFwd, jaxllm::CrossEntropyFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // logits
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // targets (rows)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // nll (rows)
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // logsumexp (rows)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmCrossEntropyBwd, jaxllm::CrossEntropyBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // logits
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // logsumexp (rows)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // targets (rows)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g = d loss / d nll (rows)
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // dlogits

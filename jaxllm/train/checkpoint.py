@@ -32,7 +32,8 @@ CHECKPOINT_SUBDIR = "checkpoints"
 ITEMS = ("params", "train", "meta")
 # GPTConfig fields that change how the same function is computed, not what it
 # computes or the parameter shapes: a checkpoint may be resumed with others.
-IMPLEMENTATION_FIELDS = ("attn_impl", "matmul_impl", "norm_impl", "scan_layers", "remat")
+IMPLEMENTATION_FIELDS = ("attn_impl", "matmul_impl", "norm_impl", "loss_impl", "scan_layers",
+                         "remat")
 
 
 class Restored(NamedTuple):

@@ -40,7 +40,7 @@ def init_train_state(params, tc: TrainConfig, optimizer: optax.GradientTransform
 
 def loss_fn(params, inputs, targets, config: GPTConfig, rng=None):
     """Mean next-token loss on a (micro-)batch; dropout when `rng` is given."""
-    return cross_entropy(apply(params, inputs, config, rng=rng), targets)
+    return cross_entropy(apply(params, inputs, config, rng=rng), targets, impl=config.loss_impl)
 
 
 def make_train_step(config: GPTConfig, tc: TrainConfig,
