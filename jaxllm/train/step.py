@@ -38,9 +38,10 @@ def init_train_state(params, tc: TrainConfig, optimizer: optax.GradientTransform
                       rng=jax.random.key_data(jax.random.key(tc.seed)))
 
 
-def loss_fn(params, inputs, targets, config: GPTConfig, rng=None):
-    """Mean next-token loss on a (micro-)batch; dropout when `rng` is given."""
-    return cross_entropy(apply(params, inputs, config, rng=rng), targets, impl=config.loss_impl)
+def loss_fn(params, inputs, targets, config: GPTConfig, rng=None, weight: float = 1.0):
+    """Mean next-token loss on a (micro-)batch, times `weight`; dropout when `rng` is given."""
+    loss = cross_entropy(apply(params, inputs, config, rng=rng), targets, impl=config.loss_impl)
+    return loss * weight if weight != 1.0 else loss
 
 
 def make_train_step(config: GPTConfig, tc: TrainConfig,
@@ -73,13 +74,14 @@ def make_train_step(config: GPTConfig, tc: TrainConfig,
                 loss_sum, grad_sum = carry
                 i, x, y = xs
                 k = jax.random.fold_in(key, i) if dropout else None
-                l, g = grad_fn(state.params, x, y, config, k)
+                # each micro-batch's share of the mean: the sums below are the
+                # batch's loss and gradient, with no pass afterwards to divide them
+                l, g = grad_fn(state.params, x, y, config, k, 1.0 / accum)
                 return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (loss, grads), _ = jax.lax.scan(one, (jnp.zeros((), jnp.float32), zeros),
                                             (jnp.arange(accum), micro_in, micro_tg))
-            loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
