@@ -4,9 +4,9 @@ On the CPU, XLA allocates every execution's scratch space afresh (60 MB a
 step for the issue-sized model of NOTES.md, more for larger ones) from one
 of its worker threads. With glibc's defaults that block is larger than the
 largest size malloc serves from its heaps, so it is mapped with mmap and
-unmapped again at the end of the step, and the next step touches 15-20
+unmapped again at the end of the step, and the next step touches 10-25
 thousand fresh pages: each a page fault that the kernel answers with a
-zeroed page. That is 5-10 % of a small model's CPU step.
+zeroed page. That was 5-15 % of a small model's CPU step (NOTES.md, v6).
 
 `reuse_host_memory` changes three of glibc's malloc settings (``mallopt``)
 for the whole process: large blocks come from the heap instead of mmap, the
@@ -18,8 +18,9 @@ process holds on to memory it has freed, up to ``keep_bytes``.
 
 It must run before JAX starts its backend (the first computation or
 ``jax.devices()``): threads that have already allocated keep their own
-heaps, so a later call changes nothing and says so. jaxllm's command line and benchmarks call it first thing; a script
-of your own can do the same.
+heaps, so a later call changes nothing and says so. jaxllm's command line
+and training benchmark call it first thing; a script of your own can do the
+same.
 """
 
 from __future__ import annotations
