@@ -34,6 +34,11 @@ import warnings
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
+def has_glibc() -> bool:
+    """Whether this process runs on Linux with glibc, whose malloc this module tunes."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def _jax_started() -> bool:
     if "jax" not in sys.modules:  # not imported, so not started (and no import needed)
         return False
@@ -48,7 +53,7 @@ def reuse_host_memory(keep_bytes: int = 1 << 30) -> bool:
     warning, where JAX's backend has already started (too late to take effect)."""
     if keep_bytes < 0:
         raise ValueError(f"keep_bytes must be >= 0, got {keep_bytes}")
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not has_glibc():
         return False
     if _jax_started():
         warnings.warn("reuse_host_memory() left malloc unchanged: JAX's backend has already "

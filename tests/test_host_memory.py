@@ -1,7 +1,6 @@
 """reuse_host_memory: a freed large block is handed out again without page faults."""
 
 import json
-import platform
 import subprocess
 import sys
 import warnings
@@ -9,17 +8,15 @@ import warnings
 import jax.numpy as jnp
 import pytest
 
-from jaxllm.host_memory import reuse_host_memory
+from jaxllm.host_memory import has_glibc, reuse_host_memory
 
-glibc_only = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-    reason="mallopt settings are glibc's")
+glibc_only = pytest.mark.skipif(not has_glibc(), reason="mallopt settings are glibc's")
 
 # A worker thread (as XLA's are) mallocs a 64 MB block, writes every page and
 # frees it, three times; the child prints the page faults of the last round.
 _CHILD = r"""
 import ctypes, json, resource, sys, threading
-from jaxllm.host_memory import reuse_host_memory
+from jaxllm.host_memory import has_glibc, reuse_host_memory
 applied = reuse_host_memory() if sys.argv[1] == "reuse" else False
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -62,7 +59,7 @@ def test_too_late_once_jax_has_started():
         warnings.simplefilter("always")
         applied = reuse_host_memory()
     assert applied is False
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    if has_glibc():
         assert any("before the first JAX computation" in str(w.message) for w in caught)
 
 
