@@ -16,7 +16,7 @@ glibc_only = pytest.mark.skipif(not has_glibc(), reason="mallopt settings are gl
 # frees it, three times; the child prints the page faults of the last round.
 _CHILD = r"""
 import ctypes, json, resource, sys, threading
-from jaxllm.host_memory import has_glibc, reuse_host_memory
+from jaxllm.host_memory import reuse_host_memory
 applied = reuse_host_memory() if sys.argv[1] == "reuse" else False
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
