@@ -49,6 +49,7 @@ from torch import nn
 from experiments.common import markdown_table, results_dir, write_report
 from jaxllm.config import GPTConfig, count_params, get_preset
 from jaxllm.host_memory import reuse_host_memory
+from jaxllm.kernels.recipe import cpu_recipe, cpu_vendor
 from jaxllm.model import init_params
 from jaxllm.train import TrainConfig, init_train_state, make_optimizer, make_train_step
 
@@ -71,12 +72,12 @@ class Case:
     grad_accum: int = 1  # jaxllm's micro-batches per step (same batch, same mean gradient)
 
 
-# jaxllm's CPU recipe: dense layers, attention, LayerNorm and the cross-entropy
-# by the kernels of jaxllm.kernels.mkl (x86-64 only), and each batch of 8-16
-# sequences run as 2 micro-batches, whose activations stay closer to the cores.
-CPU_RECIPE = ({"matmul_impl": "mkl", "attn_impl": "mkl", "norm_impl": "mkl", "loss_impl": "mkl"}
-              if platform.machine() == "x86_64" else {})
-CPU_GRAD_ACCUM = 2
+# jaxllm's CPU recipe for this machine (jaxllm.kernels.recipe): the native
+# kernels for attention, LayerNorm and the cross-entropy, the dense layers by
+# MKL on Intel CPUs and by XLA's dots elsewhere, and each batch of 8-16
+# sequences run as micro-batches, whose activations stay closer to the cores.
+CPU_RECIPE = cpu_recipe()
+CPU_GRAD_ACCUM = CPU_RECIPE.pop("grad_accum")
 
 
 def cpu_cases(overrides: dict, grad_accum: int | None = None) -> list[Case]:
@@ -376,7 +377,7 @@ def machine_info(on_gpu: bool) -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    info = {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+    info = {"nproc": os.cpu_count(), "cpu": cpu, "cpu_vendor": cpu_vendor(), "python": platform.python_version(),
             "jax": jax.__version__, "torch": torch.__version__, "jax_backend": jax.default_backend(),
             "torch_threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0))}
     if on_gpu:

@@ -18,6 +18,7 @@ import pytest
 
 from jaxllm.attention import blockwise_attention, causal_attention, reference_attention
 from jaxllm.config import GPTConfig
+from jaxllm.kernels.recipe import cpu_recipe
 from jaxllm.loss import cross_entropy, reference_cross_entropy
 from jaxllm.model import apply, init_params
 from jaxllm.train import TrainConfig, init_train_state, make_optimizer, make_train_step
@@ -251,9 +252,12 @@ def test_fast_path_trains_like_reference():
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="Intel MKL is x86-64 only")
-def test_cpu_recipe_trains_like_reference():
-    # The benchmark's CPU recipe: the MKL library's dense layers, attention and
-    # LayerNorm and cross-entropy, each batch as micro-batches.
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
+def test_cpu_recipe_trains_like_reference(vendor):
+    # The benchmark's CPU recipe for either vendor (dense layers by MKL or by XLA;
+    # the native attention, LayerNorm and cross-entropy), each batch as micro-batches.
     ref = _train_losses(reference_config(TINY))
-    recipe = TINY.replace(matmul_impl="mkl", attn_impl="mkl", norm_impl="mkl", loss_impl="mkl")
-    np.testing.assert_allclose(_train_losses(recipe, grad_accum=2), ref, rtol=0, atol=1e-4)
+    recipe = cpu_recipe(vendor, "x86_64", native_kernels=True)
+    accum = recipe.pop("grad_accum")
+    np.testing.assert_allclose(_train_losses(TINY.replace(**recipe), grad_accum=accum), ref,
+                               rtol=0, atol=1e-4)

@@ -144,12 +144,14 @@ def test_gradients_of_each_attention_implementation(impl):
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="Intel MKL is x86-64 only")
+@pytest.mark.parametrize("matmul_impl", ["mkl", "xla"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_cpu_kernel_recipe_matches_torch(tie):
-    # Every native CPU kernel at once (MKL products, attention, LayerNorm, the
-    # cross-entropy, the bias, GELU and column-sum kernels): logits and every gradient.
+def test_cpu_kernel_recipe_matches_torch(tie, matmul_impl):
+    # Every native CPU kernel at once (attention, LayerNorm, the cross-entropy; with
+    # MKL products also the bias, GELU and column-sum kernels), as the CPU recipe
+    # combines them on Intel (mkl) and other x86 CPUs (xla): logits and every gradient.
     config = make_config(tie, qkv_bias=True, attn_impl="mkl").replace(
-        matmul_impl="mkl", norm_impl="mkl", loss_impl="mkl")
+        matmul_impl=matmul_impl, norm_impl="mkl", loss_impl="mkl")
     params = random_params(config, seed=8)
     tokens = random_tokens(config, (3, config.context_length), seed=9)
     with torch.no_grad():

@@ -5,6 +5,7 @@
     jaxllm pretrain --set emb_dim=256 --set lr=1e-3 --set drop_rate=0.1
     jaxllm pretrain --out runs/notes --resume         # continue where it stopped
     jaxllm pretrain --mesh data=2,fsdp=4              # data parallel + FSDP over 8 devices
+    jaxllm pretrain --cpu-recipe                      # the fastest kernels for this CPU
 
 `--set key=value` reaches any field of GPTConfig, TrainConfig or LoopConfig;
 the value is parsed by the field's type (`none` for optional fields).
@@ -34,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override any GPTConfig, TrainConfig or "
                                                   "LoopConfig field (repeatable)")
+    parser.add_argument("--cpu-recipe", action="store_true",
+                        help="train with the implementation settings that are fastest on this "
+                             "CPU (jaxllm.kernels.recipe.cpu_recipe: native kernels, "
+                             "micro-batches); --set still overrides each of them")
     parser.add_argument("--data", metavar="PATH",
                         help="text file, folder of *.txt files, or token file (.bin with its .json "
                              "header); default: the built-in corpus (Python's help topics)")
@@ -155,6 +160,12 @@ def build_configs(args) -> tuple[GPTConfig, Any, Any, set[str]]:
     else:
         model = get_preset(args.preset or "small")
     overrides = parse_overrides(args.overrides)
+    if args.cpu_recipe:
+        from jaxllm.kernels.recipe import cpu_recipe
+
+        owner = _field_owner()
+        for key, value in cpu_recipe().items():
+            overrides[owner[key][0]].setdefault(key, value)
     for flag, section, key in (("steps", "train", "total_steps"), ("eval_every", "loop", "eval_every"),
                                ("save_every", "loop", "save_every"), ("keep", "loop", "keep")):
         if getattr(args, flag) is not None:

@@ -1,0 +1,66 @@
+"""The fastest training settings for this machine's CPU.
+
+Which product kernel wins is a property of the CPU, not of the model. MKL
+dispatches its AVX-512 kernels only on Intel processors; on an AMD EPYC (Zen 5,
+AVX-512) its `cblas_sgemm` takes a generic path and runs the model's shapes at
+about half the rate of XLA's own dot kernels, while on an Intel Xeon it runs
+them 25-40 % faster than XLA's (NOTES.md, v3 and v8). The other native kernels
+(attention, LayerNorm, cross-entropy) are built with `-march=native` and pay on
+both. `cpu_recipe()` returns the settings for the CPU it runs on, as
+`--set` takes them: GPTConfig fields plus TrainConfig's `grad_accum`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import platform
+from typing import Any
+
+# The number of micro-batches each batch is run as: their activations stay in
+# the cores' caches between passes (NOTES.md, v3 and v6).
+CPU_GRAD_ACCUM = 2
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), or ""."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return ""
+
+
+def _native_kernels_available() -> bool:
+    from jaxllm.kernels.mkl import MKLUnavailable, mkl_libraries
+
+    try:
+        mkl_libraries()
+    except MKLUnavailable:
+        return False
+    return True
+
+
+def cpu_recipe(vendor: str | None = None, machine: str | None = None,
+               native_kernels: bool | None = None) -> dict[str, Any]:
+    """Implementation settings that train fastest on this CPU (the same function:
+    each is tested equal to the reference path).
+
+    `vendor`, `machine` and `native_kernels` default to this machine's CPU
+    vendor, `platform.machine()` and whether MKL is installed; pass them to ask
+    about another machine. Without the native kernels (not x86-64, or no MKL)
+    only the micro-batches remain.
+    """
+    machine = platform.machine() if machine is None else machine
+    if native_kernels is None:
+        native_kernels = machine == "x86_64" and _native_kernels_available()
+    recipe: dict[str, Any] = {"grad_accum": CPU_GRAD_ACCUM}
+    if machine != "x86_64" or not native_kernels:
+        return recipe
+    vendor = cpu_vendor() if vendor is None else vendor
+    recipe.update(matmul_impl="mkl" if vendor == "GenuineIntel" else "xla",
+                  attn_impl="mkl", norm_impl="mkl", loss_impl="mkl")
+    return recipe
