@@ -7,28 +7,24 @@ import pytest
 
 from jaxllm.cli import pretrain
 from jaxllm.config import GPTConfig
-from jaxllm.kernels.recipe import CPU_GRAD_ACCUM, cpu_recipe, cpu_vendor
+from jaxllm.kernels.recipe import MKL_GRAD_ACCUM, NATIVE_KERNELS, cpu_recipe, cpu_vendor
 from jaxllm.train import TrainConfig
 
-KERNELS = {"attn_impl": "mkl", "norm_impl": "mkl", "loss_impl": "mkl"}
-
-
-def test_intel_gets_mkl_products():
+def test_intel_gets_mkl_products_and_micro_batches():
     assert cpu_recipe("GenuineIntel", "x86_64", native_kernels=True) == {
-        "grad_accum": CPU_GRAD_ACCUM, "matmul_impl": "mkl", **KERNELS}
+        "grad_accum": MKL_GRAD_ACCUM, "matmul_impl": "mkl", **NATIVE_KERNELS}
 
 
 @pytest.mark.parametrize("vendor", ["AuthenticAMD", "HygonGenuine", ""])
-def test_other_x86_vendors_get_xla_products(vendor):
+def test_other_x86_vendors_get_xla_products_on_whole_batches(vendor):
     # MKL takes a generic path off Intel CPUs; XLA's dots run there at about twice its rate.
     assert cpu_recipe(vendor, "x86_64", native_kernels=True) == {
-        "grad_accum": CPU_GRAD_ACCUM, "matmul_impl": "xla", **KERNELS}
+        "grad_accum": 1, "matmul_impl": "xla", **NATIVE_KERNELS}
 
 
 @pytest.mark.parametrize("machine, native", [("aarch64", False), ("x86_64", False)])
-def test_without_native_kernels_only_micro_batches_remain(machine, native):
-    assert cpu_recipe("GenuineIntel", machine, native_kernels=native) == {
-        "grad_accum": CPU_GRAD_ACCUM}
+def test_without_native_kernels_the_recipe_is_the_defaults(machine, native):
+    assert cpu_recipe("GenuineIntel", machine, native_kernels=native) == {"grad_accum": 1}
 
 
 def test_recipe_for_this_machine_is_valid_settings():
@@ -65,5 +61,5 @@ def test_pretrain_cpu_recipe_flag_applies_the_recipe_and_set_wins():
     model, tc, _, _ = pretrain.build_configs(_parse("--cpu-recipe", "--set", "grad_accum=1",
                                                     "--set", "attn_impl=reference"))
     assert tc.grad_accum == 1 and model.attn_impl == "reference"
-    plain, plain_tc, _, _ = pretrain.build_configs(_parse())
-    assert plain.attn_impl == GPTConfig().attn_impl and plain_tc.grad_accum == 1
+    plain, _, _, _ = pretrain.build_configs(_parse())
+    assert plain.attn_impl == GPTConfig().attn_impl

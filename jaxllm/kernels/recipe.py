@@ -6,8 +6,10 @@ AVX-512) its `cblas_sgemm` takes a generic path and runs the model's shapes at
 about half the rate of XLA's own dot kernels, while on an Intel Xeon it runs
 them 25-40 % faster than XLA's (NOTES.md, v3 and v8). The other native kernels
 (attention, LayerNorm, cross-entropy) are built with `-march=native` and pay on
-both. `cpu_recipe()` returns the settings for the CPU it runs on, as
-`--set` takes them: GPTConfig fields plus TrainConfig's `grad_accum`.
+both. Micro-batches (each batch run in parts whose activations stay in the
+cores' caches) paid with MKL's products on the Xeon and not with XLA's on the
+EPYC. `cpu_recipe()` returns the settings for the CPU it runs on, as `--set`
+takes them: GPTConfig fields plus TrainConfig's `grad_accum`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import pathlib
 import platform
 from typing import Any
 
-# The number of micro-batches each batch is run as: their activations stay in
-# the cores' caches between passes (NOTES.md, v3 and v6).
-CPU_GRAD_ACCUM = 2
+NATIVE_KERNELS = {"attn_impl": "mkl", "norm_impl": "mkl", "loss_impl": "mkl"}
+# Micro-batches per step with MKL's products (NOTES.md, v3 and v6).
+MKL_GRAD_ACCUM = 2
 
 
 def cpu_vendor() -> str:
@@ -52,15 +54,14 @@ def cpu_recipe(vendor: str | None = None, machine: str | None = None,
     `vendor`, `machine` and `native_kernels` default to this machine's CPU
     vendor, `platform.machine()` and whether MKL is installed; pass them to ask
     about another machine. Without the native kernels (not x86-64, or no MKL)
-    only the micro-batches remain.
+    it is the defaults.
     """
     machine = platform.machine() if machine is None else machine
     if native_kernels is None:
         native_kernels = machine == "x86_64" and _native_kernels_available()
-    recipe: dict[str, Any] = {"grad_accum": CPU_GRAD_ACCUM}
     if machine != "x86_64" or not native_kernels:
-        return recipe
+        return {"grad_accum": 1}  # XLA's own kernels on whole batches: the defaults
     vendor = cpu_vendor() if vendor is None else vendor
-    recipe.update(matmul_impl="mkl" if vendor == "GenuineIntel" else "xla",
-                  attn_impl="mkl", norm_impl="mkl", loss_impl="mkl")
-    return recipe
+    if vendor == "GenuineIntel":
+        return {"matmul_impl": "mkl", **NATIVE_KERNELS, "grad_accum": MKL_GRAD_ACCUM}
+    return {"matmul_impl": "xla", **NATIVE_KERNELS, "grad_accum": 1}
