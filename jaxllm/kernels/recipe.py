@@ -14,8 +14,10 @@ takes them: GPTConfig fields plus TrainConfig's `grad_accum`.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import platform
+import shutil
 from typing import Any
 
 NATIVE_KERNELS = {"attn_impl": "mkl", "norm_impl": "mkl", "loss_impl": "mkl"}
@@ -37,13 +39,14 @@ def cpu_vendor() -> str:
 
 
 def _native_kernels_available() -> bool:
+    """MKL is installed and the C++ compiler that builds the kernels is on the PATH."""
     from jaxllm.kernels.mkl import MKLUnavailable, mkl_libraries
 
     try:
         mkl_libraries()
     except MKLUnavailable:
         return False
-    return True
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
 def cpu_recipe(vendor: str | None = None, machine: str | None = None,
