@@ -73,9 +73,9 @@ class Case:
 
 
 # jaxllm's CPU recipe for this machine (jaxllm.kernels.recipe): the native
-# kernels for attention, LayerNorm and the cross-entropy, the dense layers by
-# MKL on Intel CPUs and by XLA's dots elsewhere, and each batch of 8-16
-# sequences run as micro-batches, whose activations stay closer to the cores.
+# kernels for attention, LayerNorm and the cross-entropy, and the dense layers
+# by MKL on Intel CPUs (each batch run as micro-batches, whose activations stay
+# closer to the cores) or by XLA's dots elsewhere.
 CPU_RECIPE = cpu_recipe()
 CPU_GRAD_ACCUM = CPU_RECIPE.pop("grad_accum")
 
@@ -382,7 +382,8 @@ def machine_info(on_gpu: bool) -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    info = {"nproc": os.cpu_count(), "cpu": cpu, "cpu_vendor": cpu_vendor(), "python": platform.python_version(),
+    info = {"nproc": os.cpu_count(), "cpu": cpu, "cpu_vendor": cpu_vendor(),
+            "python": platform.python_version(),
             "jax": jax.__version__, "torch": torch.__version__, "jax_backend": jax.default_backend(),
             "torch_threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0))}
     if on_gpu:

@@ -190,8 +190,8 @@ def xla_matmul(x, w, transpose_w: bool = False):
     The same product as autodiff's, with one change in the backward: on the
     CPU the weight gradient's transposed operand is copied to a contiguous
     array first. XLA's CPU dot (YNNPACK) runs x.T @ dy with x read in place
-    at 0.6-0.9x the rate of the plain product; copying x.T costs a few percent
-    of the product and brings it back (NOTES.md, v8). Elsewhere the operand is
+    at 0.4-0.95x the rate of the plain product on the model's shapes; copying
+    x.T costs a few percent of the product (NOTES.md, v8). Elsewhere the operand is
     read in place, as the GPU's GEMMs take transposes at no cost.
     """
     return _xla_matmul_fwd(x, w, transpose_w)[0]

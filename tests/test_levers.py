@@ -254,8 +254,9 @@ def test_fast_path_trains_like_reference():
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="Intel MKL is x86-64 only")
 @pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
 def test_cpu_recipe_trains_like_reference(vendor):
-    # The benchmark's CPU recipe for either vendor (dense layers by MKL or by XLA;
-    # the native attention, LayerNorm and cross-entropy), each batch as micro-batches.
+    # The benchmark's CPU recipe for either vendor: dense layers by MKL on two
+    # micro-batches, or by XLA on whole batches; the native attention, LayerNorm
+    # and cross-entropy on both.
     ref = _train_losses(reference_config(TINY))
     recipe = cpu_recipe(vendor, "x86_64", native_kernels=True)
     accum = recipe.pop("grad_accum")

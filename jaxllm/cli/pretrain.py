@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                   "LoopConfig field (repeatable)")
     parser.add_argument("--cpu-recipe", action="store_true",
                         help="train with the implementation settings that are fastest on this "
-                             "CPU (jaxllm.kernels.recipe.cpu_recipe: native kernels, "
-                             "micro-batches); --set still overrides each of them")
+                             "CPU (jaxllm.kernels.recipe.cpu_recipe: the native kernels, and "
+                             "micro-batches where they pay); --set still overrides each of them")
     parser.add_argument("--data", metavar="PATH",
                         help="text file, folder of *.txt files, or token file (.bin with its .json "
                              "header); default: the built-in corpus (Python's help topics)")
