@@ -56,7 +56,7 @@ class GPTConfig:
     scan_layers: bool = False
     remat: str = "none"
     vocab_multiple: int = 1  # pad the embedding rows to a multiple of this
-    matmul_impl: str = "xla"  # dense layers: XLA's dot, or "mkl" (CPU, float32; jaxllm.kernels.mkl)
+    matmul_impl: str = "xla"  # dense layers: XLA's dot, or "mkl" (Intel CPUs, float32; jaxllm.kernels.mkl)
     norm_impl: str = "xla"  # LayerNorm: XLA ops, or "mkl" (the same library's CPU kernel, float32)
     loss_impl: str = "xla"  # cross-entropy: XLA ops, or "mkl" (one CPU kernel pass, float32)
 

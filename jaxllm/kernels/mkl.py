@@ -1,11 +1,13 @@
 """Dense products and causal attention on the CPU by Intel MKL, as XLA custom calls.
 
-XLA's own CPU dot kernels run the shapes of a small GPT's dense layers 25-40 %
-below MKL (PyTorch's CPU matrix library), most of all the weight-gradient
-form x^T @ dy; see NOTES.md. `matmul` computes the same products through
-MKL's `cblas_sgemm`, called from an XLA FFI handler (`mkl_sgemm.cc`) that
-splits each product over XLA's own intra-op threads. It is what
-`GPTConfig(matmul_impl="mkl")` uses for every dense layer.
+On Intel CPUs XLA's own CPU dot kernels run the shapes of a small GPT's dense
+layers 25-40 % below MKL (PyTorch's CPU matrix library), most of all the
+weight-gradient form x^T @ dy; on other CPUs MKL takes a generic path and
+XLA's dots are the faster (`jaxllm.kernels.recipe`, NOTES.md). `matmul`
+computes the same products through MKL's `cblas_sgemm`, called from an XLA
+FFI handler (`mkl_sgemm.cc`) that splits each product over XLA's own
+intra-op threads. It is what `GPTConfig(matmul_impl="mkl")` uses for every
+dense layer.
 
 `attention` is causal multi-head attention read straight from the qkv
 projection's output (`mkl_attention.cc`): MKL products per (sequence, head)
