@@ -198,6 +198,8 @@ def xla_matmul(x, w, transpose_w: bool = False):
 
 
 def _xla_matmul_fwd(x, w, transpose_w):
+    if x.ndim != 2 or w.ndim != 2:
+        raise ValueError(f"xla_matmul takes 2-D operands, got shapes {x.shape} and {w.shape}")
     y = jnp.einsum("nd,vd->nv", x, w) if transpose_w else x @ w
     return y, (x, w)
 

@@ -261,6 +261,12 @@ def test_xla_matmul_gradients_equal_autodiff(transpose_w, dtype):
         assert "lhs_contracting_dims={0}" not in grad.lower(x, w).compile().as_text()
 
 
+def test_xla_matmul_takes_2d_operands_only():
+    # Its backward transposes an operand with .T, which would reverse a batch axis too.
+    with pytest.raises(ValueError, match="2-D operands"):
+        xla_matmul(jnp.ones((2, 4, 3)), jnp.ones((3, 2)))
+
+
 @pytest.mark.parametrize("seq", [100, 192], ids=lambda s: f"seq{s}")
 def test_attention_implementations_agree(seq):
     """All kernels against a float64 loop; 192 is a multiple of the blockwise
