@@ -218,26 +218,44 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_rate(on_gpu: bool) -> dict:
-    """FLOP/s of a large square matrix product (float32 on CPU, bf16 on GPU), JAX and torch."""
-    n = 8192 if on_gpu else 1536
-    flops = 2.0 * n ** 3
+def product_rate(m: int, k: int, n: int, on_gpu: bool, repeats: int = 5) -> dict:
+    """FLOP/s of one (m, k) @ (k, n) product (float32 on CPU, bf16 on GPU), JAX and torch."""
+    flops = 2.0 * m * k * n
     dt = jnp.bfloat16 if on_gpu else jnp.float32
-    a = jnp.ones((n, n), dt) * 0.01
+    a, b = jnp.ones((m, k), dt) * 0.01, jnp.ones((k, n), dt) * 0.01
     mm = jax.jit(lambda x, y: x @ y)
-    mm(a, a).block_until_ready()
-    jax_rate = flops / median_time(lambda: mm(a, a).block_until_ready(), 5)
+    mm(a, b).block_until_ready()
+    jax_rate = flops / median_time(lambda: mm(a, b).block_until_ready(), repeats)
     dev = "cuda" if on_gpu else "cpu"
-    ta = torch.full((n, n), 0.01, dtype=torch.bfloat16 if on_gpu else torch.float32, device=dev)
+    tdt = torch.bfloat16 if on_gpu else torch.float32
+    ta, tb = (torch.full(s, 0.01, dtype=tdt, device=dev) for s in ((m, k), (k, n)))
 
     def torch_mm():
-        ta @ ta
+        ta @ tb
         if on_gpu:
             torch.cuda.synchronize()
     torch_mm()
-    torch_rate = flops / median_time(torch_mm, 5)
-    return {"n": n, "dtype": "bfloat16" if on_gpu else "float32", "jax": jax_rate,
-            "torch": torch_rate, "best": max(jax_rate, torch_rate)}
+    torch_rate = flops / median_time(torch_mm, repeats)
+    return {"shape": [m, k, n], "dtype": "bfloat16" if on_gpu else "float32", "jax": jax_rate,
+            "torch": torch_rate}
+
+
+def matmul_rate(on_gpu: bool) -> dict:
+    """FLOP/s of a large square matrix product (float32 on CPU, bf16 on GPU), JAX and torch."""
+    n = 8192 if on_gpu else 1536
+    r = product_rate(n, n, n, on_gpu)
+    return {"n": n, "dtype": r["dtype"], "jax": r["jax"], "torch": r["torch"],
+            "best": max(r["jax"], r["torch"])}
+
+
+def layer_product_rates(case: Case, on_gpu: bool) -> list[dict]:
+    """`product_rate` of each dense layer's forward product at the case's batch, so the
+    step's MFU can be read against what its own shapes reach."""
+    c, rows = case.config, case.batch * case.seq
+    d, h = c.emb_dim, c.hidden_dim
+    return [{"layer": name, **product_rate(rows, k, n, on_gpu, repeats=21)}
+            for name, k, n in (("qkv", d, 3 * d), ("out", d, d), ("fc", d, h), ("proj", h, d),
+                               ("head", d, c.padded_vocab_size))]
 
 
 # Profiler events that are the runtime's own bookkeeping rather than an XLA op.
@@ -442,6 +460,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also trace a block of jaxllm steps with jax.profiler and list its "
                          "costliest XLA ops (traces under results/<name>/trace-<case>)")
+    ap.add_argument("--products-only", action="store_true",
+                    help="measure only the matrix-product rates (the large square product and "
+                         "each dense layer's shape), e.g. to compare XLA_FLAGS settings")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's malloc settings as they are (see jaxllm.host_memory); "
                          "by default the process reuses freed memory, both frameworks alike")
@@ -481,6 +502,13 @@ def main(argv=None) -> int:
     print(f"matmul {rate['n']}^3 {rate['dtype']}: jax {rate['jax'] / 1e9:.1f} GFLOP/s, "
           f"torch {rate['torch'] / 1e9:.1f} GFLOP/s", flush=True)
     peak = next((v for k, v in DATASHEET_BF16.items() if on_gpu and k in info.get("gpu", "")), None)
+    if args.products_only:
+        for case in cases:
+            for r in layer_product_rates(case, on_gpu):
+                print(f"  {case.name} {r['layer']} {'x'.join(map(str, r['shape']))} {r['dtype']}: "
+                      f"jax {r['jax'] / 1e9:.1f} GFLOP/s, torch {r['torch'] / 1e9:.1f} GFLOP/s",
+                      flush=True)
+        return 0
 
     rows, results = [], []
     for case in cases:
