@@ -49,7 +49,7 @@ from torch import nn
 from experiments.common import markdown_table, results_dir, write_report
 from jaxllm.config import GPTConfig, count_params, get_preset
 from jaxllm.host_memory import reuse_host_memory
-from jaxllm.kernels.recipe import cpu_recipe, cpu_vendor
+from jaxllm.kernels.recipe import cpu_recipe, cpu_vendor, cpuinfo_field
 from jaxllm.model import init_params
 from jaxllm.train import TrainConfig, init_train_state, make_optimizer, make_train_step
 
@@ -394,13 +394,8 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
 
 
 def machine_info(on_gpu: bool) -> dict:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {"nproc": os.cpu_count(), "cpu": cpu, "cpu_vendor": cpu_vendor(),
+    info = {"nproc": os.cpu_count(), "cpu": cpuinfo_field("model name") or "unknown",
+            "cpu_vendor": cpu_vendor(),
             "python": platform.python_version(),
             "jax": jax.__version__, "torch": torch.__version__, "jax_backend": jax.default_backend(),
             "torch_threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0))}

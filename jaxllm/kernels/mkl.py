@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.kernels.recipe import cpuinfo_field
+
 TARGET = "jaxllm_mkl_sgemm"
 ATTENTION_FWD, ATTENTION_BWD = "jaxllm_mkl_attention_fwd", "jaxllm_mkl_attention_bwd"
 LAYER_NORM_FWD, LAYER_NORM_BWD = "jaxllm_layer_norm_fwd", "jaxllm_layer_norm_bwd"
@@ -102,18 +104,27 @@ def _cache_dir() -> pathlib.Path:
 
 def _cpu_identity() -> str:
     """The CPU model and feature flags (the build is `-march=native`)."""
+    fields = [cpuinfo_field(k) for k in ("model name", "flags")]
+    return "\n".join(f for f in fields if f) or platform.processor() or platform.machine()
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def available() -> bool:
+    """Whether the kernels can be built here: MKL is installed and the compiler is found."""
     try:
-        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))]
-    return "\n".join(dict.fromkeys(keep))  # one copy per distinct line, not one per core
+        mkl_libraries()
+    except MKLUnavailable:
+        return False
+    return shutil.which(_compiler()) is not None
 
 
 def build(libs: list[pathlib.Path]) -> pathlib.Path:
     """Compile the FFI handlers into one library (once per sources, compiler, CPU,
     jaxlib version and MKL libraries) and return its path."""
-    cxx = os.environ.get("CXX", "g++")
+    cxx = _compiler()
     code = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     key = hashlib.sha256(b"\0".join([
         code, jax.lib.__version__.encode(), "\0".join(map(str, libs)).encode(),

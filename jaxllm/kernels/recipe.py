@@ -14,10 +14,8 @@ takes them: GPTConfig fields plus TrainConfig's `grad_accum`.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import platform
-import shutil
 from typing import Any
 
 NATIVE_KERNELS = {"attn_impl": "mkl", "norm_impl": "mkl", "loss_impl": "mkl"}
@@ -25,28 +23,22 @@ NATIVE_KERNELS = {"attn_impl": "mkl", "norm_impl": "mkl", "loss_impl": "mkl"}
 MKL_GRAD_ACCUM = 2
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor string from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), or ""."""
+def cpuinfo_field(key: str) -> str:
+    """The first value of `key` ("vendor_id", "model name", "flags") in /proc/cpuinfo, or ""."""
     try:
         text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
     for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "vendor_id":
+        name, _, value = line.partition(":")
+        if name.strip() == key:
             return value.strip()
     return ""
 
 
-def _native_kernels_available() -> bool:
-    """MKL is installed and the C++ compiler that builds the kernels is on the PATH."""
-    from jaxllm.kernels.mkl import MKLUnavailable, mkl_libraries
-
-    try:
-        mkl_libraries()
-    except MKLUnavailable:
-        return False
-    return shutil.which(os.environ.get("CXX", "g++")) is not None
+def cpu_vendor() -> str:
+    """The CPU's vendor ("GenuineIntel", "AuthenticAMD"), or "" where /proc/cpuinfo is not."""
+    return cpuinfo_field("vendor_id")
 
 
 def cpu_recipe(vendor: str | None = None, machine: str | None = None,
@@ -55,13 +47,15 @@ def cpu_recipe(vendor: str | None = None, machine: str | None = None,
     each is tested equal to the reference path).
 
     `vendor`, `machine` and `native_kernels` default to this machine's CPU
-    vendor, `platform.machine()` and whether MKL is installed; pass them to ask
-    about another machine. Without the native kernels (not x86-64, or no MKL)
-    it is the defaults.
+    vendor, `platform.machine()` and `jaxllm.kernels.mkl.available()` (MKL and
+    a compiler); pass them to ask about another machine. Without the native
+    kernels it is the defaults.
     """
     machine = platform.machine() if machine is None else machine
     if native_kernels is None:
-        native_kernels = machine == "x86_64" and _native_kernels_available()
+        from jaxllm.kernels import mkl
+
+        native_kernels = machine == "x86_64" and mkl.available()
     if machine != "x86_64" or not native_kernels:
         return {"grad_accum": 1}  # XLA's own kernels on whole batches: the defaults
     vendor = cpu_vendor() if vendor is None else vendor
