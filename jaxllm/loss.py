@@ -103,7 +103,7 @@ def lm_loss(params: Params, inputs, targets, config: GPTConfig, *, mask=None,
     if inputs.ndim == 1:  # one sequence: the same mean over its positions
         inputs, targets = inputs[None], targets[None]
         mask = None if mask is None else mask[None]
-    logits = apply(params, inputs, config, rng=rng if train else None)
+    logits = apply(params, inputs, config, rng=rng if train else None, upcast_logits=False)
     return cross_entropy(logits, targets, mask, impl=config.loss_impl)
 
 

@@ -306,11 +306,15 @@ def embed(params: Params, tokens, config: GPTConfig, positions=None):
     return tok + params["pos_emb"]["embedding"][positions]
 
 
-def head_logits(params: Params, x, config: GPTConfig):
+def head_logits(params: Params, x, config: GPTConfig, *, upcast: bool = True):
     """Final LayerNorm and output head: logits over the padded vocabulary, float32.
 
     Rows past `vocab_size` (padding) are set to a large negative value, so they
-    take no probability in a softmax, a loss or a sample.
+    take no probability in a softmax, a loss or a sample. With `upcast=False`
+    the logits stay in the compute dtype: the loss upcasts them to float32 inside
+    its own passes, so no float32 copy of the (batch, seq, vocab) array is stored
+    for the backward pass (the values are the same: the head's product rounds to
+    the compute dtype either way).
     """
     x = norm(params["final_norm"], x, config)
     if config.tie_embeddings:
@@ -321,18 +325,25 @@ def head_logits(params: Params, x, config: GPTConfig):
                         config.matmul_impl, transpose_w=True).reshape(*lead, -1)
     else:
         logits = dense(params["out_head"], x, config.matmul_impl)
-    logits = logits.astype(jnp.float32)
+    if upcast:
+        logits = logits.astype(jnp.float32)
     if config.padded_vocab_size != config.vocab_size:
+        # Added rather than selected: an addition's gradient needs nothing saved, where a
+        # select would keep a (batch, seq, vocab) mask for the backward. Finite in every
+        # compute dtype, with room below it (float16 ends at -65504).
+        fill = max(-1e30, float(jnp.finfo(logits.dtype).min) / 2)
         valid = jnp.arange(config.padded_vocab_size) < config.vocab_size
-        logits = jnp.where(valid, logits, -1e30)
+        logits = logits + jnp.where(valid, 0.0, fill).astype(logits.dtype)
     return logits
 
 
-def apply(params: Params, tokens, config: GPTConfig, *, rng=None, return_hidden: bool = False):
+def apply(params: Params, tokens, config: GPTConfig, *, rng=None, return_hidden: bool = False,
+          upcast_logits: bool = True):
     """The model on (batch, seq) token ids; logits over the padded vocabulary.
 
     The traceable core of `forward`: no input checks, dropout on exactly when
-    `rng` is given and `drop_rate` > 0.
+    `rng` is given and `drop_rate` > 0. The logits are float32, or in the
+    compute dtype with `upcast_logits=False` (for the loss: `head_logits`).
     """
     p = cast_params(params, config)
     if config.drop_rate == 0.0:
@@ -343,7 +354,7 @@ def apply(params: Params, tokens, config: GPTConfig, *, rng=None, return_hidden:
     x = _run_blocks(p["blocks"], x, config, r_blocks)
     if return_hidden:
         return x
-    return head_logits(p, x, config)
+    return head_logits(p, x, config, upcast=upcast_logits)
 
 
 def forward(params: Params, tokens, config: GPTConfig, *, train: bool = False, rng=None):

@@ -19,7 +19,7 @@ import pytest
 from jaxllm.attention import blockwise_attention, causal_attention, reference_attention
 from jaxllm.config import GPTConfig
 from jaxllm.kernels.recipe import cpu_recipe
-from jaxllm.loss import cross_entropy, reference_cross_entropy
+from jaxllm.loss import cross_entropy, lm_loss, reference_cross_entropy
 from jaxllm.model import apply, init_params
 from jaxllm.train import TrainConfig, init_train_state, make_optimizer, make_train_step
 
@@ -199,6 +199,23 @@ def test_padded_vocabulary_matches_unpadded(tied, multiple):
                                    np.asarray(ref_grads["out_head"]["kernel"]), rtol=1e-4, atol=1e-7)
         assert np.all(np.asarray(grads["out_head"]["kernel"][:, v:]) == 0)
     assert_trees_close(grads["blocks"], ref_grads["blocks"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_loss_keeps_one_logits_array_in_compute_dtype(compute_dtype):
+    # The loss's backward pass keeps the head's logits once, as the product gave them:
+    # no float32 copy of bf16 logits, no (batch, seq, vocab) mask from the padding.
+    # 97 padded to 256: no other activation is as large as the logits
+    c = reference_config(TINY).replace(vocab_multiple=256, compute_dtype=compute_dtype)
+    params = init_params(c, jax.random.key(0))
+    x, y = batch(c)
+    loss, vjp = jax.vjp(lambda p: lm_loss(p, x, y, c), params)
+    big = [a for a in jax.tree.leaves(vjp) if a.size >= x.size * c.padded_vocab_size]
+    assert [(a.shape, a.dtype) for a in big] == [(x.shape + (c.padded_vocab_size,),
+                                                  jnp.dtype(compute_dtype))]
+    # The same loss as the textbook one on the float32 logits `apply` gives by default.
+    logits = apply(params, x, c)[..., : c.vocab_size]
+    np.testing.assert_allclose(float(loss), float(reference_cross_entropy(logits, y)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])

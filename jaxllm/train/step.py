@@ -40,8 +40,8 @@ def init_train_state(params, tc: TrainConfig, optimizer: optax.GradientTransform
 
 def loss_fn(params, inputs, targets, config: GPTConfig, rng=None, weight: float = 1.0):
     """Mean next-token loss on a (micro-)batch, times `weight`; dropout when `rng` is given."""
-    return weight * cross_entropy(apply(params, inputs, config, rng=rng), targets,
-                                  impl=config.loss_impl)
+    logits = apply(params, inputs, config, rng=rng, upcast_logits=False)
+    return weight * cross_entropy(logits, targets, impl=config.loss_impl)
 
 
 def make_train_step(config: GPTConfig, tc: TrainConfig,
