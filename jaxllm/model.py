@@ -307,9 +307,10 @@ def embed(params: Params, tokens, config: GPTConfig, positions=None):
 
 
 def head_logits(params: Params, x, config: GPTConfig, *, upcast: bool = True):
-    """Final LayerNorm and output head: logits over the padded vocabulary, float32.
+    """Final LayerNorm and output head: logits over the padded vocabulary, in float32
+    unless `upcast=False`.
 
-    Rows past `vocab_size` (padding) are set to a large negative value, so they
+    Columns past `vocab_size` (padding) are set to a large negative value, so they
     take no probability in a softmax, a loss or a sample. With `upcast=False`
     the logits stay in the compute dtype: the loss upcasts them to float32 inside
     its own passes, so no float32 copy of the (batch, seq, vocab) array is stored
