@@ -212,6 +212,45 @@ def test_attention_gradients_match_xla(b, t, h, d):
                                    err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("save_probs", [True, False])
+@pytest.mark.parametrize("block", [1, 7, 64, 128])
+@pytest.mark.parametrize("b, t, h, d", [(2, 130, 2, 16), (1, 64, 3, 8)])
+def test_attention_block_and_saved_probabilities_keep_the_gradient(b, t, h, d, block, save_probs):
+    # Every block size (ragged last blocks included), with the probabilities
+    # saved by the forward or recomputed by the backward, against XLA's gradient
+    # of the textbook attention.
+    q, k, v = qkv_operands(b, t, h, d, seed=6)
+    qkv = jnp.concatenate([x.reshape(b, t, h * d) for x in (q, k, v)], axis=-1)
+    w = jnp.asarray(np.random.default_rng(7).normal(size=(b, t, h * d)).astype(np.float32))
+
+    def ref(x):
+        out = reference_attention(*(x[..., i * h * d:(i + 1) * h * d].reshape(b, t, h, d)
+                                    for i in range(3)))
+        return jnp.sum(w * jnp.tanh(out.reshape(b, t, h * d)))
+
+    got_val, got = jax.jit(jax.value_and_grad(
+        lambda x: jnp.sum(w * jnp.tanh(mkl.attention(x, h, save_probs, block)))))(qkv)
+    want_val, want = jax.value_and_grad(ref)(qkv)
+    np.testing.assert_allclose(float(got_val), float(want_val), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq, block", [(1, 64), (64, 64), (130, 64), (256, 64), (300, 128),
+                                        (10, 3)])
+def test_attention_probs_per_pair_counts_each_block_rows_times_keys(seq, block):
+    want = sum(min(block, seq - lo) * min(lo + block, seq) for lo in range(0, seq, block))
+    assert mkl.attention_probs_per_pair(seq, block) == want
+
+
+def test_attention_saves_probabilities_only_where_they_are_small():
+    # No more than the feed-forward's hidden activation, 4 * emb floats a position.
+    assert mkl.attention_saves_probs(256, 256, 4)  # the CPU config
+    assert mkl.attention_saves_probs(128, 128, 4)  # the small preset
+    assert not mkl.attention_saves_probs(1024, 768, 12)  # GPT-2 124M at full context
+    assert mkl.attention_saves_probs(448, 768, 12)  # 12 * 114688 floats, exactly 4 * 768 * 448
+    assert not mkl.attention_saves_probs(449, 768, 12)
+
+
 def test_packed_attention_reads_the_qkv_layout():
     # The kernel's input is the qkv projection's output: q, k, v side by side.
     b, t, h, d = 2, 40, 3, 8
@@ -235,6 +274,8 @@ def test_attention_rejects_bad_operands():
         mkl.attention(jnp.zeros((8, 24)), 2)
     with pytest.raises(ValueError, match="float32"):
         mkl.attention(jnp.zeros((2, 8, 24), jnp.bfloat16), 2)
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        mkl.attention(jnp.zeros((2, 8, 24)), 2, None, 0)
 
 
 def test_attention_model_matches_reference_and_falls_back_under_dropout():

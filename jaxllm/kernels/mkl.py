@@ -221,8 +221,31 @@ def _matmul_bwd(transpose_w, res, g):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def attention(qkv, n_heads: int):
+# Query rows per block of the attention kernel: smaller blocks compute less of
+# the masked upper triangle (62.5 % of the score matrix at seq 256 against 75 %
+# with 128 rows) at about the same product rate (NOTES.md, v10).
+ATTENTION_BLOCK = 64
+
+
+def attention_probs_per_pair(seq: int, block: int = ATTENTION_BLOCK) -> int:
+    """Floats the attention kernel keeps per (sequence, head) pair when it saves
+    the probabilities: each query block's rows times the keys it sees."""
+    blocks = -(-seq // block)
+    last_rows = seq - (blocks - 1) * block
+    return block * block * (blocks - 1) * blocks // 2 + last_rows * seq
+
+
+def attention_saves_probs(seq: int, emb: int, n_heads: int, block: int = ATTENTION_BLOCK) -> bool:
+    """Whether `attention` keeps the probabilities for the backward by default:
+    where they take no more memory than the feed-forward's hidden activation
+    (4 * emb floats per position), which the backward keeps anyway. Longer
+    sequences recompute them from the scores instead (GPT-2 124M beyond 448
+    positions)."""
+    return n_heads * attention_probs_per_pair(seq, block) <= 4 * emb * seq
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def attention(qkv, n_heads: int, save_probs: bool | None = None, block: int = ATTENTION_BLOCK):
     """Causal self-attention from the qkv projection's output, by MKL.
 
     qkv: float32 (batch, seq, 3 * emb), queries, keys and values side by side,
@@ -231,35 +254,48 @@ def attention(qkv, n_heads: int):
     softmax(q k^T / sqrt(head_dim) + causal mask) v, heads side by side, the
     input of the attention's output projection. The gradient is a (batch,
     seq, 3 * emb) array in the same layout, computed by the backward kernel.
+
+    `save_probs`: whether the forward keeps the attention probabilities for
+    the backward (batch * n_heads * `attention_probs_per_pair(seq)` floats)
+    instead of the backward recomputing them; None decides by
+    `attention_saves_probs`. `block`: query rows per block. Neither changes
+    the result beyond float32 rounding.
     """
-    return _attention_fwd(qkv, n_heads)[0]
+    return _attention_fwd(qkv, n_heads, save_probs, block)[0]
 
 
-def _attention_fwd(qkv, n_heads):
+def _attention_fwd(qkv, n_heads, save_probs, block):
     if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_heads):
         raise ValueError(f"attention takes qkv of shape (batch, seq, 3 * n_heads * head_dim) with "
                          f"n_heads={n_heads}, got {qkv.shape}")
     if qkv.dtype != jnp.float32:
         raise ValueError(f"attn_impl='mkl' computes in float32, got {qkv.dtype}")
+    if block < 1:
+        raise ValueError(f"attention's block must be >= 1, got {block}")
     _check_cpu("attn_impl", "blockwise")
     b, t, width = qkv.shape
+    if save_probs is None:
+        save_probs = attention_saves_probs(t, width // 3, n_heads, block)
     out = jax.ShapeDtypeStruct((b, t, width // 3), jnp.float32)
     lse = jax.ShapeDtypeStruct((b, n_heads, t), jnp.float32)
+    probs = jax.ShapeDtypeStruct(
+        (b, n_heads, attention_probs_per_pair(t, block)) if save_probs and t else (1,), jnp.float32)
     if 0 in (b, t):
-        return jnp.zeros(out.shape, out.dtype), (qkv, jnp.zeros(out.shape), jnp.zeros(lse.shape))
+        return jnp.zeros(out.shape, out.dtype), (qkv, None, None, None)
     register()
-    o, lse = jax.ffi.ffi_call(ATTENTION_FWD, (out, lse), vmap_method="sequential")(
-        qkv, heads=np.int64(n_heads))
-    return o, (qkv, o, lse)
+    o, lse, p = jax.ffi.ffi_call(ATTENTION_FWD, (out, lse, probs), vmap_method="sequential")(
+        qkv, heads=np.int64(n_heads), block=np.int64(block), save_probs=bool(save_probs))
+    return o, (qkv, o, lse, p)
 
 
-def _attention_bwd(n_heads, res, g):
-    qkv, o, lse = res
+def _attention_bwd(n_heads, save_probs, block, res, g):
+    qkv, o, lse, probs = res
     if 0 in qkv.shape[:2]:
         return (jnp.zeros_like(qkv),)
     grad = jax.ffi.ffi_call(ATTENTION_BWD, jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
-                            vmap_method="sequential")(qkv, o, lse, g.astype(jnp.float32),
-                                                      heads=np.int64(n_heads))
+                            vmap_method="sequential")(
+        qkv, o, lse, probs, g.astype(jnp.float32), heads=np.int64(n_heads),
+        block=np.int64(block), save_probs=probs.ndim == 3)
     return (grad,)
 
 
