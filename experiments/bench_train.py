@@ -307,6 +307,12 @@ def op_profile(run, steps: int, trace_dir: str, hlo_text: str, top: int = 25) ->
             for name, ms in total.most_common(top)]
 
 
+# Warm-up rounds (a block of each framework) before timing: until SETTLED_ROUNDS
+# in a row have touched at most SETTLED_PAGES fresh pages (4 KiB) a step, and
+# at most MAX_WARMUP_ROUNDS.
+SETTLED_ROUNDS, SETTLED_PAGES, MAX_WARMUP_ROUNDS = 3, 500, 12
+
+
 def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bool,
                profile_dir: str | None = None) -> dict:
     c = case.config
@@ -349,11 +355,18 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
             loss = tstep(tx, ty)
         float(loss)  # waits for the device
 
-    # Warm-up, twice: after PyTorch's first steps have taken their share of the
-    # heap, jaxllm's next step finds its scratch space elsewhere and touches ~70
-    # thousand fresh pages once (NOTES.md, v7); the timed blocks start after that.
-    for _ in range(2):
+    # Warm-up until the heap has settled: for its first few dozen steps a
+    # process's heap still grows now and then, when a step's scratch space finds
+    # no free block it fits in, and that step touches 20-70 thousand fresh pages
+    # (NOTES.md, v7 and v10). The timed blocks start after SETTLED_ROUNDS rounds
+    # in a row in which neither framework touched more than a few MB afresh.
+    clean = warmup = 0
+    while clean < SETTLED_ROUNDS and warmup < MAX_WARMUP_ROUNDS:
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         run_jax(), run_torch()
+        touched = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        clean = clean + 1 if touched <= SETTLED_PAGES * steps else 0
+        warmup += 1
     jax_t, torch_t = [], []
     faults = {run_jax: 0, run_torch: 0}  # minor page faults: fresh memory the step touched
     for r in range(repeats):
@@ -388,7 +401,7 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
             "torch_step_s": sorted(t / steps for t in torch_t),
             "page_faults_per_step": {"jax": faults[run_jax] / (steps * repeats),
                                      "torch": faults[run_torch] / (steps * repeats)},
-            "first_loss_jax": jax_first, "first_loss_torch": torch_first,
+            "warmup_rounds": warmup, "first_loss_jax": jax_first, "first_loss_torch": torch_first,
             "compile_s": {"jax": jax_compile, "torch": torch_compile},
             "flops_per_token": flops_per_token(c, case.seq), "profile": profile}
 
@@ -528,7 +541,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"  jaxllm {r['jax_tokens_per_s']:.0f} tok/s, torch {r['torch_tokens_per_s']:.0f} tok/s, "
               f"ratio {r['ratio']:.2f} (repeats {r['pair_ratios'][0]:.2f}-{r['pair_ratios'][-1]:.2f}), "
-              f"page faults/step {r['page_faults_per_step']['jax']:.0f} / "
+              f"warm-up rounds {r['warmup_rounds']}, page faults/step {r['page_faults_per_step']['jax']:.0f} / "
               f"{r['page_faults_per_step']['torch']:.0f}", flush=True)
 
     torch_mode = "torch.compile + bf16 autocast + fused AdamW" if cases[0].gpu_recipe else "eager float32"

@@ -10,11 +10,20 @@ zeroed page. That was 5-15 % of a small model's CPU step (NOTES.md, v6).
 
 `reuse_host_memory` changes three of glibc's malloc settings (``mallopt``)
 for the whole process: large blocks come from the heap instead of mmap, the
-heap keeps up to ``keep_bytes`` of freed memory instead of returning it, and
-every thread shares the main heap (a thread with its own arena would still
-create and delete a heap for each such block). Memory freed by one step is
-then what the next step gets, with no page faults. The cost is that the
-process holds on to memory it has freed, up to ``keep_bytes``.
+heap keeps the memory freed at its top instead of returning it (all of it by
+default, or up to ``keep_bytes``), and every thread shares the main heap (a
+thread with its own arena would still create and delete a heap for each such
+block). Memory freed by one step is then what the next step gets, with no
+page faults. The cost is that the process holds on to memory it has freed.
+
+Why keep all of it: the heap does not come back to a tidy state between
+steps. Small allocations settle between the step's large blocks, so the
+heap grows to a few times the step's scratch space before every block finds
+room, and at times the free space at its top passes any fixed threshold. A
+process that then returns that memory touches it all afresh over the next
+steps: with a 1 GiB threshold, a loop of the issue-sized model's steps
+returned and re-faulted 900 MB every ten to twenty steps (NOTES.md, v10).
+Kept, the heap settles after a few dozen steps.
 
 It must run before JAX starts its backend (the first computation or
 ``jax.devices()``): threads that have already allocated keep their own
@@ -47,12 +56,16 @@ def _jax_started() -> bool:
     return getattr(xla_bridge, "backends_are_initialized", lambda: False)()
 
 
-def reuse_host_memory(keep_bytes: int = 1 << 30) -> bool:
+def reuse_host_memory(keep_bytes: int | None = None) -> bool:
     """Set glibc's malloc to reuse freed blocks. True if it was set; False where
     the C library is not glibc (macOS, musl: nothing to change) or, with a
-    warning, where JAX's backend has already started (too late to take effect)."""
-    if keep_bytes < 0:
-        raise ValueError(f"keep_bytes must be >= 0, got {keep_bytes}")
+    warning, where JAX's backend has already started (too late to take effect).
+
+    keep_bytes: the free memory at the heap's top that glibc keeps rather than
+    returns; None (the default) keeps all of it.
+    """
+    if keep_bytes is not None and keep_bytes < 0:
+        raise ValueError(f"keep_bytes must be >= 0 or None, got {keep_bytes}")
     if not has_glibc():
         return False
     if _jax_started():
@@ -61,8 +74,9 @@ def reuse_host_memory(keep_bytes: int = 1 << 30) -> bool:
                       "first JAX computation", RuntimeWarning, stacklevel=2)
         return False
     libc = ctypes.CDLL("libc.so.6")
-    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, min(keep_bytes, 2**31 - 1)),
-                (_M_ARENA_MAX, 1))
+    # -1 turns trimming off (mallopt(3)); a byte count is capped to mallopt's int
+    trim = -1 if keep_bytes is None else min(keep_bytes, 2**31 - 1)
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, trim), (_M_ARENA_MAX, 1))
     for param, value in settings:
         if libc.mallopt(param, value) != 1:
             raise OSError(f"glibc mallopt({param}, {value}) failed")

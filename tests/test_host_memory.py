@@ -17,7 +17,9 @@ glibc_only = pytest.mark.skipif(not has_glibc(), reason="mallopt settings are gl
 _CHILD = r"""
 import ctypes, json, resource, sys, threading
 from jaxllm.host_memory import reuse_host_memory
-applied = reuse_host_memory() if sys.argv[1] == "reuse" else False
+mode = sys.argv[1]
+keep = None if mode == "reuse" else int(mode.split(":")[1]) if mode.startswith("keep:") else ...
+applied = False if keep is ... else reuse_host_memory(keep)
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -53,6 +55,18 @@ def test_freed_block_is_reused_without_page_faults():
     assert reused["faults"][-1] < pages // 20, reused
 
 
+@glibc_only
+def test_keep_bytes_bounds_the_memory_kept():
+    # The block lies at the heap's top: kept (the default) it comes back without
+    # faults; with keep_bytes below its size glibc returns it at each free, and
+    # every round touches fresh pages.
+    pages = (64 << 20) // 4096
+    kept, returned = _child("reuse"), _child("keep:1048576")
+    assert kept["applied"] is True and returned["applied"] is True
+    assert kept["faults"][-1] < pages // 20, kept
+    assert returned["faults"][-1] > pages // 2, returned
+
+
 def test_too_late_once_jax_has_started():
     jnp.ones(2).block_until_ready()  # this process's backend is up
     with warnings.catch_warnings(record=True) as caught:
@@ -64,5 +78,5 @@ def test_too_late_once_jax_has_started():
 
 
 def test_rejects_negative_keep_bytes():
-    with pytest.raises(ValueError, match="keep_bytes"):
+    with pytest.raises(ValueError, match="keep_bytes must be >= 0 or None"):
         reuse_host_memory(-1)
