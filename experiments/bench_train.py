@@ -359,7 +359,8 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
     # process's heap still grows now and then, when a step's scratch space finds
     # no free block it fits in, and that step touches 20-70 thousand fresh pages
     # (NOTES.md, v7 and v10). The timed blocks start after SETTLED_ROUNDS rounds
-    # in a row in which neither framework touched more than a few MB afresh.
+    # in a row in which the two frameworks together touched at most
+    # SETTLED_PAGES fresh pages a step.
     clean = warmup = 0
     while clean < SETTLED_ROUNDS and warmup < MAX_WARMUP_ROUNDS:
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

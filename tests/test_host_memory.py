@@ -17,9 +17,11 @@ glibc_only = pytest.mark.skipif(not has_glibc(), reason="mallopt settings are gl
 _CHILD = r"""
 import ctypes, json, resource, sys, threading
 from jaxllm.host_memory import reuse_host_memory
-mode = sys.argv[1]
-keep = None if mode == "reuse" else int(mode.split(":")[1]) if mode.startswith("keep:") else ...
-applied = False if keep is ... else reuse_host_memory(keep)
+mode = sys.argv[1]  # "default" (glibc's settings), "reuse" (keep all) or "keep:<bytes>"
+if mode == "default":
+    applied = False
+else:
+    applied = reuse_host_memory(None if mode == "reuse" else int(mode.removeprefix("keep:")))
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]

@@ -277,11 +277,12 @@ def _attention_fwd(qkv, n_heads, save_probs, block):
     if save_probs is None:
         save_probs = attention_saves_probs(t, width // 3, n_heads, block)
     out = jax.ShapeDtypeStruct((b, t, width // 3), jnp.float32)
-    lse = jax.ShapeDtypeStruct((b, n_heads, t), jnp.float32)
-    probs = jax.ShapeDtypeStruct(
-        (b, n_heads, attention_probs_per_pair(t, block)) if save_probs and t else (1,), jnp.float32)
     if 0 in (b, t):
         return jnp.zeros(out.shape, out.dtype), (qkv, None, None, None)
+    lse = jax.ShapeDtypeStruct((b, n_heads, t), jnp.float32)
+    # Not kept: one float, as the handler takes a buffer either way.
+    probs = jax.ShapeDtypeStruct(
+        (b, n_heads, attention_probs_per_pair(t, block)) if save_probs else (1,), jnp.float32)
     register()
     o, lse, p = jax.ffi.ffi_call(ATTENTION_FWD, (out, lse, probs), vmap_method="sequential")(
         qkv, heads=np.int64(n_heads), block=np.int64(block), save_probs=bool(save_probs))
