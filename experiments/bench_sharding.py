@@ -29,7 +29,7 @@ def timed_run(step, state, batches):
     times, losses = [], []
     for x, y in batches:
         start = time.perf_counter()
-        state, metrics = step(state, x, y)
+        state, metrics = step(state, {"tokens": x, "targets": y})
         losses.append(float(metrics["loss"]))  # waits for the step
         times.append(time.perf_counter() - start)
     return state, times, losses

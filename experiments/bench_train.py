@@ -337,7 +337,8 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
 
     # First step from identical weights: the losses must agree (same model, same batch).
     t0 = time.perf_counter()
-    state, metrics = jstep(state, inputs, targets)
+    batch = {"tokens": inputs, "targets": targets}
+    state, metrics = jstep(state, batch)
     jax_first = float(metrics["loss"])
     jax_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -347,7 +348,7 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
     def run_jax():
         nonlocal state
         for _ in range(steps):
-            state, m = jstep(state, inputs, targets)
+            state, m = jstep(state, batch)
         m["loss"].block_until_ready()
 
     def run_torch():
@@ -383,7 +384,7 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
         # The profile only adds detail: a trace that cannot be read must not cost
         # the timings above.
         try:
-            hlo = jstep.lower(state, inputs, targets).compile().as_text()
+            hlo = jstep.lower(state, batch).compile().as_text()
             profile = op_profile(run_jax, steps, profile_dir, hlo)
         except Exception as err:  # noqa: BLE001 - reported, then the benchmark goes on
             print(f"  profile failed ({type(err).__name__}: {err}); timings kept", flush=True)

@@ -5,7 +5,9 @@ The functional API::
     config = jaxllm.GPTConfig(...)            # or jaxllm.GPT_CONFIG_124M, jaxllm.get_preset("small")
     params = jaxllm.init_params(config, key)  # a plain pytree
     logits = jaxllm.forward(params, tokens, config)
-    loss = jaxllm.lm_loss(params, inputs, targets, config)
+    loss = jaxllm.lm_loss(params, inputs, targets, config)  # targets of -100 are ignored
+    hidden = jaxllm.apply(params, tokens, config, return_hidden=True)  # after the final LayerNorm
+    logits = jaxllm.lm_head(params, hidden, config)  # the head a task may replace
     out = jaxllm.generate(params, config, prompt_ids, max_new_tokens)  # KV-cached decoding
 """
 
@@ -21,12 +23,14 @@ from jaxllm.config import (
 from jaxllm.generate import Generation, generate
 from jaxllm.host_memory import reuse_host_memory
 from jaxllm.hf import from_hf_state_dict, save_safetensors, to_hf_state_dict
-from jaxllm.loss import cross_entropy, lm_loss, perplexity
-from jaxllm.model import apply, forward, init_params
+from jaxllm.checks import IGNORE_INDEX
+from jaxllm.loss import cross_entropy, lm_loss, perplexity, token_loss_sum, token_nll
+from jaxllm.model import apply, forward, init_params, lm_head
 
 __all__ = [
     "GPT_CONFIG_124M", "PRESETS", "GPTConfig", "count_params", "get_preset", "param_bytes",
     "param_shapes", "from_hf_state_dict", "save_safetensors", "to_hf_state_dict",
-    "cross_entropy", "lm_loss", "perplexity", "apply", "forward", "init_params",
+    "cross_entropy", "lm_loss", "perplexity", "token_loss_sum", "token_nll", "IGNORE_INDEX",
+    "apply", "forward", "init_params", "lm_head",
     "Generation", "generate", "reuse_host_memory",
 ]

@@ -4,7 +4,7 @@ A `GPTConfig` holds two kinds of field. The architecture fields (the seed's
 seven keys plus `ffn_dim`, `tie_embeddings` and `ln_eps`) decide the
 parameter shapes and the function the model computes. The implementation
 fields (`attn_impl`, `matmul_impl`, `norm_impl`, `loss_impl`, dtypes,
-`scan_layers`, `remat`, `vocab_multiple`) only
+`scan_layers`, `remat`, `vocab_multiple`; see `jaxllm.ops`) only
 change how XLA computes the same function, and every one of them is tested
 for equality with the reference path. Because the config is hashable it can
 be passed to `jax.jit` as a static argument.
@@ -22,12 +22,14 @@ ATTN_IMPLS = ("reference", "blockwise", "xla", "cudnn", "mkl")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MATMUL_IMPLS = ("xla", "mkl")
-NORM_IMPLS = ("xla", "mkl")
-LOSS_IMPLS = ("xla", "mkl")
-# Fields whose "mkl" value is a kernel of jaxllm.kernels.mkl (CPU, float32, one
-# device), each with the XLA-side value to use where that kernel cannot run.
-NATIVE_KERNEL_FIELDS = (("matmul_impl", "xla"), ("attn_impl", "blockwise"), ("norm_impl", "xla"),
-                        ("loss_impl", "xla"))
+NORM_IMPLS = ("xla", "rowwise")
+LOSS_IMPLS = ("xla", "rowwise")
+# Earlier names of the row-wise kernels, still accepted (saved configs use them).
+_IMPL_ALIASES = {("norm_impl", "mkl"): "rowwise", ("loss_impl", "mkl"): "rowwise"}
+# Fields with a value that runs a native CPU kernel of jaxllm.kernels (float32,
+# one device): (field, that value, the XLA-side value to use where it cannot run).
+NATIVE_KERNEL_FIELDS = (("matmul_impl", "mkl", "xla"), ("attn_impl", "mkl", "blockwise"),
+                        ("norm_impl", "rowwise", "xla"), ("loss_impl", "rowwise", "xla"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +59,13 @@ class GPTConfig:
     remat: str = "none"
     vocab_multiple: int = 1  # pad the embedding rows to a multiple of this
     matmul_impl: str = "xla"  # dense layers: XLA's dot, or "mkl" (Intel CPUs, float32; jaxllm.kernels.mkl)
-    norm_impl: str = "xla"  # LayerNorm: XLA ops, or "mkl" (the same library's CPU kernel, float32)
-    loss_impl: str = "xla"  # cross-entropy: XLA ops, or "mkl" (one CPU kernel pass, float32)
+    norm_impl: str = "xla"  # LayerNorm: XLA ops, or "rowwise" (one CPU kernel pass, float32)
+    loss_impl: str = "xla"  # cross-entropy: XLA ops, or "rowwise" (one CPU kernel pass, float32)
 
     def __post_init__(self) -> None:
+        for (name, old), new in _IMPL_ALIASES.items():
+            if getattr(self, name) == old:
+                object.__setattr__(self, name, new)
         _validate(self)
 
     # -- derived sizes -----------------------------------------------------
@@ -155,9 +160,9 @@ def _validate(c: GPTConfig) -> None:
         value = expect(name, (str,), f"one of {allowed}")
         if value not in allowed:
             raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {value!r}")
-    for name, alternative in NATIVE_KERNEL_FIELDS:
-        if getattr(c, name) == "mkl" and c.compute_dtype != "float32":
-            raise ValueError(f"GPTConfig.{name}='mkl' computes in float32, but compute_dtype is "
+    for name, native, alternative in NATIVE_KERNEL_FIELDS:
+        if getattr(c, name) == native and c.compute_dtype != "float32":
+            raise ValueError(f"GPTConfig.{name}={native!r} computes in float32, but compute_dtype is "
                              f"{c.compute_dtype!r}; use {name}={alternative!r} for low-precision "
                              "compute")
 

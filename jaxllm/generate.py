@@ -3,9 +3,9 @@
 `generate` runs the model once over the prompt (the *prefill*), keeping every
 layer's keys and values in a cache preallocated to `context_length`, then
 produces one token per step by running the model on that token alone and
-attending over the cache (the *decode*). The model's own building blocks
-(`embed`, `qkv_heads`, `feed_forward`, `head_logits`, ...) do all the work;
-this module adds only the cached attention step.
+attending over the cache (the *decode*). The model's own `block` does all the
+work, with the cached attention passed in as its `attend`; this module adds
+only that attention step and the cache.
 
 Shapes are fixed so that nothing recompiles from call to call:
 
@@ -46,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import GPTConfig
-from jaxllm.model import (Params, apply, cast_params, dense, embed, feed_forward, head_logits,
-                          norm, qkv_heads)
+from jaxllm.attention import split_qkv
+from jaxllm.model import Params, apply, block, cast_params, embed, layer_norm, lm_head
 
 MIN_BUCKET = 16
 _MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
@@ -227,27 +227,28 @@ def _forward_cached(p: Params, tokens, positions, start, cache: KVCache, config:
     """The model on tokens (batch, seq) at `positions` (batch, seq), which run
     consecutively from `start` (one () for all rows, or (batch,)): writes
     their keys and values into the cache and attends over it. Returns the
-    final hidden states (batch, seq, emb) and the new cache."""
+    final hidden states (batch, seq, emb), before the final LayerNorm, and
+    the new cache."""
     b, t = tokens.shape
     x = embed(p, tokens, config, positions=positions).astype(jnp.dtype(config.compute_dtype))
     keys, values = [], []
     for blk, ck, cv in zip(p["blocks"], cache.keys, cache.values):
-        q, k, v = qkv_heads(blk["attn"], norm(blk["norm1"], x, config), config)
-        a = cached_attention(q, k, v, ck, cv, start)
-        k, v = _after(k, a), _after(v, a)
-        ck = _write(ck, k.transpose(0, 2, 3, 1), start, slot_axis=3)
-        cv = _write(cv, v.transpose(0, 2, 1, 3), start, slot_axis=2)
-        x = x + dense(blk["attn"]["out"], a.reshape(b, t, config.emb_dim), config.matmul_impl)
-        x = x + feed_forward(blk["ffn"], norm(blk["norm2"], x, config), config.matmul_impl)
-        keys.append(ck)
-        values.append(cv)
+        def attend(qkv, ck=ck, cv=cv):
+            q, k, v = split_qkv(qkv, config.n_heads)
+            a = cached_attention(q, k, v, ck, cv, start)
+            k, v = _after(k, a), _after(v, a)
+            keys.append(_write(ck, k.transpose(0, 2, 3, 1), start, slot_axis=3))
+            values.append(_write(cv, v.transpose(0, 2, 1, 3), start, slot_axis=2))
+            return a.reshape(b, t, config.emb_dim)
+
+        x = block(blk, x, config, attend=attend)
     return x, KVCache(keys, values)
 
 
 def _logits_at(p: Params, hidden, index, config: GPTConfig):
     """Logits (batch, vocab_size) of the hidden state at `index` (batch,) in each row."""
-    h = hidden[jnp.arange(hidden.shape[0]), index][:, None]
-    return head_logits(p, h, config)[:, 0, : config.vocab_size]
+    h = layer_norm(p["final_norm"], hidden[jnp.arange(hidden.shape[0]), index][:, None], config)
+    return lm_head(p, h, config)[:, 0, : config.vocab_size]
 
 
 def _prefill_into(p: Params, tokens, length, cache: KVCache, config: GPTConfig):

@@ -5,73 +5,54 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxllm.checks import IGNORE_INDEX, check_tokens
 from jaxllm.config import LOSS_IMPLS, GPTConfig
-from jaxllm.model import Params, apply, check_tokens
+from jaxllm.model import Params, apply
+from jaxllm.ops import token_nll_op, xla
+
+
+def token_loss_sum(logits, targets, mask=None, *, impl: str = "xla"):
+    """(sum, count) of the cross-entropy of integer `targets` under `logits` (..., vocab).
+
+    A position counts when its target is not `IGNORE_INDEX` and, where `mask`
+    (targets' shape, 0/1 or bool) is given, its mask is non-zero; `sum / count`
+    is the masked mean. Returning the two parts lets a train step add them up
+    over micro-batches and divide once, so the mean is exact whatever each
+    micro-batch counts. A counted target outside [0, vocab) makes the sum NaN,
+    so a bad target under jit cannot pass unnoticed. `impl` is
+    `GPTConfig.loss_impl` (see `jaxllm.ops`).
+    """
+    if mask is not None and mask.shape != targets.shape:
+        raise ValueError(f"mask has shape {mask.shape}, targets have shape {targets.shape}")
+    counted = targets != IGNORE_INDEX
+    if mask is not None:
+        counted = counted & (mask != 0)
+    # Ignored positions read target 0: a finite loss that the select below drops.
+    nll = token_nll_op(impl)(logits, jnp.where(targets == IGNORE_INDEX, 0, targets))
+    weight = counted.astype(jnp.float32)
+    if mask is not None and mask.dtype != jnp.bool_:  # 0/1 or fractional weights
+        weight = jnp.where(counted, mask.astype(jnp.float32), 0.0)
+        nll = nll * weight
+    # where, not multiply: an ignored position must not bring a NaN in (0 * NaN).
+    return jnp.where(counted, nll, 0.0).sum(), weight.sum()
 
 
 def cross_entropy(logits, targets, mask=None, *, impl: str = "xla"):
     """Mean cross-entropy of integer `targets` under `logits` (..., vocab), in float32.
 
-    The per-position loss is logsumexp minus the target logit, with a
-    hand-written gradient (softmax minus one-hot, see `token_nll`): no
-    (..., vocab) array of log-probabilities is kept for the backward pass
-    and no scatter is needed to place the target gradient. `mask` (same
-    shape as targets, 0/1 or bool) selects the positions that count; the
-    mean is over those. A target outside [0, vocab) makes the loss NaN
-    (unless masked out), so a bad target under jit cannot pass unnoticed.
-    `impl` is `GPTConfig.loss_impl`: "xla", or "mkl" for the per-position
-    loss as one CPU kernel pass forward and one backward
-    (`jaxllm.kernels.mkl.token_nll`, float32 logits).
+    The mean is over the positions that count (see `token_loss_sum`): targets
+    equal to `IGNORE_INDEX` are skipped, as PyTorch's `F.cross_entropy` does.
+    The per-position loss is `token_nll`: no (..., vocab) array of
+    log-probabilities is kept for the backward pass. With nothing counted
+    the result is 0.
     """
     if impl not in LOSS_IMPLS:
         raise ValueError(f"cross_entropy impl must be one of {LOSS_IMPLS}, got {impl!r}")
-    if impl == "mkl":
-        from jaxllm.kernels import mkl
-
-        nll = mkl.token_nll(logits.astype(jnp.float32), targets)
-    else:
-        nll = token_nll(logits, targets)
-    if mask is None:
-        return nll.mean()
-    if mask.shape != targets.shape:
-        raise ValueError(f"mask has shape {mask.shape}, targets have shape {targets.shape}")
-    mask = mask.astype(jnp.float32)
-    # where as well as multiply: an ignored position must not bring a NaN in (0 * NaN).
-    nll = jnp.where(mask != 0, nll * mask, 0.0)
-    return nll.sum() / jnp.maximum(mask.sum(), 1.0)
+    total, count = token_loss_sum(logits, targets, mask, impl=impl)
+    return total / jnp.maximum(count, 1.0)
 
 
-@jax.custom_vjp
-def token_nll(logits, targets):
-    """-log softmax(logits)[target] per position, float32, shape `targets.shape`."""
-    return _token_nll_fwd(logits, targets)[0]
-
-
-def _is_target(logits, targets):
-    """Boolean (..., vocab): True at each position's target id (fuses; never stored)."""
-    ids = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
-    return ids == targets[..., None]
-
-
-def _token_nll_fwd(logits, targets):
-    x = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(x, axis=-1)
-    target_logit = jnp.sum(jnp.where(_is_target(x, targets), x, 0.0), axis=-1)
-    valid = (targets >= 0) & (targets < x.shape[-1])
-    nll = jnp.where(valid, lse - target_logit, jnp.nan)
-    return nll, (logits, lse, targets)
-
-
-def _token_nll_bwd(res, g):
-    # d nll / d logits = softmax(logits) - one_hot(target): one fused elementwise pass.
-    logits, lse, targets = res
-    x = logits.astype(jnp.float32)
-    probs = jnp.exp(x - lse[..., None])
-    grad = (probs - _is_target(x, targets).astype(jnp.float32)) * g[..., None]
-    return grad.astype(logits.dtype), None
-
-
-token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+token_nll = xla.token_nll  # -log softmax(logits)[target] per position, float32
 
 
 def reference_cross_entropy(logits, targets):
@@ -93,7 +74,7 @@ def lm_loss(params: Params, inputs, targets, config: GPTConfig, *, mask=None,
     if train and rng is None:
         raise ValueError("lm_loss(train=True) needs an rng key for dropout")
     inputs = check_tokens(inputs, config, name="inputs")
-    targets = check_tokens(targets, config, name="targets")
+    targets = check_tokens(targets, config, name="targets", allow_ignore=True)
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs {inputs.shape} and targets {targets.shape} differ in shape")
     if mask is not None:

@@ -45,6 +45,7 @@ from jaxllm.config import NATIVE_KERNEL_FIELDS, GPTConfig
 from jaxllm.model import init_params
 from jaxllm.train.optim import TrainConfig, make_optimizer
 from jaxllm.train.step import TrainState, init_train_state, make_eval_step, make_train_step
+from jaxllm.train.task import Task, Trainable, lm_task
 
 MESH_AXES = ("data", "fsdp")
 # The batch dimension is split over every device: data parallel across
@@ -426,43 +427,56 @@ def shard_batch(mesh: Mesh, *arrays, per_process: bool = False):
 def _check_native_kernels(config: GPTConfig, mesh: Mesh) -> None:
     # XLA's partitioner cannot split a custom call: it would gather every
     # sharded operand onto each device, undoing FSDP.
-    for name, alternative in NATIVE_KERNEL_FIELDS:
-        if getattr(config, name) == "mkl" and mesh.size > 1:
-            raise ValueError(f"{name}='mkl' runs on one CPU device; a mesh of {mesh.size} "
+    for name, native, alternative in NATIVE_KERNEL_FIELDS:
+        if getattr(config, name) == native and mesh.size > 1:
+            raise ValueError(f"{name}={native!r} runs on one CPU device; a mesh of {mesh.size} "
                              f"devices needs {name}={alternative!r}")
 
 
 def make_sharded_train_step(config: GPTConfig, tc: TrainConfig, mesh: Mesh,
                             rules: Rules = DEFAULT_RULES, optimizer=None, *,
-                            strict: bool = False) -> Callable:
-    """`step(state, inputs, targets) -> (state, metrics)` jitted over the mesh.
+                            task: Task = lm_task, trainable: Trainable = None,
+                            strict: bool = False, state: TrainState | None = None) -> Callable:
+    """`step(state, batch) -> (state, metrics)` jitted over the mesh.
 
     The state comes in and goes out with `train_state_shardings` (donated, so
-    updated in place shard by shard), the batch split by `batch_sharding`,
-    the metrics replicated. Host arrays are the global batch, placed with
+    updated in place shard by shard), every array of the batch dict split
+    along its leading axis by `batch_sharding`, the metrics replicated. The
+    shardings are derived from `state` (arrays or `jax.ShapeDtypeStruct`s:
+    a tree with a new head or adapters, say), by default from a fresh
+    `init_params` state. Host arrays are the global batch, placed with
     `shard_batch` (per-host rows: call `shard_batch(..., per_process=True)`
     first); a batch that does not divide over the batch axes is a ValueError.
     """
     _check_native_kernels(config, mesh)
     optimizer = optimizer or make_optimizer(tc)
-    state_sh = train_state_shardings(abstract_train_state(config, tc, optimizer), mesh, rules,
-                                     strict=strict)
+    if state is None:
+        state = jax.eval_shape(lambda: init_train_state(
+            init_params(config, jax.random.key(tc.seed)), tc, optimizer, trainable=trainable))
+    state_sh = train_state_shardings(state, mesh, rules, strict=strict)
     bs, replicated = batch_sharding(mesh), NamedSharding(mesh, P())
-    jitted = jax.jit(make_train_step(config, tc, optimizer, jit=False),
-                     in_shardings=(state_sh, bs, bs), out_shardings=(state_sh, replicated),
+    jitted = jax.jit(make_train_step(config, tc, optimizer, task=task, trainable=trainable,
+                                     jit=False),
+                     in_shardings=(state_sh, bs), out_shardings=(state_sh, replicated),
                      donate_argnums=0)
 
-    def sharded_train_step(state: TrainState, inputs, targets):
-        inputs, targets = shard_batch(mesh, inputs, targets)
-        return jitted(state, inputs, targets)
+    def sharded_train_step(state: TrainState, batch):
+        return jitted(state, _shard_batch_dict(mesh, batch))
 
     sharded_train_step.jitted = jitted
     sharded_train_step.state_shardings = state_sh
     return sharded_train_step
 
 
-def make_sharded_eval_step(config: GPTConfig, mesh: Mesh, params_shardings) -> Callable:
-    """`eval_step(params, inputs, targets) -> mean loss` jitted over the mesh;
+def _shard_batch_dict(mesh: Mesh, batch) -> dict:
+    keys = list(batch)
+    arrays = shard_batch(mesh, *(batch[k] for k in keys))
+    return dict(zip(keys, arrays if len(keys) > 1 else (arrays,)))
+
+
+def make_sharded_eval_step(config: GPTConfig, mesh: Mesh, params_shardings, *,
+                           task: Task = lm_task) -> Callable:
+    """`eval_step(params, batch) -> {"loss_sum", "count", ...}` jitted over the mesh;
     `params_shardings` as from `param_shardings` (or `state_shardings.params`).
 
     Batches are split like training batches; one that does not divide over
@@ -470,20 +484,20 @@ def make_sharded_eval_step(config: GPTConfig, mesh: Mesh, params_shardings) -> C
     replicated instead, so every evaluation batch works.
     """
     _check_native_kernels(config, mesh)
-    bs, replicated = batch_sharding(mesh), NamedSharding(mesh, P())
+    replicated = NamedSharding(mesh, P())
     # Batch shardings left to the arguments: split or replicated, as placed below.
-    jitted = jax.jit(make_eval_step(config, jit=False),
-                     in_shardings=(params_shardings, None, None), out_shardings=replicated)
+    jitted = jax.jit(make_eval_step(config, task=task, jit=False),
+                     in_shardings=(params_shardings, None), out_shardings=replicated)
 
-    def sharded_eval_step(params, inputs, targets):
-        divides = np.shape(inputs)[0] % batch_divisor(mesh) == 0
-        if divides:
-            inputs, targets = shard_batch(mesh, inputs, targets)
+    def sharded_eval_step(params, batch):
+        rows = np.shape(next(iter(batch.values())))[0]
+        if rows % batch_divisor(mesh) == 0:
+            batch = _shard_batch_dict(mesh, batch)
         else:
-            inputs, targets = (jax.make_array_from_callback(
+            batch = {k: jax.make_array_from_callback(
                 np.shape(a), replicated, lambda index, a=np.asarray(a): a[index])
-                for a in (inputs, targets))
-        return jitted(params, inputs, targets)
+                for k, a in batch.items()}
+        return jitted(params, batch)
 
     sharded_eval_step.jitted = jitted
     return sharded_eval_step

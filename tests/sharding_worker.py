@@ -24,6 +24,11 @@ import numpy as np  # noqa: E402
 from jaxllm import sharding as sh  # noqa: E402
 
 
+
+def _mean(sums) -> float:
+    """The mean loss of an eval step's sums."""
+    return float(sums["loss_sum"] / sums["count"])
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -38,6 +43,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxllm.config import GPTConfig  # noqa: E402
 from jaxllm.model import init_params  # noqa: E402
+from jaxllm.train.task import lm_batch  # noqa: E402
 from jaxllm.data import default_corpus_documents, tokenize_documents  # noqa: E402
 from jaxllm.tokenizer import ByteTokenizer  # noqa: E402
 from jaxllm.train import TrainConfig, checkpoint, init_train_state, make_eval_step, make_train_step  # noqa: E402
@@ -93,10 +99,10 @@ def main(out_dir: str) -> dict:
     ref_step, ref_eval = make_train_step(CONFIG, TC), make_eval_step(CONFIG)
     ref_losses = []
     for x, y in data[:STEPS]:
-        ref, m = ref_step(ref, x, y)
+        ref, m = ref_step(ref, lm_batch(x, y))
         ref_losses.append(float(m["loss"]))
     report["ref_losses"] = ref_losses
-    report["ref_eval"] = float(ref_eval(ref.params, ev_in, ev_tg))
+    report["ref_eval"] = _mean(ref_eval(ref.params, lm_batch(ev_in, ev_tg)))
     lap("reference")
 
     states, steps = {}, {}
@@ -110,17 +116,17 @@ def main(out_dir: str) -> dict:
         step = sh.make_sharded_train_step(CONFIG, TC, mesh)
         losses = []
         for x, y in data[:STEPS]:
-            state, m = step(state, x, y)
+            state, m = step(state, lm_batch(x, y))
             losses.append(float(m["loss"]))
         entry = {"losses": losses, "params_diff": max_diff(state.params, ref.params),
                  "opt_state_diff": max_diff(state.opt_state, ref.opt_state),
                  "step": int(state.step)}
         if spec == "data=2,fsdp=4":
             ev = sh.make_sharded_eval_step(CONFIG, mesh, step.state_shardings.params)
-            entry["eval"] = float(ev(state.params, ev_in, ev_tg))
+            entry["eval"] = _mean(ev(state.params, lm_batch(ev_in, ev_tg)))
             # A partial batch (12 rows on 8 devices) is evaluated replicated.
-            entry["eval_partial"] = float(ev(state.params, ev_in[:12], ev_tg[:12]))
-            entry["ref_eval_partial"] = float(ref_eval(ref.params, ev_in[:12], ev_tg[:12]))
+            entry["eval_partial"] = _mean(ev(state.params, lm_batch(ev_in[:12], ev_tg[:12])))
+            entry["ref_eval_partial"] = _mean(ref_eval(ref.params, lm_batch(ev_in[:12], ev_tg[:12])))
         report[spec] = entry
         states[spec], steps[spec] = (mesh, state), step
         lap(spec)
@@ -169,8 +175,8 @@ def main(out_dir: str) -> dict:
             # One more step from the restored state matches one more step of the reference.
             step = steps[spec]  # same mesh shape, so the compiled step is reused
             x, y = data[STEPS]
-            r, m = step(r, x, y)
-            ref, mr = ref_step(ref, x, y)
+            r, m = step(r, lm_batch(x, y))
+            ref, mr = ref_step(ref, lm_batch(x, y))
             restored[spec]["next_loss_diff"] = abs(float(m["loss"]) - float(mr["loss"]))
             restored[spec]["next_params_diff"] = max_diff(r.params, ref.params)
     report["restored"] = restored
@@ -213,7 +219,7 @@ def main(out_dir: str) -> dict:
     # Errors that name what does not fit.
     mesh8, step8 = states["data=8"][0], steps["data=8"]
     x, y = data[0]
-    report["err_batch"] = error_of(lambda: step8(states["data=8"][1], x[:12], y[:12]))
+    report["err_batch"] = error_of(lambda: step8(states["data=8"][1], lm_batch(x[:12], y[:12])))
     report["err_mesh_size"] = error_of(lambda: sh.make_mesh("data=2,fsdp=2"))
     abstract = sh.abstract_train_state(CONFIG.replace(vocab_size=100), TC)
     report["err_not_divisible"] = error_of(lambda: sh.param_specs(

@@ -254,7 +254,7 @@ def _train_losses(c: GPTConfig, steps: int = 20, grad_accum: int = 1):
     x, y = batch(c, b=4, seed=3)
     losses = []
     for _ in range(steps):
-        state, m = step(state, x, y)
+        state, m = step(state, {"tokens": x, "targets": y})
         losses.append(float(m["loss"]))
     return np.array(losses)
 

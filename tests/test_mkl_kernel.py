@@ -1,6 +1,6 @@
 """The MKL kernels against NumPy and XLA: the matrix product (`GPTConfig.matmul_impl="mkl"`),
-causal attention (`GPTConfig.attn_impl="mkl"`), LayerNorm (`GPTConfig.norm_impl="mkl"`),
-the cross-entropy (`GPTConfig.loss_impl="mkl"`) and the column sum of the bias gradients.
+causal attention (`GPTConfig.attn_impl="mkl"`), LayerNorm (`GPTConfig.norm_impl="rowwise"`),
+the cross-entropy (`GPTConfig.loss_impl="rowwise"`) and the column sum of the bias gradients.
 
 MKL ships for x86-64 only; there the test extra installs it, so these run
 (never skip) in CI.
@@ -131,17 +131,17 @@ def test_config_and_mesh_checks():
         GPTConfig(matmul_impl="mkl", compute_dtype="bfloat16")
     with pytest.raises(ValueError, match="attn_impl='mkl' computes in float32"):
         GPTConfig(attn_impl="mkl", compute_dtype="bfloat16")
-    with pytest.raises(ValueError, match="norm_impl='mkl' computes in float32"):
+    with pytest.raises(ValueError, match="norm_impl='rowwise' computes in float32"):
         GPTConfig(norm_impl="mkl", compute_dtype="bfloat16")
     with pytest.raises(ValueError, match="norm_impl must be one of"):
         GPTConfig(norm_impl="fused")
-    with pytest.raises(ValueError, match="loss_impl='mkl' computes in float32"):
+    with pytest.raises(ValueError, match="loss_impl='rowwise' computes in float32"):
         GPTConfig(loss_impl="mkl", compute_dtype="bfloat16")
     with pytest.raises(ValueError, match="loss_impl must be one of"):
         GPTConfig(loss_impl="chunked")
     for field in ("matmul_impl", "attn_impl", "norm_impl", "loss_impl"):
         _check_native_kernels(GPTConfig(**{field: "mkl"}), types.SimpleNamespace(size=1))
-        with pytest.raises(ValueError, match=f"{field}='mkl' runs on one CPU device"):
+        with pytest.raises(ValueError, match=f"{field}='(mkl|rowwise)' runs on one CPU device"):
             _check_native_kernels(GPTConfig(**{field: "mkl"}), types.SimpleNamespace(size=2))
 
 
@@ -331,13 +331,15 @@ def test_layer_norm_matches_the_xla_path_in_the_model_layer():
     x = jnp.asarray(rng.normal(size=(4, 9, 48)), jnp.float32)
     p = {"scale": jnp.asarray(rng.normal(size=48), jnp.float32),
          "bias": jnp.asarray(rng.normal(size=48), jnp.float32)}
-    loss = lambda impl: lambda x, p: jnp.sum(jnp.sin(layer_norm(p, x, 1e-5, impl)))
+    config = GPTConfig(emb_dim=48, n_heads=4, ln_eps=1e-5)
+    loss = lambda impl: lambda x, p: jnp.sum(jnp.sin(layer_norm(p, x, config.replace(
+        norm_impl=impl))))
     want = jax.value_and_grad(loss("xla"), argnums=(0, 1))(x, p)
-    got = jax.jit(jax.value_and_grad(loss("mkl"), argnums=(0, 1)))(x, p)
+    got = jax.jit(jax.value_and_grad(loss("rowwise"), argnums=(0, 1)))(x, p)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="unknown norm implementation"):
-        layer_norm(p, x, 1e-5, "fused")
+    with pytest.raises(ValueError, match="norm_impl must be one of"):
+        config.replace(norm_impl="fused")
 
 
 def test_layer_norm_of_an_empty_batch_is_empty():

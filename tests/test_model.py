@@ -14,7 +14,13 @@ import pytest
 from jaxllm import (GPT_CONFIG_124M, GPTConfig, count_params, cross_entropy, forward,
                     from_hf_state_dict, init_params, lm_loss, to_hf_state_dict)
 from jaxllm.attention import causal_attention
-from jaxllm.model import layer_norm, xla_matmul
+from jaxllm.ops.xla import matmul as xla_matmul
+
+
+def layer_norm(p, x, eps):
+    from jaxllm.ops import xla
+
+    return xla.layer_norm(x, p["scale"], p["bias"], eps)
 
 TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
                  drop_rate=0.0, attn_impl="reference")

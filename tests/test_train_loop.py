@@ -80,8 +80,13 @@ def test_resume_is_bitwise_identical(tokens, straight, tmp_path):
 
 def test_steps_are_built_once_per_configuration():
     """A resume in the same process reuses the compiled steps of the first run."""
-    assert loop._steps(CONFIG, TC) is loop._steps(CONFIG, TC)
-    assert loop._steps(CONFIG, TC) is not loop._steps(CONFIG, TC.replace(lr=2e-2))
+    from jaxllm.train.task import lm_task
+
+    def steps(tc):
+        return loop._steps(CONFIG, tc, None, lm_task, None)
+
+    assert steps(TC) is steps(TC)
+    assert steps(TC) is not steps(TC.replace(lr=2e-2))
 
 
 def test_only_the_first_process_writes_run_files(tokens, straight, tmp_path, monkeypatch):
@@ -150,13 +155,13 @@ def poison_after(monkeypatch, step):
     """Make the train step write NaN into the parameters from `step` on."""
     real_train, real_eval = loop._steps(CONFIG, TC)
 
-    def poisoned(state, inputs, targets):
-        state, metrics = real_train(state, inputs, targets)
+    def poisoned(state, batch):
+        state, metrics = real_train(state, batch)
         if int(state.step) >= step:
             state = state._replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
         return state, metrics
 
-    monkeypatch.setattr(loop, "_steps", lambda config, tc: (poisoned, real_eval))
+    monkeypatch.setattr(loop, "_steps", lambda *args: (poisoned, real_eval))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokens, tmp_path, monkeypatch):

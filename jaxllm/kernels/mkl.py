@@ -16,12 +16,12 @@ in the graph, forward and backward. It is `GPTConfig(attn_impl="mkl")`.
 
 `layer_norm` (`rowwise.cc`: no MKL calls, built into the same library) is
 LayerNorm as one forward and one backward kernel, where XLA's CPU backend
-runs a dozen small ops; it is `GPTConfig(norm_impl="mkl")`. Under
+runs a dozen small ops; it is `GPTConfig(norm_impl="rowwise")`. Under
 `matmul_impl="mkl"` the dense layers' bias gradients are one `column_sum`
 each (`add_bias`), and the feed-forward's first layer is `dense_gelu`: the
 bias and GELU applied to the product's panels as MKL finishes them.
 `token_nll` is the cross-entropy per position as one pass over the logits
-forward and one backward; it is `GPTConfig(loss_impl="mkl")`.
+forward and one backward; it is `GPTConfig(loss_impl="rowwise")`.
 
 The handlers are compiled on first use, into one library, with the C++
 compiler (`$CXX`, else `g++`, for this machine's CPU: `-march=native`) against
@@ -166,9 +166,9 @@ def register() -> str:
     return TARGET
 
 
-def _check_cpu(field: str, alternative: str) -> None:
+def _check_cpu(field: str, alternative: str, value: str = "mkl") -> None:
     if jax.default_backend() != "cpu":
-        raise MKLUnavailable(f"{field}='mkl' is a CPU kernel, but JAX's default backend is "
+        raise MKLUnavailable(f"{field}={value!r} is a CPU kernel, but JAX's default backend is "
                              f"{jax.default_backend()!r}; use {field}={alternative!r} there")
 
 
@@ -381,7 +381,7 @@ def layer_norm(x, scale, bias, eps: float):
 
     The same function as `jaxllm.model.layer_norm`; the forward is one pass per
     row and saves only each row's mean and 1/std, the backward is one kernel
-    that returns dx, dscale and dbias. It is `GPTConfig(norm_impl="mkl")`.
+    that returns dx, dscale and dbias. It is `GPTConfig(norm_impl="rowwise")`.
     """
     return _layer_norm_fwd(x, scale, bias, eps)[0]
 
@@ -392,9 +392,9 @@ def _layer_norm_fwd(x, scale, bias, eps):
         raise ValueError(f"layer_norm takes x (..., d) with scale and bias (d,), got "
                          f"{x.shape}, {scale.shape}, {bias.shape}")
     if not x.dtype == scale.dtype == bias.dtype == jnp.float32:
-        raise ValueError(f"norm_impl='mkl' computes in float32, got {x.dtype}, "
+        raise ValueError(f"norm_impl='rowwise' computes in float32, got {x.dtype}, "
                          f"{scale.dtype}, {bias.dtype}")
-    _check_cpu("norm_impl", "xla")
+    _check_cpu("norm_impl", "xla", "rowwise")
     rows = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
     if x.size == 0:
         return jnp.zeros_like(x), (x, scale, jnp.zeros(rows.shape), jnp.zeros(rows.shape))
@@ -425,7 +425,7 @@ def token_nll(logits, targets):
     gradient softmax - one_hot in one more. Same values as
     `jaxllm.loss.token_nll`, NaN where a target is outside [0, vocab) or a
     logit is NaN, +inf where one is +inf; -inf logits take no probability.
-    It is `GPTConfig(loss_impl="mkl")`.
+    It is `GPTConfig(loss_impl="rowwise")`.
     """
     return _token_nll_fwd(logits, targets)[0]
 
@@ -436,7 +436,7 @@ def _token_nll_fwd(logits, targets):
                          f"leading shape, got {logits.dtype} {logits.shape} and {targets.shape}")
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ValueError(f"token_nll takes integer targets, got {targets.dtype}")
-    _check_cpu("loss_impl", "xla")
+    _check_cpu("loss_impl", "xla", "rowwise")
     vocab = logits.shape[-1]
     # int32 for the kernel; an id outside the vocabulary (however wide) becomes -1,
     # so no wide id wraps into range

@@ -18,7 +18,7 @@ import pathlib
 import platform
 from typing import Any
 
-NATIVE_KERNELS = {"attn_impl": "mkl", "norm_impl": "mkl", "loss_impl": "mkl"}
+NATIVE_KERNELS = {"attn_impl": "mkl", "norm_impl": "rowwise", "loss_impl": "rowwise"}
 # Micro-batches per step with MKL's products (NOTES.md, v3 and v6).
 MKL_GRAD_ACCUM = 2
 

@@ -48,6 +48,7 @@ from jaxllm.train.optim import TrainConfig
 from jaxllm.train.plot import plot_losses
 from jaxllm.train.sampling import sample_text
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
+from jaxllm.train.task import Task, Trainable, lm_batch, lm_task
 
 META_FORMAT = 1
 
@@ -115,41 +116,73 @@ def _is_writer() -> bool:
     return jax.process_index() == 0
 
 
-@functools.lru_cache(maxsize=8)
-def _steps(config: GPTConfig, tc: TrainConfig):
-    """The jitted train and eval steps, built once per configuration so that
-    runs in one process (a resume, say) reuse the compiled code."""
-    return make_train_step(config, tc), make_eval_step(config)
+def _maybe_cached(fn):
+    """`fn` memoised on its arguments when they are all hashable (a trainable mask
+    given as a pytree is not): runs in one process, a resume say, then reuse
+    the compiled steps."""
+    cached = functools.lru_cache(maxsize=8)(fn)
+
+    def call(*args):
+        try:
+            hash(args)
+        except TypeError:
+            return fn(*args)
+        return cached(*args)
+
+    return call
 
 
-@functools.lru_cache(maxsize=8)
-def _sharded_steps(config: GPTConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, rules,
-                   strict: bool):
+@_maybe_cached
+def _steps(config: GPTConfig, tc: TrainConfig, optimizer=None, task: Task = lm_task,
+           trainable: Trainable = None):
+    """The jitted train and eval steps."""
+    return (make_train_step(config, tc, optimizer, task=task, trainable=trainable),
+            make_eval_step(config, task=task))
+
+
+@_maybe_cached
+def _sharded_steps(config: GPTConfig, tc: TrainConfig, optimizer, task: Task,
+                   trainable: Trainable, mesh: jax.sharding.Mesh, rules, strict: bool, abstract):
     """The train and eval steps on a device mesh (batch split, FSDP state)."""
-    step = sharding.make_sharded_train_step(config, tc, mesh, rules, strict=strict)
-    return step, sharding.make_sharded_eval_step(config, mesh, step.state_shardings.params)
+    step = sharding.make_sharded_train_step(config, tc, mesh, rules, optimizer, task=task,
+                                            trainable=trainable, strict=strict, state=abstract)
+    return step, sharding.make_sharded_eval_step(config, mesh, step.state_shardings.params,
+                                                 task=task)
 
 
-@functools.lru_cache(maxsize=8)
-def _init_fn(config: GPTConfig, tc: TrainConfig):
-    """A fresh TrainState from a key, as one compiled program (eagerly, every
-    parameter shape would compile its own random-normal kernel)."""
-    return jax.jit(lambda key: init_train_state(init_params(config, key, scheme=tc.init), tc))
+@_maybe_cached
+def _init_fn(config: GPTConfig, tc: TrainConfig, optimizer, trainable: Trainable, shardings=None):
+    """A fresh TrainState from a key and optional starting parameters, as one
+    compiled program (eagerly, every parameter shape would compile its own
+    random-normal kernel)."""
+    def init(key, params):
+        if params is None:
+            params = init_params(config, key, scheme=tc.init)
+        return init_train_state(params, tc, optimizer, trainable=trainable)
+
+    return jax.jit(init, out_shardings=shardings)
 
 
 def _fixed_batches(tokens, length: int, batch_size: int, count: int, name: str):
     """The first `count` batches of non-overlapping windows, in order."""
     windows = SlidingWindows(tokens, length, length, name=name)
     batches = WindowBatches(windows, batch_size, shuffle=False, drop_last=False)
-    return [batches.batch_at(k) for k in range(min(count, len(batches)))]
+    return [lm_batch(*batches.batch_at(k)) for k in range(min(count, len(batches)))]
 
 
 def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer: Tokenizer,
           tokens: np.ndarray, *, val_tokens: np.ndarray | None = None, data_name: str = "corpus",
           resume: bool = False, stop_at: int | None = None, progress: bool = True,
           mesh: jax.sharding.Mesh | None = None,
-          partition_rules: sharding.Rules | None = None) -> dict[str, Any]:
+          partition_rules: sharding.Rules | None = None, params=None, task: Task = lm_task,
+          trainable: Trainable = None, optimizer=None) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; returns the summary dict.
+
+    `params` are the starting parameters (a pretrained model, say; default: a
+    fresh `init_params`), `task` the loss over {"tokens", "targets"} batches
+    (default `lm_task`), `trainable` the leaves to train (default all) and
+    `optimizer` an optax transformation (default `make_optimizer(tc)`); a
+    resumed run must pass the same.
 
     `tokens` is the token stream; unless `val_tokens` is given, its first
     `lc.train_ratio` trains and the rest validates. `stop_at` ends the run
@@ -210,13 +243,17 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     if latest is not None and not resume:
         raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); resume it "
                          f"(--resume) or choose another run folder")
+    # The fresh state's shapes are the restore target: a checkpoint restores into
+    # whatever tree and optimizer state this run builds (extra heads, adapters).
+    abstract = jax.eval_shape(lambda key: _init_fn(config, tc, optimizer, trainable)(key, params),
+                              jax.random.key(tc.seed))
+    shardings = (jax.tree.map(lambda _: device, abstract) if mesh is None else
+                 sharding.train_state_shardings(abstract, mesh, rules, strict=custom_rules))
     if latest is not None:
         saved = checkpoint.read_meta(run_dir, latest)
         checkpoint.check_compatible(run_dir, saved, identity)
-        target = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-            checkpoint.abstract_train_state(config, tc)) if mesh is None else \
-            sharding.abstract_sharded_state(config, tc, mesh, rules, strict=custom_rules)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, shardings)
         state = checkpoint.restore(run_dir, latest, target=target).state
         start = int(state.step)
         if saved.get("data_position") != start:
@@ -224,11 +261,13 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
                              f"but step {start}")
         log.truncate_after(start)
     else:
-        # Placed on the device explicitly, like a restored state, so that fresh
-        # and resumed runs hit the same compiled step.
-        state = jax.device_put(_init_fn(config, tc)(jax.random.key(tc.seed)), device) \
-            if mesh is None else sharding.init_sharded_train_state(config, tc, mesh, rules,
-                                                                   strict=custom_rules)
+        # Placed on the devices explicitly, like a restored state, so that fresh
+        # and resumed runs hit the same compiled step; sharded, no device ever
+        # holds the whole state.
+        init = _init_fn(config, tc, optimizer, trainable, shardings if mesh is not None else None)
+        state = init(jax.random.key(tc.seed), params)
+        if mesh is None:
+            state = jax.device_put(state, device)
         start = 0
         log.clear()  # a fresh run: stale metrics of an unsaved run go
     meta = dict(identity, format=META_FORMAT, data_name=data_name,
@@ -240,16 +279,20 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
 
-    train_step, eval_step = _steps(config, tc) if mesh is None else \
-        _sharded_steps(config, tc, mesh, rules, custom_rules)
+    train_step, eval_step = _steps(config, tc, optimizer, task, trainable) if mesh is None else \
+        _sharded_steps(config, tc, optimizer, task, trainable, mesh, rules, custom_rules,
+                       abstract)
     sample_key = jax.random.key(tc.seed + 1)
     last_saved = latest
 
     def evaluate(params, step: int, final: bool = False) -> dict[str, Any]:
-        # every batch dispatched before the one wait for their losses
-        losses = jax.device_get([[eval_step(params, x, y) for x, y in split]
-                                 for split in (train_eval, val_eval)])
-        train_loss, val_loss = (float(np.mean(split)) for split in losses)
+        # every batch dispatched before the one wait for their sums; the mean is
+        # over every counted target of the split
+        sums = jax.device_get([[eval_step(params, batch) for batch in split]
+                               for split in (train_eval, val_eval)])
+        train_loss, val_loss = (
+            float(sum(r["loss_sum"] for r in split) / max(sum(r["count"] for r in split), 1e-30))
+            for split in sums)
         record = {"kind": "eval", "step": step, "tokens": step * tokens_per_step,
                   "train_loss": train_loss, "val_loss": val_loss,
                   "val_perplexity": math.exp(min(val_loss, 700.0)),
@@ -279,10 +322,10 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
 
     def save(state, step: int) -> None:
         nonlocal last_saved
-        x, y = batches.batch_at(step)
         if not bool(_all_finite(state.params)):
             raise diverged(step, "the parameters are not finite")
-        next_loss = float(eval_step(state.params, x, y))
+        out = eval_step(state.params, lm_batch(*batches.batch_at(step)))
+        next_loss = float(out["loss_sum"] / out["count"])
         if not math.isfinite(next_loss):
             raise diverged(step, f"the parameters give loss {next_loss} on the next batch")
         checkpoint.save(manager, state, dict(meta, data_position=step,
@@ -322,8 +365,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
             first_eval = evaluate(state.params, 0)
         seg_start = time.perf_counter()
         for step in range(start, end):
-            x, y = batches.batch_at(step)  # the data position is the step
-            state, metrics = train_step(state, x, y)
+            batch = lm_batch(*batches.batch_at(step))  # the data position is the step
+            state, metrics = train_step(state, batch)
             done = step + 1
             pending.append((done, metrics))
             bar.update(1)

@@ -1,12 +1,14 @@
-"""The jitted train and eval steps.
+"""The jitted train and eval steps, generic over tasks and trainable parameters.
 
-`train_step(state, inputs, targets)` does one optimizer step on a batch of
-shape (batch, seq): it splits the batch into `grad_accum` micro-batches,
-sums their gradients in a `lax.scan`, then applies the optimizer. The state
-is donated, so XLA updates parameters and optimizer moments in place, and
-the step returns its metrics as device arrays: nothing in it waits on the
-host. Dropout keys are derived from (seed, step), so a resumed run draws the
-same masks as an uninterrupted one.
+`train_step(state, batch)` does one optimizer step on a batch dict (see
+`jaxllm.train.task`): it splits every array of the batch into `grad_accum`
+micro-batches along the leading axis, sums the task's loss numerators,
+counts and gradients over them in a `lax.scan`, divides once, then applies
+the optimizer to the trainable leaves. The state is donated, so XLA updates
+parameters and optimizer moments in place, and the step returns its metrics
+as device arrays: nothing in it waits on the host. Dropout keys are derived
+from (seed, step), so a resumed run draws the same masks as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,82 +20,107 @@ import jax.numpy as jnp
 import optax
 
 from jaxllm.config import GPTConfig
-from jaxllm.loss import cross_entropy
-from jaxllm.model import apply
 from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
+from jaxllm.train.task import Task, Trainable, combine, lm_task, partition, trainable_mask
 
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Any
-    opt_state: Any
+    params: Any  # the whole tree, frozen leaves included
+    opt_state: Any  # of the trainable subtree only
     rng: jax.Array  # base dropout key (raw uint32 data, so it saves like any array)
 
 
-def init_train_state(params, tc: TrainConfig, optimizer: optax.GradientTransformation | None = None
-                     ) -> TrainState:
+def init_train_state(params, tc: TrainConfig, optimizer: optax.GradientTransformation | None = None,
+                     *, trainable: Trainable = None) -> TrainState:
+    """A fresh state: the optimizer initialised on the trainable leaves alone."""
     optimizer = optimizer or make_optimizer(tc)
+    train_params, _ = partition(params, trainable_mask(params, trainable))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params),
+                      opt_state=optimizer.init(train_params),
                       rng=jax.random.key_data(jax.random.key(tc.seed)))
 
 
-def loss_fn(params, inputs, targets, config: GPTConfig, rng=None, weight: float = 1.0):
-    """Mean next-token loss on a (micro-)batch, times `weight`; dropout when `rng` is given."""
-    logits = apply(params, inputs, config, rng=rng, upcast_logits=False)
-    return weight * cross_entropy(logits, targets, impl=config.loss_impl)
+def _micro_batches(batch, accum: int):
+    sizes = {k: jnp.shape(v)[0] if jnp.ndim(v) else None for k, v in batch.items()}
+    b = next(iter(sizes.values()))
+    if any(s != b for s in sizes.values()):
+        raise ValueError(f"batch arrays differ in their leading (batch) size: {sizes}")
+    if b % accum:
+        raise ValueError(f"batch of {b} rows does not divide into grad_accum={accum}")
+    return {k: v.reshape(accum, b // accum, *v.shape[1:]) for k, v in batch.items()}
 
 
 def make_train_step(config: GPTConfig, tc: TrainConfig,
-                    optimizer: optax.GradientTransformation | None = None, *, jit: bool = True):
-    """Build `train_step(state, inputs, targets) -> (state, metrics)`.
+                    optimizer: optax.GradientTransformation | None = None, *,
+                    task: Task = lm_task, trainable: Trainable = None, jit: bool = True):
+    """Build `train_step(state, batch) -> (state, metrics)`.
 
-    metrics: `loss` (mean over the batch, before the update), `grad_norm`
-    (global norm before clipping) and `lr` (the rate used for this step).
-    With `jit=False` the plain function is returned, to wrap in a custom jit
+    metrics: `loss` (the batch's summed loss over its count, before the
+    update), `count`, `grad_norm` (global norm of the trainable gradients,
+    before clipping), `lr` (the schedule's rate for this step) and the task's
+    `aux` sums. `trainable` must be the one the state was built with. With
+    `jit=False` the plain function is returned, to wrap in a custom jit
     (with shardings, say).
     """
     optimizer = optimizer or make_optimizer(tc)
     schedule = lr_schedule(tc)
     accum = tc.grad_accum
-    grad_fn = jax.value_and_grad(loss_fn)
     dropout = config.drop_rate > 0.0
 
-    def train_step(state: TrainState, inputs, targets):
-        b, t = inputs.shape
-        if b % accum:
-            raise ValueError(f"batch of {b} sequences does not divide into grad_accum={accum}")
+    def task_loss(train_params, frozen, batch, rng, divisor):
+        loss_sum, count, aux = task(combine(train_params, frozen), batch, config, rng)
+        loss_sum = jnp.asarray(loss_sum, jnp.float32)
+        count = jax.lax.stop_gradient(jnp.asarray(count, jnp.float32))
+        scaled = loss_sum / (count if divisor is None else divisor)
+        return scaled, (loss_sum, count, aux)
+
+    grad_fn = jax.value_and_grad(task_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch):
+        mask = trainable_mask(state.params, trainable)
+        train_params, frozen = partition(state.params, mask)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if accum == 1:
-            loss, grads = grad_fn(state.params, inputs, targets, config, key if dropout else None)
+            # the gradient of the mean itself: no pass over the gradients afterwards
+            (loss, (_, count, aux)), grads = grad_fn(train_params, frozen, batch,
+                                                     key if dropout else None, None)
         else:
-            micro_in = inputs.reshape(accum, b // accum, t)
-            micro_tg = targets.reshape(accum, b // accum, t)
+            micro = _micro_batches(batch, accum)
 
             def one(carry, xs):
-                loss_sum, grad_sum = carry
-                i, x, y = xs
+                i, mb = xs
                 k = jax.random.fold_in(key, i) if dropout else None
-                # each micro-batch's share of the mean: the sums below are the
-                # batch's loss and gradient, with no pass afterwards to divide them
-                l, g = grad_fn(state.params, x, y, config, k, 1.0 / accum)
-                return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
+                (_, (s, c, a)), g = grad_fn(train_params, frozen, mb, k, 1.0)
+                sums = jax.tree.map(jnp.add, carry, (s, c, a, g))
+                return sums, None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (loss, grads), _ = jax.lax.scan(one, (jnp.zeros((), jnp.float32), zeros),
-                                            (jnp.arange(accum), micro_in, micro_tg))
+            first = jax.tree.map(lambda x: x[0], micro)
+            _, (s0, c0, a0) = jax.eval_shape(task_loss, train_params, frozen, first, None, 1.0)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (s0, c0, a0))
+            zeros = (*zeros, jax.tree.map(jnp.zeros_like, train_params))
+            (loss_sum, count, aux, grads), _ = jax.lax.scan(one, zeros, (jnp.arange(accum), micro))
+            # numerators and counts summed over the micro-batches, divided once
+            inv = 1.0 / jnp.maximum(count, 1e-30)
+            loss = loss_sum * inv
+            grads = jax.tree.map(lambda g: (g * inv).astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+        updates, opt_state = optimizer.update(grads, state.opt_state, train_params)
+        params = combine(optax.apply_updates(train_params, updates), frozen)
+        metrics = {"loss": loss, "count": count, "grad_norm": grad_norm,
+                   "lr": schedule(state.step), **aux}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return jax.jit(train_step, donate_argnums=0) if jit else train_step
 
 
-def make_eval_step(config: GPTConfig, *, jit: bool = True):
-    """Build `eval_step(params, inputs, targets) -> mean loss` (no dropout)."""
-    def eval_step(params, inputs, targets):
-        return loss_fn(params, inputs, targets, config)
+def make_eval_step(config: GPTConfig, *, task: Task = lm_task, jit: bool = True):
+    """Build `eval_step(params, batch) -> {"loss_sum", "count", **aux}` (no dropout):
+    sums, so that a whole evaluation set's mean is the sum of sums over the sum
+    of counts."""
+    def eval_step(params, batch):
+        loss_sum, count, aux = task(params, batch, config, None)
+        return {"loss_sum": jnp.asarray(loss_sum, jnp.float32),
+                "count": jnp.asarray(count, jnp.float32), **aux}
 
     return jax.jit(eval_step) if jit else eval_step
