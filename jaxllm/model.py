@@ -12,8 +12,8 @@ architecture (print it, map over it, save it)::
      "final_norm": {"scale", "bias"},
      "out_head":  {"kernel": (emb, vocab)}}          # absent when tie_embeddings
 
-Dense kernels are (in, out), the layout of Hugging Face's GPT-2 `Conv1D`.
-How each operation runs (XLA, MKL, the row-wise CPU kernels, which attention)
+Dense weights are (in, out), the layout of Hugging Face's GPT-2 `Conv1D`.
+How each operation runs (XLA, MKL, native CPU passes, which attention, remat)
 is resolved once from the config by `jaxllm.ops`; this file says what GPT-2
 computes, top to bottom: the parameters, the layers, the block, the model.
 """
@@ -107,16 +107,13 @@ def layer_norm(p, x, config: GPTConfig):
 def dense(p, x, ops: Ops | None = None, *, gelu: bool = False):
     """x @ kernel + bias (then GELU, tanh form, with `gelu`), the leading axes
     flattened to one matrix product. `ops` default: XLA's."""
-    ops = ops or _XLA_OPS
-    lead = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])
-    if "bias" not in p:
+    ops, lead, x = ops or _XLA_OPS, x.shape[:-1], x.reshape(-1, x.shape[-1])
+    if "bias" in p:
+        y = (ops.dense_gelu(x, p["kernel"], p["bias"]) if gelu
+             else ops.add_bias(ops.matmul(x, p["kernel"]), p["bias"]))
+    else:
         y = ops.matmul(x, p["kernel"])
         y = jax.nn.gelu(y, approximate=True) if gelu else y
-    elif gelu:
-        y = ops.dense_gelu(x, p["kernel"], p["bias"])
-    else:
-        y = ops.add_bias(ops.matmul(x, p["kernel"]), p["bias"])
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -137,11 +134,8 @@ def attention(p, x, config: GPTConfig, rng=None, *, attend=None):
     """
     ops = ops_for(config)
     qkv = dense(p["qkv"], x, ops)
-    if attend is None:
-        a = ops.attention(qkv, config.n_heads, dropout_rate=config.drop_rate if rng is not None
-                          else 0.0, rng=rng)
-    else:
-        a = attend(qkv)
+    rate = config.drop_rate if rng is not None else 0.0
+    a = attend(qkv) if attend else ops.attention(qkv, config.n_heads, dropout_rate=rate, rng=rng)
     return dense(p["out"], a, ops)
 
 
@@ -186,9 +180,7 @@ def embed(params: Params, tokens, config: GPTConfig, positions=None):
 def run_blocks(blocks, x, config: GPTConfig, rng=None):
     """The transformer blocks in order: a Python loop, or one `lax.scan` over the
     stacked blocks with `scan_layers`; each rematerialised per `remat`."""
-    fn = block
-    if config.remat != "none":
-        fn = jax.checkpoint(block, policy=_REMAT_POLICIES[config.remat], static_argnums=(2,))
+    fn = ops_for(config).remat(block)
     rngs = None if rng is None else jax.random.split(rng, config.n_layers)
     if config.scan_layers:
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
@@ -204,14 +196,11 @@ def run_blocks(blocks, x, config: GPTConfig, rng=None):
 
 
 def lm_head(params: Params, hidden, config: GPTConfig, *, upcast: bool = True):
-    """Logits over the padded vocabulary from the final hidden states (after the
-    final LayerNorm): float32, or the compute dtype with `upcast=False` (the
-    loss upcasts inside its own passes, so no float32 copy is kept).
-
-    Columns past `vocab_size` (padding) get a large negative value, so they take
-    no probability in a softmax, a loss or a sample. A task that predicts
-    something else replaces this function and keeps the rest of the model.
-    """
+    """Logits over the padded vocabulary from the hidden states after the final
+    LayerNorm: float32, or the compute dtype with `upcast=False` (the loss
+    upcasts in its own passes). Padding columns get a large negative value, so
+    they take no probability. A task that predicts something else replaces
+    this function and keeps the rest of the model."""
     ops = ops_for(config)
     if config.tie_embeddings:
         # contract with the embedding as stored, (vocab, emb): multiplying by its
@@ -235,11 +224,8 @@ def lm_head(params: Params, hidden, config: GPTConfig, *, upcast: bool = True):
 def apply(params: Params, tokens, config: GPTConfig, *, rng=None, return_hidden: bool = False,
           upcast_logits: bool = True):
     """The model on (batch, seq) token ids: logits over the padded vocabulary, or
-    with `return_hidden` the hidden states after the final LayerNorm.
-
-    The traceable core of `forward`: no input checks, dropout on exactly when
-    `rng` is given and `drop_rate` > 0.
-    """
+    with `return_hidden` the hidden states after the final LayerNorm. The
+    traceable core of `forward`: no input checks; dropout when `rng` is given."""
     p = cast_params(params, config)
     if config.drop_rate == 0.0:
         rng = None
@@ -273,9 +259,4 @@ def forward(params: Params, tokens, config: GPTConfig, *, train: bool = False, r
     return logits[0] if one_seq else logits
 
 
-_REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 _XLA_OPS = ops_for(GPTConfig())

@@ -13,6 +13,7 @@ compute one function and are tested equal; they differ in speed:
   embedding's gradient and the cross-entropy as single passes of the
   row-wise CPU kernels (`jaxllm/kernels/rowwise.cc`, float32).
 - `attn_impl`: see `jaxllm.attention`.
+- `remat`: which activations the backward pass recomputes.
 
 model.py sees only the `Ops`: what GPT-2 computes lives there, how each piece
 runs lives here.
@@ -23,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Callable
+
+import jax
 
 from jaxllm.attention import packed_causal_attention
 from jaxllm.config import GPTConfig
@@ -40,6 +43,20 @@ class Ops:
     attention: Callable  # (qkv, n_heads, *, dropout_rate, rng) -> (batch, seq, emb)
     token_nll: Callable  # (logits, targets) -> per-position loss, float32
     add_positions: Callable  # (tok (batch, seq, emb), pos (seq, emb)) -> tok + pos
+    remat: Callable  # block -> block, rematerialised in the backward per `GPTConfig.remat`
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat(policy: str) -> Callable:
+    if policy == "none":
+        return lambda fn: fn
+    return lambda fn: jax.checkpoint(fn, policy=_REMAT_POLICIES[policy], static_argnums=(2,))
 
 
 def _native():
@@ -86,4 +103,5 @@ def ops_for(config: GPTConfig) -> Ops:
         attention=attention,
         token_nll=token_nll_op(config.loss_impl),
         add_positions=_native_add_positions if rowwise else (lambda tok, pos: tok + pos),
+        remat=_remat(config.remat),
     )
