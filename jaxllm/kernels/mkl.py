@@ -3,7 +3,7 @@
 On Intel CPUs XLA's own CPU dot kernels run the shapes of a small GPT's dense
 layers 25-40 % below MKL (PyTorch's CPU matrix library), most of all the
 weight-gradient form x^T @ dy; on other CPUs MKL takes a generic path and
-XLA's dots are the faster (`jaxllm.kernels.recipe`, NOTES.md). `matmul`
+XLA's dots are the faster (`jaxllm.kernels.recipe`). `matmul`
 computes the same products through MKL's `cblas_sgemm`, called from an XLA
 FFI handler (`mkl_sgemm.cc`) that splits each product over XLA's own
 intra-op threads. It is what `GPTConfig(matmul_impl="mkl")` uses for every
@@ -223,7 +223,7 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 # Query rows per block of the attention kernel: smaller blocks compute less of
 # the masked upper triangle (62.5 % of the score matrix at seq 256 against 75 %
-# with 128 rows) at about the same product rate (NOTES.md, v10).
+# with 128 rows) at about the same product rate.
 ATTENTION_BLOCK = 64
 
 
@@ -318,8 +318,8 @@ def column_sum(g):
 def add_bias(y, b):
     """y + b over y's last axis, the bias gradient (dy summed over rows) by `column_sum`.
 
-    XLA's CPU backend runs that sum as a library reduction of 40-180 us a call
-    at a dense layer's (512, 256..1024) shapes; the kernel takes a few.
+    XLA's CPU backend runs that sum as a library call many times slower than
+    one pass of the kernel at a dense layer's shapes.
     """
     return y + b
 

@@ -4,7 +4,7 @@ Which product kernel wins is a property of the CPU, not of the model. MKL
 dispatches its AVX-512 kernels only on Intel processors; on an AMD EPYC (Zen 5,
 AVX-512) its `cblas_sgemm` takes a generic path and runs the model's shapes at
 about half the rate of XLA's own dot kernels, while on an Intel Xeon it runs
-them 25-40 % faster than XLA's (NOTES.md, v3 and v8). The other native kernels
+them 25-40 % faster than XLA's (measured in NOTES.md). The other native kernels
 (attention, LayerNorm, cross-entropy) are built with `-march=native` and pay on
 both. Micro-batches (each batch run in parts whose activations stay in the
 cores' caches) paid with MKL's products on the Xeon and not with XLA's on the
@@ -19,7 +19,7 @@ import platform
 from typing import Any
 
 NATIVE_KERNELS = {"attn_impl": "mkl", "norm_impl": "rowwise", "loss_impl": "rowwise"}
-# Micro-batches per step with MKL's products (NOTES.md, v3 and v6).
+# Micro-batches per step with MKL's products: their activations stay in the caches.
 MKL_GRAD_ACCUM = 2
 
 
