@@ -18,8 +18,8 @@ def token_loss_sum(logits, targets, mask=None, *, impl: str = "xla"):
     (targets' shape, 0/1 or bool) is given, its mask is non-zero; `sum / count`
     is the masked mean. Returning the two parts lets a train step add them up
     over micro-batches and divide once, so the mean is exact whatever each
-    micro-batch counts. A counted target outside [0, vocab) makes the sum NaN,
-    so a bad target under jit cannot pass unnoticed. `impl` is
+    micro-batch counts. A counted target outside [0, vocab) makes the sum and
+    the gradient NaN, so a bad target under jit cannot train the model silently. `impl` is
     `GPTConfig.loss_impl` (see `jaxllm.ops`).
     """
     if mask is not None and mask.shape != targets.shape:
@@ -33,6 +33,11 @@ def token_loss_sum(logits, targets, mask=None, *, impl: str = "xla"):
     if mask is not None and mask.dtype != jnp.bool_:  # 0/1 or fractional weights
         weight = jnp.where(counted, mask.astype(jnp.float32), 0.0)
         nll = nll * weight
+    if impl == "rowwise":
+        # The kernel's gradient for a counted target outside the vocabulary is finite:
+        # a zero term whose gradient is NaN there makes it NaN, as the XLA path's is.
+        bad = counted & ((targets < 0) | (targets >= logits.shape[-1]))
+        nll = nll + jnp.where(bad, jnp.nan, 0.0) * logits[..., 0].astype(jnp.float32)
     # where, not multiply: an ignored position must not bring a NaN in (0 * NaN).
     return jnp.where(counted, nll, 0.0).sum(), weight.sum()
 

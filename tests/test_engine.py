@@ -233,3 +233,27 @@ def test_batch_arrays_must_agree_on_the_batch_size():
     x, y = data(1)[0]
     with pytest.raises(ValueError, match="leading"):
         make_train_step(CONFIG, tc)(state, lm_batch(x, y[:6]))
+
+
+@pytest.mark.parametrize("impl", ["xla", "rowwise"])
+def test_a_bad_target_under_jit_makes_the_gradient_nan_too(impl):
+    if impl == "rowwise":
+        from jaxllm.kernels import mkl
+
+        if not mkl.available():
+            pytest.skip("the row-wise kernels need a C++ compiler and MKL's headers")
+    config = CONFIG.replace(drop_rate=0.0, loss_impl=impl)
+    params = init_params(config, jax.random.key(10))
+    x = jnp.zeros((2, 8), jnp.int32)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, y, m: lm_loss(p, x, y, config, mask=m)))
+    ones = jnp.ones((2, 8))
+    for bad in (config.vocab_size, -1):
+        y = jnp.ones((2, 8), jnp.int32).at[0, 3].set(bad)
+        loss, g = grad_fn(params, y, ones)
+        assert np.isnan(float(loss)) and np.isnan(float(optax.tree.norm(g)))
+        # masked out, the same bad target costs nothing: as if it were -100
+        loss, g = grad_fn(params, y, ones.at[0, 3].set(0))
+        ref_loss, ref_g = grad_fn(params, y.at[0, 3].set(-100), ones)
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+        np.testing.assert_allclose(float(optax.tree.norm(g)), float(optax.tree.norm(ref_g)),
+                                   rtol=1e-6)

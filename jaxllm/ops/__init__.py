@@ -74,10 +74,14 @@ def _native_add_positions(tok, pos):
     return flat.reshape(tok.shape)
 
 
+def _rowwise_token_nll(logits, targets):
+    return _native().token_nll(logits.astype("float32"), targets)
+
+
 def token_nll_op(impl: str) -> Callable:
     """The per-position cross-entropy for `GPTConfig.loss_impl`."""
     if impl == "rowwise":
-        return lambda logits, targets: _native().token_nll(logits.astype("float32"), targets)
+        return _rowwise_token_nll
     if impl != "xla":
         raise ValueError(f"unknown loss implementation {impl!r}")
     return xla.token_nll

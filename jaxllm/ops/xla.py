@@ -122,10 +122,14 @@ def _token_nll_fwd(logits, targets):
 
 def _token_nll_bwd(res, g):
     # d nll / d logits = softmax(logits) - one_hot(target): one fused elementwise pass.
+    # A target outside the vocabulary has no gradient: NaN, as its loss is, wherever
+    # it counts (g != 0), so that a bad target cannot train the model silently.
     logits, lse, targets = res
     x = logits.astype(jnp.float32)
     probs = jnp.exp(x - lse[..., None])
     grad = (probs - _is_target(x, targets).astype(jnp.float32)) * g[..., None]
+    bad = ((targets < 0) | (targets >= x.shape[-1])) & (g != 0)
+    grad = jnp.where(bad[..., None], jnp.nan, grad)
     return grad.astype(logits.dtype), None
 
 
