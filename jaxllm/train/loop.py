@@ -14,7 +14,9 @@ windows of a token file), and around them:
   `keep` are kept), written only after checking that the parameters are
   finite and give a finite loss on the next batch;
 - at the end, `loss.png` (loss against tokens seen), `samples.txt`,
-  `summary.json` and a printed summary.
+  `summary.json` and a printed summary;
+- throughout, a lock on the run folder (`jaxllm.train.lock`): a second run
+  started on the same folder is refused at once.
 
 The batch order is a function of the step (see `jaxllm.data.windows`) and the
 dropout keys of (seed, step), so a run resumed from a checkpoint writes the
@@ -23,6 +25,7 @@ same losses, bit for bit, as one that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -43,6 +46,7 @@ from jaxllm.data.windows import SlidingWindows, WindowBatches, split_tokens
 from jaxllm.model import init_params
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.train import checkpoint
+from jaxllm.train.lock import run_lock
 from jaxllm.train.metrics import MetricsLog, write_samples
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.plot import plot_losses
@@ -170,6 +174,18 @@ def _fixed_batches(tokens, length: int, batch_size: int, count: int, name: str):
     return [lm_batch(*batches.batch_at(k)) for k in range(min(count, len(batches)))]
 
 
+def _one_writer(fn):
+    """Run `fn(run_dir, ...)` holding the run folder's lock (process 0 of a
+    multi-host run takes it for all of them)."""
+    @functools.wraps(fn)
+    def locked(run_dir, *args, **kwargs):
+        with run_lock(run_dir) if _is_writer() else contextlib.nullcontext():
+            return fn(run_dir, *args, **kwargs)
+
+    return locked
+
+
+@_one_writer
 def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer: Tokenizer,
           tokens: np.ndarray, *, val_tokens: np.ndarray | None = None, data_name: str = "corpus",
           resume: bool = False, stop_at: int | None = None, progress: bool = True,
