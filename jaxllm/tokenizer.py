@@ -102,13 +102,25 @@ def _gpt2_encoding(directory):
     if not d.is_dir():
         raise FileNotFoundError(f"GPT-2 tokenizer directory {d} does not exist; {how}")
     if (d / "gpt2.tiktoken").exists():
-        ranks = load_tiktoken_bpe(str(d / "gpt2.tiktoken"))
+        files = [d / "gpt2.tiktoken"]
+        load = lambda: load_tiktoken_bpe(str(files[0]))  # noqa: E731
     elif (d / "encoder.json").exists() and (d / "vocab.bpe").exists():
-        ranks = data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json"))
+        files = [d / "vocab.bpe", d / "encoder.json"]
+        load = lambda: data_gym_to_mergeable_bpe_ranks(*map(str, files))  # noqa: E731
     else:
         raise FileNotFoundError(f"{d / 'gpt2.tiktoken'} not found (nor encoder.json + vocab.bpe); {how}")
-    return tiktoken.Encoding(name="gpt2", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={_EOT: 50256}, explicit_n_vocab=50257)
+    # tiktoken checks the files against each other with bare asserts: name them instead
+    try:
+        ranks = load()
+        if len(ranks) != 50256:
+            raise ValueError(f"{len(ranks)} merge ranks where GPT-2 has 50256")
+        return tiktoken.Encoding(name="gpt2", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={_EOT: 50256}, explicit_n_vocab=50257)
+    except Exception as err:
+        detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise ValueError(f"the GPT-2 vocabulary in {d} is damaged or mismatched "
+                         f"({', '.join(f.name for f in files)} do not agree: {detail}); "
+                         "replace the files with GPT-2's own") from None
 
 
 def get_tokenizer(name: str = "byte", directory: str | os.PathLike | None = None) -> Tokenizer:

@@ -69,3 +69,18 @@ def test_bad_ids_and_names():
         ByteTokenizer().decode([300])
     with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
         get_tokenizer("bpe")
+
+
+@pytest.mark.parametrize("damage", ["truncated vocab.bpe", "truncated gpt2.tiktoken"])
+def test_a_damaged_vocabulary_names_the_folder_and_files(shared_data, tmp_path, damage):
+    if damage == "truncated vocab.bpe":
+        shutil.copy(shared_data / "encoder.json", tmp_path / "encoder.json")
+        lines = (shared_data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+        (tmp_path / "vocab.bpe").write_text("\n".join(lines[:1000]) + "\n", encoding="utf-8")
+        names = "vocab.bpe, encoder.json"
+    else:
+        lines = (shared_data / "gpt2.tiktoken").read_bytes().splitlines()
+        (tmp_path / "gpt2.tiktoken").write_bytes(b"\n".join(lines[:1000]) + b"\n")
+        names = "gpt2.tiktoken"
+    with pytest.raises(ValueError, match=f"GPT-2 vocabulary in {tmp_path} is damaged.*{names}"):
+        GPT2Tokenizer(tmp_path)
