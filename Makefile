@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	$(RUN) -m pytest -q
+	$(RUN) -m pytest -q -n auto
 
 # Experiments: each writes results/<name>/results.json and results.md.
 experiments: tensors autodiff backprop config model

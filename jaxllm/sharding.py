@@ -423,6 +423,18 @@ def shard_batch(mesh: Mesh, *arrays, per_process: bool = False):
     return out[0] if len(out) == 1 else tuple(out)
 
 
+def process_rows(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of a global batch that this process's devices hold under
+    `batch_sharding`: what it loads and passes to `shard_batch(..., per_process=True)`."""
+    check_batch(global_batch, mesh)
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    rows = sorted({i for idx in index_map.values() for i in range(*idx[0].indices(global_batch))})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise ValueError(f"this process's devices hold rows {rows} of the batch, not one block; "
+                         "build the mesh with each process's devices together (make_mesh does)")
+    return slice(rows[0], rows[-1] + 1)
+
+
 # -- sharded steps -------------------------------------------------------------
 def _check_native_kernels(config: GPTConfig, mesh: Mesh) -> None:
     # XLA's partitioner cannot split a custom call: it would gather every
@@ -541,6 +553,10 @@ def initialize_distributed(coordinator_address: str | None = None,
     if num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"initialize_distributed: process_id {process_id} is outside "
                          f"[0, num_processes={num_processes})")
+    # CPU processes need a collectives library to talk to each other; GPUs and TPUs
+    # bring their own, and this setting does not touch them.
+    if os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION") is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
 
 

@@ -15,6 +15,7 @@ from jaxllm.host_memory import reuse_host_memory
 SUBCOMMANDS = {
     "pretrain": "Train a model on text (a preset or config file, local data, checkpoints).",
     "generate": "Generate text from a checkpoint or Hugging Face GPT-2 weights.",
+    "launch": "Run a command as several processes on this machine (jax.distributed trials).",
 }
 
 

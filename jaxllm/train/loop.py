@@ -298,6 +298,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     train_step, eval_step = _steps(config, tc, optimizer, task, trainable) if mesh is None else \
         _sharded_steps(config, tc, optimizer, task, trainable, mesh, rules, custom_rules,
                        abstract)
+    feed_local_rows = mesh is not None and jax.process_count() > 1
+    local_rows = sharding.process_rows(mesh, tc.batch_size) if feed_local_rows else None
     sample_key = jax.random.key(tc.seed + 1)
     last_saved = latest
 
@@ -382,6 +384,9 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         seg_start = time.perf_counter()
         for step in range(start, end):
             batch = lm_batch(*batches.batch_at(step))  # the data position is the step
+            if feed_local_rows:  # each process places only the rows its devices hold
+                batch = dict(zip(batch, sharding.shard_batch(
+                    mesh, *(v[local_rows] for v in batch.values()), per_process=True)))
             state, metrics = train_step(state, batch)
             done = step + 1
             pending.append((done, metrics))
