@@ -129,21 +129,66 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+# Keys of a run's config.json besides the three config sections: a run folder's
+# record may be passed back as --config, and these are ignored.
+RUN_RECORD_KEYS = frozenset({"tokenizer", "data", "format", "data_name", "tokens_per_step",
+                             "batches_per_epoch", "mesh", "partition_rules", "step",
+                             "data_position", "tokens_seen"})
+
+
+def check_field(field: dataclasses.Field, value: Any, where: str) -> None:
+    """Raise ValueError unless `value` fits the field's declared type (int, float,
+    bool, str, or X | None); `where` names the file and section."""
+    kind = str(field.type).replace(" ", "")
+    allowed = kind.split("|")
+    if value is None:
+        if "None" in allowed:
+            return
+        raise ValueError(f"{where}: {field.name} must be {kind}, got null")
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str)}
+    if not any(ok.get(t, lambda v: True)(value) for t in allowed if t != "None"):
+        raise ValueError(f"{where}: {field.name} must be {kind}, got {type(value).__name__} "
+                         f"{value!r}")
+
+
 def _read_config_file(path: str) -> dict[str, dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {p} does not exist")
-    data = json.loads(p.read_text())
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"config file {p} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {p} must hold a JSON object")
     classes = _config_classes()
-    if "model" in data:  # sectioned (a run's config.json has more keys; they are ignored)
-        return {s: dict(data.get(s) or {}) for s in classes}
+    if any(isinstance(v, dict) for v in data.values()) or "model" in data:  # sectioned
+        unknown = sorted(set(data) - set(classes) - RUN_RECORD_KEYS)
+        if unknown:
+            raise ValueError(f"config file {p}: unknown section(s) {unknown}; sections are "
+                             f"{sorted(classes)}")
+        sections = {}
+        for name, cls in classes.items():
+            section = data.get(name)
+            section = {} if section is None else section
+            if not isinstance(section, dict):
+                raise ValueError(f"config file {p}: section {name!r} must be an object")
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            for key, value in section.items():
+                if key not in fields:
+                    raise ValueError(f"config file {p}, section {name!r}: unknown field {key!r}; "
+                                     f"known fields: {sorted(fields)}")
+                check_field(fields[key], value, f"config file {p}, section {name!r}")
+            sections[name] = dict(section)
+        return sections
     owner = _field_owner()  # flat: route each key to the config that owns it
-    sections: dict[str, dict[str, Any]] = {s: {} for s in classes}
+    sections = {s: {} for s in classes}
     for key, value in data.items():
         if key not in owner:
             raise ValueError(f"config file {p}: unknown field {key!r}")
+        check_field(owner[key][1], value, f"config file {p}")
         sections[owner[key][0]][key] = value
     return sections
 
