@@ -1,0 +1,201 @@
+"""`jaxllm finetune instruct`: supervised fine-tuning on instruction / response pairs.
+
+    jaxllm finetune instruct --hf path/to/gpt2-medium --data instruction-data.json \\
+        --tokenizer-dir shared/data                       # the classic protocol
+    jaxllm finetune instruct --init random --preset small --tokenizer gpt2 \\
+        --data instruction-data.json --steps 60           # a small model from scratch
+    jaxllm finetune instruct --run-dir runs/pretrain --data my.jsonl --style chat --mask-prompt
+    jaxllm finetune instruct ... --out runs/instruct --resume
+
+The defaults are the published protocol: AdamW at a constant 5e-5 (betas
+0.9 / 0.999, weight decay 0.1 on the weight matrices, no clipping), batches
+of 8, 2 epochs, an evaluation every 5 steps on 5 batches. `--set key=value`
+reaches any field of GPTConfig, TrainConfig or InstructConfig.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any
+
+DEFAULT_OUT = "runs/instruct"
+# The published protocol, where it differs from TrainConfig's pretraining defaults.
+PROTOCOL = dict(lr=5e-5, weight_decay=0.1, batch_size=8, warmup_steps=0, min_lr_ratio=1.0,
+                beta2=0.999, grad_clip=None)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", metavar="PATH",
+                        help="start from Hugging Face GPT-2 weights (model.safetensors or its folder)")
+    source.add_argument("--run-dir", metavar="DIR", help="start from a jaxllm run's checkpoint")
+    source.add_argument("--init", choices=("random",),
+                        help="start from random weights (--preset / --config, --set)")
+    parser.add_argument("--preset", default=None, help="model preset for --init random "
+                                                       "(default: small)")
+    parser.add_argument("--config", metavar="FILE.json", help="GPTConfig JSON for --init random")
+    parser.add_argument("--data", required=True, metavar="FILE",
+                        help="instruction data: a JSON list or JSON Lines (.jsonl) of "
+                             "{instruction, input, output}")
+    parser.add_argument("--limit", type=int, metavar="N", help="use only the first N entries")
+    parser.add_argument("--tokenizer", choices=("byte", "gpt2"),
+                        help="default: gpt2 when the model's vocab_size is 50257 (and for --hf), "
+                             "else byte; the run's own for --run-dir")
+    parser.add_argument("--tokenizer-dir", metavar="DIR",
+                        help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
+    parser.add_argument("--style", choices=("alpaca", "chat"), help="prompt format (default alpaca)")
+    parser.add_argument("--mask-prompt", action="store_true",
+                        help="train on the response tokens only (prompt targets -100)")
+    parser.add_argument("--bucket", action="store_true",
+                        help="batch examples of similar length together (less padding)")
+    parser.add_argument("--epochs", type=float, default=2.0,
+                        help="passes over the training split (default 2)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
+    parser.add_argument("--eval-every", type=int, help="steps between evaluations (default 5)")
+    parser.add_argument("--save-every", type=int, help="steps between checkpoints (default 100)")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="longest test response, in tokens (default 256)")
+    parser.add_argument("--no-responses", action="store_true",
+                        help="skip answering the test split after training")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="any GPTConfig, TrainConfig or InstructConfig field (repeatable)")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="RUN_DIR",
+                        help=f"run folder (default {DEFAULT_OUT})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _classes():
+    from jaxllm.config import GPTConfig
+    from jaxllm.finetune.instruct_loop import InstructConfig
+    from jaxllm.train.optim import TrainConfig
+
+    return {"model": GPTConfig, "train": TrainConfig, "instruct": InstructConfig}
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`["lr=1e-4", "drop_rate=0.1"]` -> per-config dicts, values parsed by field type."""
+    from jaxllm.cli.pretrain import parse_value
+
+    owner = {f.name: (section, f) for section, cls in _classes().items()
+             for f in dataclasses.fields(cls)}
+    out: dict[str, dict[str, Any]] = {s: {} for s in _classes()}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in owner:
+            raise ValueError(f"--set {key}: unknown setting; known settings: {sorted(owner)}")
+        section, field = owner[key]
+        out[section][key] = parse_value(field, value)
+    return out
+
+
+def load_start(args, model_overrides: dict[str, Any]):
+    """(params or None, GPTConfig, default tokenizer name, source description)."""
+    from jaxllm.config import GPTConfig, get_preset
+
+    if args.hf is not None:
+        from jaxllm.cli.generate import hf_config
+        from jaxllm.hf import from_hf_state_dict
+
+        if not os.path.exists(args.hf):
+            raise FileNotFoundError(f"--hf {args.hf}: no such file or directory")
+        config = hf_config(args.hf).replace(**model_overrides)
+        return from_hf_state_dict(args.hf, config), config, "gpt2", f"hf:{args.hf}"
+    if args.run_dir is not None:
+        from jaxllm.train.checkpoint import load_params
+
+        params, config, tokenizer_name = load_params(args.run_dir)
+        return params, config.replace(**model_overrides), tokenizer_name, f"run:{args.run_dir}"
+    if args.config and args.preset:
+        raise ValueError("give --preset or --config, not both")
+    config = GPTConfig.from_json(args.config) if args.config else get_preset(args.preset or "small")
+    return None, config.replace(**model_overrides), None, "random"
+
+
+def build(args):
+    """Everything `run` needs, checked: (config, tc, ic, tokenizer, entries, params, source)."""
+    from jaxllm.data.instructions import read_instructions, split_instructions
+    from jaxllm.finetune.instruct_loop import InstructConfig
+    from jaxllm.tokenizer import get_tokenizer
+    from jaxllm.train.optim import TrainConfig
+
+    if (args.preset or args.config) and not args.init:
+        raise ValueError("--preset and --config are for --init random; --hf and --run-dir bring "
+                         "their own architecture")
+    overrides = parse_overrides(args.overrides)
+    params, config, default_tok, source = load_start(args, overrides["model"])
+    name = args.tokenizer or default_tok or ("gpt2" if config.vocab_size == 50257 else "byte")
+    tokenizer = get_tokenizer(name, args.tokenizer_dir)
+    if params is None and config.vocab_size != tokenizer.vocab_size:
+        if "vocab_size" in overrides["model"]:
+            raise ValueError(f"vocab_size={config.vocab_size} was set, but the {tokenizer.name} "
+                             f"tokenizer has {tokenizer.vocab_size} ids")
+        config = config.replace(vocab_size=tokenizer.vocab_size)
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"the model's vocabulary ({config.vocab_size}) is smaller than the "
+                         f"{tokenizer.name} tokenizer's ({tokenizer.vocab_size})")
+    entries = read_instructions(args.data)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        entries = entries[:args.limit]
+    ic_fields = dict(overrides["instruct"])
+    for flag, key in (("style", "style"), ("eval_every", "eval_every"),
+                      ("save_every", "save_every"), ("max_new_tokens", "response_tokens")):
+        if getattr(args, flag) is not None:
+            ic_fields[key] = getattr(args, flag)
+    if args.mask_prompt:
+        ic_fields["mask_prompt"] = True
+    if args.bucket:
+        ic_fields["bucket"] = True
+    if args.no_responses:
+        ic_fields["responses"] = False
+    ic = InstructConfig(**ic_fields)
+    train_fields = {**PROTOCOL, **overrides["train"]}
+    n_train = len(split_instructions(entries)[0])
+    batch = train_fields["batch_size"]
+    per_epoch = n_train // batch
+    if per_epoch == 0:
+        raise ValueError(f"the training split has {n_train} entries, fewer than one batch of "
+                         f"{batch}")
+    if args.steps is not None:
+        train_fields["total_steps"] = args.steps
+    elif "total_steps" not in train_fields:
+        if not args.epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {args.epochs}")
+        train_fields["total_steps"] = max(1, round(args.epochs * per_epoch))
+    tc = TrainConfig(**train_fields)
+    return config, tc, ic, tokenizer, entries, params, source
+
+
+def run(args) -> int:
+    from jaxllm.config import count_params
+    from jaxllm.finetune.instruct_loop import finetune_instruct, format_summary
+    from jaxllm.train.lock import RunFolderBusy
+    from jaxllm.train.loop import TrainingDiverged
+
+    try:
+        config, tc, ic, tokenizer, entries, params, source = build(args)
+        print(f"{args.data}: {len(entries):,} entries; model {config.n_layers} layers x "
+              f"{config.emb_dim} ({count_params(config):,} parameters) from {source}; "
+              f"{tc.total_steps} steps of {tc.batch_size}; run folder {args.out}",
+              file=sys.stderr)
+        summary = finetune_instruct(args.out, config, tc, ic, tokenizer, entries, params=params,
+                                    resume=args.resume, progress=not args.quiet,
+                                    data_name=os.path.basename(args.data), source=source)
+    except TrainingDiverged as err:
+        print(f"jaxllm finetune instruct: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, RunFolderBusy) as err:
+        print(f"jaxllm finetune instruct: error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0

@@ -1,0 +1,330 @@
+"""The instruction fine-tuning loop: entries in, a model that answers, its responses out.
+
+`finetune_instruct(...)` runs `TrainConfig.total_steps` steps of the engine's
+jitted train step with the masked LM loss (`lm_task`) over collated
+instruction batches (`jaxllm.data.instructions`), and around them:
+
+- every `log_every` steps, the pending step metrics to `metrics.jsonl` and
+  the tqdm bar; a non-finite loss stops the run, naming the step;
+- at step 0, every `eval_every` steps and at the end, the mean loss over the
+  first `eval_batches` training and validation batches (a mean over every
+  counted target) and greedy responses to the first `sample_count`
+  validation prompts (`samples.txt`);
+- every `save_every` steps and at the end, an Orbax checkpoint (the engine's
+  `jaxllm.train.checkpoint`, with the instruction settings in its metadata,
+  so `jaxllm chat` knows the prompt style);
+- after training, the loss and perplexity over the whole test split, and a
+  greedy KV-cached response to every test entry (`responses.json`, the test
+  entries with a `model_response` field), with responses/s;
+- `loss.png` (the engine's plot: x is counted target tokens seen) and
+  `summary.json`.
+
+The batch order is a function of the step and the seed, so `resume=True`
+continues from the last checkpoint and writes the losses an uninterrupted run
+would. (A classification loop is being written beside this one; the two
+should become one fine-tuning loop.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxllm.config import GPTConfig
+from jaxllm.data.instructions import (InstructionBatches, fixed_batches, split_instructions,
+                                      tokenize_entries)
+from jaxllm.finetune.instruct import PROMPT_STYLES, format_prompt, generate_responses
+from jaxllm.model import init_params
+from jaxllm.train import checkpoint
+from jaxllm.train.lock import run_lock
+from jaxllm.train.loop import TrainingDiverged
+from jaxllm.train.metrics import MetricsLog
+from jaxllm.train.optim import TrainConfig
+from jaxllm.train.plot import plot_losses
+from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
+
+META_KIND = "instruct"
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructConfig:
+    """Data, evaluation, checkpoint and response settings of an instruction run."""
+
+    style: str = "alpaca"  # prompt format: alpaca or chat
+    mask_prompt: bool = False  # train on the response tokens only
+    allowed_max_length: int = 1024  # rows cut to this (and to the context length)
+    pad_multiple: int = 16  # batch widths rounded up to a multiple (fewer compilations)
+    bucket: bool = False  # batches of similar lengths (less padding)
+    eval_every: int = 5
+    eval_batches: int = 5  # batches of each split per evaluation
+    log_every: int = 5
+    save_every: int = 100
+    keep: int = 2  # checkpoints kept
+    sample_count: int = 3  # validation prompts answered at every evaluation (0: none)
+    sample_tokens: int = 64
+    response_tokens: int = 256  # max_new_tokens of the test responses
+    response_batch: int = 8  # prompts per generate call
+    responses: bool = True  # answer every test entry after training
+
+    def __post_init__(self) -> None:
+        if self.style not in PROMPT_STYLES:
+            raise ValueError(f"InstructConfig.style must be one of {PROMPT_STYLES}, "
+                             f"got {self.style!r}")
+        for name in ("allowed_max_length", "pad_multiple", "eval_every", "eval_batches",
+                     "log_every", "save_every", "keep", "sample_tokens", "response_tokens",
+                     "response_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"InstructConfig.{name} must be a positive int, got {v!r}")
+        if isinstance(self.sample_count, bool) or not isinstance(self.sample_count, int) \
+                or self.sample_count < 0:
+            raise ValueError(f"InstructConfig.sample_count must be an int >= 0, "
+                             f"got {self.sample_count!r}")
+
+
+def _mean_loss(eval_step, params, batches) -> tuple[float, float]:
+    """(mean loss over every counted target, the count)."""
+    sums = jax.device_get([eval_step(params, b) for b in batches])
+    count = float(sum(s["count"] for s in sums))
+    return float(sum(s["loss_sum"] for s in sums)) / max(count, 1e-30), count
+
+
+def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructConfig,
+                      tokenizer, entries: Sequence[dict], *, params=None, resume: bool = False,
+                      progress: bool = True, data_name: str = "instructions",
+                      source: str = "random", stop_at: int | None = None) -> dict[str, Any]:
+    """Fine-tune (or resume) the run in `run_dir` on `entries`; returns the summary.
+
+    `entries` are split 85 / 10 / 5 (train / test / validation, in order).
+    `params` are the starting weights (default: `init_params(config)`); they
+    are donated to the train step. `source` says where they came from (for
+    the record). `stop_at` ends the run early at that step, saving there.
+    """
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        return _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress,
+                    data_name, source, stop_at)
+
+
+def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, data_name,
+         source, stop_at):
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the "
+                         f"model's vocab_size is {config.vocab_size}")
+    train_entries, test_entries, val_entries = split_instructions(entries)
+    if not val_entries or not test_entries:
+        raise ValueError(f"{len(entries)} entries leave an empty validation or test split; "
+                         f"give at least 20")
+    collate_kw = dict(allowed_max_length=min(ic.allowed_max_length, config.context_length),
+                      mask_prompt=ic.mask_prompt, pad_multiple=ic.pad_multiple,
+                      pad_id=tokenizer.eot_id)
+    train_ex, val_ex, test_ex = (tokenize_entries(e, tokenizer, ic.style)
+                                 for e in (train_entries, val_entries, test_entries))
+    batches = InstructionBatches(train_ex, tc.batch_size, seed=tc.seed, bucket=ic.bucket,
+                                 collate_kwargs=collate_kw)
+    train_eval = fixed_batches(train_ex, tc.batch_size, ic.eval_batches, **collate_kw)
+    val_eval = fixed_batches(val_ex, tc.batch_size, ic.eval_batches, **collate_kw)
+    tokens_per_epoch = sum(int((batches.batch_at(k)["targets"] != -100).sum())
+                           for k in range(batches.batches_per_epoch))
+
+    identity = {
+        "model": config.to_dict(), "train": dataclasses.asdict(tc), "tokenizer": tokenizer.name,
+        "instruct": dataclasses.asdict(ic),
+        "data": {"train": len(train_entries), "test": len(test_entries),
+                 "validation": len(val_entries)},
+    }
+    meta = dict(identity, kind=META_KIND, data_name=data_name, source=source,
+                batches_per_epoch=batches.batches_per_epoch)
+    manager = checkpoint.open_manager(run_dir, keep=ic.keep, create=True)
+    log = MetricsLog(run_dir)
+    latest = manager.latest_step()
+    if latest is not None and not resume:
+        manager.close()
+        raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); resume it "
+                         f"(--resume) or choose another run folder")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if latest is not None:
+        saved = checkpoint.read_meta(run_dir, latest)
+        checkpoint.check_compatible(run_dir, saved, identity)
+        abstract = jax.eval_shape(lambda: init_train_state(
+            init_params(config, jax.random.key(0)), tc))
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                              abstract)
+        state = checkpoint.restore(run_dir, latest, target=target).state
+        start, tokens_seen = int(state.step), int(saved.get("tokens_seen", 0))
+        log.truncate_after(start)
+    else:
+        if params is None:
+            params = jax.jit(lambda k: init_params(config, k, scheme=tc.init))(
+                jax.random.key(tc.seed))
+        state = jax.device_put(jax.jit(lambda p: init_train_state(p, tc))(params), device)
+        start, tokens_seen = 0, 0
+        log.clear()
+    (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
+    train_step, eval_step = make_train_step(config, tc), make_eval_step(config)
+    last_saved = latest
+    samples_path = run_dir / "samples.txt"
+    if start == 0:
+        samples_path.write_text("")
+
+    def evaluate(params, step: int) -> dict[str, Any]:
+        train_loss, _ = _mean_loss(eval_step, params, train_eval)
+        val_loss, _ = _mean_loss(eval_step, params, val_eval)
+        record = {"kind": "eval", "step": step, "tokens": tokens_seen, "train_loss": train_loss,
+                  "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0))}
+        shown = val_entries[:ic.sample_count]
+        if shown and math.isfinite(val_loss):
+            answers, _ = generate_responses(params, config, tokenizer, shown, style=ic.style,
+                                            max_new_tokens=ic.sample_tokens,
+                                            batch_size=len(shown))
+            record["samples"] = answers
+            with open(samples_path, "a") as f:
+                f.write(f"== step {step} (val loss {val_loss:.3f})\n")
+                for e, a in zip(shown, answers):
+                    f.write(f"-- {e['instruction']}\n{a}\n")
+                f.write("\n")
+        log.append([record])
+        bar.write(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}")
+        return record
+
+    def diverged(step: int, what: str) -> TrainingDiverged:
+        where = (f"the last good checkpoint is step {last_saved}" if last_saved is not None
+                 else "no checkpoint was saved")
+        return TrainingDiverged(f"training diverged: {what} at step {step} ({where})", step,
+                                last_saved)
+
+    def save(state, step: int) -> None:
+        nonlocal last_saved
+        checkpoint.save(manager, state, dict(meta, data_position=step, tokens_seen=tokens_seen))
+        last_saved = step
+
+    pending: list[tuple[int, dict]] = []
+    train_time, compile_s, timed_steps, seg_start = 0.0, None, 0, time.perf_counter()
+    wall_start = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal pending, tokens_seen, train_time
+        if not pending:
+            return
+        host = jax.device_get([m for _, m in pending])
+        train_time += time.perf_counter() - seg_start
+        records = []
+        for (step, _), m in zip(pending, host):
+            loss = float(m["loss"])
+            tokens_seen += int(m["count"])
+            if not math.isfinite(loss):
+                log.append(records)
+                pending = []
+                raise diverged(step, f"loss is {loss}")
+            records.append({"kind": "train", "step": step, "tokens": tokens_seen, "loss": loss,
+                            "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])})
+        log.append(records)
+        bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
+        pending = []
+
+    bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, disable=not progress)
+    first_eval = None
+    try:
+        if start == 0:
+            first_eval = evaluate(state.params, 0)
+        seg_start = time.perf_counter()
+        for step in range(start, end):
+            state, metrics = train_step(state, batches.batch_at(step))
+            done = step + 1
+            pending.append((done, metrics))
+            bar.update(1)
+            if compile_s is None:
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - seg_start
+                seg_start = time.perf_counter()
+            else:
+                timed_steps += 1
+            at_eval = done % ic.eval_every == 0 or done == end
+            at_save = done % ic.save_every == 0 or done == end
+            if done % ic.log_every == 0 or at_eval or at_save:
+                flush()
+                if at_eval:
+                    evaluate(state.params, done)
+                if at_save:
+                    save(state, done)
+                seg_start = time.perf_counter()
+        flush()
+    finally:
+        bar.close()
+        manager.close()
+        records = log.read()
+        if records:
+            plot_losses(records, run_dir / "loss.png", tokens_per_epoch=tokens_per_epoch,
+                        title=f"{data_name}: {config.n_layers} layers, emb {config.emb_dim}, "
+                              f"{ic.style} prompts")
+    wall_train = time.perf_counter() - wall_start
+
+    # -- the test split: loss, then a response to every entry --------------------
+    params = state.params
+    test_loss, test_count = _mean_loss(eval_step, params,
+                                       fixed_batches(test_ex, tc.batch_size, None, **collate_kw))
+    gen_stats = None
+    if ic.responses:
+        answers, gen_stats = generate_responses(
+            params, config, tokenizer, test_entries, style=ic.style,
+            max_new_tokens=ic.response_tokens, batch_size=ic.response_batch)
+        out = [dict(e, model_response=a) for e, a in zip(test_entries, answers)]
+        (run_dir / "responses.json").write_text(json.dumps(out, indent=2) + "\n")
+
+    evals = [r for r in records if r["kind"] == "eval"]
+    first_eval = first_eval or (evals[0] if evals else None)
+    last = evals[-1] if evals else {}
+    summary = {
+        "run_dir": str(run_dir), "source": source, "style": ic.style,
+        "mask_prompt": ic.mask_prompt, "steps": int(state.step), "resumed_from": latest,
+        "epochs": int(state.step) / batches.batches_per_epoch,
+        "train_entries": len(train_entries), "val_entries": len(val_entries),
+        "test_entries": len(test_entries), "target_tokens_seen": tokens_seen,
+        "train_wall_s": wall_train, "compile_s": compile_s,
+        "steps_per_s": timed_steps / train_time if train_time and timed_steps else None,
+        "initial_val_loss": first_eval["val_loss"] if first_eval else None,
+        "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
+        "test_loss": test_loss, "test_perplexity": math.exp(min(test_loss, 700.0)),
+        "test_target_tokens": int(test_count),
+        "responses": gen_stats, "last_checkpoint": last_saved,
+        "wall_s": time.perf_counter() - wall_start,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"fine-tuned {s['steps']} steps ({s['epochs']:.2f} epochs, "
+             f"{s['target_tokens_seen']:,} target tokens) in {s['train_wall_s']:.1f} s"]
+    if s["final_val_loss"] is not None:
+        lines.append(f"loss: train {s['final_train_loss']:.3f}, validation "
+                     f"{s['final_val_loss']:.3f} (from {s['initial_val_loss']:.3f}); test "
+                     f"{s['test_loss']:.3f} (perplexity {s['test_perplexity']:.1f})")
+    r = s.get("responses")
+    if r:
+        lines.append(f"responses: {r['entries']} test entries in {r['seconds']:.1f} s "
+                     f"({r['responses_per_s']:.2f} responses/s, {r['new_tokens']:,} tokens)")
+    lines.append(f"wrote {s['run_dir']}/: metrics.jsonl, loss.png, samples.txt, "
+                 + ("responses.json, " if r else "") + "summary.json, "
+                 f"checkpoints/{s['last_checkpoint']}")
+    return "\n".join(lines)
+
+
+def prompt_style_of(run_dir) -> str:
+    """The prompt style a run was fine-tuned with ("alpaca" for runs that are not
+    instruction runs, a pretraining run say)."""
+    meta = checkpoint.read_meta(run_dir)
+    return (meta.get("instruct") or {}).get("style", "alpaca")
+
+
+__all__ = ["InstructConfig", "finetune_instruct", "format_summary", "prompt_style_of",
+           "format_prompt"]
