@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "pretrain": "Train a model on text (a preset or config file, local data, checkpoints).",
     "generate": "Generate text from a checkpoint or Hugging Face GPT-2 weights.",
     "launch": "Run a command as several processes on this machine (jax.distributed trials).",
+    "chat": "Talk to an instruction-tuned run: prompts in the terminal, tokens streamed back.",
 }
 
 

@@ -1,0 +1,95 @@
+"""`jaxllm chat`: talk to an instruction-tuned run in the terminal.
+
+    jaxllm chat --run-dir runs/instruct --tokenizer-dir shared/data
+    jaxllm chat --run-dir runs/instruct --prompt "Name three primary colors."   # one answer
+
+Each line typed is an instruction; it is wrapped in the run's prompt format
+(the style it was fine-tuned with, or `--style`), and the response is printed
+token by token as the KV-cached decoder produces it, until end-of-text or
+`--max-new-tokens`. Each turn is answered on its own, without the earlier
+ones (the model was trained on single turns). An empty line, "/quit" or end
+of input ends the session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", required=True, metavar="DIR",
+                        help="a jaxllm run (instruction fine-tuned, preferably)")
+    parser.add_argument("--prompt", default=None,
+                        help="answer this one instruction and exit (no prompt loop)")
+    parser.add_argument("--style", choices=("alpaca", "chat"), default=None,
+                        help="prompt format (default: the run's own)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer-dir", default=None,
+                        help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
+
+
+def answer(params, config, tokenizer, instruction: str, style: str, args, out) -> str:
+    """Stream the response to `instruction` to `out`; return it."""
+    import jax
+
+    from jaxllm.cli.generate import token_bytes
+    from jaxllm.finetune.instruct import format_prompt
+    from jaxllm.generate import generate_stream
+
+    ids = tokenizer.encode(format_prompt({"instruction": instruction, "input": ""}, style))
+    stream = generate_stream(params, config, ids, args.max_new_tokens,
+                             rng=jax.random.PRNGKey(args.seed), temperature=args.temperature,
+                             top_k=args.top_k, eos_id=tokenizer.eot_id, chunk_size=1)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces = []
+    for tokens, _ in stream:
+        for token in tokens[0].tolist():
+            if token == tokenizer.eot_id:
+                break
+            piece = decoder.decode(token_bytes(tokenizer, token))
+            pieces.append(piece)
+            out.write(piece)
+        out.flush()
+    tail = decoder.decode(b"", final=True)
+    out.write(tail + "\n")
+    out.flush()
+    return "".join(pieces) + tail
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from jaxllm.finetune.instruct_loop import prompt_style_of
+        from jaxllm.tokenizer import get_tokenizer
+        from jaxllm.train.checkpoint import load_params
+
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        params, config, tokenizer_name = load_params(args.run_dir)
+        style = args.style or prompt_style_of(args.run_dir)
+        tokenizer = get_tokenizer(tokenizer_name, args.tokenizer_dir)
+        if args.prompt is not None:
+            answer(params, config, tokenizer, args.prompt, style, args, sys.stdout)
+            return 0
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print(f"{args.run_dir} ({style} prompts). An empty line or /quit ends.",
+                  file=sys.stderr)
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            if not line.strip() or line.strip() == "/quit":
+                break
+            answer(params, config, tokenizer, line.strip(), style, args, sys.stdout)
+        return 0
+    except (ValueError, FileNotFoundError) as err:
+        print(f"jaxllm chat: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
