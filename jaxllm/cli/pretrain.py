@@ -133,7 +133,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 # record may be passed back as --config, and these are ignored.
 RUN_RECORD_KEYS = frozenset({"tokenizer", "data", "format", "data_name", "tokens_per_step",
                              "batches_per_epoch", "mesh", "partition_rules", "step",
-                             "data_position", "tokens_seen"})
+                             "data_position", "tokens_seen", "schedule_changes"})
 
 
 def check_field(field: dataclasses.Field, value: Any, where: str) -> None:
@@ -266,6 +266,7 @@ def load_tokens(args, tokenizer):
 
 def run(args) -> int:
     from jaxllm.tokenizer import get_tokenizer
+    from jaxllm.train.lock import RunFolderBusy
     from jaxllm.train.loop import TrainingDiverged, format_summary, train
 
     try:
@@ -282,6 +283,12 @@ def run(args) -> int:
                 rules = sharding.load_rules(args.partition_rules)
         model, tc, lc, explicit = build_configs(args)
         name = args.tokenizer or ("gpt2" if model.vocab_size == 50257 else "byte")
+        recorded = _recorded_tokenizer(args.out) if args.resume else None
+        if recorded and args.tokenizer and args.tokenizer != recorded:
+            raise ValueError(f"{args.out} was trained with the {recorded} tokenizer, not "
+                             f"--tokenizer {args.tokenizer}; drop the flag to resume with the "
+                             "run's own")
+        name = recorded or name
         tokenizer = get_tokenizer(name, args.tokenizer_dir)
         model = match_vocab(model, tokenizer, explicit)
         tokens, data_name = load_tokens(args, tokenizer)
@@ -294,11 +301,19 @@ def run(args) -> int:
     except TrainingDiverged as err:
         print(f"jaxllm pretrain: {err}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RunFolderBusy) as err:
         print(f"jaxllm pretrain: error: {err}", file=sys.stderr)
         return 2
     print(format_summary(summary))
     return 0
+
+
+def _recorded_tokenizer(run_dir) -> str | None:
+    """The tokenizer a run folder's config.json records, if it has one."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text()).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _count(model: GPTConfig) -> int:

@@ -43,8 +43,8 @@ def read_text_file(path: str | os.PathLike, errors: str = "strict") -> str:
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not valid UTF-8: byte offset {err.start} "
-                         f"(0x{data[err.start]:02x}): {err.reason}; pass errors='replace' "
-                         f"to substitute U+FFFD for bad bytes") from None
+                         f"(0x{data[err.start]:02x}): {err.reason}; use --errors replace (errors='replace' "
+                         f"in Python) to substitute U+FFFD for bad bytes") from None
 
 
 def read_documents(path: str | os.PathLike | None = None, errors: str = "strict") -> list[str]:

@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -267,7 +268,21 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
                  sharding.train_state_shardings(abstract, mesh, rules, strict=custom_rules))
     if latest is not None:
         saved = checkpoint.read_meta(run_dir, latest)
-        checkpoint.check_compatible(run_dir, saved, identity)
+        # A longer (or shorter) run is the same run: the schedule is recomputed for the
+        # new total from the resumed step on, and config.json records the change.
+        saved_total = saved.get("train", {}).get("total_steps", tc.total_steps)
+        same_total = dict(identity, train=dict(identity["train"], total_steps=saved_total))
+        checkpoint.check_compatible(run_dir, saved, same_total)
+        if saved_total != tc.total_steps:
+            schedule_changes = [*saved.get("schedule_changes", []),
+                                {"at_step": latest, "total_steps": tc.total_steps,
+                                 "was": saved_total}]
+        else:
+            schedule_changes = saved.get("schedule_changes", [])
+        if writer:
+            print(f"resuming {run_dir} from step {latest}"
+                  + (f" (total steps {saved_total} -> {tc.total_steps})"
+                     if saved_total != tc.total_steps else ""), file=sys.stderr)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract, shardings)
         state = checkpoint.restore(run_dir, latest, target=target).state
@@ -286,7 +301,9 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
             state = jax.device_put(state, device)
         start = 0
         log.clear()  # a fresh run: stale metrics of an unsaved run go
-    meta = dict(identity, format=META_FORMAT, data_name=data_name,
+    if latest is None:
+        schedule_changes = []
+    meta = dict(identity, format=META_FORMAT, schedule_changes=schedule_changes, data_name=data_name,
                 loop=dataclasses.asdict(lc), tokens_per_step=tokens_per_step,
                 batches_per_epoch=batches.batches_per_epoch,
                 mesh=None if mesh is None else sharding.mesh_description(mesh),
