@@ -45,3 +45,11 @@ def test_the_utf8_hint_names_the_cli_flag(tmp_path):
     bad.write_bytes(b"ok \xff no")
     with pytest.raises(ValueError, match="use --errors replace"):
         corpus.read_text_file(bad)
+
+
+def test_an_empty_data_file_leaves_no_run_folder(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(TINY + ["--data", str(empty), "--steps", "2", "--out", str(tmp_path / "r")]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
