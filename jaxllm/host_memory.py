@@ -1,12 +1,12 @@
 """Keep freed host memory in the process, so each train step reuses it.
 
-On the CPU, XLA allocates every execution's scratch space afresh (60 MB a
-step for the issue-sized model of NOTES.md, more for larger ones) from one
-of its worker threads. With glibc's defaults that block is larger than the
-largest size malloc serves from its heaps, so it is mapped with mmap and
-unmapped again at the end of the step, and the next step touches 10-25
-thousand fresh pages: each a page fault that the kernel answers with a
-zeroed page. That was 5-15 % of a small model's CPU step (NOTES.md, v6).
+On the CPU, XLA allocates every execution's scratch space afresh from one of
+its worker threads. With glibc's defaults a block that large is beyond what
+malloc serves from its heaps, so it is mapped with mmap and unmapped again at
+the end of the step, and the next step touches thousands of fresh pages: each
+a page fault that the kernel answers with a zeroed page. For a small model's
+CPU training step that is a noticeable share of the step (NOTES.md has the
+measurements).
 
 `reuse_host_memory` changes three of glibc's malloc settings (``mallopt``)
 for the whole process: large blocks come from the heap instead of mmap, the
@@ -14,22 +14,23 @@ heap keeps the memory freed at its top instead of returning it (all of it by
 default, or up to ``keep_bytes``), and every thread shares the main heap (a
 thread with its own arena would still create and delete a heap for each such
 block). Memory freed by one step is then what the next step gets, with no
-page faults. The cost is that the process holds on to memory it has freed.
+page faults. The cost is that the process holds on to memory it has freed:
+worth it for a long run of identical training steps, not for a process that
+allocates once (generation) or shares the machine's memory with others.
 
 Why keep all of it: the heap does not come back to a tidy state between
 steps. Small allocations settle between the step's large blocks, so the
 heap grows to a few times the step's scratch space before every block finds
 room, and at times the free space at its top passes any fixed threshold. A
 process that then returns that memory touches it all afresh over the next
-steps: with a 1 GiB threshold, a loop of the issue-sized model's steps
-returned and re-faulted 900 MB every ten to twenty steps (NOTES.md, v10).
-Kept, the heap settles after a few dozen steps.
+steps. Kept, the heap settles after a few dozen steps.
 
 It must run before JAX starts its backend (the first computation or
 ``jax.devices()``): threads that have already allocated keep their own
-heaps, so a later call changes nothing and says so. jaxllm's command line
-and training benchmark call it first thing; a script of your own can do the
-same.
+heaps, so a later call changes nothing and says so. `jaxllm pretrain` calls
+it with ``--reuse-host-memory`` (or ``--cpu-recipe``), and the training
+benchmark for both frameworks; a script of your own can call it first
+thing. `applied()` says whether, and with what, it took effect.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ import warnings
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+# The settings this process applied, {"mmap_max", "trim_threshold", "arena_max"}; None if none.
+_applied: dict[str, int] | None = None
 
 
 def has_glibc() -> bool:
@@ -80,4 +84,12 @@ def reuse_host_memory(keep_bytes: int | None = None) -> bool:
     for param, value in settings:
         if libc.mallopt(param, value) != 1:
             raise OSError(f"glibc mallopt({param}, {value}) failed")
+    global _applied
+    _applied = {"mmap_max": 0, "trim_threshold": trim, "arena_max": 1}
     return True
+
+
+def applied() -> dict[str, int] | None:
+    """The malloc settings `reuse_host_memory` set in this process, or None if it
+    has not taken effect here."""
+    return None if _applied is None else dict(_applied)

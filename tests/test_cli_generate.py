@@ -95,3 +95,17 @@ def test_bad_arguments_are_reported(model_dir, capsys, tmp_path):
     assert main(["generate", "--hf", str(d), "--tokenizer", "byte", "--top-p", "1.5",
                  "--temperature", "1"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_generate_leaves_malloc_alone(model_dir, capsys, monkeypatch):
+    """`reuse_host_memory` is a process-wide change for training; generation never asks
+    for it."""
+    import jaxllm.host_memory as host_memory
+
+    calls = []
+    monkeypatch.setattr(host_memory, "reuse_host_memory", lambda *a, **k: calls.append(a))
+    d, _ = model_dir
+    assert main(["generate", "--hf", str(d), "--prompt", PROMPT, "--max-new-tokens", "3",
+                 "--tokenizer", "byte", "--no-stream"]) == 0
+    capsys.readouterr()
+    assert calls == []

@@ -111,3 +111,22 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
                  "--max-new-tokens", "6", "--ignore-eos", "--no-stream"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("the cat") and len(printed.rstrip("\n")) > len("the cat")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ((), False),
+    (("--reuse-host-memory",), True),
+    (("--cpu-recipe",), True),  # the recipe's speed assumes it
+    (("--cpu-recipe", "--no-reuse-host-memory"), False),
+])
+def test_host_memory_reuse_only_when_asked(flags, expected, monkeypatch, tmp_path, capsys):
+    import jaxllm.host_memory as host_memory
+
+    calls = []
+    monkeypatch.setattr(host_memory, "reuse_host_memory", lambda *a, **k: calls.append(a))
+    args = parse(*flags, "--set", "colour=blue", "--out", str(tmp_path))
+    assert pretrain.wants_host_memory_reuse(args) is expected
+    # applied first thing in `run`, before the (here failing) configuration is read
+    assert pretrain.run(args) == 2
+    assert "unknown setting" in capsys.readouterr().err
+    assert len(calls) == int(expected)

@@ -82,3 +82,39 @@ def test_too_late_once_jax_has_started():
 def test_rejects_negative_keep_bytes():
     with pytest.raises(ValueError, match="keep_bytes must be >= 0 or None"):
         reuse_host_memory(-1)
+
+
+# The command line's own process: what `jaxllm.host_memory.applied()` says after a command.
+_CLI_CHILD = r"""
+import json, sys
+from jaxllm import cli, host_memory
+rc = cli.main(sys.argv[1:])
+print(json.dumps({"rc": rc, "applied": host_memory.applied()}))
+"""
+
+
+def _cli_child(*argv: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _CLI_CHILD, *argv], capture_output=True,
+                         text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_cli_applies_it_to_pretrain_only_on_request(tmp_path):
+    bad = ["--set", "colour=blue", "--out", str(tmp_path)]  # exits 2 once the configs are read
+    asked = _cli_child("pretrain", "--reuse-host-memory", *bad)
+    assert asked["rc"] == 2 and asked["applied"] == {"mmap_max": 0, "trim_threshold": -1,
+                                                     "arena_max": 1}
+    assert _cli_child("pretrain", *bad) == {"rc": 2, "applied": None}
+    generate = _cli_child("generate", "--run-dir", str(tmp_path / "none"))
+    assert generate["rc"] == 2 and generate["applied"] is None
+
+
+def test_applied_is_none_until_it_takes_effect():
+    import jaxllm.host_memory as host_memory
+
+    jnp.ones(2).block_until_ready()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reuse_host_memory()
+    assert host_memory.applied() is None  # too late in this process: nothing was set

@@ -2,6 +2,9 @@
 
 Each subcommand is a module of this package with `add_arguments(parser)` and
 `run(args) -> int`; it is imported only when chosen, so `--help` stays fast.
+Process-wide settings belong to the subcommand that wants them: `pretrain`
+keeps freed host memory for reuse only when asked (`--reuse-host-memory`, or
+`--cpu-recipe`), and `generate` and `chat` leave malloc as it is.
 """
 
 from __future__ import annotations
@@ -9,8 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-
-from jaxllm.host_memory import reuse_host_memory
 
 SUBCOMMANDS = {
     "pretrain": "Train a model on text (a preset or config file, local data, checkpoints).",
@@ -21,8 +22,7 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the process's own entry point: JAX has not started yet
-        reuse_host_memory()
+    if argv is None:
         argv = sys.argv[1:]
     parser = argparse.ArgumentParser(prog="jaxllm", description="GPT-style LLMs in JAX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

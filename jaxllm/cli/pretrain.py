@@ -6,9 +6,16 @@
     jaxllm pretrain --out runs/notes --resume         # continue where it stopped
     jaxllm pretrain --mesh data=2,fsdp=4              # data parallel + FSDP over 8 devices
     jaxllm pretrain --cpu-recipe                      # the fastest kernels for this CPU
+    jaxllm pretrain --reuse-host-memory               # keep XLA's per-step scratch (CPU)
 
 `--set key=value` reaches any field of GPTConfig, TrainConfig or LoopConfig;
 the value is parsed by the field's type (`none` for optional fields).
+
+`--reuse-host-memory` sets glibc's malloc to keep the memory the process
+frees (`jaxllm.host_memory`), so that on the CPU each step gets the previous
+step's scratch space back instead of page-faulting it in afresh. It is a
+process-wide change, made before JAX starts; `--cpu-recipe` turns it on too
+(`--no-reuse-host-memory` keeps it off).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jaxllm import host_memory
 from jaxllm.config import PRESETS, GPTConfig, get_preset
 
 DEFAULT_OUT = "runs/pretrain"
@@ -39,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train with the implementation settings that are fastest on this "
                              "CPU (jaxllm.kernels.recipe.cpu_recipe: the native kernels, and "
                              "micro-batches where they pay); --set still overrides each of them")
+    parser.add_argument("--reuse-host-memory", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="keep freed memory in the process (glibc malloc), so each CPU "
+                             "training step reuses the last one's scratch space instead of "
+                             "page-faulting it in again; default: on with --cpu-recipe, else off")
     parser.add_argument("--data", metavar="PATH",
                         help="text file, folder of *.txt files, or token file (.bin with its .json "
                              "header); default: the built-in corpus (Python's help topics)")
@@ -264,7 +277,18 @@ def load_tokens(args, tokenizer):
     return tf.tokens, str(token_file)
 
 
+def wants_host_memory_reuse(args) -> bool:
+    """Whether this run keeps freed host memory: `--reuse-host-memory`, or the CPU recipe
+    unless `--no-reuse-host-memory`."""
+    if args.reuse_host_memory is not None:
+        return args.reuse_host_memory
+    return bool(args.cpu_recipe)
+
+
 def run(args) -> int:
+    if wants_host_memory_reuse(args):
+        # first, before anything starts JAX's backend (host_memory says why)
+        host_memory.reuse_host_memory()
     from jaxllm.tokenizer import get_tokenizer
     from jaxllm.train.lock import RunFolderBusy
     from jaxllm.train.loop import TrainingDiverged, format_summary, train
