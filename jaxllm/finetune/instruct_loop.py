@@ -28,6 +28,7 @@ should become one fine-tuning loop.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -88,6 +89,25 @@ class InstructConfig:
                 or self.sample_count < 0:
             raise ValueError(f"InstructConfig.sample_count must be an int >= 0, "
                              f"got {self.sample_count!r}")
+
+
+@functools.lru_cache(maxsize=4)
+def _steps(config: GPTConfig, tc: TrainConfig):
+    """The jitted train and eval steps, kept per configuration: a resumed run in
+    the same process reuses the compiled programs."""
+    return make_train_step(config, tc), make_eval_step(config)
+
+
+@functools.lru_cache(maxsize=4)
+def _init_fn(config: GPTConfig, tc: TrainConfig):
+    """A fresh TrainState from a key (random weights) or from given weights, as
+    one compiled program."""
+    def init(key, params):
+        if params is None:
+            params = init_params(config, key, scheme=tc.init)
+        return init_train_state(params, tc)
+
+    return jax.jit(init)
 
 
 def _mean_loss(eval_step, params, batches) -> tuple[float, float]:
@@ -162,15 +182,12 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
         start, tokens_seen = int(state.step), int(saved.get("tokens_seen", 0))
         log.truncate_after(start)
     else:
-        if params is None:
-            params = jax.jit(lambda k: init_params(config, k, scheme=tc.init))(
-                jax.random.key(tc.seed))
-        state = jax.device_put(jax.jit(lambda p: init_train_state(p, tc))(params), device)
+        state = jax.device_put(_init_fn(config, tc)(jax.random.key(tc.seed), params), device)
         start, tokens_seen = 0, 0
         log.clear()
     (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
-    train_step, eval_step = make_train_step(config, tc), make_eval_step(config)
+    train_step, eval_step = _steps(config, tc)
     last_saved = latest
     samples_path = run_dir / "samples.txt"
     if start == 0:

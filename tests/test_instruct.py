@@ -1,0 +1,324 @@
+"""Instruction fine-tuning: the collate rule, the masked loss and AdamW steps
+against PyTorch, the shared data set's split and prompt, reading errors, and
+the command line end to end on a tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from jaxllm.cli import chat, finetune_instruct as cli
+from jaxllm.config import GPTConfig
+from jaxllm.data.instructions import (Example, InstructionBatches, collate, read_instructions,
+                                      split_instructions, tokenize_entries)
+from jaxllm.finetune.instruct import format_prompt
+from jaxllm.finetune.instruct_loop import InstructConfig, finetune_instruct
+from jaxllm.hf import hf_config_kwargs, to_hf_state_dict
+from jaxllm.model import init_params
+from jaxllm.tokenizer import get_tokenizer
+from jaxllm.train import TrainConfig, init_train_state, make_train_step
+
+E = 50256
+TINY = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
+                 drop_rate=0.0, qkv_bias=True, tie_embeddings=False)
+TINY_EOT = 96  # the tiny vocabulary's end-of-text
+
+
+# -- the collate -----------------------------------------------------------------
+HAND = [Example(np.array([1, 2, 3], np.int32), 2), Example(np.array([4, 5], np.int32), 1),
+        Example(np.array([6, 7, 8, 9, 10], np.int32), 3)]
+
+
+def test_collate_pads_shifts_and_keeps_the_first_end_of_text():
+    b = collate(HAND)
+    np.testing.assert_array_equal(b["tokens"], [[1, 2, 3, E, E], [4, 5, E, E, E],
+                                                [6, 7, 8, 9, 10]])
+    np.testing.assert_array_equal(b["targets"], [[2, 3, E, -100, -100], [5, E, -100, -100, -100],
+                                                 [7, 8, 9, 10, E]])
+    assert b["tokens"].dtype == b["targets"].dtype == np.int32
+
+
+def test_collate_masks_the_prompt_and_truncates():
+    masked = collate(HAND, mask_prompt=True)["targets"]
+    # row 0: prompt [1, 2] -> the target predicting 2 is masked; row 1: prompt [4] masks nothing
+    np.testing.assert_array_equal(masked, [[-100, 3, E, -100, -100], [5, E, -100, -100, -100],
+                                           [-100, -100, 9, 10, E]])
+    cut = collate(HAND, allowed_max_length=3)
+    np.testing.assert_array_equal(cut["tokens"], [[1, 2, 3], [4, 5, E], [6, 7, 8]])
+    np.testing.assert_array_equal(cut["targets"], [[2, 3, E], [5, E, -100], [7, 8, 9]])
+    wide = collate(HAND, pad_multiple=4)
+    assert wide["tokens"].shape == (3, 8)
+    assert (wide["targets"][:, 5:] == -100).all() and (wide["tokens"][:, 5:] == E).all()
+
+
+def book_collate(seqs, allowed):
+    """The published rule written out by value: pad with end-of-text, shift,
+    then every end-of-text in the targets after the first becomes -100."""
+    longest = max(len(s) + 1 for s in seqs)
+    inputs, targets = [], []
+    for s in seqs:
+        padded = list(s) + [E] + [E] * (longest - len(s) - 1)
+        x, y = np.array(padded[:-1]), np.array(padded[1:])
+        pads = np.nonzero(y == E)[0]
+        if len(pads) > 1:
+            y[pads[1:]] = -100
+        inputs.append(x[:allowed])
+        targets.append(y[:allowed])
+    return np.stack(inputs), np.stack(targets)
+
+
+def test_collate_equals_the_published_rule_on_random_batches():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        seqs = [rng.integers(0, E, rng.integers(1, 30)) for _ in range(rng.integers(1, 6))]
+        allowed = int(rng.integers(5, 40))
+        b = collate([Example(s.astype(np.int32), 0) for s in seqs], allowed_max_length=allowed)
+        x, y = book_collate(seqs, allowed)
+        np.testing.assert_array_equal(b["tokens"], x)
+        np.testing.assert_array_equal(b["targets"], y)
+
+
+def test_bucketing_keeps_epochs_permutations_and_pads_less():
+    rng = np.random.default_rng(1)
+    examples = [Example(np.ones(int(n), np.int32), 0) for n in rng.integers(2, 200, 96)]
+    plain = InstructionBatches(examples, 4, seed=3)
+    bucketed = InstructionBatches(examples, 4, seed=3, bucket=True, bucket_window=6)
+    for batches in (plain, bucketed):
+        for epoch in (0, 1):
+            idx = np.concatenate(batches.epoch_batches(epoch))
+            assert sorted(idx) == list(range(96))
+    assert not np.array_equal(bucketed.indices_at(0), bucketed.indices_at(24))  # epochs differ
+    np.testing.assert_array_equal(  # a function of the batch number
+        InstructionBatches(examples, 4, seed=3, bucket=True, bucket_window=6).indices_at(30),
+        bucketed.indices_at(30))
+
+    def padding(batches):
+        return sum(int((batches.batch_at(k)["targets"] == -100).sum()) for k in range(24))
+
+    assert padding(bucketed) < 0.5 * padding(plain)
+
+
+# -- the masked loss and its gradients against torch ----------------------------
+def random_params(config, seed):
+    """Every leaf drawn at random (scales near 1), so no zero bias hides a mistake."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
+
+    def draw(path, leaf):
+        noise = 0.1 * rng.standard_normal(leaf.shape).astype(np.float32)
+        return jnp.asarray(noise + 1 if jax.tree_util.keystr(path).endswith("['scale']") else noise)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def torch_model(params, config):
+    hf = transformers.GPT2Config(**hf_config_kwargs(config), attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(hf)
+    model.load_state_dict({k: torch.from_numpy(v.copy())
+                           for k, v in to_hf_state_dict(params, config).items()})
+    return model.eval()
+
+
+def tiny_examples(n, seed, lo=3, hi=20):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(lo, hi))
+        out.append(Example(rng.integers(0, TINY_EOT, length).astype(np.int32),
+                           int(rng.integers(1, length))))
+    return out
+
+
+# One AdamW configuration and one compiled step for both torch comparisons:
+# micro-batches of 2 rows, and a fixed width, so nothing recompiles.
+TC = TrainConfig(lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.1, beta1=0.9,
+                 beta2=0.999, eps=1e-8, grad_clip=None, batch_size=4, grad_accum=2,
+                 total_steps=6)
+COLLATE = dict(pad_id=TINY_EOT, pad_multiple=TINY.context_length)
+
+
+@pytest.fixture(scope="module")
+def tiny_step():
+    return make_train_step(TINY, TC)
+
+
+def torch_loss(model, batch):
+    logits = model(torch.from_numpy(batch["tokens"]).long()).logits
+    targets = torch.from_numpy(batch["targets"]).long()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100), \
+        logits, targets
+
+
+def test_masked_loss_and_gradients_equal_torch_ignore_index(tiny_step):
+    params = random_params(TINY, seed=2)
+    for mask_prompt in (False, True):
+        batch = collate(tiny_examples(4, seed=3), mask_prompt=mask_prompt, **COLLATE)
+        counted = (batch["targets"] != -100).sum(axis=1)
+        assert counted[:2].sum() != counted[2:].sum()  # the micro-batches count differently
+
+        model = torch_model(params, TINY)
+        loss, logits, targets = torch_loss(model, batch)
+        loss.backward()
+        theirs = {k: p.grad.numpy() for k, p in model.named_parameters()}
+        halves = [F.cross_entropy(logits[s].flatten(0, 1), targets[s].flatten(),
+                                  ignore_index=-100).item() for s in (slice(0, 2), slice(2, 4))]
+        assert abs(np.mean(halves) - loss.item()) > 1e-3  # a mean of means would be wrong
+
+        state = init_train_state(jax.tree.map(jnp.copy, params), TC)
+        state, metrics = tiny_step(state, batch)
+        assert abs(float(metrics["loss"]) - loss.item()) < 1e-6
+        assert int(metrics["count"]) == counted.sum()
+        # after one step from zero moments, Adam's first moment is (1 - beta1) * gradient
+        grads = jax.tree.map(lambda m: m / (1 - TC.beta1), state.opt_state[0].mu)
+        for name, g in to_hf_state_dict(grads, TINY).items():
+            if name in theirs:
+                err = np.abs(g - theirs[name]).max()
+                assert err < 1e-6, (f"mask_prompt {mask_prompt}, {name}: max |gradient "
+                                    f"difference| {err:.3g}")
+
+
+# -- AdamW steps against an independent PyTorch fine-tuning ----------------------
+def test_adamw_fine_tuning_steps_give_torch_losses(tiny_step):
+    params = random_params(TINY, seed=4)
+    batches = InstructionBatches(tiny_examples(16, seed=5), 4, seed=6,
+                                 collate_kwargs=dict(mask_prompt=True, **COLLATE))
+    state = init_train_state(jax.tree.map(jnp.copy, params), TC)
+
+    model = torch_model(params, TINY).train()
+    decay = [p for n, p in model.named_parameters()
+             if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight", "lm_head.weight"))]
+    rest = [p for n, p in model.named_parameters() if all(p is not q for q in decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": TC.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}],
+                            lr=TC.lr, betas=(TC.beta1, TC.beta2), eps=TC.eps)
+    ours, theirs = [], []
+    for k in range(6):  # one and a half epochs
+        batch = batches.batch_at(k)
+        state, metrics = tiny_step(state, batch)
+        ours.append(float(metrics["loss"]))
+        opt.zero_grad()
+        loss = torch_loss(model, batch)[0]
+        loss.backward()
+        opt.step()
+        theirs.append(loss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    assert ours[-1] < ours[0] - 0.1  # the steps learn
+
+
+# -- the shared data set -------------------------------------------------------
+ENTRY0_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\nEvaluate the following phrase by transforming "
+    "it into the spelling given.\n\n### Input:\nfreind --> friend\n\n### Response:\n")
+
+
+def test_split_and_prompt_of_the_shared_file(shared_data):
+    entries = read_instructions(shared_data / "instruction-data.json")
+    train, test, val = split_instructions(entries)
+    assert (len(entries), len(train), len(test), len(val)) == (1100, 935, 110, 55)
+    assert test[0] is entries[935] and val[0] is entries[1045]
+    assert format_prompt(entries[0]) == ENTRY0_PROMPT
+    assert format_prompt(entries[0], "chat") == (
+        "<|user|>\nEvaluate the following phrase by transforming it into the spelling given."
+        "\n\nfreind --> friend\n<|assistant|>\n")
+    assert "### Input" not in format_prompt(entries[5])  # entry 5 has no input
+    tokenizer = get_tokenizer("gpt2", shared_data)
+    for style in ("alpaca", "chat"):
+        examples = tokenize_entries(entries, tokenizer, style)
+        # prompt and response encoded apart are the tokens of the whole text
+        for e, x in zip(entries, examples):
+            whole = tokenizer.encode(format_prompt(e, style) + e["output"])
+            assert x.tokens.tolist() == whole
+            assert x.prompt_length == len(tokenizer.encode(format_prompt(e, style)))
+
+
+def test_reading_errors_name_what_is_wrong(tmp_path):
+    def write(name, content: bytes):
+        p = tmp_path / name
+        p.write_bytes(content)
+        return p
+
+    good = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    assert read_instructions(write("ok.jsonl", (json.dumps(good) + "\n\n" + json.dumps(
+        {"instruction": "a", "output": "b"}) + "\n").encode()))[1] == \
+        {"instruction": "a", "input": "", "output": "b"}
+    cases = [
+        ("missing.json", json.dumps([good, {"instruction": "x", "input": ""}]).encode(),
+         r"entry 1 has no 'output' key"),
+        ("object.json", json.dumps({"data": [good]}).encode(), r"holds a JSON dict; .* list"),
+        ("utf8.json", b'[{"instruction": "caf\xe9", "output": "x"}]', r"not valid UTF-8: byte 21"),
+        ("number.json", json.dumps([dict(good, output=3)]).encode(), r"'output' must be a string"),
+        ("line.jsonl", (json.dumps(good) + "\n{oops\n").encode(), r"line 2 is not JSON"),
+        ("list.json", json.dumps(["text"]).encode(), r"entry 0 is a JSON str"),
+        ("lines.json", (json.dumps(good) + "\n" + json.dumps(good)).encode(), r"\.jsonl suffix"),
+    ]
+    for name, content, message in cases:
+        with pytest.raises(ValueError, match=message):
+            read_instructions(write(name, content))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_instructions(tmp_path / "nothing.json")
+
+
+# -- the command line and the loop, end to end -------------------------------------
+def run_cli(module, argv) -> int:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
+def test_cli_fine_tunes_answers_resumes_and_chats(shared_data, tmp_path, capsys):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(dict(vocab_size=257, context_length=512, emb_dim=32, n_heads=4,
+                                      n_layers=2, drop_rate=0.0, attn_impl="reference")))
+    data = shared_data / "instruction-data.json"
+    out = tmp_path / "run"
+    argv = ["--init", "random", "--config", str(config), "--data", str(data), "--limit", "80",
+            "--steps", "4", "--eval-every", "2", "--max-new-tokens", "12", "--set", "lr=3e-3",
+            "--set", "batch_size=4", "--set", "sample_count=4", "--set", "sample_tokens=6",
+            "--set", "pad_multiple=512", "--set", "response_batch=4",
+            "--mask-prompt", "--bucket", "--out", str(out), "--quiet"]
+    assert run_cli(cli, argv) == 0
+    printed = capsys.readouterr().out
+    assert "responses: 8 test entries" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps"], summary["train_entries"], summary["test_entries"]) == (4, 68, 8)
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    responses = json.loads((out / "responses.json").read_text())
+    entries = read_instructions(data)
+    assert [r["instruction"] for r in responses] == [e["instruction"] for e in entries[68:76]]
+    assert all(isinstance(r["model_response"], str) for r in responses)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
+    assert all(len(r["samples"]) == 4 for r in records if r["kind"] == "eval")
+    assert (out / "loss.png").stat().st_size > 0 and (out / "checkpoints" / "4").is_dir()
+
+    # a second start on the same folder is refused
+    assert run_cli(cli, argv) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+    # interrupted at step 2 and resumed: the losses of the uninterrupted run
+    tok = get_tokenizer("byte")
+    tiny = GPTConfig.from_json(config)
+    ic = InstructConfig(mask_prompt=True, bucket=True, eval_every=2, sample_count=0,
+                        responses=False, pad_multiple=512)
+    tc = TrainConfig(**{**cli.PROTOCOL, "lr": 3e-3, "batch_size": 4, "total_steps": 4})
+    part = tmp_path / "part"
+    finetune_instruct(part, tiny, tc, ic, tok, entries[:80], progress=False, stop_at=2)
+    finetune_instruct(part, tiny, tc, ic, tok, entries[:80], progress=False, resume=True)
+    losses = [[r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train"] for d in (out, part)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+    assert run_cli(chat, ["--run-dir", str(out), "--prompt", "Name a color.",
+                          "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    with pytest.raises(SystemExit):
+        run_cli(cli, ["--data", str(data)])  # a starting point is required
