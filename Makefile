@@ -39,7 +39,7 @@ clean:
 
 # Pretraining: the small preset (byte tokens) on Python's built-in help text.
 PRETRAIN_OUT ?= runs/pretrain
-PRETRAIN_ARGS ?= --steps 1200 --set batch_size=16 --set lr=3e-3 --set warmup_steps=20 \
+PRETRAIN_ARGS ?= --reuse-host-memory --steps 1200 --set batch_size=16 --set lr=3e-3 --set warmup_steps=20 \
 	--eval-every 100 --set eval_batches=8 --save-every 400 --keep 2 \
 	--set sample_prompt="The " --set sample_tokens=100
 pretrain: $(STAMP)
@@ -50,11 +50,12 @@ pretrain: $(STAMP)
 chapter5: $(STAMP)
 	$(RUN) -m experiments.chapter5
 
-# GPT-2 vocabulary for the tokenizer: a shared data folder above the checkout, when there is one.
-GPT2_DIR ?= $(firstword $(wildcard ../shared/data ../../shared/data))
-
+# GPT-2 vocabulary for the tokenizer: $JAXLLM_GPT2_DIR, else a shared/data folder above
+# the checkout (experiments/model.py looks there itself). Without it the experiment says
+# it is skipped and exits 0: nothing is downloaded. `make model GPT2_DIR=DIR` names one.
+GPT2_DIR ?=
 model: $(STAMP)
-	$(if $(GPT2_DIR),JAXLLM_GPT2_DIR=$(GPT2_DIR) )$(RUN) -m experiments.model
+	$(RUN) -m experiments.model$(if $(GPT2_DIR), --tokenizer-dir $(GPT2_DIR))
 
 bench: $(STAMP)
 	$(RUN) -m experiments.bench_train

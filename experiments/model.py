@@ -7,16 +7,21 @@ largest logit difference and both models' top next-token predictions.
 
     python -m experiments.model [--tokenizer-dir DIR] [--prompt TEXT] [--seed N]
 
-The GPT-2 vocabulary files come from `--tokenizer-dir`, else `$JAXLLM_GPT2_DIR`,
-else tiktoken's own download.
+The GPT-2 vocabulary files (`gpt2.tiktoken`, or `encoder.json` + `vocab.bpe`)
+come from `--tokenizer-dir`, else `$JAXLLM_GPT2_DIR`, else a `shared/data`
+folder above the checkout. Nothing is downloaded: without the files the
+experiment says it is skipped, and why, and exits 0, so that `make
+experiments` runs offline on a fresh clone.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,7 +29,9 @@ import numpy as np
 from experiments.common import markdown_table, write_report
 from jaxllm import GPT_CONFIG_124M, GPTConfig, count_params, forward, init_params, param_shapes
 from jaxllm.hf import hf_config_kwargs, to_hf_state_dict
-from jaxllm.tokenizer import GPT2Tokenizer
+from jaxllm.tokenizer import GPT2_DIR_ENV, GPT2Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
 
 # (label, path prefix in the parameter tree of one block)
 BLOCK_PARTS = [
@@ -93,6 +100,23 @@ def top_tokens(logits: np.ndarray, tokenizer, k: int) -> list[dict]:
             for i in order]
 
 
+def has_vocabulary(directory: Path) -> bool:
+    return (directory / "gpt2.tiktoken").is_file() or (
+        (directory / "encoder.json").is_file() and (directory / "vocab.bpe").is_file())
+
+
+def find_vocabulary(given: str | None) -> tuple[Path | None, str]:
+    """(the folder with the GPT-2 vocabulary files, or None; where it looked)."""
+    if given is None:
+        given = os.environ.get(GPT2_DIR_ENV) or None
+    if given is not None:  # asked for: that folder or nothing
+        where = f"{given} (--tokenizer-dir or ${GPT2_DIR_ENV})"
+        return (Path(given) if has_vocabulary(Path(given)) else None), where
+    candidates = [parent / "shared" / "data" for parent in REPO.parents]
+    found = next((c for c in candidates if has_vocabulary(c)), None)
+    return found, "shared/data above the checkout"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer-dir", default=None,
@@ -103,9 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=5, help="next-token predictions to show")
     args = parser.parse_args(argv)
 
+    directory, where = find_vocabulary(args.tokenizer_dir)
+    if directory is None:
+        print(f"model: skipped: no GPT-2 vocabulary files (gpt2.tiktoken, or encoder.json + "
+              f"vocab.bpe) in {where}, and this experiment downloads nothing; pass "
+              f"--tokenizer-dir DIR or set ${GPT2_DIR_ENV} to run it", file=sys.stderr)
+        return 0
     try:
-        tokenizer = GPT2Tokenizer(args.tokenizer_dir)
-    except FileNotFoundError as err:
+        tokenizer = GPT2Tokenizer(directory)
+    except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
