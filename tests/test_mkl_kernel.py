@@ -459,7 +459,8 @@ def nll_float64(logits, targets):
     x = np.asarray(logits, np.float64)
     x = x - x.max(-1, keepdims=True)
     logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
-    onehot = np.eye(x.shape[-1])[targets]
+    onehot = np.zeros_like(x)  # not np.eye(vocab): that would be vocab^2 numbers
+    np.put_along_axis(onehot, targets[..., None], 1.0, axis=-1)
     return -np.take_along_axis(logp, targets[..., None], -1)[..., 0], np.exp(logp) - onehot
 
 
