@@ -62,3 +62,23 @@ bench: $(STAMP)
 
 bench-generate: $(STAMP)  ## generation speed: KV cache vs uncached loop vs PyTorch (results/bench_generate)
 	$(RUN) -m experiments.bench_generate
+
+# Instruction fine-tuning on the shared instruction data (or INSTRUCT_DATA=FILE). With GPT-2
+# weights (INSTRUCT_HF=DIR with model.safetensors, or GPT2_DIR holding one) it runs the classic
+# protocol (2 epochs, lr 5e-5, batch 8); without, a short run of a small random model.
+.PHONY: finetune-instruct
+INSTRUCT_DATA ?= $(firstword $(wildcard ../shared/data/instruction-data.json ../../shared/data/instruction-data.json))
+INSTRUCT_HF ?= $(if $(wildcard $(GPT2_DIR)/model.safetensors),$(GPT2_DIR))
+INSTRUCT_VOCAB ?= $(firstword $(wildcard ../shared/data ../../shared/data))
+INSTRUCT_OUT ?= runs/instruct
+INSTRUCT_SMALL ?= --init random --preset small --tokenizer gpt2 --set context_length=512 \
+	--steps 240 --set lr=1e-3 --set warmup_steps=20 --set min_lr_ratio=0.1 --set grad_clip=1.0 \
+	--eval-every 40 --save-every 120
+INSTRUCT_ARGS ?=
+finetune-instruct: $(STAMP)
+	@test -n "$(INSTRUCT_DATA)" || { echo "no instruction data found beside the checkout: make finetune-instruct INSTRUCT_DATA=FILE"; exit 2; }
+	@echo "finetune-instruct: $(if $(INSTRUCT_HF),GPT-2 weights from $(INSTRUCT_HF) (the classic protocol),no GPT-2 weights given (INSTRUCT_HF=DIR): a small random model, a short run)"
+	rm -rf $(INSTRUCT_OUT)
+	$(RUN) -m jaxllm.cli.finetune_instruct $(if $(INSTRUCT_HF),--hf $(INSTRUCT_HF),$(INSTRUCT_SMALL)) \
+		--data $(INSTRUCT_DATA) $(if $(INSTRUCT_VOCAB),--tokenizer-dir $(INSTRUCT_VOCAB)) \
+		--out $(INSTRUCT_OUT) $(INSTRUCT_ARGS)

@@ -199,3 +199,16 @@ def run(args) -> int:
         return 2
     print(format_summary(summary))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jaxllm.cli.finetune_instruct ...`: the command on its own, for
+    as long as `jaxllm finetune` does not dispatch to it."""
+    parser = argparse.ArgumentParser(prog="jaxllm finetune instruct",
+                                     description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
