@@ -51,9 +51,9 @@ chapter5: $(STAMP)
 	$(RUN) -m experiments.chapter5
 
 # GPT-2 vocabulary for the tokenizer: $JAXLLM_GPT2_DIR, else a shared/data folder above
-# the checkout (experiments/model.py looks there itself). Without it the experiment says
-# it is skipped and exits 0: nothing is downloaded. `make model GPT2_DIR=DIR` names one.
-GPT2_DIR ?=
+# the checkout, when there is one (`make model GPT2_DIR=DIR` names another). Without the
+# files the experiment says it is skipped and why, and exits 0: nothing is downloaded.
+GPT2_DIR ?= $(or $(JAXLLM_GPT2_DIR),$(firstword $(wildcard ../shared/data ../../shared/data)))
 model: $(STAMP)
 	$(RUN) -m experiments.model$(if $(GPT2_DIR), --tokenizer-dir $(GPT2_DIR))
 
