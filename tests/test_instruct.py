@@ -5,7 +5,11 @@ the command line end to end on a tiny model."""
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
+import socket
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,7 @@ from jaxllm.data.instructions import (Example, InstructionBatches, collate, read
                                       split_instructions, tokenize_entries)
 from jaxllm.finetune.instruct import format_prompt
 from jaxllm.finetune.instruct_loop import InstructConfig, finetune_instruct
+from jaxllm.finetune.judge import JudgeUnavailable, judge_responses, parse_score
 from jaxllm.hf import hf_config_kwargs, to_hf_state_dict
 from jaxllm.model import init_params
 from jaxllm.tokenizer import get_tokenizer
@@ -284,12 +289,15 @@ def test_cli_fine_tunes_answers_resumes_and_chats(shared_data, tmp_path, capsys)
             "--steps", "4", "--eval-every", "2", "--max-new-tokens", "12", "--set", "lr=3e-3",
             "--set", "batch_size=4", "--set", "sample_count=4", "--set", "sample_tokens=6",
             "--set", "pad_multiple=512", "--set", "response_batch=4",
-            "--mask-prompt", "--bucket", "--out", str(out), "--quiet"]
+            "--mask-prompt", "--bucket", "--out", str(out), "--quiet",
+            "--judge-url", f"http://127.0.0.1:{closed_port()}"]
     assert run_cli(cli, argv) == 0
-    printed = capsys.readouterr().out
-    assert "responses: 8 test entries" in printed
+    captured = capsys.readouterr()
+    assert "responses: 8 test entries" in captured.out
+    assert "cannot be reached" in captured.err and "every other result are kept" in captured.err
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["train_entries"], summary["test_entries"]) == (4, 68, 8)
+    assert "cannot be reached" in summary["judge"]["error"]
     assert summary["final_val_loss"] < summary["initial_val_loss"]
     responses = json.loads((out / "responses.json").read_text())
     entries = read_instructions(data)
@@ -322,3 +330,82 @@ def test_cli_fine_tunes_answers_resumes_and_chats(shared_data, tmp_path, capsys)
     assert capsys.readouterr().out.endswith("\n")
     with pytest.raises(SystemExit):
         run_cli(cli, ["--data", str(data)])  # a starting point is required
+
+
+# -- the judge client against a small local server ----------------------------------
+class JudgeHandler(http.server.BaseHTTPRequestHandler):
+    """Answers as the model named in the request says: "good" scores, "slow"
+    sleeps, "broken" sends no JSON, "chatty" sends no number."""
+
+    def do_POST(self):  # noqa: N802 (the http.server name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        model = body["model"]
+        self.server.requests.append((self.path, body))
+        if model == "slow":
+            time.sleep(1.0)
+        content = {"good": "Score: 85 (out of 100)", "slow": "50",
+                   "chatty": "A fine answer."}.get(model, "")
+        if self.path == "/v1/chat/completions":
+            reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+        else:
+            reply = {"message": {"role": "assistant", "content": content}, "done": True}
+        data = b"<html>oops" if model == "broken" else json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (slow)
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def judge_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), JudgeHandler)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ANSWERED = [{"instruction": "Name a color.", "input": "", "output": "Blue.",
+             "model_response": "Red."},
+            {"instruction": "Add.", "input": "2 + 2", "output": "4", "model_response": "4"}]
+
+
+def test_judge_speaks_ollama_and_openai_and_survives_bad_answers(judge_server):
+    base = f"http://127.0.0.1:{judge_server.server_address[1]}"
+    for url, path in ((base, "/api/chat"), (base + "/v1", "/v1/chat/completions")):
+        result = judge_responses(ANSWERED, url, "good", timeout=5)
+        assert [s["score"] for s in result["scores"]] == [85, 85] and result["mean"] == 85
+        sent_path, body = judge_server.requests[-1]
+        assert sent_path == path and body["model"] == "good"
+        assert "`4`" in body["messages"][0]["content"] and "### Input:\n2 + 2" in \
+            body["messages"][0]["content"]
+    assert judge_server.requests[0][1]["stream"] is False  # Ollama: one JSON answer
+
+    for model, message in (("slow", "did not answer within 0.3 s"),
+                           ("broken", "not ollama chat JSON"), ("chatty", "no score")):
+        result = judge_responses(ANSWERED, base, model, timeout=0.3)
+        assert result["mean"] is None and result["failed"] == 2
+        assert all(message in s["error"] for s in result["scores"]), result["scores"]
+    with pytest.raises(JudgeUnavailable, match="failed 3 entries in a row"):
+        judge_responses(ANSWERED * 2, base, "chatty", timeout=5)
+    with pytest.raises(JudgeUnavailable, match="cannot be reached"):
+        judge_responses(ANSWERED, f"http://127.0.0.1:{closed_port()}", "good", timeout=5)
+    with pytest.raises(ValueError, match="must be http"):
+        judge_responses(ANSWERED, "localhost:11434", "good")
+    assert [parse_score(t) for t in ("85", "Score: 7", "150 then 40", "3.5", "none")] == \
+        [85, 7, 40, None, None]

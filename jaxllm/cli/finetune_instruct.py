@@ -60,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest test response, in tokens (default 256)")
     parser.add_argument("--no-responses", action="store_true",
                         help="skip answering the test split after training")
+    parser.add_argument("--judge-url", metavar="URL",
+                        help="score the test responses 0-100 with a judge model: an Ollama server "
+                             "(http://localhost:11434, /api/chat) or an OpenAI-compatible "
+                             "endpoint (a URL with /v1)")
+    parser.add_argument("--judge-model", default="llama3", help="the judge's model name")
+    parser.add_argument("--judge-timeout", type=float, default=60.0,
+                        help="seconds to wait for each judge answer")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE",
                         help="any GPTConfig, TrainConfig or InstructConfig field (repeatable)")
@@ -190,7 +197,10 @@ def run(args) -> int:
               file=sys.stderr)
         summary = finetune_instruct(args.out, config, tc, ic, tokenizer, entries, params=params,
                                     resume=args.resume, progress=not args.quiet,
-                                    data_name=os.path.basename(args.data), source=source)
+                                    data_name=os.path.basename(args.data), source=source,
+                                    judge=None if args.judge_url is None else {
+                                        "url": args.judge_url, "model": args.judge_model,
+                                        "timeout": args.judge_timeout})
     except TrainingDiverged as err:
         print(f"jaxllm finetune instruct: {err}", file=sys.stderr)
         return 1

@@ -15,7 +15,10 @@ instruction batches (`jaxllm.data.instructions`), and around them:
   so `jaxllm chat` knows the prompt style);
 - after training, the loss and perplexity over the whole test split, and a
   greedy KV-cached response to every test entry (`responses.json`, the test
-  entries with a `model_response` field), with responses/s;
+  entries with a `model_response` field), with responses/s; with a `judge`
+  (`jaxllm.finetune.judge`), a 0-100 score for each response (`judge_score`
+  in responses.json) and their mean; an unreachable judge is reported and
+  everything else kept;
 - `loss.png` (the engine's plot: x is counted target tokens seen) and
   `summary.json`.
 
@@ -31,6 +34,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -120,22 +124,29 @@ def _mean_loss(eval_step, params, batches) -> tuple[float, float]:
 def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructConfig,
                       tokenizer, entries: Sequence[dict], *, params=None, resume: bool = False,
                       progress: bool = True, data_name: str = "instructions",
-                      source: str = "random", stop_at: int | None = None) -> dict[str, Any]:
+                      source: str = "random", stop_at: int | None = None,
+                      judge: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune (or resume) the run in `run_dir` on `entries`; returns the summary.
 
     `entries` are split 85 / 10 / 5 (train / test / validation, in order).
     `params` are the starting weights (default: `init_params(config)`); they
     are donated to the train step. `source` says where they came from (for
     the record). `stop_at` ends the run early at that step, saving there.
+    `judge` is {"url", "model", "timeout"} of a judge endpoint for the test
+    responses (see `jaxllm.finetune.judge`).
     """
     run_dir = Path(run_dir)
+    if judge is not None:
+        from jaxllm.finetune.judge import endpoint
+
+        endpoint(judge["url"])  # a malformed URL fails before training, not after
     with run_lock(run_dir):
         return _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress,
-                    data_name, source, stop_at)
+                    data_name, source, stop_at, judge)
 
 
 def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, data_name,
-         source, stop_at):
+         source, stop_at, judge):
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the "
                          f"model's vocab_size is {config.vocab_size}")
@@ -289,13 +300,15 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
     params = state.params
     test_loss, test_count = _mean_loss(eval_step, params,
                                        fixed_batches(test_ex, tc.batch_size, None, **collate_kw))
-    gen_stats = None
+    gen_stats = judged = None
     if ic.responses:
         answers, gen_stats = generate_responses(
             params, config, tokenizer, test_entries, style=ic.style,
             max_new_tokens=ic.response_tokens, batch_size=ic.response_batch)
         out = [dict(e, model_response=a) for e, a in zip(test_entries, answers)]
         (run_dir / "responses.json").write_text(json.dumps(out, indent=2) + "\n")
+        if judge is not None:
+            judged = _judge(out, judge, ic.style, run_dir)
 
     evals = [r for r in records if r["kind"] == "eval"]
     first_eval = first_eval or (evals[0] if evals else None)
@@ -312,11 +325,30 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
         "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
         "test_loss": test_loss, "test_perplexity": math.exp(min(test_loss, 700.0)),
         "test_target_tokens": int(test_count),
-        "responses": gen_stats, "last_checkpoint": last_saved,
+        "responses": gen_stats, "judge": judged, "last_checkpoint": last_saved,
         "wall_s": time.perf_counter() - wall_start,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _judge(out: list[dict], judge: dict[str, Any], style: str, run_dir: Path) -> dict[str, Any]:
+    """Scores into responses.json and a summary; an unavailable judge is a
+    message, not a failed run."""
+    from jaxllm.finetune.judge import JudgeUnavailable, judge_responses
+
+    try:
+        result = judge_responses(out, judge["url"], judge["model"], style=style,
+                                 timeout=judge.get("timeout", 60.0))
+    except JudgeUnavailable as err:
+        print(f"judge: {err}; the responses and every other result are kept", file=sys.stderr)
+        return {"url": judge["url"], "model": judge["model"], "error": str(err)}
+    for entry, s in zip(out, result["scores"]):
+        entry["judge_score"] = s["score"]
+        if s["error"]:
+            entry["judge_error"] = s["error"]
+    (run_dir / "responses.json").write_text(json.dumps(out, indent=2) + "\n")
+    return {k: v for k, v in result.items() if k != "scores"}
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -330,6 +362,12 @@ def format_summary(s: dict[str, Any]) -> str:
     if r:
         lines.append(f"responses: {r['entries']} test entries in {r['seconds']:.1f} s "
                      f"({r['responses_per_s']:.2f} responses/s, {r['new_tokens']:,} tokens)")
+    j = s.get("judge")
+    if j and "error" in j:
+        lines.append(f"judge {j['model']}: {j['error']}")
+    elif j:
+        mean = f"mean score {j['mean']:.1f}" if j["mean"] is not None else "no score"
+        lines.append(f"judge {j['model']}: {mean} ({j['scored']} scored, {j['failed']} failed)")
     lines.append(f"wrote {s['run_dir']}/: metrics.jsonl, loss.png, samples.txt, "
                  + ("responses.json, " if r else "") + "summary.json, "
                  f"checkpoints/{s['last_checkpoint']}")
