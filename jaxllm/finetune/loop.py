@@ -1,0 +1,381 @@
+"""The classification fine-tuning loop: labelled texts in, a classifier and its accuracies out.
+
+`finetune_classify(...)` runs `TrainConfig.total_steps` steps of the engine's
+jitted train step with `classify_task` over the seeded training batches of a
+`ClassificationData`, and around them:
+
+- every `log_every` steps, the pending step metrics (loss, batch accuracy)
+  to `metrics.jsonl` and the tqdm bar; a non-finite loss stops the run;
+- at step 0, every `eval_every` steps and at the end, loss and accuracy on
+  the first `eval_batches` training and validation batches;
+- every `save_every` steps and at the end, an Orbax checkpoint (the engine's
+  `jaxllm.train.checkpoint`) whose metadata holds the classes, pooling and
+  padding, so `load_classifier` / `jaxllm classify` can use it;
+- after training, accuracy and loss on the whole train, validation and test
+  splits; `loss.png` and `accuracy.png` (train and validation against
+  examples seen) and `summary.json`.
+
+Batch k is a function of k and the seed, so `resume=True` continues from the
+last checkpoint and writes what an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import optax
+from tqdm.auto import tqdm
+
+from jaxllm.config import GPTConfig
+from jaxllm.data.classification import ClassificationBatches, ClassificationData, fixed_batches
+from jaxllm.finetune.classify import (HEAD, POOLINGS, add_class_head, classify_task, predict,
+                                      trainable_for)
+from jaxllm.model import init_params
+from jaxllm.train import checkpoint
+from jaxllm.train.lock import run_lock
+from jaxllm.train.loop import TrainingDiverged
+from jaxllm.train.metrics import MetricsLog
+from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
+from jaxllm.train.plot import plt  # matplotlib with the file-only backend
+from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
+from jaxllm.train.task import count_trainable, trainable_mask
+
+META_KIND = "classify"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifyConfig:
+    """Model head, evaluation and checkpoint settings of a classification run."""
+
+    pooling: str = "last_token"  # see jaxllm.finetune.classify
+    trainable: str = "last_block"  # head / last_block / all, or a regex over parameter paths
+    decay_all: bool = False  # weight decay on every trainable leaf (torch's AdamW default)
+    eval_every: int = 50
+    eval_batches: int = 5  # batches of each split per evaluation
+    log_every: int = 10
+    save_every: int = 500
+    keep: int = 2  # checkpoints kept
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"ClassifyConfig.pooling must be one of {POOLINGS}, "
+                             f"got {self.pooling!r}")
+        for name in ("eval_every", "eval_batches", "log_every", "save_every", "keep"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"ClassifyConfig.{name} must be a positive int, got {v!r}")
+
+
+def make_classify_optimizer(tc: TrainConfig, decay_all: bool = False
+                            ) -> optax.GradientTransformation:
+    """The engine's optimizer, or with `decay_all` AdamW decaying every leaf (as
+    `torch.optim.AdamW(model.parameters())` does in the book's protocol)."""
+    if not decay_all:
+        return make_optimizer(tc)
+    adamw = optax.adamw(lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
+                        weight_decay=tc.weight_decay)
+    return adamw if tc.grad_clip is None else optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip), adamw)
+
+
+@functools.lru_cache(maxsize=4)
+def _programs(config: GPTConfig, tc: TrainConfig, cc: ClassifyConfig, n_classes: int):
+    """(optimizer, trainable regex, init, train step, eval step), compiled once per
+    configuration: a resumed run in the same process reuses them."""
+    optimizer = make_classify_optimizer(tc, cc.decay_all)
+    trainable = trainable_for(cc.trainable, config)
+    task = classify_task(cc.pooling)
+
+    def init(key, params):
+        k_model, k_head = jax.random.split(key)
+        if params is None:
+            params = init_params(config, k_model, scheme=tc.init)
+        if HEAD not in params:
+            params = add_class_head(params, config, n_classes, k_head)
+        return init_train_state(params, tc, optimizer, trainable=trainable)
+
+    return (optimizer, trainable, jax.jit(init),
+            make_train_step(config, tc, optimizer, task=task, trainable=trainable),
+            make_eval_step(config, task=task))
+
+
+def _sums(eval_step, params, batches) -> dict[str, float]:
+    sums = jax.device_get([eval_step(params, b) for b in batches])
+    count = float(sum(s["count"] for s in sums))
+    return {"loss": float(sum(s["loss_sum"] for s in sums)) / max(count, 1e-30),
+            "accuracy": float(sum(s["correct"] for s in sums)) / max(count, 1e-30),
+            "rows": int(count)}
+
+
+def plot_curves(records: list[dict[str, Any]], run_dir: Path, *, examples_per_epoch: int,
+                title: str) -> None:
+    """loss.png and accuracy.png: per-step training values (faint), evaluated
+    train and validation values, against examples seen (epochs on top)."""
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    for key, ylabel, name in (("loss", "loss (cross-entropy, nats)", "loss.png"),
+                              ("accuracy", "accuracy", "accuracy.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+        if train:
+            ax.plot([r["examples"] for r in train], [r[key] for r in train], color="tab:blue",
+                    alpha=0.3, linewidth=0.8, label=f"training {key} (per step)")
+        if evals:
+            x = [r["examples"] for r in evals]
+            ax.plot(x, [r[f"train_{key}"] for r in evals], "o-", color="tab:blue", markersize=3,
+                    label=f"training {key} (eval)")
+            ax.plot(x, [r[f"val_{key}"] for r in evals], "s-", color="tab:orange",
+                    markersize=3, label=f"validation {key}")
+        ax.set_xlabel("examples seen")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+        top = ax.secondary_xaxis("top", functions=(lambda e: e / examples_per_epoch,
+                                                   lambda p: p * examples_per_epoch))
+        top.set_xlabel("epochs")
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(run_dir / name)
+        plt.close(fig)
+
+
+def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyConfig,
+                      data: ClassificationData, *, tokenizer_name: str, params=None,
+                      resume: bool = False, progress: bool = True, data_name: str = "data",
+                      source: str = "random", stop_at: int | None = None) -> dict[str, Any]:
+    """Fine-tune (or resume) the classifier in `run_dir`; returns the summary.
+
+    `params` are the starting weights: a model tree (its LM head is replaced),
+    a classifier tree (kept), or None for `init_params(config)`. They are
+    donated to the train step. `source` says where they came from (for the
+    record); `stop_at` ends the run early at that step, saving there.
+    """
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        return _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress,
+                    data_name, source, stop_at)
+
+
+def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress, data_name,
+         source, stop_at):
+    n_classes = len(data.classes)
+    if params is not None and HEAD in params and params[HEAD]["bias"].shape[0] != n_classes:
+        raise ValueError(f"the starting classifier has {params[HEAD]['bias'].shape[0]} classes "
+                         f"but the data has {n_classes}: {data.classes}")
+    optimizer, trainable, init, train_step, eval_step = _programs(config, tc, cc, n_classes)
+    batches = ClassificationBatches(data.train, tc.batch_size, seed=tc.seed)
+    train_eval = fixed_batches(data.train, tc.batch_size, cc.eval_batches)
+    val_eval = fixed_batches(data.validation, tc.batch_size, cc.eval_batches)
+    if not len(data.validation):
+        raise ValueError("the validation split is empty; give more rows or a larger fraction")
+
+    identity = {"model": config.to_dict(), "train": dataclasses.asdict(tc),
+                "tokenizer": tokenizer_name, "classify": dataclasses.asdict(cc),
+                "classes": list(data.classes), "max_length": data.max_length,
+                "data": {k: data.info[k] for k in ("train", "validation", "test")}}
+    meta = dict(identity, kind=META_KIND, data_name=data_name, source=source, pad_id=data.info.get("pad_id", 50256),
+                batches_per_epoch=batches.batches_per_epoch)
+    manager = checkpoint.open_manager(run_dir, keep=cc.keep, create=True)
+    log = MetricsLog(run_dir)
+    latest = manager.latest_step()
+    if latest is not None and not resume:
+        manager.close()
+        raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); resume it "
+                         f"(--resume) or choose another run folder")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.eval_shape(lambda k: init(k, None), jax.random.key(0))
+    if latest is not None:
+        saved = checkpoint.read_meta(run_dir, latest)
+        checkpoint.check_compatible(run_dir, saved, identity)
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                              abstract)
+        state = checkpoint.restore(run_dir, latest, target=target).state
+        start, examples = int(state.step), int(saved.get("examples_seen", 0))
+        log.truncate_after(start)
+    else:
+        if params is not None:
+            want = jax.tree.structure(abstract.params if HEAD in params else
+                                      jax.eval_shape(lambda: init_params(config,
+                                                                         jax.random.key(0))))
+            if jax.tree.structure(params) != want:
+                raise ValueError("the starting parameters do not match the model config "
+                                 "(a different tree)")
+        state = jax.device_put(init(jax.random.key(tc.seed), params), device)
+        start, examples = 0, 0
+        log.clear()
+    (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
+    last_saved = latest
+    n_trainable = count_trainable(state.params, trainable)
+    n_total = sum(int(x.size) for x in jax.tree.leaves(state.params))
+
+    def evaluate(params, step: int) -> dict[str, Any]:
+        tr, va = _sums(eval_step, params, train_eval), _sums(eval_step, params, val_eval)
+        record = {"kind": "eval", "step": step, "examples": examples,
+                  "train_loss": tr["loss"], "val_loss": va["loss"],
+                  "train_accuracy": tr["accuracy"], "val_accuracy": va["accuracy"]}
+        log.append([record])
+        bar.write(f"step {step}: train loss {tr['loss']:.3f}, val loss {va['loss']:.3f}; "
+                  f"accuracy train {tr['accuracy']:.1%}, val {va['accuracy']:.1%}")
+        return record
+
+    def save(state, step: int) -> None:
+        nonlocal last_saved
+        checkpoint.save(manager, state, dict(meta, data_position=step, examples_seen=examples))
+        last_saved = step
+
+    pending: list[tuple[int, dict]] = []
+    train_time, compile_s, timed_steps = 0.0, None, 0
+    wall_start = seg_start = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal pending, examples, train_time
+        if not pending:
+            return
+        host = jax.device_get([m for _, m in pending])
+        train_time += time.perf_counter() - seg_start
+        records = []
+        for (step, _), m in zip(pending, host):
+            loss = float(m["loss"])
+            examples += int(m["count"])
+            if not math.isfinite(loss):
+                log.append(records)
+                pending = []
+                where = (f"the last good checkpoint is step {last_saved}"
+                         if last_saved is not None else "no checkpoint was saved")
+                raise TrainingDiverged(f"training diverged: loss is {loss} at step {step} "
+                                       f"({where})", step, last_saved)
+            records.append({"kind": "train", "step": step, "examples": examples, "loss": loss,
+                            "accuracy": float(m["correct"]) / max(float(m["count"]), 1.0),
+                            "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])})
+        log.append(records)
+        bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
+        pending = []
+
+    bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, disable=not progress)
+    first_eval = None
+    try:
+        if start == 0:
+            first_eval = evaluate(state.params, 0)
+        seg_start = time.perf_counter()
+        for step in range(start, end):
+            state, metrics = train_step(state, batches.batch_at(step))
+            done = step + 1
+            pending.append((done, metrics))
+            bar.update(1)
+            if compile_s is None:
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - seg_start
+                seg_start = time.perf_counter()
+            else:
+                timed_steps += 1
+            at_eval = done % cc.eval_every == 0 or done == end
+            at_save = done % cc.save_every == 0 or done == end
+            if done % cc.log_every == 0 or at_eval or at_save:
+                flush()
+                if at_eval:
+                    evaluate(state.params, done)
+                if at_save:
+                    save(state, done)
+                seg_start = time.perf_counter()
+        flush()
+    finally:
+        bar.close()
+        manager.close()
+        records = log.read()
+        if records:
+            plot_curves(records, run_dir, examples_per_epoch=batches.batches_per_epoch
+                        * tc.batch_size,
+                        title=f"{data_name}: {config.n_layers} layers, emb {config.emb_dim}, "
+                              f"{cc.trainable}, {cc.pooling}")
+    wall_train = time.perf_counter() - wall_start
+
+    final = {name: _sums(eval_step, state.params, fixed_batches(split, tc.batch_size))
+             for name, split in data.splits().items() if len(split)}
+    evals = [r for r in records if r["kind"] == "eval"]
+    first_eval = first_eval or (evals[0] if evals else None)
+    steps_timed_s = train_time if timed_steps else None
+    summary = {
+        "run_dir": str(run_dir), "source": source, "data": data_name,
+        "classes": list(data.classes), "pooling": cc.pooling, "trainable": cc.trainable,
+        "trainable_params": n_trainable, "total_params": n_total,
+        "steps": int(state.step), "resumed_from": latest,
+        "epochs": int(state.step) / batches.batches_per_epoch, "examples_seen": examples,
+        "rows": {k: data.info[k] for k in ("train", "validation", "test")},
+        "max_length": data.max_length,
+        "train_wall_s": wall_train, "compile_s": compile_s,
+        "examples_per_s": (timed_steps * tc.batch_size / steps_timed_s
+                           if steps_timed_s else None),
+        "initial_val_accuracy": first_eval["val_accuracy"] if first_eval else None,
+        "accuracy": {k: v["accuracy"] for k, v in final.items()},
+        "loss": {k: v["loss"] for k, v in final.items()},
+        "last_checkpoint": last_saved, "wall_s": time.perf_counter() - wall_start,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    acc = s["accuracy"]
+    lines = [f"fine-tuned {s['steps']} steps ({s['epochs']:.2f} epochs, {s['examples_seen']:,} "
+             f"examples) in {s['train_wall_s']:.1f} s; {s['trainable_params']:,} of "
+             f"{s['total_params']:,} parameters trained ({s['trainable']}, {s['pooling']})",
+             "accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items())
+             + f"  (loss: " + ", ".join(f"{k} {v:.3f}" for k, v in s["loss"].items()) + ")"]
+    if s.get("examples_per_s"):
+        lines.append(f"speed: {s['examples_per_s']:.1f} examples/s after "
+                     f"{s['compile_s']:.1f} s of compilation")
+    lines.append(f"wrote {s['run_dir']}/: metrics.jsonl, loss.png, accuracy.png, summary.json, "
+                 f"checkpoints/{s['last_checkpoint']}")
+    return "\n".join(lines)
+
+
+# -- inference from a run folder --------------------------------------------------
+def load_classifier(run_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """{"params", "config", "meta"} of a classification run's checkpoint (the
+    latest when `step` is None); only the parameters are read."""
+    import orbax.checkpoint as ocp
+
+    meta = checkpoint.read_meta(run_dir, step)
+    if meta.get("kind") != META_KIND:
+        raise ValueError(f"{run_dir} is not a classification run (its checkpoint is of kind "
+                         f"{meta.get('kind', 'pretrain')!r}); give a run of jaxllm finetune "
+                         f"classify")
+    config = GPTConfig.from_dict(meta["model"])
+    n = len(meta["classes"])
+    shapes = jax.eval_shape(lambda: add_class_head(init_params(config, jax.random.key(0)),
+                                                   config, n, jax.random.key(1)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          shapes)
+    manager = checkpoint.open_manager(run_dir)
+    try:
+        params = manager.restore(meta["step"], args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(shapes)))["params"]
+    finally:
+        manager.close()
+    return {"params": params, "config": config, "meta": meta}
+
+
+def classify_texts(run_dir: str | os.PathLike, texts, *, tokenizer_dir=None,
+                   classifier: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The label and its probability for each text, from a classification run."""
+    from jaxllm.tokenizer import get_tokenizer
+
+    clf = classifier or load_classifier(run_dir)
+    meta = clf["meta"]
+    tokenizer = get_tokenizer(meta["tokenizer"], tokenizer_dir)
+    return predict(clf["params"], clf["config"], tokenizer, list(texts),
+                   max_length=meta["max_length"], classes=meta["classes"],
+                   pooling=meta["classify"]["pooling"], pad_id=meta.get("pad_id", 50256))
+
+
+__all__ = ["ClassifyConfig", "finetune_classify", "format_summary", "load_classifier",
+           "classify_texts", "make_classify_optimizer", "plot_curves"]
