@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "generate": "Generate text from a checkpoint or Hugging Face GPT-2 weights.",
     "launch": "Run a command as several processes on this machine (jax.distributed trials).",
     "chat": "Talk to an instruction-tuned run: prompts in the terminal, tokens streamed back.",
+    "finetune": "Fine-tune a model for a task: finetune classify | finetune instruct.",
+    "classify": "Label texts with a classification run (probabilities too).",
 }
 
 
