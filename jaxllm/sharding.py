@@ -17,11 +17,13 @@ axis has size 1 and the sharded step computes what the plain one does.
 Partition rules are data: an ordered list of ``(regex, PartitionSpec)``. A
 parameter's path is its keys joined by "/", e.g. ``blocks/3/attn/qkv/kernel``;
 the first rule whose regex matches the whole path gives its spec. A parameter
-that no rule matches is an error. A rule that matches no parameter is an error
-only with ``strict=True`` (the default rules name ``out_head`` and ``qkv``
-biases, which some configs do not have). Optimizer state follows the
-parameters: every subtree of an optax state shaped like the parameter tree
-(Adam's ``mu`` and ``nu``) gets the parameters' shardings; other leaves (step
+that no rule matches (a new head, adapters) is replicated, with one warning
+that lists them all; with ``strict=True`` it is an error, and so is a rule that
+matches no parameter (the default rules name ``out_head`` and ``qkv`` biases,
+which some configs do not have). Optimizer state follows the parameters: a
+leaf of an optax state whose key path ends with a parameter's path and has
+its shape (Adam's ``mu`` and ``nu``, momentum traces, over all parameters or
+only the trainable ones) gets that parameter's sharding; other leaves (step
 counts) are replicated.
 
 Several hosts: call `initialize_distributed` first on every host (see its
@@ -35,6 +37,7 @@ import json
 import math
 import os
 import re
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -280,13 +283,16 @@ def param_specs(params, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, strict: boo
 
     The rule's regex must match the whole path (``re.fullmatch``); when its
     spec is a tuple, the first candidate that fits the shape and mesh wins.
-    `params` may hold arrays or `jax.ShapeDtypeStruct`s. Raises ValueError for
-    a parameter no rule matches, a spec that fits neither the shape nor the
-    mesh (a dimension not divisible by its mesh axis, an unknown axis), and,
-    when `strict`, for a rule that matches no parameter.
+    `params` may hold arrays or `jax.ShapeDtypeStruct`s. A parameter no rule
+    matches is replicated (``P()``), and one warning lists every such path.
+    Raises ValueError for a spec that fits neither the shape nor the mesh (a
+    dimension not divisible by its mesh axis, an unknown axis), and, when
+    `strict`, for a parameter no rule matches or a rule that matches no
+    parameter.
     """
     compiled = _compile_rules(rules)
     used = [False] * len(compiled)
+    unmatched: list[str] = []
 
     def spec_for(path, leaf):
         name = path_str(path)
@@ -303,10 +309,17 @@ def param_specs(params, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, strict: boo
                 raise ValueError(f"parameter {name} of shape {shape}, rule {pattern!r}: "
                                  + "; ".join(problems) + ". Change the rule or the mesh "
                                  "(GPTConfig.vocab_multiple pads the vocabulary)")
-        raise ValueError(f"parameter {name} (shape {tuple(leaf.shape)}) matches no partition rule; "
-                         f"rules: {[r[0] for r in compiled]}")
+        if strict:
+            raise ValueError(f"parameter {name} (shape {shape}) matches no partition rule "
+                             f"(strict mode); rules: {[r[0] for r in compiled]}")
+        unmatched.append(f"{name} {shape}")
+        return P()
 
     specs = jax.tree_util.tree_map_with_path(spec_for, params)
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} parameter(s) match no partition rule and are "
+                      f"replicated: {', '.join(unmatched)}. Add a rule to shard them "
+                      f"(strict=True makes this an error)", stacklevel=2)
     unused = [c[0] for c, u in zip(compiled, used) if not u]
     if strict and unused:
         raise ValueError(f"partition rule(s) {unused} match no parameter (strict mode)")
@@ -320,28 +333,57 @@ def param_shardings(params, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, strict:
                         is_leaf=lambda x: isinstance(x, P))
 
 
-def opt_state_shardings(opt_state, params_shardings, mesh: Mesh):
-    """Shardings for an optax state: subtrees shaped like the parameter tree
-    (Adam's ``mu``/``nu``, momentum traces) take the parameters' shardings;
-    every other leaf (step counts, schedule state) is replicated."""
-    params_def = jax.tree.structure(params_shardings)
+def _keys(path) -> tuple[str, ...]:
+    return tuple(path_str((k,)) for k in path)
+
+
+def opt_state_shardings(opt_state, params_shardings, mesh: Mesh, *, params=None):
+    """Shardings for an optax state, leaf by leaf.
+
+    A leaf whose key path ends with a parameter's path (``.../mu/blocks/0/
+    attn/qkv/kernel``) takes that parameter's sharding: moments and traces
+    over the whole tree, over the trainable subtree only (None where a leaf is
+    frozen), or inside `optax.masked` / `multi_transform` states. When
+    `params` (arrays or shapes) is given the leaf must also have the
+    parameter's shape, else the sharding must fit the leaf's shape; every
+    other leaf (step counts, schedule state, factored statistics) is
+    replicated.
+    """
     replicated = NamedSharding(mesh, P())
+    flat_sh = jax.tree_util.tree_flatten_with_path(
+        params_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+    by_path = {_keys(path): sh for path, sh in flat_sh}
+    shapes = None if params is None else {
+        _keys(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
-    def mirrors_params(node) -> bool:
-        return jax.tree.structure(node) == params_def
+    def for_leaf(path, leaf):
+        keys = _keys(path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        for start in range(len(keys)):  # the longest matching parameter path wins
+            sh = by_path.get(keys[start:])
+            if sh is None:
+                continue
+            fits = (shapes[keys[start:]] == shape if shapes is not None else
+                    isinstance(sh, NamedSharding) and _spec_problem(shape, sh.spec, mesh) is None)
+            if fits:
+                return sh
+        return replicated
 
-    return jax.tree.map(lambda node: params_shardings if mirrors_params(node) else replicated,
-                        opt_state, is_leaf=mirrors_params)
+    return jax.tree_util.tree_map_with_path(for_leaf, opt_state)
 
 
 def train_state_shardings(state: TrainState, mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
                           strict: bool = False) -> TrainState:
     """A TrainState of NamedSharding: params and optimizer moments per the
-    rules, the step counter and dropout key replicated."""
+    rules, the step counter and dropout key replicated. `state` holds arrays
+    or `jax.ShapeDtypeStruct`s of any tree and any optax state."""
     ps = param_shardings(state.params, mesh, rules, strict=strict)
     replicated = NamedSharding(mesh, P())
     return TrainState(step=replicated, params=ps,
-                      opt_state=opt_state_shardings(state.opt_state, ps, mesh), rng=replicated)
+                      opt_state=opt_state_shardings(state.opt_state, ps, mesh,
+                                                    params=state.params),
+                      rng=replicated)
 
 
 def shard_train_state(state: TrainState, mesh: Mesh, rules: Rules = DEFAULT_RULES, *,
@@ -350,26 +392,40 @@ def shard_train_state(state: TrainState, mesh: Mesh, rules: Rules = DEFAULT_RULE
     return jax.device_put(state, train_state_shardings(state, mesh, rules, strict=strict))
 
 
-def abstract_train_state(config: GPTConfig, tc: TrainConfig, optimizer=None) -> TrainState:
-    """The TrainState's shapes and dtypes (`jax.ShapeDtypeStruct`), nothing allocated."""
+def abstract_train_state(config: GPTConfig, tc: TrainConfig, optimizer=None, *,
+                         trainable: Trainable = None,
+                         state: TrainState | None = None) -> TrainState:
+    """The TrainState's shapes and dtypes (`jax.ShapeDtypeStruct`), nothing allocated:
+    those of `state` when given (any tree, any optimizer), else of a fresh
+    `init_params(config)` state with `optimizer` over the `trainable` leaves."""
+    if state is not None:
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    return jax.eval_shape(_default_init(config, tc, optimizer, trainable), jax.random.key(tc.seed))
+
+
+def _default_init(config: GPTConfig, tc: TrainConfig, optimizer, trainable: Trainable):
     optimizer = optimizer or make_optimizer(tc)
-    return jax.eval_shape(
-        lambda: init_train_state(init_params(config, jax.random.key(tc.seed)), tc, optimizer))
+    return lambda key: init_train_state(init_params(config, key, scheme=tc.init), tc, optimizer,
+                                        trainable=trainable)
 
 
 def init_sharded_train_state(config: GPTConfig, tc: TrainConfig, mesh: Mesh,
                              rules: Rules = DEFAULT_RULES, key: jax.Array | None = None,
-                             optimizer=None, *, strict: bool = False) -> TrainState:
+                             optimizer=None, *, strict: bool = False,
+                             trainable: Trainable = None,
+                             init_fn: Callable[[jax.Array], TrainState] | None = None
+                             ) -> TrainState:
     """A fresh TrainState created directly in its shards: no device ever holds
     the full parameters (what makes FSDP fit models larger than one device).
-    Same values as `init_train_state(init_params(config, key), tc)`."""
-    optimizer = optimizer or make_optimizer(tc)
+
+    `init_fn(key) -> TrainState` builds the state (your own head, adapters,
+    optimizer; it is traced, not run eagerly); by default the values of
+    `init_train_state(init_params(config, key), tc, optimizer, trainable=trainable)`.
+    """
     key = jax.random.key(tc.seed) if key is None else key
-    shardings = train_state_shardings(abstract_train_state(config, tc, optimizer), mesh, rules,
-                                      strict=strict)
-    init = jax.jit(lambda k: init_train_state(init_params(config, k), tc, optimizer),
-                   out_shardings=shardings)
-    return init(key)
+    init_fn = init_fn or _default_init(config, tc, optimizer, trainable)
+    shardings = train_state_shardings(jax.eval_shape(init_fn, key), mesh, rules, strict=strict)
+    return jax.jit(init_fn, out_shardings=shardings)(key)
 
 
 # -- batches -------------------------------------------------------------------
@@ -575,12 +631,18 @@ def _int_arg(name: str, value: int | None, env: str) -> int | None:
 # -- sharded checkpoints ---------------------------------------------------------
 def abstract_sharded_state(config: GPTConfig, tc: TrainConfig, mesh: Mesh,
                            rules: Rules = DEFAULT_RULES, optimizer=None, *,
-                           strict: bool = False) -> TrainState:
+                           strict: bool = False, trainable: Trainable = None,
+                           state: TrainState | None = None) -> TrainState:
     """The TrainState as `jax.ShapeDtypeStruct`s carrying their shardings on
     `mesh`: the target that restores a checkpoint straight into its shards,
     `jaxllm.train.checkpoint.restore(run_dir, target=...)`, whatever mesh
-    shape it was saved from (Orbax writes and reads each shard)."""
-    abstract = abstract_train_state(config, tc, optimizer)
+    shape it was saved from (Orbax writes and reads each shard).
+
+    The shapes are those of `state` (arrays or `jax.ShapeDtypeStruct`s:
+    `jax.eval_shape` of your own init, or
+    `jaxllm.train.checkpoint.saved_state_shapes(run_dir)`), else of
+    `abstract_train_state(config, tc, optimizer, trainable=trainable)`."""
+    abstract = abstract_train_state(config, tc, optimizer, trainable=trainable, state=state)
     shardings = train_state_shardings(abstract, mesh, rules, strict=strict)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)

@@ -72,7 +72,7 @@ def test_rule_errors_name_the_problem():
     mesh = sh.make_mesh("fsdp=1")
     params = sh.abstract_train_state(CONFIG, TrainConfig()).params
     with pytest.raises(ValueError, match=r"parameter blocks/0/norm1/scale \(shape \(64,\)\) matches no partition rule"):
-        sh.param_specs(params, mesh, [(r".*kernel|.*embedding|.*bias", P())])
+        sh.param_specs(params, mesh, [(r".*kernel|.*embedding|.*bias", P())], strict=True)
     with pytest.raises(ValueError, match=r"rule\(s\) \['out_head/.*'\] match no parameter"):
         sh.param_specs(sh.abstract_train_state(CONFIG.replace(tie_embeddings=True),
                                                TrainConfig()).params,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -27,6 +27,7 @@ from jaxllm.config import GPTConfig
 from jaxllm.model import init_params
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.step import TrainState, init_train_state
+from jaxllm.train.task import Trainable
 
 CHECKPOINT_SUBDIR = "checkpoints"
 ITEMS = ("params", "train", "meta")
@@ -54,7 +55,14 @@ def open_manager(run_dir: str | os.PathLike, *, keep: int | None = None,
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=create, enable_async_checkpointing=False,
         cleanup_tmp_directories=create)
-    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+
+
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    # Named handlers let Orbax read each item's metadata (the saved tree's
+    # shapes and dtypes) before anything is restored.
+    return {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()}
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> None:
@@ -80,65 +88,196 @@ def _pick_step(manager: ocp.CheckpointManager, run_dir, step: int | None) -> int
     return step
 
 
+def _default_sharding() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def _on_default_device(tree):
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = _default_sharding()
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
 
 
-def abstract_train_state(config: GPTConfig, tc: TrainConfig) -> TrainState:
-    """The shapes and dtypes of a fresh TrainState (nothing is allocated)."""
-    return jax.eval_shape(
-        lambda: init_train_state(init_params(config, jax.random.key(0)), tc))
+def abstract_state(state_fn: Callable[..., TrainState], *args) -> TrainState:
+    """`jax.eval_shape(state_fn, *args)`: the shapes and dtypes of the state
+    that `state_fn` builds (your own params, trainable set and optimizer),
+    nothing allocated; with shardings added, a target for `restore`."""
+    return jax.eval_shape(state_fn, *args)
+
+
+def abstract_train_state(config: GPTConfig, tc: TrainConfig, *, optimizer=None,
+                         trainable: Trainable = None, params=None,
+                         state: TrainState | None = None) -> TrainState:
+    """The shapes and dtypes of a fresh TrainState (nothing is allocated).
+
+    `state` (arrays or `jax.ShapeDtypeStruct`s) is used as it is: a tree with
+    a new head or adapters, another optimizer. Otherwise the state is
+    `init_train_state(params, tc, optimizer, trainable=trainable)`, with
+    `params` by default a fresh `init_params(config)`.
+    """
+    if state is not None:
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+
+    def fresh():
+        p = init_params(config, jax.random.key(0), scheme=tc.init) if params is None else params
+        return init_train_state(p, tc, optimizer, trainable=trainable)
+
+    return abstract_state(fresh)
 
 
 def configs_from_meta(meta: dict[str, Any]) -> tuple[GPTConfig, TrainConfig]:
     return GPTConfig.from_dict(meta["model"]), TrainConfig(**meta["train"])
 
 
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def read_meta(run_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """The JSON metadata of a checkpoint (the latest when `step` is None)."""
     manager = open_manager(run_dir)
-    step = _pick_step(manager, run_dir, step)
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return _read_meta(manager, _pick_step(manager, run_dir, step))
+
+
+def _saved_trees(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """{"params", "train"}: the saved trees with an `ArrayMetadata` (shape,
+    dtype) per array; dicts and lists as saved, NamedTuples as dicts of their
+    fields, tuples as lists, empty states as None."""
+    metadata = manager.item_metadata(step)
+    out = {}
+    for item in ("params", "train"):
+        tree = metadata[item]
+        out[item] = getattr(tree, "tree", tree)
+    return out
+
+
+def _shapes_of_metadata(tree, sharding):
+    def leaf(m):
+        if not (hasattr(m, "shape") and hasattr(m, "dtype")):
+            raise TypeError(f"checkpoint leaf {m!r} is not an array")
+        return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, tree)
+
+
+def _state_of_items(params, train) -> TrainState:
+    return TrainState(step=train["step"], params=params, opt_state=train["opt_state"],
+                      rng=train["rng"])
+
+
+def saved_state_shapes(run_dir: str | os.PathLike, step: int | None = None) -> TrainState:
+    """The saved TrainState as `jax.ShapeDtypeStruct`s on the default device,
+    read from the checkpoint's own metadata (no arrays are read): add
+    shardings (`jaxllm.sharding.train_state_shardings`) for a sharded restore
+    of a tree you do not build yourself. Its optimizer state is in plain
+    containers (see `restore`)."""
+    manager = open_manager(run_dir)
+    trees = _saved_trees(manager, _pick_step(manager, run_dir, step))
+    sharding = _default_sharding()
+    return _state_of_items(_shapes_of_metadata(trees["params"], sharding),
+                           _shapes_of_metadata(trees["train"], sharding))
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path)
+
+
+def _shape_table(tree) -> dict[str, tuple[int, ...]]:
+    return {_path_str(p): tuple(leaf.shape)
+            for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_target(where: str, item: str, saved, target) -> None:
+    """ValueError naming the first path where `target` and the saved tree differ."""
+    have, want = _shape_table(saved), _shape_table(target)
+    if have == want:
+        return
+    for path in [*want, *have]:
+        if path not in have:
+            problem = f"the target has {item}/{path} {want[path]}, the checkpoint does not"
+        elif path not in want:
+            problem = f"the checkpoint has {item}/{path} {have[path]}, the target does not"
+        elif have[path] != want[path]:
+            problem = (f"{item}/{path} has shape {have[path]} in the checkpoint, "
+                       f"{want[path]} in the target")
+        else:
+            continue
+        missing = len(want.keys() - have.keys())
+        extra = len(have.keys() - want.keys())
+        reshaped = sum(have[k] != want[k] for k in have.keys() & want.keys())
+        raise ValueError(
+            f"the restore target does not match the checkpoint {where}: {problem} "
+            f"({missing} path(s) only in the target, {extra} only in the checkpoint, "
+            f"{reshaped} of other shapes). Pass a target built like the saved state "
+            f"(same parameters, trainable set and optimizer), or none to restore the saved tree")
+
+
+def _as_target(tree):
+    """Arrays and ShapeDtypeStructs as ShapeDtypeStructs with a sharding (the
+    default device where none is given)."""
+    default = _default_sharding()
+
+    def leaf(a):
+        sharding = getattr(a, "sharding", None)
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding or default)
+
+    return jax.tree.map(leaf, tree)
 
 
 def restore(run_dir: str | os.PathLike, step: int | None = None,
             target: TrainState | None = None) -> Restored:
     """The TrainState and metadata of a checkpoint (the latest when `step` is None).
 
-    `target` is an optional TrainState of `jax.ShapeDtypeStruct`s whose
-    shardings say where each array should land (another device mesh, say);
-    without it, the state is rebuilt from the saved configs on the default device.
+    `target` is a TrainState of arrays or `jax.ShapeDtypeStruct`s, built like
+    the saved state (e.g. `abstract_state` of your own init): each array lands
+    with the target's sharding (another device mesh, say; the default device
+    where it has none), and the optimizer state comes back in the target's
+    containers (optax NamedTuples). A target whose paths or shapes differ from
+    the saved tree is a ValueError naming the first difference.
+
+    Without a target the saved tree is restored as it is, whatever it holds
+    (extra heads, adapters, any optimizer), on the default device: parameters
+    as the nested dicts and lists they were, but the optimizer state in plain
+    containers (NamedTuples as dicts of their fields, tuples as lists, empty
+    states as None). It holds the same leaves in the same order, which is
+    enough to compare or inspect; to train on, pass a target.
     """
     manager = open_manager(run_dir)
     step = _pick_step(manager, run_dir, step)
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    where = f"{checkpoint_dir(run_dir) / str(step)}"
+    meta = _read_meta(manager, step)
+    saved = _saved_trees(manager, step)
     if target is None:
-        target = _on_default_device(abstract_train_state(*configs_from_meta(meta)))
-    train_target = {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}
+        sharding = _default_sharding()
+        params_target = _shapes_of_metadata(saved["params"], sharding)
+        train_target = _shapes_of_metadata(saved["train"], sharding)
+    else:
+        target = TrainState(*target)
+        params_target = _as_target(target.params)
+        train_target = _as_target({"step": target.step, "opt_state": target.opt_state,
+                                   "rng": target.rng})
+        _check_target(where, "params", saved["params"], params_target)
+        _check_target(where, "train", saved["train"], train_target)
     out = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target.params),
+        params=ocp.args.StandardRestore(params_target),
         train=ocp.args.StandardRestore(train_target)))
-    train = out["train"]
-    state = TrainState(step=train["step"], params=out["params"], opt_state=train["opt_state"],
-                       rng=train["rng"])
-    return Restored(state, meta)
+    return Restored(_state_of_items(out["params"], out["train"]), meta)
 
 
 def load_params(run_dir: str | os.PathLike, step: int | None = None
                 ) -> tuple[Any, GPTConfig, str]:
     """(params, GPTConfig, tokenizer name) of a checkpoint, for inference.
 
-    Only the parameters are read, not the optimizer state.
+    Only the parameters are read, not the optimizer state: the saved tree as
+    it is (a classification head, adapters included), on the default device.
     """
     manager = open_manager(run_dir)
     step = _pick_step(manager, run_dir, step)
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    config = GPTConfig.from_dict(meta["model"])
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    meta = _read_meta(manager, step)
+    shapes = _shapes_of_metadata(_saved_trees(manager, step)["params"], _default_sharding())
     params = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_on_default_device(shapes))))["params"]
-    return params, config, meta["tokenizer"]
+        params=ocp.args.StandardRestore(shapes)))["params"]
+    return params, GPTConfig.from_dict(meta["model"]), meta["tokenizer"]
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
