@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxllm.checks import check_tokens
 from jaxllm.config import GPTConfig
+from jaxllm.lora import low_rank
 from jaxllm.ops import Ops, ops_for
 
 Params = dict[str, Any]
@@ -106,9 +107,14 @@ def layer_norm(p, x, config: GPTConfig):
 
 def dense(p, x, ops: Ops | None = None, *, gelu: bool = False):
     """x @ kernel + bias (then GELU, tanh form, with `gelu`), the leading axes
-    flattened to one matrix product. `ops` default: XLA's."""
+    flattened to one matrix product; a "lora" entry adds its low-rank path
+    (`jaxllm.lora`). `ops` default: XLA's."""
     ops, lead, x = ops or _XLA_OPS, x.shape[:-1], x.reshape(-1, x.shape[-1])
-    if "bias" in p:
+    if "lora" in p:
+        y = ops.matmul(x, p["kernel"])
+        y = (ops.add_bias(y, p["bias"]) if "bias" in p else y) + low_rank(p["lora"], x, ops)
+        y = jax.nn.gelu(y, approximate=True) if gelu else y
+    elif "bias" in p:
         y = (ops.dense_gelu(x, p["kernel"], p["bias"]) if gelu
              else ops.add_bias(ops.matmul(x, p["kernel"]), p["bias"]))
     else:

@@ -1,0 +1,433 @@
+"""LoRA: low-rank adapters as a pure transformation of the parameter tree.
+
+LoRA keeps the pretrained dense weights W frozen and trains, for chosen dense
+layers, two small matrices A (in, r) and B (r, out), so that the layer computes
+``x @ W + (alpha / r) * (x @ A) @ B``. B starts at zero, so training starts
+from the unchanged model; far fewer parameters are trained and far less
+optimizer state is kept.
+
+Adapters are data, not a second model::
+
+    adapters = init_lora(params, config, key, rank=16, targets="all")
+    #  {"blocks/0/attn/qkv": {"a": (3, 768, 16), "b": (3, 16, 768)},   # q, k, v split
+    #   "blocks/0/ffn/fc":   {"a": (768, 16),    "b": (16, 3072)}, ...}
+    p = with_adapters(params, adapters, alpha=32)   # each targeted dense dict gets "lora"
+    state = init_train_state(p, tc, trainable=TRAINABLE)   # only the lora a/b leaves train
+    merged = merge(p)                                 # plain GPT-2 parameters, W + (alpha/r) A B
+
+A dense layer's parameter dict ``{"kernel", "bias"?}`` may carry ``"lora":
+{"a", "b", "scale"}``; `jaxllm.model.dense` then adds `low_rank` beside the
+frozen product. Everything that runs the model (the train step, `generate`
+with its KV cache, `scan_layers`, bf16 compute, each `matmul_impl`) goes
+through `dense`, so it sees the adapters without knowing of them. Training
+with ``trainable=TRAINABLE`` gives the frozen weights no gradient and no
+optimizer moments (`jaxllm.train.task`).
+
+The fused qkv projection (emb, 3 emb) takes an adapter in one of two ways:
+``qkv="split"`` (the default) gives q, k and v an adapter each, on their
+column slices, stored stacked as A (3, emb, r) and B (3, r, emb); this is what
+a model with separate query, key and value layers gets, it keeps the three
+projections' updates independent of one another, and it is the convention of
+the parameter counts LoRA is usually quoted with. ``qkv="fused"`` puts one
+adapter on the whole kernel, A (emb, r) and B (r, 3 emb), as PEFT does on
+GPT-2's ``c_attn``: fewer parameters, but q, k and v share one rank-r input
+subspace.
+
+With `tie_embeddings` the head is the token embedding, not a dense layer, so
+there is no head to adapt: `untie_head` makes it one first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import GPTConfig
+
+Adapters = dict[str, dict[str, Any]]
+
+# Target presets: regexes over dense-layer paths ("blocks/3/attn/qkv", "out_head").
+TARGET_PRESETS = {
+    "attn": r"blocks/\d+/attn/(qkv|out)",
+    "ffn": r"blocks/\d+/ffn/(fc|proj)",
+    "head": r"(?!blocks/).+",  # every dense layer outside the blocks: out_head or a task's head
+    "all": r".+",
+}
+QKV_MODES = ("split", "fused")
+TRAINABLE = r"(.+/)?lora/(a|b)"
+"""The `trainable` regex of LoRA training: the adapters' A and B, nothing else."""
+
+# Shape-deciding GPTConfig fields: adapters fit a base whose fields agree on these.
+BASE_FIELDS = ("vocab_size", "vocab_multiple", "context_length", "emb_dim", "n_heads",
+               "n_layers", "ffn_dim", "qkv_bias", "tie_embeddings")
+FILE_FORMAT = "jaxllm-lora/1"
+
+
+# -- the tree ------------------------------------------------------------------
+def _key(k) -> str:
+    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+
+
+def dense_layers(params) -> dict[str, tuple[int, int]]:
+    """{path: (in, out)} of every dense layer: each dict holding a 2-D "kernel"
+    (arrays or `jax.ShapeDtypeStruct`s; nothing is computed)."""
+    out: dict[str, tuple[int, int]] = {}
+
+    def walk(node, path):
+        if isinstance(node, Mapping):
+            kernel = node.get("kernel")
+            if kernel is not None and len(getattr(kernel, "shape", ())) == 2:
+                out["/".join(path)] = tuple(int(d) for d in kernel.shape)
+            for k, v in node.items():
+                if k != "lora":
+                    walk(v, (*path, str(k)))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, (*path, str(i)))
+
+    walk(params, ())
+    return out
+
+
+def _get(tree, path: str):
+    node = tree
+    for part in path.split("/"):
+        node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
+    return node
+
+
+def _replace(tree, path: str, fn):
+    """A copy of `tree` with the node at `path` replaced by `fn(node)`; the
+    containers on the way are copied, every other leaf is shared."""
+    head, _, rest = path.partition("/")
+    if isinstance(tree, (list, tuple)):
+        i = int(head)
+        items = list(tree)
+        items[i] = _replace(items[i], rest, fn) if rest else fn(items[i])
+        return type(tree)(items)
+    new = dict(tree)
+    new[head] = _replace(tree[head], rest, fn) if rest else fn(tree[head])
+    return new
+
+
+def _is_qkv(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] == "qkv"
+
+
+# -- targets and initialisation ------------------------------------------------
+def target_regex(targets: str) -> str:
+    """The regex a target selection stands for: a preset name ("attn", "ffn",
+    "head", "all"), presets joined by "," ("attn,ffn"), or a regex itself."""
+    if not isinstance(targets, str) or not targets:
+        raise ValueError(f"LoRA targets must be a preset {sorted(TARGET_PRESETS)} or a regex, "
+                         f"got {targets!r}")
+    names = [t.strip() for t in targets.split(",")]
+    if all(n in TARGET_PRESETS for n in names):
+        return "|".join(f"(?:{TARGET_PRESETS[n]})" for n in names)
+    return targets
+
+
+def select_targets(params, targets: str = "all") -> list[str]:
+    """The dense-layer paths `targets` selects (the regex must match a whole
+    path, "blocks/0/attn/qkv"; one matching "<path>/kernel" selects it too)."""
+    pattern = target_regex(targets)
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"LoRA target regex {pattern!r} does not compile: {e}") from None
+    layers = dense_layers(params)
+    chosen = [p for p in layers if regex.fullmatch(p) or regex.fullmatch(f"{p}/kernel")]
+    if not chosen:
+        hint = ""
+        if "out_head" not in layers and re.fullmatch(pattern, "out_head"):
+            hint = (" (the head is tied to tok_emb here, not a dense layer: "
+                    "jaxllm.lora.untie_head makes it one)")
+        raise ValueError(f"LoRA targets {targets!r} match no dense layer{hint}; dense layers: "
+                         f"{', '.join(list(layers)[:6])}{', ...' if len(layers) > 6 else ''}")
+    return chosen
+
+
+def _kaiming_uniform(key, shape, fan_in: int, dtype):
+    # torch.nn.init.kaiming_uniform_(w, a=sqrt(5)) on a Linear weight: gain
+    # sqrt(2 / (1 + 5)), bound gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in).
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def init_lora(params, config: GPTConfig, key: jax.Array, *, rank: int, targets: str = "all",
+              qkv: str = "split", allow_rank_above_dim: bool = False) -> Adapters:
+    """Fresh adapters {path: {"a", "b"}} for the dense layers `targets` selects
+    (see `target_regex`): A Kaiming-uniform like a PyTorch Linear weight, B
+    zeros, in `config.param_dtype`. `qkv` is "split" (default: one adapter each
+    for q, k and v, A (3, in, r), B (3, r, emb)) or "fused" (one on the whole
+    projection); the module docstring says why. A rank above a layer's smaller
+    dimension is refused, since that adapter costs more than training the layer
+    itself, unless `allow_rank_above_dim` (a small task head under a uniform
+    rank, say). `params` may be `jax.ShapeDtypeStruct`s (only shapes are read)."""
+    if qkv not in QKV_MODES:
+        raise ValueError(f"qkv must be one of {QKV_MODES}, got {qkv!r}")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    rank = int(rank)
+    layers = dense_layers(params)
+    chosen = select_targets(params, targets)
+    dtype = jnp.dtype(config.param_dtype)
+    adapters: Adapters = {}
+    for i, path in enumerate(chosen):
+        d_in, d_out = layers[path]
+        slices = 3 if qkv == "split" and _is_qkv(path) else 1
+        if d_out % slices:
+            raise ValueError(f"{path}: {d_out} output columns do not split into q, k and v")
+        width = d_out // slices
+        if rank > min(d_in, width) and not allow_rank_above_dim:
+            raise ValueError(f"LoRA rank {rank} exceeds the smaller dimension of {path} "
+                             f"({d_in} x {width}{' per q/k/v slice' if slices > 1 else ''}); "
+                             "lower the rank, leave the layer out of the targets, or pass "
+                             "allow_rank_above_dim=True")
+        k = jax.random.fold_in(key, i)
+        lead = (slices,) if slices > 1 else ()
+        adapters[path] = {"a": _kaiming_uniform(k, (*lead, d_in, rank), d_in, dtype),
+                          "b": jnp.zeros((*lead, rank, width), dtype)}
+    if config.scan_layers:
+        _check_same_in_every_block(adapters, config)
+    return adapters
+
+
+def _check_same_in_every_block(adapters: Adapters, config: GPTConfig) -> None:
+    # scan_layers stacks the blocks into one tree: every block must hold the same adapters.
+    per_block: dict[int, set[str]] = {i: set() for i in range(config.n_layers)}
+    for path in adapters:
+        m = re.fullmatch(r"blocks/(\d+)/(.+)", path)
+        if m:
+            per_block[int(m.group(1))].add(m.group(2))
+    shapes = {frozenset(v) for v in per_block.values()}
+    if len(shapes) > 1:
+        raise ValueError("scan_layers stacks the blocks, so every block needs the same adapters; "
+                         "the targets select different layers in different blocks: "
+                         + "; ".join(f"block {i}: {sorted(v) or 'none'}"
+                                     for i, v in per_block.items()))
+
+
+def count_lora_params(adapters: Adapters) -> int:
+    """Number of adapter parameters (what LoRA trains)."""
+    return sum(int(np.prod(x.shape)) for ab in adapters.values() for x in ab.values())
+
+
+# -- adapters in the parameter tree --------------------------------------------
+def _check_fits(path: str, ab, kernel_shape) -> None:
+    a, b = ab["a"], ab["b"]
+    d_in, d_out = kernel_shape
+    slices = a.shape[0] if a.ndim == 3 else 1
+    ok = (a.ndim == b.ndim and a.ndim in (2, 3) and a.shape[-2] == d_in
+          and b.shape[-2] == a.shape[-1] and b.shape[-1] * slices == d_out
+          and (a.ndim == 2 or b.shape[0] == slices))
+    if not ok:
+        raise ValueError(f"adapter {path} (A {tuple(a.shape)}, B {tuple(b.shape)}) does not fit "
+                         f"the kernel {tuple(kernel_shape)}")
+
+
+def with_adapters(params, adapters: Adapters, alpha: float):
+    """`params` with each adapted dense dict carrying "lora": {"a", "b", "scale"},
+    scale = alpha / rank (a float32 scalar). The base leaves are shared, not copied."""
+    layers = dense_layers(params)
+    out = params
+    for path, ab in adapters.items():
+        if path not in layers:
+            raise ValueError(f"adapter {path} has no dense layer in the parameters "
+                             f"(dense layers: {', '.join(list(layers)[:6])}, ...)")
+        _check_fits(path, ab, layers[path])
+        rank = ab["a"].shape[-1]
+        lora = {"a": ab["a"], "b": ab["b"], "scale": jnp.asarray(alpha / rank, jnp.float32)}
+        out = _replace(out, path, lambda d, lora=lora: {**d, "lora": lora})
+    return out
+
+
+def adapters_of(params) -> tuple[Adapters, dict[str, float]]:
+    """(adapters, {path: scale}) held in a tree made by `with_adapters`."""
+    adapters: Adapters = {}
+    scales: dict[str, float] = {}
+
+    def walk(node, path):
+        if isinstance(node, Mapping):
+            if "lora" in node:
+                name = "/".join(path)
+                adapters[name] = {"a": node["lora"]["a"], "b": node["lora"]["b"]}
+                scales[name] = float(node["lora"]["scale"])
+            for k, v in node.items():
+                if k != "lora":
+                    walk(v, (*path, str(k)))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, (*path, str(i)))
+
+    walk(params, ())
+    return adapters, scales
+
+
+def strip_adapters(params):
+    """`params` without their "lora" entries: the frozen base."""
+    out = params
+    for path in adapters_of(params)[0]:
+        out = _replace(out, path, lambda d: {k: v for k, v in d.items() if k != "lora"})
+    return out
+
+
+def low_rank(lora, x, ops):
+    """scale * (x @ A) @ B for 2-D x: the adapter's path beside the frozen product
+    (for a split adapter, the q, k and v slices side by side). The scale is
+    applied to the (n, r) product, the smallest array on the way."""
+    a, b, scale = lora["a"], lora["b"], lora["scale"].astype(x.dtype)
+    if a.ndim == 2:
+        return ops.matmul(ops.matmul(x, a) * scale, b)
+    s, d, r = a.shape
+    xa = ops.matmul(x, a.transpose(1, 0, 2).reshape(d, s * r)) * scale  # all slices' A at once
+    return jnp.concatenate([ops.matmul(xa[:, i * r:(i + 1) * r], b[i]) for i in range(s)], axis=-1)
+
+
+def _delta(ab) -> jax.Array:
+    """A @ B as a (in, out) float32 matrix."""
+    a, b = jnp.asarray(ab["a"], jnp.float32), jnp.asarray(ab["b"], jnp.float32)
+    if a.ndim == 2:
+        return a @ b
+    return jnp.concatenate([a[i] @ b[i] for i in range(a.shape[0])], axis=-1)
+
+
+def _fold(params, adapters: Adapters, scales: Mapping[str, float], sign: float):
+    layers = dense_layers(params)
+    out = params
+    for path, ab in adapters.items():
+        if path not in layers:
+            raise ValueError(f"adapter {path} has no dense layer in the parameters")
+        _check_fits(path, ab, layers[path])
+
+        def fold(d, ab=ab, s=sign * scales[path]):
+            k = d["kernel"]
+            merged = (jnp.asarray(k, jnp.float32) + s * _delta(ab)).astype(k.dtype)
+            return {**{n: v for n, v in d.items() if n != "lora"}, "kernel": merged}
+
+        out = _replace(out, path, fold)
+    return out
+
+
+def _scales(adapters: Adapters, alpha: float) -> dict[str, float]:
+    return {p: alpha / ab["a"].shape[-1] for p, ab in adapters.items()}
+
+
+def merge(params, adapters: Adapters | None = None, alpha: float | None = None):
+    """Plain parameters with the adapters folded in: W + (alpha / r) A B (in
+    float32, stored in W's dtype). Either `params` carries them (a tree from
+    `with_adapters`; they are removed), or pass the base with `adapters` and
+    `alpha` (the rank is read from A's shape)."""
+    if adapters is None:
+        adapters, scales = adapters_of(params)
+        if not adapters:
+            raise ValueError("merge: the parameters carry no adapters; pass adapters and alpha")
+        return _fold(params, adapters, scales, 1.0)
+    if alpha is None:
+        raise ValueError("merge: alpha is needed with separate adapters")
+    return _fold(params, adapters, _scales(adapters, alpha), 1.0)
+
+
+def unmerge(params, adapters: Adapters, alpha: float):
+    """The inverse of `merge`: W - (alpha / r) A B (exact up to rounding)."""
+    return _fold(params, adapters, _scales(adapters, alpha), -1.0)
+
+
+def untie_head(params, config: GPTConfig):
+    """(params, config) with the tied head made a dense `out_head` (a copy of
+    the token embedding, transposed), so that it can take an adapter."""
+    if not config.tie_embeddings:
+        return params, config
+    out = dict(params)
+    out["out_head"] = {"kernel": jnp.asarray(params["tok_emb"]["embedding"]).T}
+    return out, config.replace(tie_embeddings=False)
+
+
+def lora_params(params, config: GPTConfig, key: jax.Array, *, rank: int, alpha: float | None = None,
+                targets: str = "all", qkv: str = "split", allow_rank_above_dim: bool = False):
+    """`with_adapters(params, init_lora(...), alpha)`; alpha defaults to the rank
+    (scale 1)."""
+    adapters = init_lora(params, config, key, rank=rank, targets=targets, qkv=qkv,
+                         allow_rank_above_dim=allow_rank_above_dim)
+    return with_adapters(params, adapters, float(rank if alpha is None else alpha))
+
+
+def sharding_rules(rules=None):
+    """Partition rules for a tree with adapters: A, B and the scale replicated
+    (they are small), then `rules` (default `jaxllm.sharding.DEFAULT_RULES`)."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxllm import sharding
+
+    return ((r"(.+/)?lora/(a|b|scale)", P()), *(sharding.DEFAULT_RULES if rules is None else rules))
+
+
+# -- files ---------------------------------------------------------------------
+def save_adapters(path: str | os.PathLike, adapters: Adapters, alpha: float, config: GPTConfig,
+                  **info) -> None:
+    """An adapter-only safetensors file: "<layer>/a" and "<layer>/b" (float32),
+    with alpha, the base's shape-deciding config fields and each adapted
+    kernel's shape as metadata, so that `load_adapters` can check a base."""
+    from safetensors.numpy import save_file
+
+    tensors = {f"{p}/{n}": np.ascontiguousarray(np.asarray(x, np.float32))
+               for p, ab in adapters.items() for n, x in ab.items()}
+    kernels = {p: [int(ab["a"].shape[-2]), int(ab["b"].shape[-1]) *
+                   (int(ab["a"].shape[0]) if ab["a"].ndim == 3 else 1)]
+               for p, ab in adapters.items()}
+    meta = {"format": FILE_FORMAT, "alpha": repr(float(alpha)),
+            "base": json.dumps({f: getattr(config, f) for f in BASE_FIELDS}),
+            "kernels": json.dumps(kernels), "info": json.dumps(info)}
+    save_file(tensors, os.fspath(path), metadata=meta)
+
+
+def read_adapters(path: str | os.PathLike) -> tuple[Adapters, float, dict[str, Any]]:
+    """(adapters, alpha, metadata) of a `save_adapters` file, unchecked."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"adapter file {path} does not exist")
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FILE_FORMAT:
+            raise ValueError(f"{path} is not a jaxllm adapter file (format "
+                             f"{meta.get('format')!r}, expected {FILE_FORMAT!r})")
+        adapters: Adapters = {}
+        for name in f.keys():
+            layer, _, part = name.rpartition("/")
+            adapters.setdefault(layer, {})[part] = jnp.asarray(f.get_tensor(name))
+    meta = {"alpha": float(meta["alpha"]), "base": json.loads(meta["base"]),
+            "kernels": json.loads(meta["kernels"]), "info": json.loads(meta.get("info", "{}"))}
+    return adapters, meta["alpha"], meta
+
+
+def load_adapters(path: str | os.PathLike, params, config: GPTConfig):
+    """`params` with the adapters of a `save_adapters` file inserted (in the
+    base's parameter dtype). A base of another shape is refused, naming the
+    config fields and layers that differ."""
+    adapters, alpha, meta = read_adapters(path)
+    diffs = [f"{f}: adapters {meta['base'].get(f)!r}, base {getattr(config, f)!r}"
+             for f in BASE_FIELDS if meta["base"].get(f) != getattr(config, f)]
+    layers = dense_layers(params)
+    for layer, shape in meta["kernels"].items():
+        if layer not in layers:
+            diffs.append(f"{layer}: in the adapters, not a dense layer of the base")
+        elif list(layers[layer]) != shape:
+            diffs.append(f"{layer}: kernel {tuple(shape)} for the adapters, "
+                         f"{layers[layer]} in the base")
+    if diffs:
+        raise ValueError(f"adapter file {os.fspath(path)} was made for another base model:\n  "
+                         + "\n  ".join(diffs))
+    if config.scan_layers:
+        _check_same_in_every_block(adapters, config)
+    dtype = jnp.dtype(config.param_dtype)
+    adapters = {p: {n: x.astype(dtype) for n, x in ab.items()} for p, ab in adapters.items()}
+    return with_adapters(params, adapters, alpha)
