@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "generate": "Generate text from a checkpoint or Hugging Face GPT-2 weights.",
     "launch": "Run a command as several processes on this machine (jax.distributed trials).",
     "chat": "Talk to an instruction-tuned run: prompts in the terminal, tokens streamed back.",
+    "lora": "Merge a LoRA run's adapters into its weights (Hugging Face format), or export them.",
     "finetune": "Fine-tune a model for a task: finetune classify | finetune instruct.",
     "classify": "Label texts with a classification run (probabilities too).",
 }

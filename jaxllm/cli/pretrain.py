@@ -7,6 +7,7 @@
     jaxllm pretrain --mesh data=2,fsdp=4              # data parallel + FSDP over 8 devices
     jaxllm pretrain --cpu-recipe                      # the fastest kernels for this CPU
     jaxllm pretrain --reuse-host-memory               # keep XLA's per-step scratch (CPU)
+    jaxllm pretrain --lora-rank 16 --lora-targets attn  # train adapters only (jaxllm.lora)
 
 `--set key=value` reaches any field of GPTConfig, TrainConfig or LoopConfig;
 the value is parsed by the field's type (`none` for optional fields).
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxllm import host_memory
+from jaxllm.cli.lora import add_lora_arguments, apply_lora_args
 from jaxllm.config import PRESETS, GPTConfig, get_preset
 
 DEFAULT_OUT = "runs/pretrain"
@@ -84,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distributed", action="store_true",
                         help="join a multi-host run first (jax.distributed; coordinator from "
                              "JAXLLM_COORDINATOR, JAXLLM_NUM_PROCESSES, JAXLLM_PROCESS_ID)")
+    add_lora_arguments(parser)
 
 
 # -- configuration -------------------------------------------------------------
@@ -319,9 +322,14 @@ def run(args) -> int:
         print(f"{data_name}: {len(tokens):,} {tokenizer.name} tokens; model "
               f"{model.n_layers} layers x {model.emb_dim} ({_count(model):,} parameters); "
               f"run folder {args.out}", file=sys.stderr)
+        params, trainable = _lora_start(args, model, tc)
+        if trainable is not None and rules is not None:
+            from jaxllm import lora
+
+            rules = lora.sharding_rules(rules)
         summary = train(args.out, model, tc, lc, tokenizer, tokens, data_name=data_name,
                         resume=args.resume, progress=not args.quiet, mesh=mesh,
-                        partition_rules=rules)
+                        partition_rules=rules, params=params, trainable=trainable)
     except TrainingDiverged as err:
         print(f"jaxllm pretrain: {err}", file=sys.stderr)
         return 1
@@ -330,6 +338,23 @@ def run(args) -> int:
         return 2
     print(format_summary(summary))
     return 0
+
+
+def _lora_start(args, model: GPTConfig, tc):
+    """(params, trainable) for --lora-rank: the run's own initial weights, frozen,
+    with fresh adapters; (None, None) without it (the loop initialises)."""
+    if args.lora_rank is None:
+        return apply_lora_args(None, model, args)
+    import jax
+
+    from jaxllm.cli.lora import describe
+    from jaxllm.model import init_params
+
+    key = jax.random.key(tc.seed)
+    params, trainable = apply_lora_args(init_params(model, key, scheme=tc.init), model, args,
+                                        jax.random.fold_in(key, 1))
+    print(describe(params), file=sys.stderr)
+    return params, trainable
 
 
 def _recorded_tokenizer(run_dir) -> str | None:
