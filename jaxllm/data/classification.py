@@ -203,13 +203,16 @@ def prepare_classification(path: str | os.PathLike, tokenizer, *, context_length
                            fractions: tuple[float, float] = DEFAULT_SPLIT,
                            max_length: int | None = None, classes: Sequence[str] | None = None,
                            label_column: str | None = None, text_column: str | None = None,
-                           pad_id: int = PAD_ID) -> ClassificationData:
+                           pad_id: int | None = None) -> ClassificationData:
     """Read, balance (seeded), shuffle and split (seeded), tokenise and pad.
 
     Rows are padded to `max_length`, by default the longest training text's
     token count, and never wider than `context_length`; longer texts (in any
-    split) are truncated, and a warning says how many.
+    split) are truncated, and a warning says how many. `pad_id` defaults to the
+    tokenizer's end-of-text id (50256 for GPT-2).
     """
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eot_id", PAD_ID)
     texts, labels = read_labeled(path, label_column=label_column, text_column=text_column)
     y, classes = class_ids(labels, classes)
     info: dict[str, Any] = {"rows": len(texts),

@@ -104,6 +104,8 @@ def class_logits(params, batch, config: GPTConfig, *, pooling: str = "last_token
     """float32 logits (batch, n_classes) for batch["tokens"] (batch, seq)."""
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
+    if pooling != "last_position":
+        _lengths(batch, 0)  # fails before the model runs when the batch cannot say
     hidden = apply(params, batch["tokens"], config, rng=rng, return_hidden=True)
     pooled = pool(hidden, batch, pooling).astype(jnp.float32)
     head = params[HEAD]

@@ -1,0 +1,386 @@
+"""Classification fine-tuning: AdamW steps of the classifier against an independent
+PyTorch one (frozen leaves bitwise unchanged), pooling, the shared spam data's
+counts, bad inputs, resume, and the command line end to end on a tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import huggingface_hub
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from jaxllm.cli import classify as classify_cli, finetune as finetune_cli
+from jaxllm.config import GPTConfig
+from jaxllm.data.classification import (ClassificationBatches, LabeledTextError, balance,
+                                        class_ids, fixed_batches, prepare_classification,
+                                        read_labeled)
+from jaxllm.finetune.classify import (HEAD, add_class_head, class_logits, classify_task,
+                                      trainable_for)
+from jaxllm.finetune.loop import ClassifyConfig, finetune_classify, make_classify_optimizer
+from jaxllm.hf import hf_config_kwargs, to_hf_state_dict
+from jaxllm.model import init_params
+from jaxllm.tokenizer import ByteTokenizer, get_tokenizer
+from jaxllm.train import TrainConfig, init_train_state, make_train_step
+from jaxllm.train.task import path_str, trainable_mask
+
+TINY = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
+                 drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
+PAD = 96
+N_CLASSES = 3
+TC = TrainConfig(lr=1e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.1, beta1=0.9,
+                 beta2=0.999, eps=1e-8, grad_clip=None, batch_size=8, total_steps=5)
+
+
+def random_classifier(seed):
+    """Every leaf drawn at random (scales near 1), so no zero bias hides a mistake."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda k: add_class_head(init_params(TINY, k), TINY, N_CLASSES, k),
+                            jax.random.key(0))
+
+    def draw(path, leaf):
+        noise = 0.1 * rng.standard_normal(leaf.shape).astype(np.float32)
+        return jnp.asarray(noise + 1 if path_str(path).endswith("scale") else noise)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def tiny_batches(n, seed):
+    """Right-padded rows of random lengths (1 to the full width), random labels."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        lengths = rng.integers(1, TINY.context_length + 1, TC.batch_size).astype(np.int32)
+        tokens = rng.integers(0, PAD, (TC.batch_size, TINY.context_length)).astype(np.int32)
+        tokens[np.arange(TINY.context_length)[None, :] >= lengths[:, None]] = PAD
+        out.append({"tokens": tokens, "lengths": lengths,
+                    "labels": rng.integers(0, N_CLASSES, TC.batch_size).astype(np.int32)})
+    return out
+
+
+class TorchClassifier(torch.nn.Module):
+    """GPT-2 (transformers, eager attention) with a linear class head on its
+    final hidden states, pooled as the jaxllm classifier pools."""
+
+    def __init__(self, params, pooling):
+        super().__init__()
+        hf = transformers.GPT2Config(**hf_config_kwargs(TINY), attn_implementation="eager")
+        self.gpt = transformers.GPT2Model(hf)
+        body = {k.removeprefix("transformer."): torch.from_numpy(v.copy())
+                for k, v in to_hf_state_dict(params, TINY).items() if k.startswith("transformer.")}
+        self.gpt.load_state_dict(body, strict=False)  # the attention-mask buffers stay
+        self.head = torch.nn.Linear(TINY.emb_dim, N_CLASSES)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.from_numpy(np.asarray(params[HEAD]["kernel"]).T.copy()))
+            self.head.bias.copy_(torch.from_numpy(np.asarray(params[HEAD]["bias"]).copy()))
+        self.pooling = pooling
+
+    def forward(self, tokens, lengths):
+        h = self.gpt(tokens).last_hidden_state  # after ln_f
+        if self.pooling == "last_position":
+            pooled = h[:, -1]
+        elif self.pooling == "last_token":
+            pooled = h[torch.arange(h.shape[0]), lengths - 1]
+        else:
+            real = (torch.arange(h.shape[1])[None, :] < lengths[:, None]).float()
+            pooled = (h * real[..., None]).sum(1) / lengths[:, None].float()
+        return self.head(pooled)
+
+
+def freeze_last_block(model):
+    """requires_grad=False on everything but the last block, ln_f and the head;
+    the trainable parameters, by name."""
+    last = f"gpt.h.{TINY.n_layers - 1}."
+    trained = {}
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith((last, "gpt.ln_f.", "head."))
+        if p.requires_grad:
+            trained[name] = p
+    return trained
+
+
+@pytest.mark.parametrize("pooling,decay_all", [("last_token", True), ("mean", False)])
+def test_adamw_steps_equal_torch_and_frozen_leaves_stay(pooling, decay_all):
+    params = random_classifier(seed=1)
+    batches = tiny_batches(2, seed=2) * 3  # each batch seen three times: the loss must fall
+    trainable = trainable_for("last_block", TINY)
+    optimizer = make_classify_optimizer(TC, decay_all)
+    step = make_train_step(TINY, TC, optimizer, task=classify_task(pooling), trainable=trainable)
+    state = init_train_state(jax.tree.map(jnp.copy, params), TC, optimizer, trainable=trainable)
+
+    model = TorchClassifier(params, pooling).train()  # dropout is 0: train mode is deterministic
+    trained = freeze_last_block(model)
+    if decay_all:  # the book's torch.optim.AdamW(model.parameters(), weight_decay=0.1)
+        groups = [{"params": list(trained.values()), "weight_decay": TC.weight_decay}]
+    else:  # jaxllm's default: decay on matrices only
+        groups = [{"params": [p for p in trained.values() if p.ndim >= 2],
+                   "weight_decay": TC.weight_decay},
+                  {"params": [p for p in trained.values() if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=TC.lr, betas=(TC.beta1, TC.beta2), eps=TC.eps)
+    ours, theirs = [], []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        ours.append(float(metrics["loss"]))
+        opt.zero_grad()
+        logits = model(torch.from_numpy(batch["tokens"]).long(),
+                       torch.from_numpy(batch["lengths"]).long())
+        loss = F.cross_entropy(logits, torch.from_numpy(batch["labels"]).long())
+        loss.backward()
+        opt.step()
+        theirs.append(loss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    assert ours[4] < ours[0] - 0.1 and ours[5] < ours[1] - 0.1  # the steps learn
+
+    # the logits after training, and every trained weight
+    with torch.no_grad():
+        t_logits = model(torch.from_numpy(batches[0]["tokens"]).long(),
+                         torch.from_numpy(batches[0]["lengths"]).long()).numpy()
+    j_logits = np.asarray(class_logits(state.params, batches[0], TINY, pooling=pooling))
+    np.testing.assert_allclose(j_logits, t_logits, rtol=0, atol=1e-5)
+    sd = {f"gpt.{k.removeprefix('transformer.')}": v
+          for k, v in to_hf_state_dict(state.params, TINY).items()}
+    sd["head.weight"] = np.asarray(state.params[HEAD]["kernel"]).T
+    sd["head.bias"] = np.asarray(state.params[HEAD]["bias"])
+    d = TINY.emb_dim
+    for name, p in trained.items():
+        a, b = sd[name], p.detach().numpy()
+        if name.endswith("c_attn.bias"):
+            # the key bias adds q.b to every score of a query, which softmax ignores: its
+            # true gradient is 0, and Adam scales rounding noise in it up to full steps
+            a, b = np.delete(a, np.s_[d:2 * d]), np.delete(b, np.s_[d:2 * d])
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=name)
+
+    # the frozen leaves: bit for bit as they started
+    mask = trainable_mask(params, trainable)
+    n_frozen = 0
+    for m, before, after in zip(jax.tree.leaves(mask), jax.tree.leaves(params),
+                                jax.tree.leaves(state.params)):
+        if not m:
+            n_frozen += 1
+            assert np.array_equal(np.asarray(before), np.asarray(after))
+    assert n_frozen == 2 + 12 * (TINY.n_layers - 1) and len(trained) == 12 + 2 + 2
+
+
+logits_of = jax.jit(class_logits, static_argnames=("config", "pooling"))
+
+
+def test_pooling_reads_the_last_real_token_whatever_the_padding():
+    params = random_classifier(seed=3)
+    batch = tiny_batches(1, seed=4)[0]
+    short = {k: v[:2] for k, v in batch.items()}
+    short["lengths"] = np.array([5, 9], np.int32)
+    wider = dict(short, tokens=np.concatenate([short["tokens"][:, :9],
+                                               np.full((2, 7), PAD, np.int32)], 1))
+    narrow = dict(short, tokens=short["tokens"][:, :9])
+    a = logits_of(params, wider, config=TINY)
+    b = logits_of(params, narrow, config=TINY)
+    np.testing.assert_allclose(a, b, atol=1e-5)  # right padding does not move the logits
+    mask = (np.arange(16)[None, :] < short["lengths"][:, None]).astype(np.int32)
+    np.testing.assert_allclose(logits_of(params, {"tokens": wider["tokens"], "mask": mask},
+                                         config=TINY), a, atol=1e-6)
+    torch_model = TorchClassifier(params, "last_position").eval()
+    with torch.no_grad():
+        t = torch_model(torch.from_numpy(wider["tokens"]).long(), None).numpy()
+    last = np.asarray(logits_of(params, wider, config=TINY, pooling="last_position"))
+    np.testing.assert_allclose(last, t, atol=1e-5)
+    assert np.abs(last - np.asarray(a)).max() > 1e-3  # a pad token is not the last real one
+    with pytest.raises(ValueError, match="lengths"):
+        class_logits(params, {"tokens": wider["tokens"]}, TINY)
+
+
+def test_head_replacement_and_trainable_presets():
+    untied = TINY.replace(tie_embeddings=False)
+    params = jax.eval_shape(lambda k: init_params(untied, k), jax.random.key(0))
+    clf = jax.eval_shape(lambda p: add_class_head(p, untied, 4, jax.random.key(1)), params)
+    assert "out_head" not in clf and clf[HEAD]["kernel"].shape == (32, 4)
+    assert clf["blocks"] == params["blocks"] and clf["tok_emb"] == params["tok_emb"]
+    paths = {name: {path_str(p) for p, m in
+                    jax.tree_util.tree_leaves_with_path(trainable_mask(clf, trainable_for(name, TINY)))
+                    if m} for name in ("head", "last_block")}
+    assert paths["head"] == {"class_head/kernel", "class_head/bias"}
+    assert {"final_norm/scale", "blocks/1/ffn/proj/kernel"} <= paths["last_block"]
+    assert not any(p.startswith(("blocks/0/", "tok_emb", "pos_emb")) for p in paths["last_block"])
+    for n in (1, 0, 2.0):
+        with pytest.raises(ValueError, match="n_classes >= 2"):
+            add_class_head(params, TINY, n, jax.random.key(1))
+    with pytest.raises(ValueError, match="matches no parameter"):
+        trainable_mask(clf, trainable_for("nothing/.*", TINY))
+
+
+# -- the data pipeline ---------------------------------------------------------------
+def test_the_spam_collection_counts(shared_data):
+    path = shared_data / "sms_spam_collection.tsv"
+    texts, labels = read_labeled(path)
+    assert (len(texts), labels.count("spam"), labels.count("ham")) == (5572, 747, 4825)
+    tok = get_tokenizer("gpt2", shared_data)
+    data = prepare_classification(path, tok, context_length=1024)
+    assert data.classes == ["ham", "spam"]
+    assert (data.info["balanced"], len(data.train), len(data.validation), len(data.test)) == \
+        (1494, 1045, 149, 300)
+    assert data.max_length == 120 and data.train.tokens.shape == (1045, 120)
+    assert data.info["truncated"] == {"train": 0, "validation": 0, "test": 0}
+    assert int(data.train.labels.sum() + data.validation.labels.sum()
+               + data.test.labels.sum()) == 747  # balanced: every spam row kept
+    row = int(np.argmin(data.train.lengths))
+    assert (data.train.tokens[row, data.train.lengths[row]:] == 50256).all()
+    again = prepare_classification(path, tok, context_length=1024)
+    assert np.array_equal(again.test.tokens, data.test.tokens)  # seeded: the same rows
+    other = prepare_classification(path, tok, context_length=1024, seed=7)
+    assert not np.array_equal(other.test.tokens, data.test.tokens)
+
+
+def test_batches_are_seeded_resumable_and_weighted():
+    rows = 21
+    labels = np.arange(rows) % 3
+    from jaxllm.data.classification import Split
+    split = Split(np.arange(rows * 4, dtype=np.int32).reshape(rows, 4),
+                  np.full(rows, 4, np.int32), labels.astype(np.int32), [""] * rows)
+    b = ClassificationBatches(split, 8, seed=1)
+    assert b.batches_per_epoch == 2  # drop_last
+    epoch0 = np.concatenate([b.batch_at(k)["labels"] for k in range(2)])
+    assert np.array_equal(ClassificationBatches(split, 8, seed=1).batch_at(3)["tokens"],
+                          b.batch_at(3)["tokens"])
+    assert not np.array_equal(b.batch_at(0)["tokens"], b.batch_at(2)["tokens"])
+    assert len(epoch0) == 16
+    fixed = fixed_batches(split, 8)
+    assert [f["weight"].sum() for f in fixed] == [8, 8, 5]
+    assert all(f["tokens"].shape == (8, 4) for f in fixed)
+    kept = balance(np.array([0, 0, 0, 1, 1, 2, 2, 2]), 0)
+    assert sorted(np.bincount(np.array([0, 0, 0, 1, 1, 2, 2, 2])[kept]).tolist()) == [2, 2, 2]
+
+
+def test_bad_inputs_are_named(tmp_path):
+    def write(name, text):
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_labeled(tmp_path / "absent.tsv")
+    with pytest.raises(LabeledTextError, match="is empty"):
+        read_labeled(write("empty.tsv", "\n\n"))
+    with pytest.raises(LabeledTextError, match="line 2: 3 field"):
+        read_labeled(write("three.tsv", "ham\thello\nspam\tbuy\tnow\n"))
+    with pytest.raises(LabeledTextError, match="line 1: 1 field"):
+        read_labeled(write("one.tsv", "no tab here\n"))
+    with pytest.raises(LabeledTextError, match="no text column 'body'"):
+        read_labeled(write("cols.csv", "label,text\na,b\n"), text_column="body")
+    with pytest.raises(ValueError, match=r"\['eggs'\] are not among the classes"):
+        class_ids(["ham", "eggs"], ["ham", "spam"])
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        class_ids(["ham", "ham"])
+    one_class = write("one_class.tsv", "".join(f"ham\tmessage {i}\n" for i in range(20)))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        prepare_classification(one_class, ByteTokenizer(), context_length=32)
+    texts = write("long.tsv", "".join(f"{'ab'[i % 2]}\t{'x' * (5 + i)}\n" for i in range(40)))
+    with pytest.warns(UserWarning, match=r"text\(s\) longer than 16 tokens were truncated"):
+        data = prepare_classification(texts, ByteTokenizer(), context_length=16)
+    assert data.max_length == 16 and sum(data.info["truncated"].values()) > 0
+
+
+# -- the loop and the command line ---------------------------------------------------
+def spam_like(path, n=64):
+    """A CSV with a header and three classes: a tiny learnable problem."""
+    rng = np.random.default_rng(0)
+    words = {"spam": "win free prize cash now", "ham": "see you at lunch ok",
+             "news": "the market fell today"}
+    lines = ["id,category,message"]
+    for i in range(n):
+        c = list(words)[i % 3]
+        ws = words[c].split()
+        lines.append(f"{i},{c},\"{' '.join(rng.choice(ws, rng.integers(2, 6)))}\"")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(module, argv) -> int:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
+def test_resume_writes_what_an_uninterrupted_run_would(tmp_path):
+    config = TINY.replace(vocab_size=257, context_length=24)
+    data = prepare_classification(spam_like(tmp_path / "d.csv"), ByteTokenizer(),
+                                  context_length=24, label_column="category",
+                                  text_column="message")
+    tc = TC.replace(batch_size=4, total_steps=6)
+    cc = ClassifyConfig(eval_every=3, save_every=3, eval_batches=2)
+    kw = dict(tokenizer_name="byte", progress=False)
+    whole = finetune_classify(tmp_path / "a", config, tc, cc, data, **kw)
+    finetune_classify(tmp_path / "b", config, tc, cc, data, stop_at=3, **kw)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        finetune_classify(tmp_path / "b", config, tc, cc, data, **kw)
+    resumed = finetune_classify(tmp_path / "b", config, tc, cc, data, resume=True, **kw)
+    assert resumed["resumed_from"] == 3 and resumed["accuracy"] == whole["accuracy"]
+    read = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+            for r in "ab"]
+    assert read[0] == read[1]
+
+
+def test_cli_fine_tunes_resumes_and_classifies(shared_data, tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(dict(vocab_size=50257, context_length=64, emb_dim=32, n_heads=4,
+                                   n_layers=2, drop_rate=0.0)))
+    data = shared_data / "sms_spam_collection.tsv"
+    out = tmp_path / "run"
+    argv = ["classify", "--init", "random", "--config", str(cfg), "--data", str(data),
+            "--tokenizer-dir", str(shared_data), "--steps", "4", "--eval-every", "2",
+            "--eval-batches", "2", "--protocol", "book", "--trainable", "head", "--set", "batch_size=16",
+            "--set", "lr=1e-3", "--out", str(out), "--quiet"]
+    assert run_cli(finetune_cli, argv) == 0
+    captured = capsys.readouterr()
+    assert "accuracy: train" in captured.out and "5,572 rows" in captured.err
+    assert "text(s) longer than 64 tokens were truncated" in captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["pooling"] == "last_position"
+    assert summary["trainable_params"] == 32 * 2 + 2
+    assert set(summary["accuracy"]) == {"train", "validation", "test"}
+    for f in ("metrics.jsonl", "loss.png", "accuracy.png", "config.json"):
+        assert (out / f).stat().st_size > 0
+    assert run_cli(finetune_cli, argv) == 2  # not --resume: refused
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert run_cli(finetune_cli, argv + ["--resume"]) == 0  # finished: nothing more to do
+    capsys.readouterr()
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("WINNER!! Claim your prize now\n\nsee you at lunch\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("call me later\n"))
+    assert run_cli(classify_cli, ["--run-dir", str(out), "--text", "free cash",
+                                  "--file", str(texts), "--tokenizer-dir", str(shared_data)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(x.split("\t")[0] in ("ham", "spam") for x in lines)
+    assert all(0.5 <= float(x.split("\t")[1]) <= 1.0 for x in lines)
+    assert run_cli(classify_cli, ["--run-dir", str(out), "--file", "-", "--json",
+                                  "--tokenizer-dir", str(shared_data)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["text"] == "call me later" and abs(sum(r["probabilities"].values()) - 1) < 1e-5
+
+
+def test_cli_errors_name_what_is_wrong(shared_data, tmp_path, capsys, monkeypatch):
+    data = shared_data / "sms_spam_collection.tsv"
+    empty_hf = tmp_path / "gpt2"
+    empty_hf.mkdir()
+    (empty_hf / "config.json").write_text("{}")
+    cases = [
+        (["--hf", str(empty_hf), "--data", str(data)], "holds no model.safetensors"),
+        (["--init", "random", "--data", str(tmp_path / "none.tsv")], "no such file"),
+        (["--hf", "no-such-org/no-such-model", "--data", str(data)], "downloading it from the "
+                                                                    "Hugging Face hub failed"),
+    ]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here
+    for argv, message in cases:
+        assert run_cli(finetune_cli, ["classify", *argv, "--out", str(tmp_path / "r")]) == 2
+        assert message in capsys.readouterr().err
+    not_a_run = tmp_path / "nothing"
+    assert run_cli(classify_cli, ["--run-dir", str(not_a_run), "--text", "hi"]) == 2
+    assert "no checkpoints" in capsys.readouterr().err
+    assert run_cli(classify_cli, ["--run-dir", str(not_a_run)]) == 2
+    assert "no texts" in capsys.readouterr().err
