@@ -12,6 +12,11 @@ complete, so a run killed during a save leaves only a `*.orbax-checkpoint-tmp*`
 folder, which is ignored (and cleaned up): resuming picks the last complete
 step. Saves are synchronous, so a saved state is on disk before training
 goes on.
+
+A checkpoint restores what it saved, whatever the tree (a new head, adapter
+leaves) and the optimizer: `restore` reads the saved tree's own metadata, or
+fills a target state that the caller builds (`abstract_state` of their own
+init, with shardings for a mesh). Nothing is rebuilt from `init_params`.
 """
 
 from __future__ import annotations
@@ -61,8 +66,9 @@ def open_manager(run_dir: str | os.PathLike, *, keep: int | None = None,
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
     # Named handlers let Orbax read each item's metadata (the saved tree's
     # shapes and dtypes) before anything is restored.
-    return {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler()}
+    handlers = {"params": ocp.StandardCheckpointHandler(),
+                "train": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return handlers
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> None:
