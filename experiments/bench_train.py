@@ -91,20 +91,44 @@ def cpu_cases(overrides: dict, grad_accum: int | None = None) -> list[Case]:
 
 
 def gpu_cases(overrides: dict) -> list[Case]:
+    """GPT-2 124M as published (biases everywhere, head tied to the token table), the
+    vocabulary padded to 50304 rows on both sides, and the same model untied beside it."""
     fast = dict(compute_dtype="bfloat16", param_dtype="float32", drop_rate=0.0,
-                attn_impl="cudnn", vocab_multiple=128)
-    return [Case("gpt2-124m bf16 T1024 B16", get_preset("gpt2-124m").replace(**{**fast, **overrides}),
-                 16, 1024, gpu_recipe=True)]
+                attn_impl="cudnn", vocab_multiple=128, qkv_bias=True)
+    base = get_preset("gpt2-124m").replace(**fast)
+    return [Case("gpt2-124m tied bf16 T1024 B16 V50304",
+                 base.replace(tie_embeddings=True, **overrides), 16, 1024, gpu_recipe=True),
+            Case("gpt2-124m untied bf16 T1024 B16 V50304",
+                 base.replace(tie_embeddings=False, **overrides), 16, 1024, gpu_recipe=True)]
 
 
 def device_check_cases(overrides: dict, on_gpu: bool) -> list[Case]:
+    """A tiny model with a padded vocabulary (100 -> 128) and a tied head: bf16 with the GPU
+    recipe on a GPU; float32 on the CPU, where the peers' losses must equal jaxllm's to 1e-5."""
     tiny = GPTConfig(vocab_size=100, context_length=64, emb_dim=64, n_heads=4, n_layers=2,
-                     drop_rate=0.0, compute_dtype="bfloat16", vocab_multiple=128,
+                     drop_rate=0.0, compute_dtype="bfloat16" if on_gpu else "float32",
+                     vocab_multiple=128, tie_embeddings=True, qkv_bias=True,
                      attn_impl="cudnn" if on_gpu else "xla")
-    return [Case("device-check tiny bf16", tiny.replace(**overrides), 4, 64, gpu_recipe=True)]
+    return [Case("device-check tiny " + ("bf16" if on_gpu else "fp32") + " tied V100->128",
+                 tiny.replace(**overrides), 4, 64, gpu_recipe=on_gpu)]
 
 
 # -- the PyTorch peer ----------------------------------------------------------
+# The peer variants, from plain to most compiled. Each trains the loss-returning module
+# below with the same AdamW and clipping; they differ in what torch.compile sees:
+#   eager         nothing (on the CPU the default peer)
+#   compile       the module, loss included: torch.compile(model)
+#   compile-step  the whole step in one compiled function (forward, backward, clipping,
+#                 the optimizer step; Dynamo splits it at `backward`, the rest stays compiled)
+#   max-autotune  the module under torch.compile(mode="max-autotune"): Triton GEMM tuning
+#                 and CUDA graphs; GPU only, minutes to compile
+PEER_VARIANTS = ("eager", "compile", "compile-step", "max-autotune")
+COMPILED_PEERS = ("compile", "compile-step", "max-autotune")
+
+# Added to the padding columns of the logits, as jaxllm's `lm_head` does for float32.
+PAD_LOGIT = -1e30
+
+
 class TorchBlock(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
@@ -127,34 +151,55 @@ class TorchBlock(nn.Module):
 
 
 class TorchGPT(nn.Module):
-    """GPT-2 in PyTorch with jaxllm's parameter layout and math (no dropout)."""
+    """GPT-2 in PyTorch with jaxllm's parameter layout and math (no dropout).
+
+    The vocabulary is padded as jaxllm pads it: the token table (and an untied head) have
+    `padded_vocab_size` rows, and the padding columns of the logits get `PAD_LOGIT` added,
+    so they take no probability and the loss equals the unpadded one. The head is tied to
+    the token table exactly when jaxllm's is. `forward(tokens, targets)` returns the mean
+    cross-entropy, computed on float32 logits inside the module, so under torch.compile the
+    float32 logits never leave the compiled graph (nanoGPT's arrangement);
+    `forward(tokens)` returns the logits over the real vocabulary.
+    """
 
     def __init__(self, c: GPTConfig):
         super().__init__()
-        self.tied = c.tie_embeddings
-        self.tok_emb = nn.Embedding(c.vocab_size, c.emb_dim)
+        rows = c.padded_vocab_size
+        self.vocab_size, self.tied = c.vocab_size, c.tie_embeddings
+        self.tok_emb = nn.Embedding(rows, c.emb_dim)
         self.pos_emb = nn.Embedding(c.context_length, c.emb_dim)
         self.blocks = nn.ModuleList(TorchBlock(c) for _ in range(c.n_layers))
         self.final_norm = nn.LayerNorm(c.emb_dim, eps=c.ln_eps)
         if not self.tied:
-            self.out_head = nn.Linear(c.emb_dim, c.vocab_size, bias=False)
+            self.out_head = nn.Linear(c.emb_dim, rows, bias=False)
+        pad = None
+        if rows != c.vocab_size:
+            pad = torch.zeros(rows)
+            pad[c.vocab_size:] = PAD_LOGIT
+        self.register_buffer("vocab_pad", pad, persistent=False)
 
-    def forward(self, tokens):
+    def forward(self, tokens, targets=None):
         x = self.tok_emb(tokens) + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
         for blk in self.blocks:
             x = blk(x)
         x = self.final_norm(x)
         w = self.tok_emb.weight if self.tied else self.out_head.weight
-        return x @ w.T
+        logits = x @ w.T
+        if targets is None:
+            return logits[..., : self.vocab_size]
+        logits = logits.float()
+        if self.vocab_pad is not None:
+            logits = logits + self.vocab_pad
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     @torch.no_grad()
     def load_jaxllm(self, params, c: GPTConfig) -> "TorchGPT":
-        """Copy a jaxllm parameter tree in (kernels transposed, vocabulary padding dropped)."""
+        """Copy a jaxllm parameter tree in (kernels transposed, padding rows included)."""
         def put(dst, src, transpose=False):
             a = torch.from_numpy(np.array(jnp.asarray(src, jnp.float32)))
             dst.copy_(a.T if transpose else a)
 
-        put(self.tok_emb.weight, params["tok_emb"]["embedding"][: c.vocab_size])
+        put(self.tok_emb.weight, params["tok_emb"]["embedding"])
         put(self.pos_emb.weight, params["pos_emb"]["embedding"])
         for blk, p in zip(self.blocks, params["blocks"]):
             for mod, src in ((blk.norm1, p["norm1"]), (blk.norm2, p["norm2"])):
@@ -168,12 +213,13 @@ class TorchGPT(nn.Module):
         put(self.final_norm.weight, params["final_norm"]["scale"])
         put(self.final_norm.bias, params["final_norm"]["bias"])
         if not self.tied:
-            put(self.out_head.weight, params["out_head"]["kernel"][:, : c.vocab_size], transpose=True)
+            put(self.out_head.weight, params["out_head"]["kernel"], transpose=True)
         return self
 
 
 def torch_optimizer(model: nn.Module, tc: TrainConfig, fused: bool):
-    """AdamW with decay on matrices only (not embeddings), like `make_optimizer`."""
+    """AdamW with decay on matrices only (not embeddings), like `make_optimizer`;
+    `fused=True` is the one-kernel CUDA AdamW."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
@@ -184,19 +230,44 @@ def torch_optimizer(model: nn.Module, tc: TrainConfig, fused: bool):
 
 
 def make_torch_step(model, opt, tc: TrainConfig, autocast_device: str | None):
+    """`step(x, y) -> loss` of a loss-returning `model`: forward (under bf16 autocast when
+    `autocast_device` is given), backward, `clip_grad_norm_` (foreach on CUDA, the only
+    kind of device it has there), the optimizer step. The loss is the one before the update."""
+    params = [p for p in model.parameters()]
+    foreach = True if params[0].is_cuda else None
+
     def step(x, y):
         ctx = (torch.autocast(autocast_device, dtype=torch.bfloat16) if autocast_device
                else contextlib.nullcontext())
         with ctx:
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
+            loss = model(x, y)
         loss.backward()
         if tc.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip, foreach=foreach)
         opt.step()
+        opt.zero_grad(set_to_none=True)
         return loss.detach()
     return step
+
+
+def make_peer(variant: str, c: GPTConfig, params, tc: TrainConfig, device: str, bf16: bool):
+    """A fresh peer of `variant` (see PEER_VARIANTS) from jaxllm's `params`: its step function."""
+    if variant not in PEER_VARIANTS:
+        raise ValueError(f"unknown peer variant {variant!r}; choose from {PEER_VARIANTS}")
+    model = TorchGPT(c).load_jaxllm(params, c).to(device)
+    opt = torch_optimizer(model, tc, fused=device == "cuda")
+    autocast = device if bf16 else None
+    if variant == "eager":
+        return make_torch_step(model, opt, tc, autocast)
+    if variant == "compile-step":
+        return torch.compile(make_torch_step(model, opt, tc, autocast))
+    mode = "max-autotune" if variant == "max-autotune" else None
+    return make_torch_step(torch.compile(model, mode=mode), opt, tc, autocast)
+
+
+def loss_tolerance(case: Case) -> float:
+    """How far a peer's first losses may be from jaxllm's: float32 rounding, or bf16's."""
+    return 2e-2 if case.config.compute_dtype != "float32" else 1e-5
 
 
 # -- measurements ----------------------------------------------------------------
@@ -314,7 +385,13 @@ SETTLED_ROUNDS, SETTLED_PAGES, MAX_WARMUP_ROUNDS = 3, 500, 12
 
 
 def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bool,
-               profile_dir: str | None = None) -> dict:
+               peers: tuple[str, ...] = ("eager",), profile_dir: str | None = None) -> dict:
+    """Time jaxllm's step against each peer variant in `peers` on one case.
+
+    Every peer starts from jaxllm's initial weights; the first two losses of each (before
+    and after one AdamW step) are recorded beside jaxllm's. The fastest peer (median
+    tokens/s) is the ratio's denominator; every peer's own ratio is kept under "peers".
+    """
     c = case.config
     key = jax.random.key(0)
     params = init_params(c, key)
@@ -323,27 +400,34 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
     inputs, targets = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
 
     dev = "cuda" if on_gpu else "cpu"
-    model = TorchGPT(c).load_jaxllm(params, c).to(dev)
-    topt = torch_optimizer(model, tc, fused=case.gpu_recipe)
-    fwd = torch.compile(model) if case.gpu_recipe else model
-    tstep = make_torch_step(fwd, topt, tc, dev if case.gpu_recipe else None)
     tx = torch.from_numpy(data[:, :-1]).to(dev)
     ty = torch.from_numpy(data[:, 1:]).to(dev)
+    # The peers are built before jaxllm's first step, which donates `params`.
+    tsteps = {name: make_peer(name, c, params, tc, dev, bf16=case.gpu_recipe) for name in peers}
 
     jtc = tc.replace(grad_accum=case.grad_accum)
     optimizer = make_optimizer(jtc)
     jstep = make_train_step(c, jtc, optimizer)
     state = init_train_state(params, jtc, optimizer)
 
-    # First step from identical weights: the losses must agree (same model, same batch).
-    t0 = time.perf_counter()
+    # The first two steps from identical weights: the losses before and after one
+    # update must agree (same model, same batch, same optimizer).
     batch = {"tokens": inputs, "targets": targets}
-    state, metrics = jstep(state, batch)
-    jax_first = float(metrics["loss"])
-    jax_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
-    torch_first = float(tstep(tx, ty))
-    torch_compile = time.perf_counter() - t0
+    first = []
+    for _ in range(2):
+        state, metrics = jstep(state, batch)
+        first.append(float(metrics["loss"]))
+    compile_s = {"jaxllm": time.perf_counter() - t0}
+    losses = {"jaxllm": first}
+    for name, tstep in tsteps.items():
+        t0 = time.perf_counter()
+        losses[name] = [float(tstep(tx, ty)) for _ in range(2)]
+        compile_s[name] = time.perf_counter() - t0
+        diff = max(abs(a - b) for a, b in zip(losses[name], first))
+        print(f"  {name}: first losses {losses[name][0]:.6f}, {losses[name][1]:.6f} "
+              f"(jaxllm {first[0]:.6f}, {first[1]:.6f}; |diff| {diff:.2e}), "
+              f"compile + 2 steps {compile_s[name]:.1f} s", flush=True)
 
     def run_jax():
         nonlocal state
@@ -351,34 +435,39 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
             state, m = jstep(state, batch)
         m["loss"].block_until_ready()
 
-    def run_torch():
-        for _ in range(steps):
-            loss = tstep(tx, ty)
-        float(loss)  # waits for the device
+    def runner(tstep):
+        def run():
+            for _ in range(steps):
+                loss = tstep(tx, ty)
+            float(loss)  # waits for the device
+        return run
 
+    runs = {"jaxllm": run_jax, **{name: runner(s) for name, s in tsteps.items()}}
     # Warm-up until the heap has settled: for its first few dozen steps a
     # process's heap still grows now and then, when a step's scratch space finds
     # no free block it fits in, and that step touches 20-70 thousand fresh pages
     # (NOTES.md, v7 and v10). The timed blocks start after SETTLED_ROUNDS rounds
-    # in a row in which the two frameworks together touched at most
-    # SETTLED_PAGES fresh pages a step.
+    # in a row in which all the runs together touched at most SETTLED_PAGES
+    # fresh pages a step each.
     clean = warmup = 0
     while clean < SETTLED_ROUNDS and warmup < MAX_WARMUP_ROUNDS:
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        run_jax(), run_torch()
+        for run in runs.values():
+            run()
         touched = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-        clean = clean + 1 if touched <= SETTLED_PAGES * steps else 0
+        clean = clean + 1 if touched <= SETTLED_PAGES * steps * len(runs) else 0
         warmup += 1
-    jax_t, torch_t = [], []
-    faults = {run_jax: 0, run_torch: 0}  # minor page faults: fresh memory the step touched
+    times = {name: [] for name in runs}
+    faults = dict.fromkeys(runs, 0)  # minor page faults: fresh memory the step touched
+    names = list(runs)
     for r in range(repeats):
-        order = ((run_jax, jax_t), (run_torch, torch_t))
-        for fn, out in (order if r % 2 == 0 else order[::-1]):
+        # each repeat starts with the next run along, so none is always first
+        for name in names[r % len(names):] + names[: r % len(names)]:
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-            faults[fn] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+            runs[name]()
+            times[name].append(time.perf_counter() - t0)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     profile = None
     if profile_dir:
         # The profile only adds detail: a trace that cannot be read must not cost
@@ -389,22 +478,38 @@ def bench_case(case: Case, tc: TrainConfig, steps: int, repeats: int, on_gpu: bo
         except Exception as err:  # noqa: BLE001 - reported, then the benchmark goes on
             print(f"  profile failed ({type(err).__name__}: {err}); timings kept", flush=True)
     tokens = steps * case.batch * case.seq
-    jax_tps = tokens / statistics.median(jax_t)
-    torch_tps = tokens / statistics.median(torch_t)
-    # The ratio from each repeat's pair of neighbouring blocks, then the median:
-    # a slowdown of the machine that spans both blocks of a pair cancels out.
-    pair_ratios = sorted(t / j for j, t in zip(jax_t, torch_t))
+    jax_t = times["jaxllm"]
+    tol = loss_tolerance(case)
+    peer_results = {}
+    for name in tsteps:
+        # The ratio from each repeat's neighbouring blocks, then the median: a
+        # slowdown of the machine that spans both blocks cancels out.
+        pair = sorted(t / j for j, t in zip(jax_t, times[name]))
+        peer_results[name] = {
+            "tokens_per_s": tokens / statistics.median(times[name]),
+            "ratio": statistics.median(pair), "pair_ratios": pair,
+            "step_s": sorted(t / steps for t in times[name]),
+            "first_losses": losses[name], "compile_s": compile_s[name],
+            "loss_diff": max(abs(a - b) for a, b in zip(losses[name], first)),
+            "page_faults_per_step": faults[name] / (steps * repeats)}
+        peer_results[name]["losses_equal"] = peer_results[name]["loss_diff"] <= tol
+    best = max(peer_results, key=lambda n: peer_results[n]["tokens_per_s"], default=None)
+    bp = peer_results.get(best, {})
     return {"case": case.name, "config": c.to_dict(), "batch": case.batch, "seq": case.seq,
             "grad_accum": case.grad_accum,
             "steps_per_repeat": steps, "repeats": repeats,
-            "jax_tokens_per_s": jax_tps, "torch_tokens_per_s": torch_tps,
-            "ratio": statistics.median(pair_ratios), "pair_ratios": pair_ratios,
-            "ratio_of_medians": jax_tps / torch_tps, "jax_step_s": sorted(t / steps for t in jax_t),
-            "torch_step_s": sorted(t / steps for t in torch_t),
-            "page_faults_per_step": {"jax": faults[run_jax] / (steps * repeats),
-                                     "torch": faults[run_torch] / (steps * repeats)},
-            "warmup_rounds": warmup, "first_loss_jax": jax_first, "first_loss_torch": torch_first,
-            "compile_s": {"jax": jax_compile, "torch": torch_compile},
+            "jax_tokens_per_s": tokens / statistics.median(jax_t),
+            "torch_peer": best, "torch_tokens_per_s": bp.get("tokens_per_s"),
+            "ratio": bp.get("ratio"), "pair_ratios": bp.get("pair_ratios"),
+            "jax_step_s": sorted(t / steps for t in jax_t), "torch_step_s": bp.get("step_s"),
+            "page_faults_per_step": {"jax": faults["jaxllm"] / (steps * repeats),
+                                     "torch": bp.get("page_faults_per_step")},
+            "warmup_rounds": warmup, "first_loss_jax": first[0],
+            "first_loss_torch": bp["first_losses"][0] if bp else None,
+            "first_losses_jax": first, "loss_tolerance": tol,
+            "losses_equal": all(p["losses_equal"] for p in peer_results.values()),
+            "compile_s": {"jax": compile_s["jaxllm"], "torch": bp.get("compile_s")},
+            "peers": peer_results,
             "flops_per_token": flops_per_token(c, case.seq), "profile": profile}
 
 
@@ -473,6 +578,16 @@ def main(argv=None) -> int:
     ap.add_argument("--products-only", action="store_true",
                     help="measure only the matrix-product rates (the large square product and "
                          "each dense layer's shape), e.g. to compare XLA_FLAGS settings")
+    ap.add_argument("--peers", default=None, metavar="LIST",
+                    help="comma-separated torch peer variants from " + ", ".join(PEER_VARIANTS)
+                         + ", or 'none' to time jaxllm alone (default: eager on the CPU, plus "
+                           "compile and compile-step with --torch-compile-cpu or --device-check; "
+                           "eager, compile and compile-step on the GPU)")
+    ap.add_argument("--torch-compile-cpu", action="store_true",
+                    help="on the CPU also run the compiled peers (compile, compile-step); "
+                         "inductor's C++ compile takes minutes there")
+    ap.add_argument("--case", default=None, metavar="SUBSTRING",
+                    help="run only the cases whose name contains this (e.g. untied)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's malloc settings as they are (see jaxllm.host_memory); "
                          "by default the process reuses freed memory, both frameworks alike")
@@ -500,6 +615,28 @@ def main(argv=None) -> int:
             raise SystemExit(f"--batch must be a positive multiple of the micro-batch count "
                              f"({cases[0].grad_accum}), got {args.batch}")
         cases = [dataclasses.replace(c, batch=args.batch) for c in cases]
+    if args.case:
+        cases = [c for c in cases if args.case in c.name]
+        if not cases:
+            raise SystemExit(f"--case {args.case!r} matches no case")
+    if args.peers is not None:
+        peers = () if args.peers == "none" else tuple(p for p in args.peers.split(",") if p)
+        unknown = set(peers) - set(PEER_VARIANTS)
+        if unknown:
+            raise SystemExit(f"unknown peer variant(s) {sorted(unknown)}; choose from {PEER_VARIANTS}")
+    elif on_gpu:
+        peers = ("eager", "compile", "compile-step")
+    elif args.device_check or args.torch_compile_cpu:
+        peers = ("eager", "compile", "compile-step")
+    else:
+        peers = ("eager",)
+    if not on_gpu and "max-autotune" in peers:
+        raise SystemExit("the max-autotune peer tunes GPU kernels: GPU only")
+    if peers and any(p in COMPILED_PEERS for p in peers):
+        # one compiled module per peer and case: more than Dynamo's default allowance
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
     name = args.out or (name + (f"-{args.threads}core" if args.threads else "")
                         + (f"-b{args.batch}" if args.batch else ""))
 
@@ -522,36 +659,49 @@ def main(argv=None) -> int:
 
     rows, results = [], []
     for case in cases:
-        print(f"benchmarking {case.name} ...", flush=True)
+        print(f"benchmarking {case.name} against {', '.join(peers) or 'no peer'} ...", flush=True)
         trace = (str(results_dir(name) / f"trace-{re.sub(r'[^A-Za-z0-9]+', '-', case.name)}")
                  if args.profile else None)
-        r = bench_case(case, tc, args.steps, args.repeats, on_gpu, profile_dir=trace)
+        r = bench_case(case, tc, args.steps, args.repeats, on_gpu, peers, profile_dir=trace)
         fpt = r["flops_per_token"]
-        r["mfu_measured"] = {k: r[f"{k}_tokens_per_s"] * fpt / rate["best"] for k in ("jax", "torch")}
-        r["mfu_datasheet"] = ({k: r[f"{k}_tokens_per_s"] * fpt / peak for k in ("jax", "torch")}
-                              if peak else None)
+        tps = {"jax": r["jax_tokens_per_s"], "torch": r["torch_tokens_per_s"] or 0.0}
+        r["mfu_measured"] = {k: v * fpt / rate["best"] for k, v in tps.items()}
+        r["mfu_datasheet"] = {k: v * fpt / peak for k, v in tps.items()} if peak else None
         r["floor_step_s"] = fpt * case.batch * case.seq / rate["best"]
+        for p in r["peers"].values():
+            p["mfu_measured"] = p["tokens_per_s"] * fpt / rate["best"]
         results.append(r)
+        best = r["torch_peer"]
+        others = "; ".join(f"{n} {p['tokens_per_s']:.0f} ({p['ratio']:.2f}x)"
+                           for n, p in r["peers"].items() if n != best) or "-"
         row = [case.name, case.batch, case.seq, round(r["jax_tokens_per_s"]),
-               round(r["torch_tokens_per_s"]),
-               f"{r['ratio']:.2f}x ({r['pair_ratios'][0]:.2f}-{r['pair_ratios'][-1]:.2f})",
+               f"{r['torch_tokens_per_s']:.0f} ({best})" if best else "-",
+               f"{r['ratio']:.2f}x ({r['pair_ratios'][0]:.2f}-{r['pair_ratios'][-1]:.2f})"
+               if best else "-", others,
                f"{100 * r['mfu_measured']['jax']:.1f}% / {100 * r['mfu_measured']['torch']:.1f}%"]
         if peak:
             row.append(f"{100 * r['mfu_datasheet']['jax']:.1f}% / {100 * r['mfu_datasheet']['torch']:.1f}%")
-        row.append(f"{r['first_loss_jax']:.4f} / {r['first_loss_torch']:.4f}")
-        row.append(f"{r['page_faults_per_step']['jax']:.0f} / {r['page_faults_per_step']['torch']:.0f}")
+        diff = max((p["loss_diff"] for p in r["peers"].values()), default=0.0)
+        row.append(f"{r['first_loss_jax']:.4f} / " + (f"{r['first_loss_torch']:.4f}" if best else "-"))
+        row.append(f"{diff:.1e} " + ("ok" if r["losses_equal"] else f"OVER {r['loss_tolerance']:g}"))
+        row.append(f"{r['page_faults_per_step']['jax']:.0f} / "
+                   + (f"{r['page_faults_per_step']['torch']:.0f}" if best else "-"))
         rows.append(row)
-        print(f"  jaxllm {r['jax_tokens_per_s']:.0f} tok/s, torch {r['torch_tokens_per_s']:.0f} tok/s, "
-              f"ratio {r['ratio']:.2f} (repeats {r['pair_ratios'][0]:.2f}-{r['pair_ratios'][-1]:.2f}), "
-              f"warm-up rounds {r['warmup_rounds']}, page faults/step {r['page_faults_per_step']['jax']:.0f} / "
-              f"{r['page_faults_per_step']['torch']:.0f}", flush=True)
+        print(f"  jaxllm {r['jax_tokens_per_s']:.0f} tok/s"
+              + (f", fastest peer {best} {r['torch_tokens_per_s']:.0f} tok/s, ratio {r['ratio']:.2f} "
+                 f"(repeats {r['pair_ratios'][0]:.2f}-{r['pair_ratios'][-1]:.2f}); others: {others}"
+                 if best else "")
+              + f"; warm-up rounds {r['warmup_rounds']}", flush=True)
 
-    torch_mode = "torch.compile + bf16 autocast + fused AdamW" if cases[0].gpu_recipe else "eager float32"
-    headers = ["case", "batch", "seq", "jaxllm tok/s", f"torch tok/s ({torch_mode})",
-               "jaxllm/torch", "MFU vs measured matmul (jax / torch)"]
+    recipe = ("bf16 autocast, fused AdamW, clip_grad_norm_(foreach)" if cases[0].gpu_recipe
+              else "float32")
+    headers = ["case", "batch", "seq", "jaxllm tok/s", "fastest torch peer tok/s",
+               "jaxllm/fastest", "other peers tok/s (jaxllm/peer)",
+               "MFU vs measured matmul (jax / fastest)"]
     if peak:
-        headers.append("MFU vs datasheet (jax / torch)")
-    headers += ["first-step loss (jax / torch)", "page faults/step (jax / torch)"]
+        headers.append("MFU vs datasheet (jax / fastest)")
+    headers += ["first-step loss (jax / fastest)", "max first-two-loss diff",
+                "page faults/step (jax / fastest)"]
     impl = {k: cases[0].config.to_dict()[k] for k in
             ("attn_impl", "matmul_impl", "norm_impl", "loss_impl", "param_dtype", "compute_dtype",
              "scan_layers", "remat", "vocab_multiple")}
@@ -568,7 +718,11 @@ def main(argv=None) -> int:
           f"jaxllm implementation: {impl}. AdamW, grad clip {tc.grad_clip}, "
           f"{args.repeats} blocks of {args.steps} steps each, interleaved: tokens/s are medians "
           f"over the blocks, jaxllm/torch the median of the {args.repeats} neighbouring pairs' "
-          f"ratios (their range in brackets).\n\n"
+          f"ratios (their range in brackets).\n"
+          f"torch peers ({recipe}; the loss computed inside the module, vocabulary padded and "
+          f"head tied as jaxllm's): {', '.join(peers) or 'none'}; the fastest is the ratio's "
+          f"denominator. Loss diff: the largest |torch - jaxllm| over the first two steps' "
+          f"losses (before and after one AdamW step), tolerance {loss_tolerance(cases[0]):g}.\n\n"
           + markdown_table(headers, rows))
     for r in results:
         if r["profile"]:
@@ -582,8 +736,14 @@ def main(argv=None) -> int:
                          f"{100 * p['share']:.1f}%", p["shape"], p["source"][-60:]]
                         for p in r["profile"]]))
     write_report(name, {"machine": info, "matmul": rate, "datasheet_peak": peak,
-                        "train_config": dataclasses.asdict(tc), "results": results}, md)
-    return 0
+                        "train_config": dataclasses.asdict(tc), "peers": list(peers),
+                        "results": results}, md)
+    unequal = [(r["case"], n, p["loss_diff"]) for r in results for n, p in r["peers"].items()
+               if not p["losses_equal"]]
+    for case_name, peer, diff in unequal:
+        print(f"LOSSES DIFFER: {case_name}, peer {peer}: |diff| {diff:.2e} over "
+              f"{loss_tolerance(cases[0]):g}", flush=True)
+    return 1 if unequal else 0
 
 
 if __name__ == "__main__":
