@@ -82,3 +82,26 @@ finetune-instruct: $(STAMP)
 	$(RUN) -m jaxllm.cli.finetune_instruct $(if $(INSTRUCT_HF),--hf $(INSTRUCT_HF),$(INSTRUCT_SMALL)) \
 		--data $(INSTRUCT_DATA) $(if $(INSTRUCT_VOCAB),--tokenizer-dir $(INSTRUCT_VOCAB)) \
 		--out $(INSTRUCT_OUT) $(INSTRUCT_ARGS)
+
+# Classification fine-tuning (the book's chapter 6: spam or not) on the shared SMS Spam
+# Collection (or CLASSIFY_DATA=FILE). With GPT-2 weights (CLASSIFY_HF=DIR, or GPT2_DIR holding
+# model.safetensors) it runs the classic protocol; with CLASSIFY_RUN=DIR it starts from a jaxllm
+# run; without either, a small random model with every leaf trained (a trial, not the result).
+.PHONY: finetune-classify bench-classify
+CLASSIFY_DATA ?= $(firstword $(wildcard ../shared/data/sms_spam_collection.tsv ../../shared/data/sms_spam_collection.tsv))
+CLASSIFY_HF ?= $(if $(wildcard $(GPT2_DIR)/model.safetensors),$(GPT2_DIR))
+CLASSIFY_RUN ?=
+CLASSIFY_VOCAB ?= $(firstword $(wildcard ../shared/data ../../shared/data))
+CLASSIFY_OUT ?= runs/classify
+CLASSIFY_SMALL ?= --init random --preset small --tokenizer gpt2 --trainable all --set lr=1e-3
+CLASSIFY_ARGS ?=
+finetune-classify: $(STAMP)
+	@test -n "$(CLASSIFY_DATA)" || { echo "no sms_spam_collection.tsv found beside the checkout: make finetune-classify CLASSIFY_DATA=FILE"; exit 2; }
+	@echo "finetune-classify: $(if $(CLASSIFY_HF),GPT-2 weights from $(CLASSIFY_HF) (the classic protocol),$(if $(CLASSIFY_RUN),the jaxllm run $(CLASSIFY_RUN) (the classic protocol),no GPT-2 weights given (CLASSIFY_HF=DIR): a small random model; the published accuracies need OpenAI's GPT-2 weights))"
+	rm -rf $(CLASSIFY_OUT)
+	$(RUN) -m jaxllm finetune classify $(if $(CLASSIFY_HF),--hf $(CLASSIFY_HF) --protocol book,$(if $(CLASSIFY_RUN),--run-dir $(CLASSIFY_RUN) --protocol book,$(CLASSIFY_SMALL))) \
+		--data $(CLASSIFY_DATA) $(if $(CLASSIFY_VOCAB),--tokenizer-dir $(CLASSIFY_VOCAB)) \
+		--out $(CLASSIFY_OUT) $(CLASSIFY_ARGS)
+
+bench-classify: $(STAMP)  ## frozen layers cost no gradient work: dots, FLOPs, examples/s (results/bench_classify)
+	$(RUN) -m experiments.bench_classify
