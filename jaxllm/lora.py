@@ -149,7 +149,7 @@ def select_targets(params, targets: str = "all") -> list[str]:
         if "out_head" not in layers and re.fullmatch(pattern, "out_head"):
             hint = (" (the head is tied to tok_emb here, not a dense layer: "
                     "jaxllm.lora.untie_head makes it one)")
-        raise ValueError(f"LoRA targets {targets!r} match no dense layer{hint}; dense layers: "
+        raise ValueError(f"LoRA targets '{targets}' match no dense layer{hint}; dense layers: "
                          f"{', '.join(list(layers)[:6])}{', ...' if len(layers) > 6 else ''}")
     return chosen
 
@@ -250,7 +250,8 @@ def with_adapters(params, adapters: Adapters, alpha: float):
 
 
 def adapters_of(params) -> tuple[Adapters, dict[str, float]]:
-    """(adapters, {path: scale}) held in a tree made by `with_adapters`."""
+    """(adapters, {path: scale}) held in a tree made by `with_adapters` (or in a
+    gradient or other tree shaped like one)."""
     adapters: Adapters = {}
     scales: dict[str, float] = {}
 
@@ -259,7 +260,8 @@ def adapters_of(params) -> tuple[Adapters, dict[str, float]]:
             if "lora" in node:
                 name = "/".join(path)
                 adapters[name] = {"a": node["lora"]["a"], "b": node["lora"]["b"]}
-                scales[name] = float(node["lora"]["scale"])
+                scale = node["lora"].get("scale")
+                scales[name] = None if scale is None else float(scale)  # None in a gradient tree
             for k, v in node.items():
                 if k != "lora":
                     walk(v, (*path, str(k)))

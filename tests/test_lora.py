@@ -1,0 +1,476 @@
+"""LoRA (jaxllm.lora): counts, parity with an independent PyTorch LoRA, merge,
+every path (scan, bf16, MKL, KV-cached generation, sharded step), files, CLI."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn as nn
+
+from jaxllm import GPT_CONFIG_124M, GPTConfig, apply, from_hf_state_dict, generate, init_params
+from jaxllm import lora
+from jaxllm.hf import save_safetensors
+from jaxllm.train import TrainConfig, init_train_state, make_train_step
+from jaxllm.train.task import lm_batch, lm_task, partition, trainable_mask, combine
+
+CONFIG = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
+                   drop_rate=0.0, qkv_bias=True, attn_impl="reference")
+ALPHA, RANK = 8.0, 4
+
+
+def random_params(config=CONFIG, seed=0):
+    """Non-trivial values everywhere (LayerNorm scales and biases too), drawn
+    by NumPy into `init_params`' shapes (nothing to compile)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
+    return jax.tree.map(lambda s: jnp.asarray(
+        (1.0 if len(s.shape) == 1 else 0.0) + rng.normal(0, 0.2, s.shape).astype(np.float32)
+        / (math.sqrt(s.shape[0]) if len(s.shape) == 2 else 1.0)), shapes)
+
+
+def random_adapters(params, config=CONFIG, qkv="split", seed=1, targets="all"):
+    """Fresh adapters with B random too, so that A's gradient is not zero."""
+    adapters = lora.init_lora(params, config, jax.random.key(seed), rank=RANK, targets=targets,
+                              qkv=qkv)
+    keys = iter(jax.random.split(jax.random.key(seed + 50), len(adapters)))
+    return {p: {"a": ab["a"], "b": 0.2 * jax.random.normal(next(keys), ab["b"].shape)}
+            for p, ab in adapters.items()}
+
+
+def tokens(config=CONFIG, shape=(3, 12), seed=2):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, config.vocab_size, size=(shape[0], shape[1] + 1)).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def logits(params, x, config=CONFIG):
+    return apply(params, x, config)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def lora_grads(adapted, batch, config=CONFIG):
+    mask = trainable_mask(adapted, lora.TRAINABLE)
+    train, frozen = partition(adapted, mask)
+
+    def loss(t):
+        s, n, _ = lm_task(combine(t, frozen), batch, config)
+        return s / n
+
+    return jax.value_and_grad(loss)(train)
+
+
+# -- counts -------------------------------------------------------------------
+def test_parameter_counts_of_gpt2_124m_rank_16():
+    c = GPT_CONFIG_124M
+    shapes = jax.eval_shape(lambda k: init_params(c, k), jax.random.key(0))
+
+    def count(params):
+        return lora.count_lora_params(jax.eval_shape(
+            lambda k: lora.init_lora(params, c, k, rank=16, allow_rank_above_dim=True),
+            jax.random.key(0)))
+
+    assert count(shapes) == 3_470_608  # with the LM head
+    classifier = dict(shapes, out_head={"kernel": jax.ShapeDtypeStruct((768, 2), jnp.float32)})
+    assert count(classifier) == 2_666_528  # with a 2-class head
+    fused = jax.eval_shape(lambda k: lora.init_lora(shapes, c, k, rank=16, qkv="fused",
+                                                    targets="attn"), jax.random.key(0))
+    assert fused["blocks/0/attn/qkv"]["a"].shape == (768, 16)
+    assert fused["blocks/0/attn/qkv"]["b"].shape == (16, 2304)
+
+
+def test_init_is_kaiming_uniform_and_b_is_zero():
+    params = random_params()
+    adapters = lora.init_lora(params, CONFIG, jax.random.key(0), rank=RANK)
+    a = np.asarray(adapters["blocks/0/ffn/proj"]["a"])  # fan_in 128
+    assert a.shape == (128, RANK) and np.abs(a).max() <= 1 / math.sqrt(128)
+    assert np.abs(a).max() > 0.8 / math.sqrt(128)
+    assert adapters["blocks/0/attn/qkv"]["a"].shape == (3, 32, RANK)
+    assert all(not np.any(ab["b"]) for ab in adapters.values())
+
+
+# -- against an independent PyTorch LoRA --------------------------------------
+class LoRALayer(nn.Module):
+    def __init__(self, a, b, alpha):
+        super().__init__()
+        self.A = nn.Parameter(torch.tensor(np.asarray(a)))
+        self.B = nn.Parameter(torch.tensor(np.asarray(b)))
+        self.scale = alpha / self.A.shape[1]
+
+    def forward(self, x):
+        return self.scale * (x @ self.A @ self.B)
+
+
+class LinearWithLoRA(nn.Module):
+    def __init__(self, linear, lora_layer):
+        super().__init__()
+        self.linear, self.lora = linear, lora_layer
+
+    def forward(self, x):
+        return self.linear(x) + self.lora(x)
+
+
+def frozen_linear(dense):
+    w = np.asarray(dense["kernel"])
+    layer = nn.Linear(w.shape[0], w.shape[1], bias="bias" in dense)
+    layer.weight.data = torch.tensor(w.T.copy())
+    if "bias" in dense:
+        layer.bias.data = torch.tensor(np.asarray(dense["bias"]))
+    layer.requires_grad_(False)
+    return layer
+
+
+def adapted_linear(dense, ab, alpha, cols=slice(None), index=None):
+    d = {"kernel": np.asarray(dense["kernel"])[:, cols]}
+    if "bias" in dense:
+        d["bias"] = np.asarray(dense["bias"])[cols]
+    a, b = (ab["a"], ab["b"]) if index is None else (ab["a"][index], ab["b"][index])
+    return LinearWithLoRA(frozen_linear(d), LoRALayer(a, b, alpha))
+
+
+def frozen_norm(p):
+    norm = nn.LayerNorm(p["scale"].shape[0], eps=CONFIG.ln_eps)
+    norm.weight.data, norm.bias.data = (torch.tensor(np.asarray(p[k])) for k in ("scale", "bias"))
+    norm.requires_grad_(False)
+    return norm
+
+
+class TorchBlock(nn.Module):
+    """A GPT-2 block built from nn.Linear layers, each with a LoRA beside it;
+    q, k and v as three layers (split) or one (fused)."""
+
+    def __init__(self, p, ad, prefix, qkv, alpha):
+        super().__init__()
+        e = p["attn"]["qkv"]["kernel"].shape[0]
+        self.n_heads, self.split = CONFIG.n_heads, qkv == "split"
+        name = f"{prefix}/attn/qkv"
+        if self.split:
+            self.q, self.k, self.v = (adapted_linear(p["attn"]["qkv"], ad[name], alpha,
+                                                     slice(i * e, (i + 1) * e), i)
+                                      for i in range(3))
+        else:
+            self.qkv = adapted_linear(p["attn"]["qkv"], ad[name], alpha)
+        self.out = adapted_linear(p["attn"]["out"], ad[f"{prefix}/attn/out"], alpha)
+        self.fc = adapted_linear(p["ffn"]["fc"], ad[f"{prefix}/ffn/fc"], alpha)
+        self.proj = adapted_linear(p["ffn"]["proj"], ad[f"{prefix}/ffn/proj"], alpha)
+        self.norm1, self.norm2 = frozen_norm(p["norm1"]), frozen_norm(p["norm2"])
+
+    def forward(self, x):
+        b, t, e = x.shape
+        h = self.norm1(x)
+        q, k, v = (self.q(h), self.k(h), self.v(h)) if self.split else self.qkv(h).split(e, -1)
+        q, k, v = (z.view(b, t, self.n_heads, -1).transpose(1, 2) for z in (q, k, v))
+        att = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        att = att.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool), 1), float("-inf"))
+        a = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, e)
+        x = x + self.out(a)
+        return x + self.proj(nn.functional.gelu(self.fc(self.norm2(x)), approximate="tanh"))
+
+
+class TorchGPT(nn.Module):
+    def __init__(self, params, adapters, qkv, alpha=ALPHA):
+        super().__init__()
+        self.tok = nn.Parameter(torch.tensor(np.asarray(params["tok_emb"]["embedding"])),
+                                requires_grad=False)
+        self.pos = nn.Parameter(torch.tensor(np.asarray(params["pos_emb"]["embedding"])),
+                                requires_grad=False)
+        self.blocks = nn.ModuleList(TorchBlock(p, adapters, f"blocks/{i}", qkv, alpha)
+                                    for i, p in enumerate(params["blocks"]))
+        self.norm = frozen_norm(params["final_norm"])
+        self.head = adapted_linear(params["out_head"], adapters["out_head"], alpha)
+
+    def forward(self, idx):
+        x = self.tok[idx] + self.pos[: idx.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x))
+
+    def lora_grads(self):
+        """{jaxllm adapter path: (grad A, grad B)}, split adapters stacked like jaxllm's."""
+        out = {}
+        for i, blk in enumerate(self.blocks):
+            pre = f"blocks/{i}"
+            if blk.split:
+                out[f"{pre}/attn/qkv"] = tuple(np.stack([getattr(l.lora, n).grad.numpy()
+                                                         for l in (blk.q, blk.k, blk.v)])
+                                               for n in ("A", "B"))
+            else:
+                out[f"{pre}/attn/qkv"] = (blk.qkv.lora.A.grad.numpy(), blk.qkv.lora.B.grad.numpy())
+            for name, layer in (("attn/out", blk.out), ("ffn/fc", blk.fc), ("ffn/proj", blk.proj)):
+                out[f"{pre}/{name}"] = (layer.lora.A.grad.numpy(), layer.lora.B.grad.numpy())
+        out["out_head"] = (self.head.lora.A.grad.numpy(), self.head.lora.B.grad.numpy())
+        return out
+
+
+def _torch_loss(model, x, y):
+    logits = model(torch.tensor(x, dtype=torch.long))
+    return logits, nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(
+        y, dtype=torch.long).flatten())
+
+
+@pytest.mark.parametrize("qkv", ["split", "fused"])
+def test_logits_loss_and_adapter_gradients_match_torch(qkv):
+    params = random_params()
+    adapters = random_adapters(params, qkv=qkv)
+    adapted = lora.with_adapters(params, adapters, ALPHA)
+    data = tokens()
+    x, y = data[:, :-1], data[:, 1:]
+    model = TorchGPT(params, adapters, qkv)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == \
+        lora.count_lora_params(adapters)
+    t_logits, t_loss = _torch_loss(model, x, y)
+    t_loss.backward()
+    np.testing.assert_allclose(np.asarray(logits(adapted, x, CONFIG)),
+                               t_logits.detach().numpy(), atol=1e-5, rtol=1e-5)
+    loss, grads = lora_grads(adapted, lm_batch(x, y))
+    np.testing.assert_allclose(float(loss), t_loss.item(), rtol=1e-5)
+    ours, _ = lora.adapters_of(grads)
+    theirs = model.lora_grads()
+    assert set(ours) == set(theirs)
+    for path, (ga, gb) in theirs.items():
+        assert np.abs(ga).max() > 0 and np.abs(gb).max() > 0, path
+        np.testing.assert_allclose(np.asarray(ours[path]["a"]), ga, atol=1e-5, rtol=1e-4,
+                                   err_msg=path)
+        np.testing.assert_allclose(np.asarray(ours[path]["b"]), gb, atol=1e-5, rtol=1e-4,
+                                   err_msg=path)
+
+
+def test_five_adamw_steps_match_torch_and_frozen_weights_stay_bitwise():
+    params = random_params()
+    adapters = random_adapters(params)
+    adapted = lora.with_adapters(params, adapters, ALPHA)
+    base = jax.tree.map(np.asarray, params)
+    lr, wd = 1e-2, 0.05
+    tc = TrainConfig(batch_size=3, total_steps=5, warmup_steps=0, min_lr_ratio=1.0, lr=lr)
+    opt = optax.adamw(lr, 0.9, 0.999, 1e-8, weight_decay=wd)
+    state = init_train_state(adapted, tc, opt, trainable=lora.TRAINABLE)
+    # frozen leaves keep no moments: the optimizer state holds the adapters' shapes only
+    moment_leaves = [x for x in jax.tree.leaves(state.opt_state) if jnp.ndim(x) > 0]
+    assert len(moment_leaves) == 2 * 2 * len(adapters)
+    assert sum(x.size for x in moment_leaves) == 2 * lora.count_lora_params(adapters)
+    step = make_train_step(CONFIG, tc, opt, trainable=lora.TRAINABLE)
+    model = TorchGPT(params, adapters, "split")
+    t_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                              betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    ours, theirs = [], []
+    data = tokens(seed=10)
+    x, y = data[:, :-1], data[:, 1:]
+    for _ in range(5):
+        state, metrics = step(state, lm_batch(jnp.asarray(x), jnp.asarray(y)))
+        ours.append(float(metrics["loss"]))
+        t_opt.zero_grad()
+        _, t_loss = _torch_loss(model, x, y)
+        t_loss.backward()
+        t_opt.step()
+        theirs.append(t_loss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    assert ours[-1] < ours[0]
+    trained = lora.strip_adapters(state.params)
+    for got, want in zip(jax.tree.leaves(trained), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+# -- the function ---------------------------------------------------------------
+def test_zero_b_leaves_each_layer_bitwise_unchanged_and_the_model_too():
+    from jaxllm.model import dense
+
+    params = random_params()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 32)), jnp.float32)
+    adapters = lora.init_lora(params, CONFIG, jax.random.key(3), rank=RANK)
+    adapted = lora.with_adapters(params, adapters, ALPHA)
+    for name, gelu in (("qkv", False), ("out", False)):
+        np.testing.assert_array_equal(np.asarray(dense(adapted["blocks"][0]["attn"][name], x)),
+                                      np.asarray(dense(params["blocks"][0]["attn"][name], x)))
+    np.testing.assert_array_equal(np.asarray(dense(adapted["blocks"][0]["ffn"]["fc"], x, gelu=True)),
+                                  np.asarray(dense(params["blocks"][0]["ffn"]["fc"], x, gelu=True)))
+    # Compiled whole, the two graphs may order XLA's products differently: equal to rounding.
+    t = tokens()[:, :-1]
+    for config in (CONFIG, CONFIG.replace(compute_dtype="bfloat16", scan_layers=True)):
+        tol = 1e-6 if config.compute_dtype == "float32" else 1e-2
+        np.testing.assert_allclose(np.asarray(logits(adapted, t, config)),
+                                   np.asarray(logits(params, t, config)), atol=tol)
+
+
+@pytest.mark.parametrize("qkv", ["split", "fused"])
+def test_merge_equals_the_adapter_forward_and_unmerge_inverts_it(qkv):
+    params = random_params()
+    adapters = random_adapters(params, qkv=qkv)
+    adapted = lora.with_adapters(params, adapters, ALPHA)
+    x = tokens()[:, :-1]
+    merged = lora.merge(adapted)
+    assert lora.adapters_of(merged)[0] == {}
+    want = np.asarray(logits(adapted, x, CONFIG))
+    assert np.abs(want - np.asarray(logits(params, x, CONFIG))).max() > 0.1  # adapters matter
+    np.testing.assert_allclose(np.asarray(logits(merged, x, CONFIG)), want, atol=1e-5)
+    again = lora.merge(params, adapters, ALPHA)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(merged)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    back = lora.unmerge(merged, adapters, ALPHA)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def _paths():
+    from jaxllm.kernels import mkl
+
+    variants = [("scan_layers", {"scan_layers": True}, 1e-5),
+                ("bfloat16", {"compute_dtype": "bfloat16"}, 0.1)]
+    if mkl.available():  # x86-64 with MKL and a compiler (the CI machine)
+        variants.append(("mkl", {"matmul_impl": "mkl", "attn_impl": "mkl"}, 1e-5))
+    return variants
+
+
+@pytest.mark.parametrize("name, changes, tol", _paths(), ids=[v[0] for v in _paths()])
+def test_each_path_gives_the_reference_logits_and_gradients(name, changes, tol):
+    params = random_params()
+    adapted = lora.with_adapters(params, random_adapters(params), ALPHA)
+    data = tokens()
+    batch = lm_batch(jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:]))
+    config = CONFIG.replace(**changes)
+    ref_loss, ref_grads = lora_grads(adapted, batch)
+    loss, grads = lora_grads(adapted, batch, config)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=tol)
+    ref, got = lora.adapters_of(ref_grads)[0], lora.adapters_of(grads)[0]
+    for path in ref:
+        for n in ("a", "b"):
+            want = np.asarray(ref[path][n])
+            err = np.abs(np.asarray(got[path][n], np.float32) - want).max()
+            assert err <= tol * max(1.0, np.abs(want).max()), (path, n, err)
+
+
+def test_kv_cached_generation_unmerged_equals_merged():
+    params = random_params()
+    adapted = lora.with_adapters(params, random_adapters(params), ALPHA)
+    prompts = [[5, 6, 7], [9, 1]]
+    a = generate(adapted, CONFIG, prompts, 6, return_logits=True)
+    b = generate(lora.merge(adapted), CONFIG, prompts, 6, return_logits=True)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.logits), np.asarray(b.logits), atol=1e-4)
+    first = np.asarray(logits(params, jnp.asarray([[5, 6, 7]]), CONFIG))[0, -1, :CONFIG.vocab_size]
+    assert np.abs(np.asarray(a.logits)[0, 0] - first).max() > 0.1  # the adapters count
+
+
+def test_sharded_step_with_lora_rules_equals_the_plain_step():
+    from jaxllm import sharding
+
+    params = random_params()
+    adapted = lora.with_adapters(params, random_adapters(params), ALPHA)
+    tc = TrainConfig(batch_size=2, total_steps=2, warmup_steps=0)
+    mesh = sharding.make_mesh("fsdp=-1")
+    rules = lora.sharding_rules()
+    specs = sharding.param_specs(adapted, mesh, rules)
+    assert specs["blocks"][0]["attn"]["qkv"]["lora"]["a"] == jax.sharding.PartitionSpec()
+    data = tokens(shape=(2, 12))
+    batch = lm_batch(jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:]))
+    state = init_train_state(adapted, tc, trainable=lora.TRAINABLE)
+    abstract = jax.eval_shape(lambda: state)
+    sharded = sharding.make_sharded_train_step(CONFIG, tc, mesh, rules, trainable=lora.TRAINABLE,
+                                               state=abstract)
+    loss, grads = lora_grads(adapted, batch)  # compiled already, for the parity test
+    _, metrics = sharded(sharding.shard_train_state(state, mesh, rules), batch)
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)),
+                               rtol=1e-5)
+
+
+# -- files ----------------------------------------------------------------------
+def test_adapter_file_round_trip_and_another_base_is_refused(tmp_path):
+    params = random_params()
+    adapters = random_adapters(params)
+    path = tmp_path / "adapters.safetensors"
+    lora.save_adapters(path, adapters, ALPHA, CONFIG)
+    adapted = lora.load_adapters(path, params, CONFIG)
+    want = lora.with_adapters(params, adapters, ALPHA)
+    for a, b in zip(jax.tree.leaves(adapted), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert path.stat().st_size < 4 * lora.count_lora_params(adapters) + 4096
+
+    other = CONFIG.replace(emb_dim=48, n_heads=4)
+    with pytest.raises(ValueError, match=r"another base model:[\s\S]*emb_dim: adapters 32, "
+                                         r"base 48[\s\S]*blocks/0/attn/qkv: kernel \(32, 96\)"):
+        lora.load_adapters(path, random_params(other), other)
+    fewer = CONFIG.replace(n_layers=1)
+    with pytest.raises(ValueError, match="blocks/1/attn/qkv: in the adapters, not a dense layer"):
+        lora.load_adapters(path, random_params(fewer), fewer)
+    save_safetensors(params, CONFIG, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="not a jaxllm adapter file"):
+        lora.read_adapters(tmp_path / "model.safetensors")
+
+
+def test_merged_model_exports_to_hugging_face_and_loads_back(tmp_path):
+    params = random_params()
+    adapted = lora.with_adapters(params, random_adapters(params), ALPHA)
+    save_safetensors(lora.merge(adapted), CONFIG, tmp_path / "model.safetensors")
+    loaded = from_hf_state_dict(tmp_path / "model.safetensors", CONFIG)
+    x = tokens()[:, :-1]
+    np.testing.assert_allclose(np.asarray(logits(loaded, x, CONFIG)),
+                               np.asarray(logits(adapted, x, CONFIG)), atol=1e-5)
+
+
+# -- bad input ------------------------------------------------------------------
+def test_bad_input_is_named():
+    params = random_params()
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=re.escape(r"targets 'blocks/\d+/attn/nothing' match no "
+                                                   "dense layer; dense layers: blocks/0/attn/out")):
+        lora.init_lora(params, CONFIG, key, rank=2, targets=r"blocks/\d+/attn/nothing")
+    with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
+        lora.init_lora(params, CONFIG, key, rank=0)
+    with pytest.raises(ValueError, match=r"rank 33 exceeds the smaller dimension of "
+                                         r"blocks/0/attn/qkv \(32 x 32 per q/k/v slice\)"):
+        lora.init_lora(params, CONFIG, key, rank=33, targets=r".*/qkv")
+    with pytest.raises(ValueError, match="qkv must be one of"):
+        lora.init_lora(params, CONFIG, key, rank=2, qkv="separate")
+    tied = CONFIG.replace(tie_embeddings=True)
+    with pytest.raises(ValueError, match="head is tied to tok_emb.*untie_head"):
+        lora.init_lora(random_params(tied), tied, key, rank=2, targets="head")
+    untied_params, untied = lora.untie_head(random_params(tied), tied)
+    assert "out_head" in lora.init_lora(untied_params, untied, key, rank=2, targets="head")
+    with pytest.raises(ValueError, match="scan_layers stacks the blocks"):
+        lora.init_lora(params, CONFIG.replace(scan_layers=True), key, rank=2,
+                       targets=r"blocks/0/attn/qkv")
+    adapters = lora.init_lora(params, CONFIG, key, rank=2, targets="ffn")
+    with pytest.raises(ValueError, match=r"does not fit the kernel \(128, 32\)"):
+        bad = {"blocks/0/ffn/proj": adapters["blocks/0/ffn/fc"]}
+        lora.with_adapters(params, bad, 2.0)
+
+
+# -- the command line -----------------------------------------------------------
+def test_pretrain_with_lora_then_merge_and_export(tmp_path, capsys):
+    from jaxllm.cli import main
+    from jaxllm.train.checkpoint import load_params
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the cat sat on the mat. " * 60)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(text), "--out", str(run), "--quiet",
+                 "--set", "context_length=16", "--set", "emb_dim=16", "--set", "n_heads=2",
+                 "--set", "n_layers=1", "--set", "batch_size=4", "--set", "lr=1e-2",
+                 "--set", "warmup_steps=0", "--set", "sample_tokens=2", "--set", "eval_batches=1",
+                 "--steps", "2", "--eval-every", "2", "--save-every", "2",
+                 "--set", "tie_embeddings=false", "--lora-rank", "2", "--lora-alpha", "4",
+                 "--lora-targets", "attn,head"]) == 0
+    assert "LoRA: 3 adapted dense layers" in capsys.readouterr().err
+    params, config, _ = load_params(run)
+    adapters, scales = lora.adapters_of(params)
+    assert sorted(adapters) == ["blocks/0/attn/out", "blocks/0/attn/qkv", "out_head"]
+    assert set(scales.values()) == {2.0}
+    assert any(np.any(np.asarray(ab["b"])) for ab in adapters.values())  # they trained
+    assert main(["lora", "merge", "--run-dir", str(run), "--out", str(tmp_path / "hf")]) == 0
+    merged = from_hf_state_dict(tmp_path / "hf" / "model.safetensors", config)
+    x = np.array([[1, 2, 3, 4]], np.int32)
+    np.testing.assert_allclose(np.asarray(logits(merged, x, config)),
+                               np.asarray(logits(params, x, config)), atol=1e-5)
+    out = tmp_path / "adapters.safetensors"
+    assert main(["lora", "export", "--run-dir", str(run), "--out", str(out)]) == 0
+    reloaded = lora.load_adapters(out, lora.strip_adapters(params), config)
+    np.testing.assert_allclose(np.asarray(logits(reloaded, x, config)),
+                               np.asarray(logits(params, x, config)), atol=1e-6)
+    assert main(["lora", "merge", "--run-dir", str(tmp_path / "hf"), "--out", "x"]) == 2
