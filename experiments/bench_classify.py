@@ -123,7 +123,8 @@ def main(argv=None) -> int:
 
     forward_dots = count_primitives(jax.make_jaxpr(
         lambda p, b: task(p, b, config, None))(params, batch).jaxpr, "dot_general")
-    machine = f"{platform.machine()}, {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
+    machine = (f"{platform.machine()}, {jax.devices()[0].device_kind}, "
+               f"{jax.device_count()} device(s)")
     md = (f"# Classifier fine-tuning: frozen layers and gradient work\n\n"
           f"Model {config.n_layers} layers x {config.emb_dim} ({config.n_heads} heads), batch "
           f"{args.batch} x {args.length} tokens, last_token pooling, AdamW; {machine}. "

@@ -201,9 +201,11 @@ def test_head_replacement_and_trainable_presets():
     clf = jax.eval_shape(lambda p: add_class_head(p, untied, 4, jax.random.key(1)), params)
     assert "out_head" not in clf and clf[HEAD]["kernel"].shape == (32, 4)
     assert clf["blocks"] == params["blocks"] and clf["tok_emb"] == params["tok_emb"]
-    paths = {name: {path_str(p) for p, m in
-                    jax.tree_util.tree_leaves_with_path(trainable_mask(clf, trainable_for(name, TINY)))
-                    if m} for name in ("head", "last_block")}
+    def chosen(name):
+        mask = trainable_mask(clf, trainable_for(name, TINY))
+        return {path_str(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
+
+    paths = {name: chosen(name) for name in ("head", "last_block")}
     assert paths["head"] == {"class_head/kernel", "class_head/bias"}
     assert {"final_norm/scale", "blocks/1/ffn/proj/kernel"} <= paths["last_block"]
     assert not any(p.startswith(("blocks/0/", "tok_emb", "pos_emb")) for p in paths["last_block"])
@@ -308,9 +310,10 @@ def run_cli(module, argv) -> int:
 
 def test_resume_writes_what_an_uninterrupted_run_would(tmp_path):
     config = TINY.replace(vocab_size=257, context_length=24)
-    data = prepare_classification(spam_like(tmp_path / "d.csv"), ByteTokenizer(),
-                                  context_length=24, label_column="category",
-                                  text_column="message")
+    with pytest.warns(UserWarning, match="truncated"):  # rows cut to the context: still fine
+        data = prepare_classification(spam_like(tmp_path / "d.csv"), ByteTokenizer(),
+                                      context_length=24, label_column="category",
+                                      text_column="message")
     tc = TC.replace(batch_size=4, total_steps=6)
     cc = ClassifyConfig(eval_every=3, save_every=3, eval_batches=2)
     kw = dict(tokenizer_name="byte", progress=False)
@@ -333,7 +336,8 @@ def test_cli_fine_tunes_resumes_and_classifies(shared_data, tmp_path, capsys, mo
     out = tmp_path / "run"
     argv = ["classify", "--init", "random", "--config", str(cfg), "--data", str(data),
             "--tokenizer-dir", str(shared_data), "--steps", "4", "--eval-every", "2",
-            "--eval-batches", "2", "--protocol", "book", "--trainable", "head", "--set", "batch_size=16",
+            "--eval-batches", "2", "--protocol", "book", "--trainable", "head",
+            "--set", "batch_size=16",
             "--set", "lr=1e-3", "--out", str(out), "--quiet"]
     assert run_cli(finetune_cli, argv) == 0
     captured = capsys.readouterr()
@@ -384,3 +388,20 @@ def test_cli_errors_name_what_is_wrong(shared_data, tmp_path, capsys, monkeypatc
     assert "no checkpoints" in capsys.readouterr().err
     assert run_cli(classify_cli, ["--run-dir", str(not_a_run)]) == 2
     assert "no texts" in capsys.readouterr().err
+
+
+def test_hf_folders_with_either_weights_file(tmp_path):
+    from jaxllm.cli.finetune_classify import hf_state_dict
+
+    params = random_classifier(5)
+    params = {k: v for k, v in params.items() if k != HEAD}
+    sd = to_hf_state_dict(params, TINY)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    # a GPT2Model checkpoint: no "transformer." prefix, no lm_head
+    torch.save({k.removeprefix("transformer."): torch.from_numpy(v.copy())
+                for k, v in sd.items() if k.startswith("transformer.")},
+               folder / "pytorch_model.bin")
+    read = hf_state_dict(str(folder))
+    assert set(read) == {k for k in sd if k.startswith("transformer.")}
+    assert all(np.array_equal(read[k], sd[k]) for k in read)

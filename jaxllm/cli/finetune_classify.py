@@ -275,7 +275,8 @@ def run(args) -> int:
         from jaxllm.finetune.loop import finetune_classify, format_summary
 
         info = data.info
-        print(f"{args.data}: {info['rows']:,} rows ({', '.join(f'{c} {n:,}' for c, n in info['per_class'].items())}); "
+        per_class = ", ".join(f"{c} {n:,}" for c, n in info["per_class"].items())
+        print(f"{args.data}: {info['rows']:,} rows ({per_class}); "
               f"{info['train']:,} train / {info['validation']:,} validation / {info['test']:,} "
               f"test, {data.max_length} tokens per row; model {config.n_layers} layers x "
               f"{config.emb_dim} ({count_params(config):,} parameters) from {source}; "

@@ -46,7 +46,7 @@ from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
 from jaxllm.train.plot import plt  # matplotlib with the file-only backend
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
-from jaxllm.train.task import count_trainable, trainable_mask
+from jaxllm.train.task import count_trainable
 
 META_KIND = "classify"
 
@@ -180,7 +180,8 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
                 "tokenizer": tokenizer_name, "classify": dataclasses.asdict(cc),
                 "classes": list(data.classes), "max_length": data.max_length,
                 "data": {k: data.info[k] for k in ("train", "validation", "test")}}
-    meta = dict(identity, kind=META_KIND, data_name=data_name, source=source, pad_id=data.info.get("pad_id", 50256),
+    meta = dict(identity, kind=META_KIND, data_name=data_name, source=source,
+                pad_id=data.info.get("pad_id", 50256),
                 batches_per_epoch=batches.batches_per_epoch)
     manager = checkpoint.open_manager(run_dir, keep=cc.keep, create=True)
     log = MetricsLog(run_dir)
