@@ -64,6 +64,13 @@ QKV_MODES = ("split", "fused")
 TRAINABLE = r"(.+/)?lora/(a|b)"
 """The `trainable` regex of LoRA training: the adapters' A and B, nothing else."""
 
+
+def trainable(also: str | None = None) -> str:
+    """The `trainable` regex for the adapters plus, optionally, the leaves that
+    `also` matches (a new task head trained in full, say: "class_head/.*")."""
+    return TRAINABLE if also is None else f"(?:{TRAINABLE})|(?:{also})"
+
+
 # Shape-deciding GPTConfig fields: adapters fit a base whose fields agree on these.
 BASE_FIELDS = ("vocab_size", "vocab_multiple", "context_length", "emb_dim", "n_heads",
                "n_layers", "ffn_dim", "qkv_bias", "tie_embeddings")

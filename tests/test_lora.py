@@ -19,7 +19,7 @@ from jaxllm import GPT_CONFIG_124M, GPTConfig, apply, from_hf_state_dict, genera
 from jaxllm import lora
 from jaxllm.hf import save_safetensors
 from jaxllm.train import TrainConfig, init_train_state, make_train_step
-from jaxllm.train.task import lm_batch, lm_task, partition, trainable_mask, combine
+from jaxllm.train.task import combine, count_trainable, lm_batch, lm_task, partition, trainable_mask
 
 CONFIG = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
                    drop_rate=0.0, qkv_bias=True, attn_impl="reference")
@@ -443,34 +443,49 @@ def test_bad_input_is_named():
 
 
 # -- the command line -----------------------------------------------------------
-def test_pretrain_with_lora_then_merge_and_export(tmp_path, capsys):
-    from jaxllm.cli import main
-    from jaxllm.train.checkpoint import load_params
+def test_pretrain_lora_flags_then_merge_and_export(tmp_path, capsys):
+    """The flags give the run's initial weights with adapters; `jaxllm lora` merges
+    and exports a checkpoint of them. (The training loop itself takes `params=`
+    and `trainable=` and is tested with them in the engine's tests.)"""
+    import argparse
 
-    text = tmp_path / "corpus.txt"
-    text.write_text("the cat sat on the mat. " * 60)
-    run = tmp_path / "run"
-    assert main(["pretrain", "--data", str(text), "--out", str(run), "--quiet",
-                 "--set", "context_length=16", "--set", "emb_dim=16", "--set", "n_heads=2",
-                 "--set", "n_layers=1", "--set", "batch_size=4", "--set", "lr=1e-2",
-                 "--set", "warmup_steps=0", "--set", "sample_tokens=2", "--set", "eval_batches=1",
-                 "--steps", "2", "--eval-every", "2", "--save-every", "2",
-                 "--set", "tie_embeddings=false", "--lora-rank", "2", "--lora-alpha", "4",
-                 "--lora-targets", "attn,head"]) == 0
-    assert "LoRA: 3 adapted dense layers" in capsys.readouterr().err
-    params, config, _ = load_params(run)
+    from jaxllm.cli import main, pretrain
+    from jaxllm.train import checkpoint
+
+    parser = argparse.ArgumentParser()
+    pretrain.add_arguments(parser)
+    tiny = ["--set", "context_length=16", "--set", "emb_dim=16", "--set", "n_heads=2",
+            "--set", "n_layers=1", "--set", "tie_embeddings=false"]
+    args = parser.parse_args([*tiny, "--lora-rank", "2", "--lora-alpha", "4",
+                              "--lora-targets", "attn,head"])
+    config, tc, _, _ = pretrain.build_configs(args)
+    params, trainable = pretrain._lora_start(args, config, tc)
+    assert trainable == lora.TRAINABLE
+    assert "LoRA: 3 adapted dense layers, 802 trainable parameters" in capsys.readouterr().err
     adapters, scales = lora.adapters_of(params)
     assert sorted(adapters) == ["blocks/0/attn/out", "blocks/0/attn/qkv", "out_head"]
     assert set(scales.values()) == {2.0}
-    assert any(np.any(np.asarray(ab["b"])) for ab in adapters.values())  # they trained
+    assert count_trainable(params, lora.trainable(r"out_head/kernel")) == 802 + 16 * 257
+    plain = pretrain.build_configs(parser.parse_args(tiny))
+    assert pretrain._lora_start(parser.parse_args(tiny), plain[0], plain[1]) == (None, None)
+    with pytest.raises(ValueError, match="--lora-alpha needs --lora-rank"):
+        pretrain._lora_start(parser.parse_args([*tiny, "--lora-alpha", "4"]), config, tc)
+
+    # a checkpoint as a LoRA run leaves it, with trained (non-zero) B
+    trained = lora.with_adapters(lora.strip_adapters(params), random_adapters(
+        params, config, targets="attn,head"), 4.0)
+    run = tmp_path / "run"
+    checkpoint.save(checkpoint.open_manager(run, create=True),
+                    init_train_state(trained, tc, trainable=trainable),
+                    {"model": config.to_dict(), "tokenizer": "byte"})
+    x = np.array([[1, 2, 3, 4]], np.int32)
+    want = np.asarray(logits(trained, x, config))
     assert main(["lora", "merge", "--run-dir", str(run), "--out", str(tmp_path / "hf")]) == 0
     merged = from_hf_state_dict(tmp_path / "hf" / "model.safetensors", config)
-    x = np.array([[1, 2, 3, 4]], np.int32)
-    np.testing.assert_allclose(np.asarray(logits(merged, x, config)),
-                               np.asarray(logits(params, x, config)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits(merged, x, config)), want, atol=1e-5)
     out = tmp_path / "adapters.safetensors"
     assert main(["lora", "export", "--run-dir", str(run), "--out", str(out)]) == 0
     reloaded = lora.load_adapters(out, lora.strip_adapters(params), config)
-    np.testing.assert_allclose(np.asarray(logits(reloaded, x, config)),
-                               np.asarray(logits(params, x, config)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(logits(reloaded, x, config)), want, atol=1e-6)
     assert main(["lora", "merge", "--run-dir", str(tmp_path / "hf"), "--out", "x"]) == 2
+    assert "no checkpoints" in capsys.readouterr().err
