@@ -90,7 +90,7 @@ main)
     sed -n '/^## Costliest/,/^wrote/p' "$log" | grep -v "^wrote" | head -70
     [ $rc -eq 0 ] || echo "MAIN RUN: exit $rc (LOSSES DIFFER / PEER FAILED / CUT: see above)"
     echo "== total $((SECONDS - START)) s; the table:"
-    sed -n '/^# Training throughput/,/^## Costliest/p' "$log" | grep -v "^## Costliest"
+    sed -n '/^# Training throughput/,/^## Costliest/p' "$log" | grep -vE "^(## Costliest|==|wrote)"
     ;;
 autotune)
     log=/tmp/bench-gpu-autotune.log
@@ -98,7 +98,7 @@ autotune)
         "${BENCH[@]}" --case tied --peers compile,max-autotune --out bench-gpu-autotune > "$log" 2>&1
     sed '/^# Training throughput/,$d' "$log" | grep -v "^machine" | tail -40
     echo "== total $((SECONDS - START)) s; the table:"
-    sed -n '/^# Training throughput/,$p' "$log"
+    sed -n '/^# Training throughput/,$p' "$log" | grep -vE "^(==|wrote)"
     ;;
 flags)
     rm -rf "${JAXLLM_RESULTS:-results}"/bench-gpu-flags-*
@@ -106,7 +106,7 @@ flags)
     for flags in "" "${XLA_FLAG_LIST[@]}"; do
         stage 120 "jaxllm alone, XLA_FLAGS='$flags'" env XLA_FLAGS="$flags" \
             "${BENCH[@]}" --case tied --peers none --out "bench-gpu-flags-$i" \
-            | grep -E "^  jaxllm" || echo "XLA_FLAGS='$flags': no result"
+            | grep -E "^(  jaxllm|==)" || echo "XLA_FLAGS='$flags': no result"
         i=$((i + 1))
     done
     echo "== total $((SECONDS - START)) s; the table:"

@@ -1,21 +1,30 @@
-"""Training throughput: jaxllm's train step against a PyTorch peer of the same model.
+"""Training throughput: jaxllm's train step against PyTorch peers of the same model.
 
     python -m experiments.bench_train                 # CPU: the issue's config and the small preset
-    python -m experiments.bench_train --gpu           # GPU: GPT-2 124M, bf16, context 1024, batch 16
-    python -m experiments.bench_train --device-check  # the GPU recipe on a tiny config, any device
+    python -m experiments.bench_train --gpu           # GPU: GPT-2 124M tied and untied, bf16, T1024, B16
+    python -m experiments.bench_train --device-check  # every peer on a tiny config; losses must agree
     python -m experiments.bench_train --threads 1     # both pinned to one core
     python -m experiments.bench_train --profile       # and a per-op profile of jaxllm's step
+    python -m experiments.bench_train --torch-compile-cpu   # CPU: the compiled peers too (slow)
 
 Both sides train the same model from the same weights on the same batch:
 jaxllm through `make_train_step` (AdamW from `make_optimizer`, global-norm
-clipping on), PyTorch through the `TorchGPT` module below with `torch.optim.AdamW`
-and `clip_grad_norm_`. On CPU PyTorch runs eagerly in float32 with its fused
-`scaled_dot_product_attention`; on GPU it gets `torch.compile`, bf16 autocast
-and fused AdamW. The two are timed interleaved (a block of steps of one, then
-of the other, alternating which goes first) because the machine is shared
-and its speed drifts. Tokens/s are medians over the repeats; the ratio is the
-median of the repeats' own ratios (each repeat's two neighbouring blocks), so
-a slowdown that spans a pair of blocks cancels.
+clipping on), PyTorch through the `TorchGPT` module below, as strong as
+PyTorch users run it: the module returns its loss (cross-entropy on float32
+logits inside the module, so under torch.compile the logits stay in the
+compiled graph), the vocabulary is padded and the head tied exactly as
+jaxllm's, AdamW is `fused=True` on CUDA, clipping is `clip_grad_norm_` with
+foreach on CUDA. The peer variants (PEER_VARIANTS) differ in what is compiled:
+nothing, the module, the whole step, the module with max-autotune. On CPU the
+peer runs eagerly in float32 (the compiled variants with --torch-compile-cpu);
+on GPU with bf16 autocast. The fastest variant is the ratio's denominator; the
+others are reported beside it. Before timing, every peer's first two losses
+(before and after one AdamW step) must equal jaxllm's: to 1e-5 in float32, 2e-2
+in bf16; the run exits 1 where they do not. All are timed interleaved (a block
+of steps of each, each repeat starting with the next one along) because the
+machine is shared and its speed drifts. Tokens/s are medians over the repeats;
+a ratio is the median of the repeats' own ratios (each repeat's neighbouring
+blocks), so a slowdown that spans a repeat cancels.
 
 Model FLOPs per token are 6N + 12*L*H*Q*T (N = weights used in matrix
 products, L layers, H heads, Q head size, T sequence length). MFU divides the
@@ -123,7 +132,9 @@ def device_check_cases(overrides: dict, on_gpu: bool) -> list[Case]:
 #   eager         nothing (on the CPU the default peer)
 #   compile       the module, loss included: torch.compile(model)
 #   compile-step  the whole step in one compiled function (forward, backward, clipping,
-#                 the optimizer step; Dynamo splits it at `backward`, the rest stays compiled)
+#                 the optimizer step; Dynamo splits it at `backward`, the rest stays compiled).
+#                 Its AdamW is the foreach one, which inductor compiles into its own fused
+#                 kernels (torch runs the `fused=True` kernel outside the graph, uncompiled)
 #   max-autotune  the module under torch.compile(mode="max-autotune"): Triton GEMM tuning
 #                 and CUDA graphs; GPU only, minutes to compile
 PEER_VARIANTS = ("eager", "compile", "compile-step", "max-autotune")
@@ -259,7 +270,7 @@ def make_peer(variant: str, c: GPTConfig, params, tc: TrainConfig, device: str, 
     if variant not in PEER_VARIANTS:
         raise ValueError(f"unknown peer variant {variant!r}; choose from {PEER_VARIANTS}")
     model = TorchGPT(c).load_jaxllm(params, c).to(device)
-    opt = torch_optimizer(model, tc, fused=device == "cuda")
+    opt = torch_optimizer(model, tc, fused=device == "cuda" and variant != "compile-step")
     autocast = device if bf16 else None
     if variant == "eager":
         return make_torch_step(model, opt, tc, autocast)
@@ -649,6 +660,11 @@ def main(argv=None) -> int:
         peers = ("eager",)
     if not on_gpu and "max-autotune" in peers:
         raise SystemExit("the max-autotune peer tunes GPU kernels: GPU only")
+    if not on_gpu and set(peers) & set(COMPILED_PEERS) and not os.environ.get("OMP_WAIT_POLICY"):
+        # inductor's C++ kernels bring their own OpenMP pool, which spins after each
+        # kernel; beside torch's and XLA's pools every peer then runs ~30x slower here
+        print("note: compiled peers on the CPU; time them with OMP_WAIT_POLICY=PASSIVE "
+              "(the losses are checked either way)", flush=True)
     if peers and any(p in COMPILED_PEERS for p in peers):
         # one compiled module per peer and case: more than Dynamo's default allowance
         for knob in ("recompile_limit", "cache_size_limit"):
@@ -756,9 +772,6 @@ def main(argv=None) -> int:
                        [[p["op"], f"{p['ms_per_step']:.2f}", f"{p['calls_per_step']:g}",
                          f"{100 * p['share']:.1f}%", p["shape"], p["source"][-60:]]
                         for p in r["profile"]]))
-    write_report(name, {"machine": info, "matmul": rate, "datasheet_peak": peak,
-                        "train_config": dataclasses.asdict(tc), "default_peers": list(peers),
-                        "results": results}, md)
     unequal = [(r["case"], n, p["loss_diff"]) for r in results for n, p in r["peers"].items()
                if not p["losses_equal"]]
     for case_name, peer, diff in unequal:
@@ -767,6 +780,9 @@ def main(argv=None) -> int:
     failed = [(r["case"], n, e) for r in results for n, e in r["peer_errors"].items()]
     for case_name, peer, err in failed:
         print(f"PEER FAILED: {case_name}, peer {peer}: {err[:300]}", flush=True)
+    write_report(name, {"machine": info, "matmul": rate, "datasheet_peak": peak,
+                        "train_config": dataclasses.asdict(tc), "default_peers": list(peers),
+                        "results": results}, md)
     return 1 if unequal or failed else 0
 
 
