@@ -34,9 +34,11 @@
 #   JAX-Toolbox GPU performance page); a table of tokens/s against the baseline last.
 #   A flag this jaxlib does not know makes its run fail, reported as such.
 #
-# PY picks the interpreter (default: python). Results: results/bench-gpu*/.
+# PY picks the interpreter (default: python3, the one holding CUDA torch and JAX on the
+# lent H200 image). Results: results/bench-gpu*/. From a session with a device:
+#   run(command="bash experiments/bench_gpu.sh", timeout_s=540)
 set -uo pipefail
-PY=${PY:-python}
+PY=${PY:-$(command -v python3 || command -v python)}
 MODE=${MODE:-main}
 DEADLINE_S=${DEADLINE_S:-470}
 STEPS=${STEPS:-10}
