@@ -34,7 +34,11 @@ GPT-2's ``c_attn``: fewer parameters, but q, k and v share one rank-r input
 subspace.
 
 With `tie_embeddings` the head is the token embedding, not a dense layer, so
-there is no head to adapt: `untie_head` makes it one first.
+there is no head to adapt: `untie_head` makes it one first. With
+`scan_layers` every block must hold the same adapters (the blocks are stacked
+into one tree); `init_lora` says so when the targets differ per block. On a
+mesh, `sharding_rules(rules)` replicates the adapters by rule (the default
+rules alone replicate them too, with a warning that they match no rule).
 """
 
 from __future__ import annotations
