@@ -285,11 +285,10 @@ def test_zero_b_leaves_each_layer_bitwise_unchanged_and_the_model_too():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 32)), jnp.float32)
     adapters = lora.init_lora(params, CONFIG, jax.random.key(3), rank=RANK)
     adapted = lora.with_adapters(params, adapters, ALPHA)
-    for name, gelu in (("qkv", False), ("out", False)):
-        np.testing.assert_array_equal(np.asarray(dense(adapted["blocks"][0]["attn"][name], x)),
-                                      np.asarray(dense(params["blocks"][0]["attn"][name], x)))
-    np.testing.assert_array_equal(np.asarray(dense(adapted["blocks"][0]["ffn"]["fc"], x, gelu=True)),
-                                  np.asarray(dense(params["blocks"][0]["ffn"]["fc"], x, gelu=True)))
+    for group, name, gelu in (("attn", "qkv", False), ("attn", "out", False), ("ffn", "fc", True)):
+        np.testing.assert_array_equal(
+            np.asarray(dense(adapted["blocks"][0][group][name], x, gelu=gelu)),
+            np.asarray(dense(params["blocks"][0][group][name], x, gelu=gelu)))
     # Compiled whole, the two graphs may order XLA's products differently: equal to rounding.
     t = tokens()[:, :-1]
     np.testing.assert_allclose(np.asarray(logits(adapted, t, CONFIG)),
