@@ -16,7 +16,6 @@ reaches any field of GPTConfig, TrainConfig or InstructConfig.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from typing import Any
@@ -87,21 +86,9 @@ def _classes():
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """`["lr=1e-4", "drop_rate=0.1"]` -> per-config dicts, values parsed by field type."""
-    from jaxllm.cli.pretrain import parse_value
+    from jaxllm.cli.pretrain import parse_overrides as route
 
-    owner = {f.name: (section, f) for section, cls in _classes().items()
-             for f in dataclasses.fields(cls)}
-    out: dict[str, dict[str, Any]] = {s: {} for s in _classes()}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        if key not in owner:
-            raise ValueError(f"--set {key}: unknown setting; known settings: {sorted(owner)}")
-        section, field = owner[key]
-        out[section][key] = parse_value(field, value)
-    return out
+    return route(items, _classes())
 
 
 def load_start(args, model_overrides: dict[str, Any]):

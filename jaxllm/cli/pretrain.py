@@ -129,10 +129,14 @@ def parse_value(field: dataclasses.Field, text: str) -> Any:
     return text
 
 
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """`["lr=1e-3", "emb_dim=64"]` -> `{"train": {"lr": 0.001}, "model": {"emb_dim": 64}}`."""
-    owner = _field_owner()
-    out: dict[str, dict[str, Any]] = {s: {} for s in _config_classes()}
+def parse_overrides(items: list[str], classes: dict[str, type] | None = None
+                    ) -> dict[str, dict[str, Any]]:
+    """`["lr=1e-3", "emb_dim=64"]` -> `{"train": {"lr": 0.001}, "model": {"emb_dim": 64}}`,
+    each key routed to the config section (`classes`, default pretraining's) that owns it."""
+    classes = classes or _config_classes()
+    owner = {f.name: (section, f) for section, cls in classes.items()
+             for f in dataclasses.fields(cls)}
+    out: dict[str, dict[str, Any]] = {s: {} for s in classes}
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip()

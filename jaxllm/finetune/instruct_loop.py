@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from jaxllm.config import GPTConfig

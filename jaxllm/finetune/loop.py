@@ -329,7 +329,7 @@ def format_summary(s: dict[str, Any]) -> str:
              f"examples) in {s['train_wall_s']:.1f} s; {s['trainable_params']:,} of "
              f"{s['total_params']:,} parameters trained ({s['trainable']}, {s['pooling']})",
              "accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items())
-             + f"  (loss: " + ", ".join(f"{k} {v:.3f}" for k, v in s["loss"].items()) + ")"]
+             + "  (loss: " + ", ".join(f"{k} {v:.3f}" for k, v in s["loss"].items()) + ")"]
     if s.get("examples_per_s"):
         lines.append(f"speed: {s['examples_per_s']:.1f} examples/s after "
                      f"{s['compile_s']:.1f} s of compilation")
