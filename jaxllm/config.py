@@ -173,33 +173,11 @@ def count_params(config: GPTConfig) -> int:
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every parameter, keyed by its path in the parameter tree."""
-    c = config
-    d, h, v = c.emb_dim, c.hidden_dim, c.padded_vocab_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "tok_emb/embedding": (v, d),
-        "pos_emb/embedding": (c.context_length, d),
-    }
-    for i in range(c.n_layers):
-        p = f"blocks/{i}"
-        shapes[f"{p}/norm1/scale"] = (d,)
-        shapes[f"{p}/norm1/bias"] = (d,)
-        shapes[f"{p}/attn/qkv/kernel"] = (d, 3 * d)
-        if c.qkv_bias:
-            shapes[f"{p}/attn/qkv/bias"] = (3 * d,)
-        shapes[f"{p}/attn/out/kernel"] = (d, d)
-        shapes[f"{p}/attn/out/bias"] = (d,)
-        shapes[f"{p}/norm2/scale"] = (d,)
-        shapes[f"{p}/norm2/bias"] = (d,)
-        shapes[f"{p}/ffn/fc/kernel"] = (d, h)
-        shapes[f"{p}/ffn/fc/bias"] = (h,)
-        shapes[f"{p}/ffn/proj/kernel"] = (h, d)
-        shapes[f"{p}/ffn/proj/bias"] = (d,)
-    shapes["final_norm/scale"] = (d,)
-    shapes["final_norm/bias"] = (d,)
-    if not c.tie_embeddings:
-        shapes["out_head/kernel"] = (d, v)
-    return shapes
+    """Shape of every parameter, keyed by its path in the parameter tree (in tree
+    order), read from `init_params` without allocating (`jaxllm.layout`)."""
+    from jaxllm.layout import param_shapes  # the layout needs the model, which needs this module
+
+    return param_shapes(config)
 
 
 def param_bytes(config: GPTConfig) -> int:

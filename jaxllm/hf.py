@@ -4,7 +4,7 @@ Hugging Face names: `transformer.wte.weight` (vocab, emb), `transformer.wpe.weig
 `transformer.h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj}.{weight,bias}`
 (Conv1D weights are (in, out), as here), `transformer.ln_f.*` and `lm_head.weight`
 (vocab, emb). Buffers that are not parameters (`attn.bias`, `attn.masked_bias`)
-are ignored.
+are ignored. The key map and the expected shapes are read from `jaxllm.layout`.
 """
 
 from __future__ import annotations
@@ -12,29 +12,16 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import layout
 from jaxllm.config import GPTConfig
 from jaxllm.model import Params
+from jaxllm.train.task import path_str
 
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-
-# (our path within a block, HF suffix within transformer.h.N, transpose?)
-_BLOCK_KEYS = [
-    (("norm1", "scale"), "ln_1.weight"),
-    (("norm1", "bias"), "ln_1.bias"),
-    (("attn", "qkv", "kernel"), "attn.c_attn.weight"),
-    (("attn", "qkv", "bias"), "attn.c_attn.bias"),
-    (("attn", "out", "kernel"), "attn.c_proj.weight"),
-    (("attn", "out", "bias"), "attn.c_proj.bias"),
-    (("norm2", "scale"), "ln_2.weight"),
-    (("norm2", "bias"), "ln_2.bias"),
-    (("ffn", "fc", "kernel"), "mlp.c_fc.weight"),
-    (("ffn", "fc", "bias"), "mlp.c_fc.bias"),
-    (("ffn", "proj", "kernel"), "mlp.c_proj.weight"),
-    (("ffn", "proj", "bias"), "mlp.c_proj.bias"),
-]
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -61,28 +48,6 @@ def load_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, 
     return {k: _to_numpy(v) for k, v in source.items()}
 
 
-def _hf_layout(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Expected HF key -> shape for a config (all keys we read or write)."""
-    c = config
-    d, h, v = c.emb_dim, c.hidden_dim, c.vocab_size
-    shapes = {"transformer.wte.weight": (v, d), "transformer.wpe.weight": (c.context_length, d)}
-    per_block = {
-        "ln_1.weight": (d,), "ln_1.bias": (d,),
-        "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
-        "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,),
-        "ln_2.weight": (d,), "ln_2.bias": (d,),
-        "mlp.c_fc.weight": (d, h), "mlp.c_fc.bias": (h,),
-        "mlp.c_proj.weight": (h, d), "mlp.c_proj.bias": (d,),
-    }
-    for i in range(c.n_layers):
-        for k, s in per_block.items():
-            shapes[f"transformer.h.{i}.{k}"] = s
-    shapes["transformer.ln_f.weight"] = (d,)
-    shapes["transformer.ln_f.bias"] = (d,)
-    shapes["lm_head.weight"] = (v, d)
-    return shapes
-
-
 def from_hf_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike,
                        config: GPTConfig) -> Params:
     """Parameters from a Hugging Face GPT-2 state dict (numpy, torch or a safetensors path).
@@ -93,10 +58,9 @@ def from_hf_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike,
     may be absent or equal to `wte`; with an untied head it is required.
     """
     sd = {k: v for k, v in load_state_dict(state_dict).items() if not k.endswith(_BUFFER_SUFFIXES)}
-    expected = _hf_layout(config)
-    optional = {"lm_head.weight"} if config.tie_embeddings else set()
-    if not config.qkv_bias:
-        optional |= {f"transformer.h.{i}.attn.c_attn.bias" for i in range(config.n_layers)}
+    expected = layout.hf_shapes(config)
+    absent = [p for p in layout.rows(config, every=True) if not p.present(config)]
+    optional = {p.hf for p in absent}
 
     unexpected = sorted(set(sd) - set(expected))
     if unexpected:
@@ -111,48 +75,30 @@ def from_hf_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike,
             raise ValueError(f"{key}: state dict has shape {tuple(arr.shape)}, "
                              f"config expects {expected[key]}")
 
-    if not config.qkv_bias:
-        for i in range(config.n_layers):
-            b = sd.get(f"transformer.h.{i}.attn.c_attn.bias")
-            if b is not None and np.any(b != 0):
-                raise ValueError(f"transformer.h.{i}.attn.c_attn.bias is non-zero but the config "
-                                 "has qkv_bias=False; use qkv_bias=True for these weights")
-    if config.tie_embeddings and "lm_head.weight" in sd:
-        if not np.array_equal(sd["lm_head.weight"], sd["transformer.wte.weight"]):
-            raise ValueError("lm_head.weight differs from transformer.wte.weight but the config "
-                             "has tie_embeddings=True; use tie_embeddings=False for these weights")
+    hf_name = {p.path: p.hf for p in layout.rows(config, every=True)}
+    for p in absent:  # what Hugging Face keeps in their place must be what we assume
+        if p.hf not in sd:
+            continue
+        field, value = p.only_if
+        given = (f"the config has {field}={getattr(config, field)!r}; "
+                 f"use {field}={value!r} for these weights")
+        if p.hf_absent == "zeros" and np.any(sd[p.hf] != 0):
+            raise ValueError(f"{p.hf} is non-zero but {given}")
+        tied = hf_name.get(p.hf_absent)
+        if tied is not None and not np.array_equal(sd[p.hf], sd[tied]):
+            raise ValueError(f"{p.hf} differs from {tied} but {given}")
 
     dtype = jnp.dtype(config.param_dtype)
     pad = config.padded_vocab_size - config.vocab_size
 
-    def arr(x):
-        return jnp.asarray(np.asarray(x, np.float32), dtype)
+    def ours(p: layout.Param):
+        x = np.asarray(sd[p.hf], np.float32)
+        x = x.T if p.transposed else x
+        if p.vocab_axis is not None and pad:
+            x = np.pad(x, [(0, pad if axis == p.vocab_axis else 0) for axis in range(x.ndim)])
+        return jnp.asarray(x, dtype)
 
-    def pad_rows(x):
-        return np.pad(x, ((0, pad), (0, 0))) if pad else x
-
-    blocks = []
-    for i in range(config.n_layers):
-        blk: dict = {}
-        for path, suffix in _BLOCK_KEYS:
-            key = f"transformer.h.{i}.{suffix}"
-            if path == ("attn", "qkv", "bias") and not config.qkv_bias:
-                continue
-            node = blk
-            for name in path[:-1]:
-                node = node.setdefault(name, {})
-            node[path[-1]] = arr(sd[key])
-        blocks.append(blk)
-    params: Params = {
-        "tok_emb": {"embedding": arr(pad_rows(sd["transformer.wte.weight"]))},
-        "pos_emb": {"embedding": arr(sd["transformer.wpe.weight"])},
-        "blocks": blocks,
-        "final_norm": {"scale": arr(sd["transformer.ln_f.weight"]),
-                       "bias": arr(sd["transformer.ln_f.bias"])},
-    }
-    if not config.tie_embeddings:
-        params["out_head"] = {"kernel": arr(pad_rows(sd["lm_head.weight"]).T)}
-    return params
+    return layout.unflatten(config, {p.path: ours(p) for p in layout.rows(config)})
 
 
 def to_hf_state_dict(params: Params, config: GPTConfig) -> dict[str, np.ndarray]:
@@ -161,31 +107,23 @@ def to_hf_state_dict(params: Params, config: GPTConfig) -> dict[str, np.ndarray]
     Hugging Face's GPT-2 always has `c_attn.bias`; with `qkv_bias=False` it is
     written as zeros. `lm_head.weight` is always written (equal to `wte` when tied).
     """
-    v = config.vocab_size
-
-    def np32(x):
-        return np.asarray(x, dtype=np.float32)
-
-    sd = {
-        "transformer.wte.weight": np32(params["tok_emb"]["embedding"])[:v],
-        "transformer.wpe.weight": np32(params["pos_emb"]["embedding"]),
-    }
-    for i, blk in enumerate(params["blocks"]):
-        for path, suffix in _BLOCK_KEYS:
-            node = blk
-            for name in path:
-                node = node.get(name) if isinstance(node, dict) else None
-                if node is None:
-                    break
-            if node is None:  # qkv bias absent
-                node = np.zeros((3 * config.emb_dim,), np.float32)
-            sd[f"transformer.h.{i}.{suffix}"] = np32(node)
-    sd["transformer.ln_f.weight"] = np32(params["final_norm"]["scale"])
-    sd["transformer.ln_f.bias"] = np32(params["final_norm"]["bias"])
-    if config.tie_embeddings:
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    else:
-        sd["lm_head.weight"] = np32(params["out_head"]["kernel"]).T[:v]
+    leaves = {path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    shapes = layout.hf_shapes(config)
+    hf_name = {p.path: p.hf for p in layout.rows(config, every=True)}
+    sd: dict[str, np.ndarray] = {}
+    for p in layout.rows(config, every=True):
+        tied = None if p.present(config) else hf_name.get(p.hf_absent)
+        if tied is not None:
+            sd[p.hf] = sd[tied]  # the same array, as Hugging Face ties them
+        elif p.path in leaves:
+            x = np.asarray(leaves[p.path], dtype=np.float32)
+            if p.vocab_axis is not None:  # drop the padding rows
+                x = np.take(x, np.arange(config.vocab_size), axis=p.vocab_axis)
+            sd[p.hf] = x.T if p.transposed else x
+        elif p.hf_absent == "zeros":
+            sd[p.hf] = np.zeros(shapes[p.hf], np.float32)
+        else:
+            raise KeyError(f"parameters have no {p.path!r}, which this config needs")
     return {k: np.ascontiguousarray(a) for k, a in sd.items()}
 
 

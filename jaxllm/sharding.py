@@ -44,11 +44,12 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxllm import layout
 from jaxllm.config import NATIVE_KERNEL_FIELDS, GPTConfig
 from jaxllm.model import init_params
 from jaxllm.train.optim import TrainConfig, make_optimizer
 from jaxllm.train.step import TrainState, init_train_state, make_eval_step, make_train_step
-from jaxllm.train.task import Task, Trainable, lm_task
+from jaxllm.train.task import Task, Trainable, lm_task, path_str  # path_str: re-exported
 
 MESH_AXES = ("data", "fsdp")
 # The batch dimension is split over every device: data parallel across
@@ -71,18 +72,11 @@ Rules = Sequence[tuple[str, "P | tuple[P, ...]"]]
 # `GPTConfig.vocab_multiple` pads it.
 FSDP_MATRIX = (P("fsdp", None), P(None, "fsdp"))
 
-# The default FSDP layout of the GPT parameters (see `param_specs`). Vectors
-# (biases, LayerNorm scales: at most a few thousand numbers) are replicated.
-DEFAULT_RULES: tuple[tuple[str, P | tuple[P, ...]], ...] = (
-    (r"tok_emb/embedding", FSDP_MATRIX),          # (vocab, emb)
-    (r"pos_emb/embedding", FSDP_MATRIX),          # (context, emb)
-    (r"blocks/\d+/attn/qkv/kernel", FSDP_MATRIX),  # (emb, 3 * emb)
-    (r"blocks/\d+/attn/out/kernel", FSDP_MATRIX),  # (emb, emb)
-    (r"blocks/\d+/ffn/fc/kernel", FSDP_MATRIX),    # (emb, hidden)
-    (r"blocks/\d+/ffn/proj/kernel", FSDP_MATRIX),  # (hidden, emb)
-    (r"out_head/kernel", FSDP_MATRIX),            # (emb, vocab)
-    (r".*/(bias|scale)", P()),                    # vectors: replicated
-)
+# The default FSDP layout of the GPT parameters (see `param_specs`), one rule per
+# matrix of `jaxllm.layout.PARAMS` in tree order, then one for the vectors (biases,
+# LayerNorm scales: at most a few thousand numbers), which are replicated.
+DEFAULT_RULES: tuple[tuple[str, P | tuple[P, ...]], ...] = tuple(
+    (regex, FSDP_MATRIX if kind == layout.MATRIX else P()) for regex, kind in layout.rule_patterns())
 
 
 # -- the mesh ------------------------------------------------------------------
@@ -149,19 +143,6 @@ def mesh_description(mesh: Mesh) -> str:
 
 
 # -- partition rules -----------------------------------------------------------
-def path_str(path) -> str:
-    """A pytree key path as ``blocks/3/attn/qkv/kernel``."""
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def _compile_rules(rules: Rules) -> list[tuple[str, re.Pattern, tuple[P, ...]]]:
     compiled = []
     for i, rule in enumerate(rules):

@@ -50,7 +50,8 @@ def lm_batch(tokens, targets, mask=None) -> Batch:
 
 
 def path_str(path) -> str:
-    """A pytree key path as "a/b/0/c"."""
+    """A pytree key path as "a/b/0/c": the one spelling of parameter paths that
+    trainable regexes, partition rules (`jaxllm.sharding`) and `jaxllm.layout` share."""
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
                     for k in path)
 

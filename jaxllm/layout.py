@@ -1,0 +1,148 @@
+"""The parameter layout: one table naming every parameter of the GPT tree.
+
+`init_params` decides which parameters exist and their shapes; `PARAMS` adds
+what the rest of the library needs to know about each of them: its Hugging
+Face name and orientation, and whether it is a matrix (split by FSDP) or a
+vector (replicated). Parameter counts (`param_shapes`), the Hugging Face key
+map (`jaxllm.hf`), the default partition rules (`jaxllm.sharding`) and
+restore targets (`abstract_params`) are all read from here, so a new
+parameter is added in `init_params` and in one row below.
+
+Paths are the tree's keys joined by "/"; in block rows ``*`` stands for the
+block index, in our paths as in the Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any
+
+import jax
+
+from jaxllm.config import GPTConfig
+from jaxllm.model import init_params
+from jaxllm.train.task import path_str
+
+MATRIX, VECTOR = "matrix", "vector"
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One row of the layout.
+
+    `vocab_axis` is the axis of our array that runs over the vocabulary: it
+    holds `padded_vocab_size` rows here and `vocab_size` in Hugging Face's
+    file. `transposed`: Hugging Face stores the transpose of our array.
+    `only_if=(field, value)`: the parameter exists only when the config field
+    has that value. Hugging Face's GPT-2 always has it; `hf_absent` says what
+    stands in its place there: "zeros", or the path of the parameter it is
+    tied to.
+    """
+
+    path: str
+    hf: str
+    kind: str
+    vocab_axis: int | None = None
+    transposed: bool = False
+    only_if: tuple[str, Any] | None = None
+    hf_absent: str | None = None
+
+    def present(self, config: GPTConfig) -> bool:
+        return self.only_if is None or getattr(config, self.only_if[0]) == self.only_if[1]
+
+    def at(self, layer: int) -> "Param":
+        """This row for block `layer` (the row itself outside the blocks)."""
+        return dataclasses.replace(self, path=self.path.replace("*", str(layer)),
+                                   hf=self.hf.replace("*", str(layer)))
+
+
+# In the tree's order. Hugging Face's Conv1D weights are (in, out), as ours.
+PARAMS: tuple[Param, ...] = (
+    Param("tok_emb/embedding", "transformer.wte.weight", MATRIX, vocab_axis=0),
+    Param("pos_emb/embedding", "transformer.wpe.weight", MATRIX),
+    Param("blocks/*/norm1/scale", "transformer.h.*.ln_1.weight", VECTOR),
+    Param("blocks/*/norm1/bias", "transformer.h.*.ln_1.bias", VECTOR),
+    Param("blocks/*/attn/qkv/kernel", "transformer.h.*.attn.c_attn.weight", MATRIX),
+    Param("blocks/*/attn/qkv/bias", "transformer.h.*.attn.c_attn.bias", VECTOR,
+          only_if=("qkv_bias", True), hf_absent="zeros"),
+    Param("blocks/*/attn/out/kernel", "transformer.h.*.attn.c_proj.weight", MATRIX),
+    Param("blocks/*/attn/out/bias", "transformer.h.*.attn.c_proj.bias", VECTOR),
+    Param("blocks/*/norm2/scale", "transformer.h.*.ln_2.weight", VECTOR),
+    Param("blocks/*/norm2/bias", "transformer.h.*.ln_2.bias", VECTOR),
+    Param("blocks/*/ffn/fc/kernel", "transformer.h.*.mlp.c_fc.weight", MATRIX),
+    Param("blocks/*/ffn/fc/bias", "transformer.h.*.mlp.c_fc.bias", VECTOR),
+    Param("blocks/*/ffn/proj/kernel", "transformer.h.*.mlp.c_proj.weight", MATRIX),
+    Param("blocks/*/ffn/proj/bias", "transformer.h.*.mlp.c_proj.bias", VECTOR),
+    Param("final_norm/scale", "transformer.ln_f.weight", VECTOR),
+    Param("final_norm/bias", "transformer.ln_f.bias", VECTOR),
+    Param("out_head/kernel", "lm_head.weight", MATRIX, vocab_axis=1, transposed=True,
+          only_if=("tie_embeddings", False), hf_absent="tok_emb/embedding"),
+)
+
+
+def rows(config: GPTConfig, *, every: bool = False) -> list[Param]:
+    """The table expanded over the config's blocks, in tree order: the rows
+    present in the config's tree, or with `every` all of them (Hugging Face's
+    layout, which has the optional ones too)."""
+    chosen = [p for p in PARAMS if every or p.present(config)]
+    block = [p for p in chosen if "*" in p.path]  # contiguous in PARAMS
+    start = chosen.index(block[0])
+    return (chosen[:start] + [p.at(i) for i in range(config.n_layers) for p in block]
+            + chosen[start + len(block):])
+
+
+# -- shapes, from init_params ----------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _abstract(config: GPTConfig):
+    key = jax.eval_shape(jax.random.key, 0)
+    tree = jax.eval_shape(functools.partial(init_params, config), key)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = tuple((path_str(path), leaf) for path, leaf in leaves)
+    named, built = {p.path for p in rows(config)}, {name for name, _ in leaves}
+    if named != built:  # a parameter was added to init_params or PARAMS but not both
+        raise AssertionError(f"jaxllm.layout.PARAMS and init_params disagree: not in the table "
+                             f"{sorted(built - named)}, not built {sorted(named - built)}")
+    return leaves, treedef
+
+
+def abstract_params(config: GPTConfig):
+    """The tree of `init_params(config, key)` as `jax.ShapeDtypeStruct`s, nothing
+    allocated (and no device touched): a target to restore parameters into."""
+    leaves, treedef = _abstract(config)
+    return jax.tree_util.tree_unflatten(treedef, [leaf for _, leaf in leaves])
+
+
+def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter, keyed by its path, in tree order."""
+    shapes = {name: tuple(leaf.shape) for name, leaf in _abstract(config)[0]}
+    return {p.path: shapes[p.path] for p in rows(config)}
+
+
+def unflatten(config: GPTConfig, values: dict[str, Any]):
+    """The parameter tree of `config` with the leaf at each path from `values`."""
+    leaves, treedef = _abstract(config)
+    return jax.tree_util.tree_unflatten(treedef, [values[name] for name, _ in leaves])
+
+
+def hf_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face key -> shape: every row (their GPT-2 has the optional ones
+    too), unpadded vocabulary, in their orientation."""
+    full = config.replace(qkv_bias=True, tie_embeddings=False, vocab_multiple=1)
+    shapes = param_shapes(full)
+    return {p.hf: shapes[p.path][::-1] if p.transposed else shapes[p.path]
+            for p in rows(full)}
+
+
+# -- partition rules ---------------------------------------------------------------
+def rule_patterns() -> list[tuple[str, str]]:
+    """(regex over paths, kind) for the default partition rules: one per matrix
+    in table order, then one for every vector by its leaf name (so the biases
+    of a new head are replicated too)."""
+    def regex(path: str) -> str:
+        return r"\d+".join(re.escape(part) for part in path.split("*"))
+
+    matrices = [(regex(p.path), MATRIX) for p in PARAMS if p.kind == MATRIX]
+    names = sorted({p.path.rsplit("/", 1)[1] for p in PARAMS if p.kind == VECTOR})
+    return matrices + [(f".*/({'|'.join(names)})", VECTOR)]
