@@ -33,8 +33,16 @@ adapter on the whole kernel, A (emb, r) and B (r, 3 emb), as PEFT does on
 GPT-2's ``c_attn``: fewer parameters, but q, k and v share one rank-r input
 subspace.
 
-With `tie_embeddings` the head is the token embedding, not a dense layer, so
-there is no head to adapt: `untie_head` makes it one first. With
+With `tie_embeddings` the LM head is the token embedding, transposed, not a
+dense layer; it still takes an adapter, A (emb, r) and B (r, vocab) as on an
+untied head, stored at the same path: the tree gets ``"out_head": {"lora": ...}``
+without a kernel, and `jaxllm.model.lm_head` adds ``scale * (x @ A) @ B`` to
+``x @ E.T``. The input embedding is not adapted. Folding that adapter in
+cannot leave the head tied without changing the input embedding, so it unties
+the head: `merge_model` returns an ``out_head`` kernel ``E.T + scale * A B`` with
+the config's `tie_embeddings` off (and `merge`, which returns no config,
+refuses such a tree). A model whose LM head is replaced (a classifier) passes
+``tied_head=False`` to `init_lora`. With
 `scan_layers` every block must hold the same adapters (the blocks are stacked
 into one tree); `init_lora` says so when the targets differ per block. On a
 mesh, `sharding_rules(rules)` replicates the adapters by rule (the default
@@ -128,6 +136,33 @@ def _replace(tree, path: str, fn):
     return new
 
 
+HEAD_PATH = "out_head"
+
+
+def _tied_head_shape(params) -> tuple[int, int] | None:
+    """(emb, padded vocab) of the LM head when it is the token embedding: a
+    model tree with `tok_emb` and no dense `out_head` (only, maybe, its adapter)."""
+    if not isinstance(params, Mapping) or "tok_emb" not in params \
+            or "kernel" in params.get(HEAD_PATH, {}):
+        return None
+    vocab, emb = params["tok_emb"]["embedding"].shape
+    return int(emb), int(vocab)
+
+
+def _layers(params, tied_head: bool) -> dict[str, tuple[int, int]]:
+    """`dense_layers`, plus the tied head at "out_head" when `tied_head` and the
+    tree has one."""
+    layers = dense_layers(params)
+    shape = _tied_head_shape(params) if tied_head else None
+    if shape is not None:
+        layers[HEAD_PATH] = shape
+    return layers
+
+
+def _is_tied_head(params, path: str) -> bool:
+    return path == HEAD_PATH and _tied_head_shape(params) is not None
+
+
 def _is_qkv(path: str) -> bool:
     return path.rsplit("/", 1)[-1] == "qkv"
 
@@ -145,21 +180,21 @@ def target_regex(targets: str) -> str:
     return targets
 
 
-def select_targets(params, targets: str = "all") -> list[str]:
+def select_targets(params, targets: str = "all", *, tied_head: bool = False) -> list[str]:
     """The dense-layer paths `targets` selects (the regex must match a whole
-    path, "blocks/0/attn/qkv"; one matching "<path>/kernel" selects it too)."""
+    path, "blocks/0/attn/qkv"; one matching "<path>/kernel" selects it too).
+    With `tied_head`, a tied LM head counts as the dense layer "out_head"."""
     pattern = target_regex(targets)
     try:
         regex = re.compile(pattern)
     except re.error as e:
         raise ValueError(f"LoRA target regex {pattern!r} does not compile: {e}") from None
-    layers = dense_layers(params)
+    layers = _layers(params, tied_head)
     chosen = [p for p in layers if regex.fullmatch(p) or regex.fullmatch(f"{p}/kernel")]
     if not chosen:
         hint = ""
         if "out_head" not in layers and re.fullmatch(pattern, "out_head"):
-            hint = (" (the head is tied to tok_emb here, not a dense layer: "
-                    "jaxllm.lora.untie_head makes it one)")
+            hint = " (the LM head is not part of this model: a task head replaces it)"
         raise ValueError(f"LoRA targets '{targets}' match no dense layer{hint}; dense layers: "
                          f"{', '.join(list(layers)[:6])}{', ...' if len(layers) > 6 else ''}")
     return chosen
@@ -173,7 +208,8 @@ def _kaiming_uniform(key, shape, fan_in: int, dtype):
 
 
 def init_lora(params, config: GPTConfig, key: jax.Array, *, rank: int, targets: str = "all",
-              qkv: str = "split", allow_rank_above_dim: bool = False) -> Adapters:
+              qkv: str = "split", allow_rank_above_dim: bool = False,
+              tied_head: bool = True) -> Adapters:
     """Fresh adapters {path: {"a", "b"}} for the dense layers `targets` selects
     (see `target_regex`): A Kaiming-uniform like a PyTorch Linear weight, B
     zeros, in `config.param_dtype`. `qkv` is "split" (default: one adapter each
@@ -181,14 +217,18 @@ def init_lora(params, config: GPTConfig, key: jax.Array, *, rank: int, targets: 
     projection); the module docstring says why. A rank above a layer's smaller
     dimension is refused, since that adapter costs more than training the layer
     itself, unless `allow_rank_above_dim` (a small task head under a uniform
-    rank, say). `params` may be `jax.ShapeDtypeStruct`s (only shapes are read)."""
+    rank, say). With `config.tie_embeddings` the LM head is a target ("out_head",
+    in the presets "head" and "all") unless `tied_head=False` (a model that
+    replaces the LM head). `params` may be `jax.ShapeDtypeStruct`s (only shapes
+    are read)."""
     if qkv not in QKV_MODES:
         raise ValueError(f"qkv must be one of {QKV_MODES}, got {qkv!r}")
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     rank = int(rank)
-    layers = dense_layers(params)
-    chosen = select_targets(params, targets)
+    tied_head = bool(tied_head and config.tie_embeddings)
+    layers = _layers(params, tied_head)
+    chosen = select_targets(params, targets, tied_head=tied_head)
     dtype = jnp.dtype(config.param_dtype)
     adapters: Adapters = {}
     for i, path in enumerate(chosen):
@@ -246,8 +286,9 @@ def _check_fits(path: str, ab, kernel_shape) -> None:
 
 def with_adapters(params, adapters: Adapters, alpha: float):
     """`params` with each adapted dense dict carrying "lora": {"a", "b", "scale"},
-    scale = alpha / rank (a float32 scalar). The base leaves are shared, not copied."""
-    layers = dense_layers(params)
+    scale = alpha / rank (a float32 scalar); a tied head's adapter becomes
+    "out_head": {"lora"}. The base leaves are shared, not copied."""
+    layers = _layers(params, tied_head=True)
     out = params
     for path, ab in adapters.items():
         if path not in layers:
@@ -256,7 +297,10 @@ def with_adapters(params, adapters: Adapters, alpha: float):
         _check_fits(path, ab, layers[path])
         rank = ab["a"].shape[-1]
         lora = {"a": ab["a"], "b": ab["b"], "scale": jnp.asarray(alpha / rank, jnp.float32)}
-        out = _replace(out, path, lambda d, lora=lora: {**d, "lora": lora})
+        if _is_tied_head(out, path):
+            out = {**out, HEAD_PATH: {"lora": lora}}
+        else:
+            out = _replace(out, path, lambda d, lora=lora: {**d, "lora": lora})
     return out
 
 
@@ -288,7 +332,10 @@ def strip_adapters(params):
     """`params` without their "lora" entries: the frozen base."""
     out = params
     for path in adapters_of(params)[0]:
-        out = _replace(out, path, lambda d: {k: v for k, v in d.items() if k != "lora"})
+        if _is_tied_head(out, path):
+            out = {k: v for k, v in out.items() if k != HEAD_PATH}
+        else:
+            out = _replace(out, path, lambda d: {k: v for k, v in d.items() if k != "lora"})
     return out
 
 
@@ -312,13 +359,24 @@ def _delta(ab) -> jax.Array:
     return jnp.concatenate([a[i] @ b[i] for i in range(a.shape[0])], axis=-1)
 
 
-def _fold(params, adapters: Adapters, scales: Mapping[str, float], sign: float):
-    layers = dense_layers(params)
+TIED_MERGE = ("the LM head is tied to the token embedding: folding its adapter in unties "
+              "it (the input embedding stays as it is), so the config changes too; use "
+              "jaxllm.lora.merge_model(params, config), which returns both")
+
+
+def _fold(params, adapters: Adapters, scales: Mapping[str, float], sign: float,
+          untie: bool = False):
+    layers = _layers(params, tied_head=True)
     out = params
     for path, ab in adapters.items():
         if path not in layers:
             raise ValueError(f"adapter {path} has no dense layer in the parameters")
         _check_fits(path, ab, layers[path])
+        if _is_tied_head(out, path):
+            if not untie:
+                raise ValueError(TIED_MERGE)
+            emb = out["tok_emb"]["embedding"]  # the head, as a dense kernel of its own
+            out = {**out, HEAD_PATH: {"kernel": jnp.asarray(emb).T}}
 
         def fold(d, ab=ab, s=sign * scales[path]):
             k = d["kernel"]
@@ -333,29 +391,49 @@ def _scales(adapters: Adapters, alpha: float) -> dict[str, float]:
     return {p: alpha / ab["a"].shape[-1] for p, ab in adapters.items()}
 
 
-def merge(params, adapters: Adapters | None = None, alpha: float | None = None):
-    """Plain parameters with the adapters folded in: W + (alpha / r) A B (in
-    float32, stored in W's dtype). Either `params` carries them (a tree from
-    `with_adapters`; they are removed), or pass the base with `adapters` and
-    `alpha` (the rank is read from A's shape)."""
+def _merged(params, adapters, alpha, untie: bool):
     if adapters is None:
         adapters, scales = adapters_of(params)
         if not adapters:
             raise ValueError("merge: the parameters carry no adapters; pass adapters and alpha")
-        return _fold(params, adapters, scales, 1.0)
+        return _fold(params, adapters, scales, 1.0, untie)
     if alpha is None:
         raise ValueError("merge: alpha is needed with separate adapters")
-    return _fold(params, adapters, _scales(adapters, alpha), 1.0)
+    return _fold(params, adapters, _scales(adapters, alpha), 1.0, untie)
+
+
+def merge(params, adapters: Adapters | None = None, alpha: float | None = None):
+    """Plain parameters with the adapters folded in: W + (alpha / r) A B (in
+    float32, stored in W's dtype). Either `params` carries them (a tree from
+    `with_adapters`; they are removed), or pass the base with `adapters` and
+    `alpha` (the rank is read from A's shape). An adapter on a tied head is
+    refused: it unties the head, see `merge_model`."""
+    return _merged(params, adapters, alpha, untie=False)
+
+
+def merge_model(params, config: GPTConfig, adapters: Adapters | None = None,
+                alpha: float | None = None) -> tuple[Any, GPTConfig]:
+    """(params, config) with the adapters folded in, as `merge`; an adapter on a
+    tied head unties it: "out_head" gets the kernel E.T + (alpha / r) A B, the
+    token embedding E stays the input embedding, and the config comes back with
+    `tie_embeddings=False` (a Hugging Face export then writes its own
+    lm_head.weight)."""
+    tied = config.tie_embeddings and _tied_head_shape(params) is not None and (
+        HEAD_PATH in (adapters if adapters is not None else adapters_of(params)[0]))
+    merged = _merged(params, adapters, alpha, untie=tied)
+    return merged, config.replace(tie_embeddings=False) if tied else config
 
 
 def unmerge(params, adapters: Adapters, alpha: float):
-    """The inverse of `merge`: W - (alpha / r) A B (exact up to rounding)."""
+    """The inverse of `merge`: W - (alpha / r) A B (exact up to rounding). A
+    head that `merge_model` untied stays untied (its kernel goes back to E.T)."""
     return _fold(params, adapters, _scales(adapters, alpha), -1.0)
 
 
 def untie_head(params, config: GPTConfig):
     """(params, config) with the tied head made a dense `out_head` (a copy of
-    the token embedding, transposed), so that it can take an adapter."""
+    the token embedding, transposed): a head trained apart from the embedding.
+    (An adapter does not need it: a tied head takes one as it is.)"""
     if not config.tie_embeddings:
         return params, config
     out = dict(params)
@@ -364,11 +442,12 @@ def untie_head(params, config: GPTConfig):
 
 
 def lora_params(params, config: GPTConfig, key: jax.Array, *, rank: int, alpha: float | None = None,
-                targets: str = "all", qkv: str = "split", allow_rank_above_dim: bool = False):
+                targets: str = "all", qkv: str = "split", allow_rank_above_dim: bool = False,
+                tied_head: bool = True):
     """`with_adapters(params, init_lora(...), alpha)`; alpha defaults to the rank
     (scale 1)."""
     adapters = init_lora(params, config, key, rank=rank, targets=targets, qkv=qkv,
-                         allow_rank_above_dim=allow_rank_above_dim)
+                         allow_rank_above_dim=allow_rank_above_dim, tied_head=tied_head)
     return with_adapters(params, adapters, float(rank if alpha is None else alpha))
 
 
@@ -429,7 +508,7 @@ def load_adapters(path: str | os.PathLike, params, config: GPTConfig):
     adapters, alpha, meta = read_adapters(path)
     diffs = [f"{f}: adapters {meta['base'].get(f)!r}, base {getattr(config, f)!r}"
              for f in BASE_FIELDS if meta["base"].get(f) != getattr(config, f)]
-    layers = dense_layers(params)
+    layers = _layers(params, tied_head=config.tie_embeddings)
     for layer, shape in meta["kernels"].items():
         if layer not in layers:
             diffs.append(f"{layer}: in the adapters, not a dense layer of the base")

@@ -10,7 +10,7 @@ architecture (print it, map over it, save it)::
                  "norm2": {"scale", "bias"},
                  "ffn":   {"fc": {"kernel": (emb, hidden), "bias"}, "proj": {"kernel", "bias"}}}, ...],
      "final_norm": {"scale", "bias"},
-     "out_head":  {"kernel": (emb, vocab)}}          # absent when tie_embeddings
+     "out_head":  {"kernel": (emb, vocab)}}          # tie_embeddings: absent (or a LoRA adapter)
 
 Dense weights are (in, out), the layout of Hugging Face's GPT-2 `Conv1D`.
 How each operation runs (XLA, MKL, native CPU passes, which attention, remat)
@@ -209,11 +209,13 @@ def lm_head(params: Params, hidden, config: GPTConfig, *, upcast: bool = True):
     this function and keeps the rest of the model."""
     ops = ops_for(config)
     if config.tie_embeddings:
-        # contract with the embedding as stored, (vocab, emb): multiplying by its
-        # transpose makes XLA copy the whole matrix first
-        lead = hidden.shape[:-1]
-        logits = ops.matmul(hidden.reshape(-1, hidden.shape[-1]), params["tok_emb"]["embedding"],
-                            True).reshape(*lead, -1)
+        # contract with the embedding as stored, (vocab, emb): its transpose makes XLA copy
+        # the whole matrix first. A LoRA adapter on the tied head sits in "out_head".
+        lead, x = hidden.shape[:-1], hidden.reshape(-1, hidden.shape[-1])
+        logits = ops.matmul(x, params["tok_emb"]["embedding"], True)
+        if "out_head" in params:
+            logits = logits + low_rank(params["out_head"]["lora"], x, ops)
+        logits = logits.reshape(*lead, -1)
     else:
         logits = dense(params["out_head"], hidden, ops)
     if upcast:

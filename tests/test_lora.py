@@ -377,6 +377,91 @@ def test_sharded_step_with_lora_rules_equals_the_plain_step():
                                rtol=1e-5)
 
 
+# -- the tied head ----------------------------------------------------------------
+TIED = CONFIG.replace(tie_embeddings=True)
+
+
+def test_tied_head_adapter_equals_the_untied_head_with_the_same_adapter():
+    params = random_params(TIED)
+    assert "out_head" not in params
+    adapters = random_adapters(params, TIED, targets="head")
+    assert {p: (ab["a"].shape, ab["b"].shape) for p, ab in adapters.items()} == \
+        {"out_head": ((32, RANK), (RANK, 97))}  # as on an untied head: A (emb, r), B (r, vocab)
+    adapted = lora.with_adapters(params, adapters, ALPHA)
+    assert set(adapted["out_head"]) == {"lora"}  # no kernel: the head is still tok_emb
+    untied_params, untied = lora.untie_head(params, TIED)
+    reference = lora.with_adapters(untied_params, adapters, ALPHA)
+    x, batch = tokens()[:, :-1], lm_batch(tokens()[:, :-1], tokens()[:, 1:])
+    got = np.asarray(logits(adapted, x, TIED))
+    np.testing.assert_allclose(got, np.asarray(logits(reference, x, untied)), atol=1e-5)
+    (loss, grads), (want_loss, want_grads) = (lora_grads(adapted, batch, TIED),
+                                             lora_grads(reference, batch, untied))
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    for n in ("a", "b"):
+        np.testing.assert_allclose(np.asarray(grads["out_head"]["lora"][n]),
+                                   np.asarray(want_grads["out_head"]["lora"][n]), atol=1e-5)
+    assert np.abs(np.asarray(grads["out_head"]["lora"]["a"])).max() > 0
+    # the trainable parameters: A and B of the head, nothing of the embedding
+    assert count_trainable(adapted, lora.TRAINABLE) == RANK * (32 + 97)
+    assert lora.count_lora_params(lora.init_lora(params, TIED, jax.random.key(0), rank=RANK)) \
+        == lora.count_lora_params(lora.init_lora(params, TIED, jax.random.key(0), rank=RANK,
+                                                 targets="attn,ffn")) + RANK * (32 + 97)
+    blocks_only = lora.init_lora(params, TIED, jax.random.key(0), rank=RANK, tied_head=False)
+    assert "out_head" not in blocks_only and len(blocks_only) == 8
+
+
+def test_tied_head_with_zero_b_is_bitwise_the_plain_head():
+    from jaxllm.model import lm_head
+
+    params = random_params(TIED)
+    adapted = lora.lora_params(params, TIED, jax.random.key(3), rank=RANK, alpha=ALPHA,
+                               targets="head")
+    h = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 32)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(lm_head(adapted, h, TIED)),
+                                  np.asarray(lm_head(params, h, TIED)))
+    t = tokens()[:, :-1]
+    np.testing.assert_allclose(np.asarray(logits(adapted, t, TIED)),
+                               np.asarray(logits(params, t, TIED)), atol=1e-6)
+    stripped = lora.strip_adapters(adapted)
+    assert jax.tree.structure(stripped) == jax.tree.structure(params)
+
+
+def test_merging_a_tied_head_adapter_unties_the_head_and_keeps_the_embedding():
+    params = random_params(TIED)
+    adapters = random_adapters(params, TIED)  # every layer, the head too
+    adapted = lora.with_adapters(params, adapters, ALPHA)
+    with pytest.raises(ValueError, match="tied to the token embedding.*merge_model"):
+        lora.merge(adapted)
+    merged, config = lora.merge_model(adapted, TIED)
+    assert not config.tie_embeddings and set(merged["out_head"]) == {"kernel"}
+    assert merged["tok_emb"]["embedding"] is params["tok_emb"]["embedding"]  # the input side
+    assert not lora.adapters_of(merged)[0]
+    x = tokens()[:, :-1]
+    want = np.asarray(logits(adapted, x, TIED))
+    np.testing.assert_allclose(np.asarray(logits(merged, x, config)), want, atol=1e-5)
+    # with separate adapters, the same; unmerge leaves the untied base
+    again, config2 = lora.merge_model(params, TIED, adapters, ALPHA)
+    assert config2 == config
+    np.testing.assert_allclose(np.asarray(logits(again, x, config)), want, atol=1e-5)
+    back = lora.unmerge(merged, adapters, ALPHA)
+    np.testing.assert_allclose(np.asarray(back["out_head"]["kernel"]),
+                               np.asarray(params["tok_emb"]["embedding"]).T, atol=1e-6)
+    # without a head adapter a tied model stays tied
+    blocks = {p: ab for p, ab in adapters.items() if p != "out_head"}
+    kept, same = lora.merge_model(lora.with_adapters(params, blocks, ALPHA), TIED)
+    assert same.tie_embeddings and "out_head" not in kept
+
+
+def test_tied_head_adapter_file_round_trip(tmp_path):
+    params = random_params(TIED)
+    adapters = random_adapters(params, TIED, targets="head,attn")
+    lora.save_adapters(tmp_path / "a.safetensors", adapters, ALPHA, TIED)
+    loaded = lora.load_adapters(tmp_path / "a.safetensors", params, TIED)
+    x = tokens()[:, :-1]
+    np.testing.assert_allclose(np.asarray(logits(loaded, x, TIED)), np.asarray(logits(
+        lora.with_adapters(params, adapters, ALPHA), x, TIED)), atol=1e-6)
+
+
 # -- files ----------------------------------------------------------------------
 def test_adapter_file_round_trip_and_another_base_is_refused(tmp_path):
     params = random_params()
@@ -426,8 +511,8 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="qkv must be one of"):
         lora.init_lora(params, CONFIG, key, rank=2, qkv="separate")
     tied = CONFIG.replace(tie_embeddings=True)
-    with pytest.raises(ValueError, match="head is tied to tok_emb.*untie_head"):
-        lora.init_lora(random_params(tied), tied, key, rank=2, targets="head")
+    with pytest.raises(ValueError, match="LM head is not part of this model"):
+        lora.init_lora(random_params(tied), tied, key, rank=2, targets="head", tied_head=False)
     untied_params, untied = lora.untie_head(random_params(tied), tied)
     assert "out_head" in lora.init_lora(untied_params, untied, key, rank=2, targets="head")
     with pytest.raises(ValueError, match="scan_layers stacks the blocks"):

@@ -92,7 +92,7 @@ def run(args) -> int:
             raise ValueError(f"{args.run_dir} holds no adapters (was it trained with --lora-rank?)")
         out = Path(args.out)
         if args.action == "merge":
-            merged = lora.merge(params)
+            merged, config = lora.merge_model(params, config)  # a tied head's adapter unties it
             out.mkdir(parents=True, exist_ok=True)
             save_safetensors(merged, config, out / "model.safetensors")
             hf = dict(hf_config_kwargs(config), model_type="gpt2",
