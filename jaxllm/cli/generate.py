@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--hf", metavar="PATH",
                         help="Hugging Face GPT-2 weights: model.safetensors or its directory")
     source.add_argument("--run-dir", metavar="DIR", help="a jaxllm training run (checkpoint)")
+    parser.add_argument("--no-fallback", action="store_true",
+                        help="with --run-dir, refuse a damaged latest checkpoint instead of "
+                             "reading the newest intact one")
     parser.add_argument("--prompt", default="",
                         help="text to continue (empty: start from the end-of-text token)")
     parser.add_argument("--max-new-tokens", type=int, default=50)
@@ -101,7 +104,7 @@ def load_model(args):
         return from_hf_state_dict(args.hf, config), config, "gpt2"
     from jaxllm.train.checkpoint import load_params
 
-    return load_params(args.run_dir)
+    return load_params(args.run_dir, fallback=not args.no_fallback)
 
 
 def token_bytes(tokenizer, token: int) -> bytes:

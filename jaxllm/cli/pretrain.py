@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run folder for checkpoints, metrics and plots (default {DEFAULT_OUT})")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out (fresh start if none)")
+    parser.add_argument("--no-fallback", action="store_true",
+                        help="with --resume, stop at a damaged latest checkpoint instead of "
+                             "falling back to the newest intact one")
     parser.add_argument("--steps", type=int, help="total optimizer steps (TrainConfig.total_steps)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations")
     parser.add_argument("--save-every", type=int, help="steps between checkpoints")
@@ -332,7 +335,8 @@ def run(args) -> int:
 
             rules = lora.sharding_rules(rules)
         summary = train(args.out, model, tc, lc, tokenizer, tokens, data_name=data_name,
-                        resume=args.resume, progress=not args.quiet, mesh=mesh,
+                        resume=args.resume, fallback=not args.no_fallback,
+                        progress=not args.quiet, mesh=mesh,
                         partition_rules=rules, params=params, trainable=trainable)
     except TrainingDiverged as err:
         print(f"jaxllm pretrain: {err}", file=sys.stderr)

@@ -124,7 +124,7 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
                       tokenizer, entries: Sequence[dict], *, params=None, resume: bool = False,
                       progress: bool = True, data_name: str = "instructions",
                       source: str = "random", stop_at: int | None = None,
-                      judge: dict[str, Any] | None = None) -> dict[str, Any]:
+                      judge: dict[str, Any] | None = None, fallback: bool = True) -> dict[str, Any]:
     """Fine-tune (or resume) the run in `run_dir` on `entries`; returns the summary.
 
     `entries` are split 85 / 10 / 5 (train / test / validation, in order).
@@ -141,11 +141,11 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
         endpoint(judge["url"])  # a malformed URL fails before training, not after
     with run_lock(run_dir):
         return _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress,
-                    data_name, source, stop_at, judge)
+                    data_name, source, stop_at, judge, fallback)
 
 
 def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, data_name,
-         source, stop_at, judge):
+         source, stop_at, judge, fallback):
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the "
                          f"model's vocab_size is {config.vocab_size}")
@@ -180,6 +180,8 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
         manager.close()
         raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); resume it "
                          f"(--resume) or choose another run folder")
+    if latest is not None:  # a damaged newest checkpoint: the newest intact one
+        latest = checkpoint.newest_intact(run_dir, fallback=fallback, manager=manager)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if latest is not None:
         saved = checkpoint.read_meta(run_dir, latest)

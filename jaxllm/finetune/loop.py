@@ -149,7 +149,8 @@ def plot_curves(records: list[dict[str, Any]], run_dir: Path, *, examples_per_ep
 def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyConfig,
                       data: ClassificationData, *, tokenizer_name: str, params=None,
                       resume: bool = False, progress: bool = True, data_name: str = "data",
-                      source: str = "random", stop_at: int | None = None) -> dict[str, Any]:
+                      source: str = "random", stop_at: int | None = None,
+                      fallback: bool = True) -> dict[str, Any]:
     """Fine-tune (or resume) the classifier in `run_dir`; returns the summary.
 
     `params` are the starting weights: a model tree (its LM head is replaced),
@@ -160,11 +161,11 @@ def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyC
     run_dir = Path(run_dir)
     with run_lock(run_dir):
         return _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress,
-                    data_name, source, stop_at)
+                    data_name, source, stop_at, fallback)
 
 
 def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress, data_name,
-         source, stop_at):
+         source, stop_at, fallback):
     n_classes = len(data.classes)
     if params is not None and HEAD in params and params[HEAD]["bias"].shape[0] != n_classes:
         raise ValueError(f"the starting classifier has {params[HEAD]['bias'].shape[0]} classes "
@@ -190,6 +191,8 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
         manager.close()
         raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); resume it "
                          f"(--resume) or choose another run folder")
+    if latest is not None:  # a damaged newest checkpoint: the newest intact one
+        latest = checkpoint.newest_intact(run_dir, fallback=fallback, manager=manager)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.eval_shape(lambda k: init(k, None), jax.random.key(0))
     if latest is not None:

@@ -17,11 +17,23 @@ A checkpoint restores what it saved, whatever the tree (a new head, adapter
 leaves) and the optimizer: `restore` reads the saved tree's own metadata, or
 fills a target state that the caller builds (`abstract_state` of their own
 init, with shardings for a mesh). Nothing is rebuilt from `init_params`.
+
+Each saved step also gets `files.json`, the size and CRC-32 of every file
+in it, so that a truncated or overwritten file is found before Orbax reads
+it: `CheckpointDamaged` names the checkpoint and the file in one line.
+Resuming (`newest_intact`) and `load_params` then fall back to the newest
+checkpoint that is intact, and say so; damaged ones are moved to
+`<run>/damaged/<step>`, kept for inspection but out of the run's way.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import sys
+import zlib
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -32,14 +44,20 @@ from jaxllm.config import GPTConfig
 from jaxllm.model import init_params
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.step import TrainState, init_train_state
-from jaxllm.train.task import Trainable
+from jaxllm.train.task import Trainable, path_str
 
 CHECKPOINT_SUBDIR = "checkpoints"
+DAMAGED_SUBDIR = "damaged"
+FILES_RECORD = "files.json"
 ITEMS = ("params", "train", "meta")
 # GPTConfig fields that change how the same function is computed, not what it
 # computes or the parameter shapes: a checkpoint may be resumed with others.
 IMPLEMENTATION_FIELDS = ("attn_impl", "matmul_impl", "norm_impl", "loss_impl", "scan_layers",
                          "remat")
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint whose files are missing, truncated or altered."""
 
 
 class Restored(NamedTuple):
@@ -80,6 +98,113 @@ def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]
         train=ocp.args.StandardSave(train),
         meta=ocp.args.JsonSave(dict(meta, step=step))))
     manager.wait_until_finished()
+    if jax.process_index() == 0:
+        _write_files_record(Path(os.fspath(manager.directory)) / str(step))
+
+
+# -- integrity -------------------------------------------------------------------
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _write_files_record(step_dir: Path) -> None:
+    files = {str(f.relative_to(step_dir)): [f.stat().st_size, _crc32(f)]
+             for f in sorted(step_dir.rglob("*")) if f.is_file() and f.name != FILES_RECORD}
+    tmp = step_dir / (FILES_RECORD + ".tmp")
+    tmp.write_text(json.dumps(files, indent=0))
+    os.replace(tmp, step_dir / FILES_RECORD)
+
+
+def verify(run_dir: str | os.PathLike, step: int) -> None:
+    """Raise `CheckpointDamaged` naming the first file of checkpoint `step`
+    that is missing, or whose size or checksum differs from what was saved.
+    Checkpoints saved without a record are checked when Orbax reads them."""
+    step_dir = checkpoint_dir(run_dir) / str(step)
+    record = step_dir / FILES_RECORD
+    if not record.exists():
+        return
+    try:
+        files = json.loads(record.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointDamaged(f"checkpoint {step_dir} is damaged: {FILES_RECORD} is "
+                                f"unreadable ({err})") from None
+    for name, (size, crc) in files.items():
+        path = step_dir / name
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != size:
+            problem = f"has {path.stat().st_size} bytes, {size} were saved"
+        elif _crc32(path) != crc:
+            problem = "has other contents than were saved (checksum differs)"
+        else:
+            continue
+        raise CheckpointDamaged(f"checkpoint {step_dir} is damaged: {name} {problem}")
+
+
+def _damage(where: Path, err: Exception) -> CheckpointDamaged:
+    """An Orbax or tensorstore read error as one line naming the file."""
+    chain, e = [], err
+    while e is not None and len(chain) < 8:  # the file is named somewhere down the chain
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    named = [f for f in re.findall(r'local file "([^"]+)"', "\n".join(chain))
+             if f.startswith(str(where)) and Path(f).is_file()]
+    name = Path(named[-1]).relative_to(where) if named else _bad_json(where)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = first.split(". See full TensorStore details")[0]
+    detail = f"{name} is unreadable" if name else f"{type(err).__name__}: {first[:200]}"
+    return CheckpointDamaged(f"checkpoint {where} is damaged: {detail}")
+
+
+def _bad_json(where: Path) -> Path | None:
+    """The first of a checkpoint's JSON files that does not parse."""
+    for f in sorted(where.rglob("*")):
+        if f.is_file() and (f.name in ("_CHECKPOINT_METADATA", "metadata", "_METADATA",
+                                       "_sharding") or f.parent.name == "array_metadatas"):
+            try:
+                json.loads(f.read_bytes())
+            except (ValueError, OSError):
+                return f.relative_to(where)
+    return None
+
+
+def newest_intact(run_dir: str | os.PathLike, *, fallback: bool = True,
+                  manager: ocp.CheckpointManager | None = None,
+                  report=lambda line: print(line, file=sys.stderr)) -> int | None:
+    """The newest saved step whose files are intact (None when there is none
+    saved). Each damaged newer one is reported in one line and moved to
+    `<run>/damaged/<step>`; with `fallback=False` the first is an error instead."""
+    manager = manager or open_manager(run_dir)
+    steps = sorted(manager.all_steps(), reverse=True)
+    moved = False
+    for step in steps:
+        try:
+            verify(run_dir, step)
+        except CheckpointDamaged as err:
+            if not fallback:
+                raise CheckpointDamaged(f"{err} (without --no-fallback the newest intact "
+                                        "checkpoint is used)") from None
+            if jax.process_index() == 0:
+                aside = Path(run_dir).absolute() / DAMAGED_SUBDIR / str(step)
+                aside.parent.mkdir(exist_ok=True)
+                if aside.exists():
+                    shutil.rmtree(aside)
+                shutil.move(checkpoint_dir(run_dir) / str(step), aside)
+                report(f"{err}; moved to {aside}")
+            moved = True
+            continue
+        if moved:
+            manager.reload()
+            report(f"falling back to checkpoint {step}, the newest intact one")
+        return step
+    if steps:
+        raise CheckpointDamaged(f"no intact checkpoint in {checkpoint_dir(run_dir)}: every "
+                                f"one is damaged (moved to {Path(run_dir) / DAMAGED_SUBDIR})")
+    return None
 
 
 def _pick_step(manager: ocp.CheckpointManager, run_dir, step: int | None) -> int:
@@ -141,7 +266,8 @@ def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 def read_meta(run_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """The JSON metadata of a checkpoint (the latest when `step` is None)."""
     manager = open_manager(run_dir)
-    return _read_meta(manager, _pick_step(manager, run_dir, step))
+    step = _pick_step(manager, run_dir, step)
+    return _reading(run_dir, step, lambda: _read_meta(manager, step))
 
 
 def _saved_trees(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -183,13 +309,8 @@ def saved_state_shapes(run_dir: str | os.PathLike, step: int | None = None) -> T
                            _shapes_of_metadata(trees["train"], sharding))
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                    for k in path)
-
-
 def _shape_table(tree) -> dict[str, tuple[int, ...]]:
-    return {_path_str(p): tuple(leaf.shape)
+    return {path_str(p): tuple(leaf.shape)
             for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -251,8 +372,9 @@ def restore(run_dir: str | os.PathLike, step: int | None = None,
     manager = open_manager(run_dir)
     step = _pick_step(manager, run_dir, step)
     where = f"{checkpoint_dir(run_dir) / str(step)}"
-    meta = _read_meta(manager, step)
-    saved = _saved_trees(manager, step)
+    verify(run_dir, step)
+    meta, saved = _reading(run_dir, step, lambda: (_read_meta(manager, step),
+                                                   _saved_trees(manager, step)))
     if target is None:
         sharding = _default_sharding()
         params_target = _shapes_of_metadata(saved["params"], sharding)
@@ -264,26 +386,61 @@ def restore(run_dir: str | os.PathLike, step: int | None = None,
                                    "rng": target.rng})
         _check_target(where, "params", saved["params"], params_target)
         _check_target(where, "train", saved["train"], train_target)
-    out = manager.restore(step, args=ocp.args.Composite(
+    out = _reading(run_dir, step, lambda: manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(params_target),
-        train=ocp.args.StandardRestore(train_target)))
+        train=ocp.args.StandardRestore(train_target))))
     return Restored(_state_of_items(out["params"], out["train"]), meta)
 
 
-def load_params(run_dir: str | os.PathLike, step: int | None = None
+def load_params(run_dir: str | os.PathLike, step: int | None = None, *, fallback: bool = True
                 ) -> tuple[Any, GPTConfig, str]:
     """(params, GPTConfig, tokenizer name) of a checkpoint, for inference.
 
     Only the parameters are read, not the optimizer state: the saved tree as
     it is (a classification head, adapters included), on the default device.
+    With `step` None the newest checkpoint that reads is used: a damaged newer
+    one is reported in one line and skipped (`fallback=False`: an error).
+    A given `step` is read or refused, never replaced.
     """
     manager = open_manager(run_dir)
-    step = _pick_step(manager, run_dir, step)
-    meta = _read_meta(manager, step)
-    shapes = _shapes_of_metadata(_saved_trees(manager, step)["params"], _default_sharding())
-    params = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(shapes)))["params"]
+    chosen = _pick_step(manager, run_dir, step)
+    candidates = [chosen] if step is not None else sorted(manager.all_steps(), reverse=True)
+    for i, s in enumerate(candidates):
+        try:
+            return _load_params_at(manager, run_dir, s)
+        except CheckpointDamaged as err:
+            if step is not None or not fallback:
+                raise
+            later = candidates[i + 1:]
+            print(f"{err}; " + (f"falling back to checkpoint {later[0]}" if later else
+                                "no older checkpoint to fall back to"), file=sys.stderr)
+    raise CheckpointDamaged(f"no checkpoint in {checkpoint_dir(run_dir)} reads: every one "
+                            "is damaged")
+
+
+def _load_params_at(manager: ocp.CheckpointManager, run_dir, step: int):
+    verify(run_dir, step)
+
+    def read():
+        meta = _read_meta(manager, step)
+        shapes = _shapes_of_metadata(_saved_trees(manager, step)["params"], _default_sharding())
+        params = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(shapes)))["params"]
+        return params, meta
+
+    params, meta = _reading(run_dir, step, read)
     return params, GPTConfig.from_dict(meta["model"]), meta["tokenizer"]
+
+
+def _reading(run_dir, step: int, read: Callable[[], Any]):
+    """`read()`, with an Orbax or tensorstore failure turned into one
+    `CheckpointDamaged` line naming the checkpoint and, where known, the file."""
+    try:
+        return read()
+    except CheckpointDamaged:
+        raise
+    except Exception as err:  # tensorstore, JSON and Orbax errors alike
+        raise _damage(checkpoint_dir(run_dir) / str(step), err) from None
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

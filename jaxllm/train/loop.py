@@ -192,7 +192,7 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
           resume: bool = False, stop_at: int | None = None, progress: bool = True,
           mesh: jax.sharding.Mesh | None = None,
           partition_rules: sharding.Rules | None = None, params=None, task: Task = lm_task,
-          trainable: Trainable = None, optimizer=None) -> dict[str, Any]:
+          trainable: Trainable = None, optimizer=None, fallback: bool = True) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; returns the summary dict.
 
     `params` are the starting parameters (a pretrained model, say; default: a
@@ -260,6 +260,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     if latest is not None and not resume:
         raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); resume it "
                          f"(--resume) or choose another run folder")
+    if latest is not None:  # a damaged newest checkpoint: the newest intact one
+        latest = checkpoint.newest_intact(run_dir, fallback=fallback, manager=manager)
     # The fresh state's shapes are the restore target: a checkpoint restores into
     # whatever tree and optimizer state this run builds (extra heads, adapters).
     abstract = jax.eval_shape(lambda key: _init_fn(config, tc, optimizer, trainable)(key, params),
