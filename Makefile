@@ -79,7 +79,7 @@ finetune-instruct: $(STAMP)
 	@test -n "$(INSTRUCT_DATA)" || { echo "no instruction data found beside the checkout: make finetune-instruct INSTRUCT_DATA=FILE"; exit 2; }
 	@echo "finetune-instruct: $(if $(INSTRUCT_HF),GPT-2 weights from $(INSTRUCT_HF) (the classic protocol),no GPT-2 weights given (INSTRUCT_HF=DIR): a small random model, a short run)"
 	rm -rf $(INSTRUCT_OUT)
-	$(RUN) -m jaxllm.cli.finetune_instruct $(if $(INSTRUCT_HF),--hf $(INSTRUCT_HF),$(INSTRUCT_SMALL)) \
+	$(RUN) -m jaxllm finetune instruct $(if $(INSTRUCT_HF),--hf $(INSTRUCT_HF),$(INSTRUCT_SMALL)) \
 		--data $(INSTRUCT_DATA) $(if $(INSTRUCT_VOCAB),--tokenizer-dir $(INSTRUCT_VOCAB)) \
 		--out $(INSTRUCT_OUT) $(INSTRUCT_ARGS)
 

@@ -1,7 +1,7 @@
 """Dense products and causal attention on the CPU by Intel MKL, as XLA custom calls.
 
 On Intel CPUs XLA's own CPU dot kernels run the shapes of a small GPT's dense
-layers 25-40 % below MKL (PyTorch's CPU matrix library), most of all the
+layers below MKL (PyTorch's CPU matrix library), most of all the
 weight-gradient form x^T @ dy; on other CPUs MKL takes a generic path and
 XLA's dots are the faster (`jaxllm.kernels.recipe`). `matmul`
 computes the same products through MKL's `cblas_sgemm`, called from an XLA

@@ -1,10 +1,10 @@
 """The fastest training settings for this machine's CPU.
 
 Which product kernel wins is a property of the CPU, not of the model. MKL
-dispatches its AVX-512 kernels only on Intel processors; on an AMD EPYC (Zen 5,
-AVX-512) its `cblas_sgemm` takes a generic path and runs the model's shapes at
-about half the rate of XLA's own dot kernels, while on an Intel Xeon it runs
-them 25-40 % faster than XLA's (measured in NOTES.md). The other native kernels
+dispatches its AVX-512 kernels only on Intel processors: on an Intel Xeon its
+`cblas_sgemm` beats XLA's own dot kernels on the model's shapes, while on an
+AMD EPYC it takes a generic path and loses to them (NOTES.md has the
+measurements). The other native kernels
 (attention, LayerNorm, cross-entropy) are built with `-march=native` and pay on
 both. Micro-batches (each batch run in parts whose activations stay in the
 cores' caches) paid with MKL's products on the Xeon and not with XLA's on the

@@ -2,8 +2,8 @@
 // GELU backward and the cross-entropy.
 //
 // XLA's CPU backend computes a LayerNorm as a dozen small ops, each one pass
-// over the activations, and its reductions over 512 x 256 activations cost
-// 40-500 us a call (see NOTES.md, v5). Here each is one pass over the rows:
+// over the activations, and its row reductions are slow at a small model's
+// widths. Here each is one pass over the rows:
 //
 //   jaxllm_layer_norm_fwd:  y = (x - mean) * rstd * scale + bias, and the
 //                           rows' mean and rstd = 1 / sqrt(var + eps)
