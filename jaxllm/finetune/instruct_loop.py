@@ -54,6 +54,7 @@ from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.plot import plot_losses
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
+from jaxllm.train.task import Trainable
 
 META_KIND = "instruct"
 
@@ -95,20 +96,20 @@ class InstructConfig:
 
 
 @functools.lru_cache(maxsize=4)
-def _steps(config: GPTConfig, tc: TrainConfig):
+def _steps(config: GPTConfig, tc: TrainConfig, trainable: Trainable = None):
     """The jitted train and eval steps, kept per configuration: a resumed run in
     the same process reuses the compiled programs."""
-    return make_train_step(config, tc), make_eval_step(config)
+    return (make_train_step(config, tc, trainable=trainable), make_eval_step(config))
 
 
 @functools.lru_cache(maxsize=4)
-def _init_fn(config: GPTConfig, tc: TrainConfig):
+def _init_fn(config: GPTConfig, tc: TrainConfig, trainable: Trainable = None):
     """A fresh TrainState from a key (random weights) or from given weights, as
     one compiled program."""
     def init(key, params):
         if params is None:
             params = init_params(config, key, scheme=tc.init)
-        return init_train_state(params, tc)
+        return init_train_state(params, tc, trainable=trainable)
 
     return jax.jit(init)
 
@@ -124,7 +125,8 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
                       tokenizer, entries: Sequence[dict], *, params=None, resume: bool = False,
                       progress: bool = True, data_name: str = "instructions",
                       source: str = "random", stop_at: int | None = None,
-                      judge: dict[str, Any] | None = None, fallback: bool = True) -> dict[str, Any]:
+                      judge: dict[str, Any] | None = None, fallback: bool = True,
+                      trainable: Trainable = None) -> dict[str, Any]:
     """Fine-tune (or resume) the run in `run_dir` on `entries`; returns the summary.
 
     `entries` are split 85 / 10 / 5 (train / test / validation, in order).
@@ -132,7 +134,9 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
     are donated to the train step. `source` says where they came from (for
     the record). `stop_at` ends the run early at that step, saving there.
     `judge` is {"url", "model", "timeout"} of a judge endpoint for the test
-    responses (see `jaxllm.finetune.judge`).
+    responses (see `jaxllm.finetune.judge`). `trainable` selects the leaves
+    that train (default all; `jaxllm.lora.TRAINABLE` for adapters).
+    `fallback=False` refuses a damaged latest checkpoint on resume.
     """
     run_dir = Path(run_dir)
     if judge is not None:
@@ -141,11 +145,11 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
         endpoint(judge["url"])  # a malformed URL fails before training, not after
     with run_lock(run_dir):
         return _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress,
-                    data_name, source, stop_at, judge, fallback)
+                    data_name, source, stop_at, judge, fallback, trainable)
 
 
 def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, data_name,
-         source, stop_at, judge, fallback):
+         source, stop_at, judge, fallback, trainable):
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the "
                          f"model's vocab_size is {config.vocab_size}")
@@ -171,6 +175,8 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
         "data": {"train": len(train_entries), "test": len(test_entries),
                  "validation": len(val_entries)},
     }
+    if trainable is not None:  # a subset trains (adapters, say): part of what the run is
+        identity["trainable"] = trainable if isinstance(trainable, str) else repr(trainable)
     meta = dict(identity, kind=META_KIND, data_name=data_name, source=source,
                 batches_per_epoch=batches.batches_per_epoch)
     manager = checkpoint.open_manager(run_dir, keep=ic.keep, create=True)
@@ -186,20 +192,21 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
     if latest is not None:
         saved = checkpoint.read_meta(run_dir, latest)
         checkpoint.check_compatible(run_dir, saved, identity)
-        abstract = jax.eval_shape(lambda: init_train_state(
-            init_params(config, jax.random.key(0)), tc))
+        # The state this run builds (adapters, a trainable subset) is the target.
+        abstract = jax.eval_shape(_init_fn(config, tc, trainable), jax.random.key(0), params)
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                               abstract)
         state = checkpoint.restore(run_dir, latest, target=target).state
         start, tokens_seen = int(state.step), int(saved.get("tokens_seen", 0))
         log.truncate_after(start)
     else:
-        state = jax.device_put(_init_fn(config, tc)(jax.random.key(tc.seed), params), device)
+        state = jax.device_put(_init_fn(config, tc, trainable)(jax.random.key(tc.seed), params),
+                               device)
         start, tokens_seen = 0, 0
         log.clear()
     (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
-    train_step, eval_step = _steps(config, tc)
+    train_step, eval_step = _steps(config, tc, trainable)
     last_saved = latest
     samples_path = run_dir / "samples.txt"
     if start == 0:

@@ -34,7 +34,7 @@ import jax
 import optax
 from tqdm.auto import tqdm
 
-from jaxllm.config import GPTConfig
+from jaxllm.config import GPTConfig, param_shapes
 from jaxllm.data.classification import ClassificationBatches, ClassificationData, fixed_batches
 from jaxllm.finetune.classify import (HEAD, POOLINGS, add_class_head, classify_task, predict,
                                       trainable_for)
@@ -46,7 +46,7 @@ from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
 from jaxllm.train.plot import plt  # matplotlib with the file-only backend
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
-from jaxllm.train.task import count_trainable
+from jaxllm.train.task import count_trainable, path_str
 
 META_KIND = "classify"
 
@@ -105,6 +105,20 @@ def _programs(config: GPTConfig, tc: TrainConfig, cc: ClassifyConfig, n_classes:
     return (optimizer, trainable, jax.jit(init),
             make_train_step(config, tc, optimizer, task=task, trainable=trainable),
             make_eval_step(config, task=task))
+
+
+def _check_model_part(params, config: GPTConfig) -> None:
+    """Every parameter the config's model has must be in `params` with its
+    shape; extra leaves (a class head, adapters) are the fine-tuner's own."""
+    have = {path_str(p): leaf.shape for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, shape in param_shapes(config).items():
+        if path.startswith("out_head/") and HEAD in params:
+            continue  # a classifier: the class head replaced the LM head
+        if path not in have:
+            raise ValueError(f"the starting parameters do not match the model config: no {path}")
+        if tuple(have[path]) != tuple(shape):
+            raise ValueError(f"the starting parameters do not match the model config: {path} "
+                             f"has shape {tuple(have[path])}, the config gives {tuple(shape)}")
 
 
 def _sums(eval_step, params, batches) -> dict[str, float]:
@@ -194,7 +208,10 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
     if latest is not None:  # a damaged newest checkpoint: the newest intact one
         latest = checkpoint.newest_intact(run_dir, fallback=fallback, manager=manager)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.eval_shape(lambda k: init(k, None), jax.random.key(0))
+    if params is not None:
+        _check_model_part(params, config)
+    # The state this run builds (a new head, adapters) is the restore target.
+    abstract = jax.eval_shape(init, jax.random.key(0), params)
     if latest is not None:
         saved = checkpoint.read_meta(run_dir, latest)
         checkpoint.check_compatible(run_dir, saved, identity)
@@ -204,13 +221,6 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
         start, examples = int(state.step), int(saved.get("examples_seen", 0))
         log.truncate_after(start)
     else:
-        if params is not None:
-            want = jax.tree.structure(abstract.params if HEAD in params else
-                                      jax.eval_shape(lambda: init_params(config,
-                                                                         jax.random.key(0))))
-            if jax.tree.structure(params) != want:
-                raise ValueError("the starting parameters do not match the model config "
-                                 "(a different tree)")
         state = jax.device_put(init(jax.random.key(tc.seed), params), device)
         start, examples = 0, 0
         log.clear()
