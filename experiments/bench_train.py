@@ -39,7 +39,6 @@ import collections
 import contextlib
 import dataclasses
 import glob
-import math
 import os
 import platform
 import re

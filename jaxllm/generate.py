@@ -39,7 +39,7 @@ from __future__ import annotations
 import collections
 import math
 from functools import partial
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -89,7 +89,7 @@ def read_labeled(path: str | os.PathLike, *, label_column: str | None = None,
     texts, labels = [], []
     for line, row in rows:
         if len(row) != width:
-            what = (f"label<TAB>text (2 fields)" if not header else f"{width} fields as the header")
+            what = ("label<TAB>text (2 fields)" if not header else f"{width} fields as the header")
             raise LabeledTextError(f"{path}, line {line}: {len(row)} field(s) where {what} "
                                    f"were expected: {delimiter.join(row)[:80]!r}")
         label, text = row[li].strip(), row[ti]

@@ -374,7 +374,7 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     wall_start = time.perf_counter()
 
     def flush() -> None:
-        nonlocal pending, train_time, seg_start, seg_steps
+        nonlocal pending, train_time, seg_steps
         if not pending:
             return
         host = jax.device_get([m for _, m in pending])
