@@ -53,6 +53,7 @@ from jaxllm.train.loop import TrainingDiverged
 from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.plot import plot_losses
+from jaxllm.train.runner import run_steps
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
 from jaxllm.train.task import Trainable
 
@@ -229,73 +230,33 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
                     f.write(f"-- {e['instruction']}\n{a}\n")
                 f.write("\n")
         log.append([record])
-        bar.write(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}")
+        tqdm.write(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}")
         return record
 
-    def diverged(step: int, what: str) -> TrainingDiverged:
+    def diverged(step: int, loss: float) -> TrainingDiverged:
         where = (f"the last good checkpoint is step {last_saved}" if last_saved is not None
                  else "no checkpoint was saved")
-        return TrainingDiverged(f"training diverged: {what} at step {step} ({where})", step,
-                                last_saved)
+        return TrainingDiverged(f"training diverged: loss is {loss} at step {step} ({where})",
+                                step, last_saved)
 
     def save(state, step: int) -> None:
         nonlocal last_saved
         checkpoint.save(manager, state, dict(meta, data_position=step, tokens_seen=tokens_seen))
         last_saved = step
 
-    pending: list[tuple[int, dict]] = []
-    train_time, compile_s, timed_steps, seg_start = 0.0, None, 0, time.perf_counter()
+    def record(step: int, m) -> dict[str, Any]:
+        nonlocal tokens_seen
+        tokens_seen += int(m["count"])
+        return {"kind": "train", "step": step, "tokens": tokens_seen, "loss": float(m["loss"]),
+                "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])}
+
     wall_start = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal pending, tokens_seen, train_time
-        if not pending:
-            return
-        host = jax.device_get([m for _, m in pending])
-        train_time += time.perf_counter() - seg_start
-        records = []
-        for (step, _), m in zip(pending, host):
-            loss = float(m["loss"])
-            tokens_seen += int(m["count"])
-            if not math.isfinite(loss):
-                log.append(records)
-                pending = []
-                raise diverged(step, f"loss is {loss}")
-            records.append({"kind": "train", "step": step, "tokens": tokens_seen, "loss": loss,
-                            "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])})
-        log.append(records)
-        bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
-        pending = []
-
-    bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, disable=not progress)
-    first_eval = None
     try:
-        if start == 0:
-            first_eval = evaluate(state.params, 0)
-        seg_start = time.perf_counter()
-        for step in range(start, end):
-            state, metrics = train_step(state, batches.batch_at(step))
-            done = step + 1
-            pending.append((done, metrics))
-            bar.update(1)
-            if compile_s is None:
-                jax.block_until_ready(metrics)
-                compile_s = time.perf_counter() - seg_start
-                seg_start = time.perf_counter()
-            else:
-                timed_steps += 1
-            at_eval = done % ic.eval_every == 0 or done == end
-            at_save = done % ic.save_every == 0 or done == end
-            if done % ic.log_every == 0 or at_eval or at_save:
-                flush()
-                if at_eval:
-                    evaluate(state.params, done)
-                if at_save:
-                    save(state, done)
-                seg_start = time.perf_counter()
-        flush()
+        state, timing, first_eval = run_steps(
+            state, train_step, batches.batch_at, start=start, end=end, log_every=ic.log_every,
+            eval_every=ic.eval_every, save_every=ic.save_every, record=record,
+            evaluate=evaluate, save=save, log=log, diverged=diverged, progress=progress)
     finally:
-        bar.close()
         manager.close()
         records = log.read()
         if records:
@@ -321,6 +282,7 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
     evals = [r for r in records if r["kind"] == "eval"]
     first_eval = first_eval or (evals[0] if evals else None)
     last = evals[-1] if evals else {}
+    train_time, compile_s, timed_steps = timing.train_s, timing.compile_s, timing.timed_steps
     summary = {
         "run_dir": str(run_dir), "source": source, "style": ic.style,
         "mask_prompt": ic.mask_prompt, "steps": int(state.step), "resumed_from": latest,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
 from jaxllm.train.plot import plt  # matplotlib with the file-only backend
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
+from jaxllm.train.runner import run_steps
 from jaxllm.train.task import count_trainable, path_str
 
 META_KIND = "classify"
@@ -236,7 +236,7 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
                   "train_loss": tr["loss"], "val_loss": va["loss"],
                   "train_accuracy": tr["accuracy"], "val_accuracy": va["accuracy"]}
         log.append([record])
-        bar.write(f"step {step}: train loss {tr['loss']:.3f}, val loss {va['loss']:.3f}; "
+        tqdm.write(f"step {step}: train loss {tr['loss']:.3f}, val loss {va['loss']:.3f}; "
                   f"accuracy train {tr['accuracy']:.1%}, val {va['accuracy']:.1%}")
         return record
 
@@ -245,63 +245,26 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
         checkpoint.save(manager, state, dict(meta, data_position=step, examples_seen=examples))
         last_saved = step
 
-    pending: list[tuple[int, dict]] = []
-    train_time, compile_s, timed_steps = 0.0, None, 0
-    wall_start = seg_start = time.perf_counter()
+    def record(step: int, m) -> dict[str, Any]:
+        nonlocal examples
+        examples += int(m["count"])
+        return {"kind": "train", "step": step, "examples": examples, "loss": float(m["loss"]),
+                "accuracy": float(m["correct"]) / max(float(m["count"]), 1.0),
+                "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])}
 
-    def flush() -> None:
-        nonlocal pending, examples, train_time
-        if not pending:
-            return
-        host = jax.device_get([m for _, m in pending])
-        train_time += time.perf_counter() - seg_start
-        records = []
-        for (step, _), m in zip(pending, host):
-            loss = float(m["loss"])
-            examples += int(m["count"])
-            if not math.isfinite(loss):
-                log.append(records)
-                pending = []
-                where = (f"the last good checkpoint is step {last_saved}"
-                         if last_saved is not None else "no checkpoint was saved")
-                raise TrainingDiverged(f"training diverged: loss is {loss} at step {step} "
-                                       f"({where})", step, last_saved)
-            records.append({"kind": "train", "step": step, "examples": examples, "loss": loss,
-                            "accuracy": float(m["correct"]) / max(float(m["count"]), 1.0),
-                            "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])})
-        log.append(records)
-        bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
-        pending = []
+    def diverged(step: int, loss: float) -> TrainingDiverged:
+        where = (f"the last good checkpoint is step {last_saved}"
+                 if last_saved is not None else "no checkpoint was saved")
+        return TrainingDiverged(f"training diverged: loss is {loss} at step {step} ({where})",
+                                step, last_saved)
 
-    bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, disable=not progress)
-    first_eval = None
+    wall_start = time.perf_counter()
     try:
-        if start == 0:
-            first_eval = evaluate(state.params, 0)
-        seg_start = time.perf_counter()
-        for step in range(start, end):
-            state, metrics = train_step(state, batches.batch_at(step))
-            done = step + 1
-            pending.append((done, metrics))
-            bar.update(1)
-            if compile_s is None:
-                jax.block_until_ready(metrics)
-                compile_s = time.perf_counter() - seg_start
-                seg_start = time.perf_counter()
-            else:
-                timed_steps += 1
-            at_eval = done % cc.eval_every == 0 or done == end
-            at_save = done % cc.save_every == 0 or done == end
-            if done % cc.log_every == 0 or at_eval or at_save:
-                flush()
-                if at_eval:
-                    evaluate(state.params, done)
-                if at_save:
-                    save(state, done)
-                seg_start = time.perf_counter()
-        flush()
+        state, timing, first_eval = run_steps(
+            state, train_step, batches.batch_at, start=start, end=end, log_every=cc.log_every,
+            eval_every=cc.eval_every, save_every=cc.save_every, record=record,
+            evaluate=evaluate, save=save, log=log, diverged=diverged, progress=progress)
     finally:
-        bar.close()
         manager.close()
         records = log.read()
         if records:
@@ -315,6 +278,7 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
              for name, split in data.splits().items() if len(split)}
     evals = [r for r in records if r["kind"] == "eval"]
     first_eval = first_eval or (evals[0] if evals else None)
+    train_time, compile_s, timed_steps = timing.train_s, timing.compile_s, timing.timed_steps
     steps_timed_s = train_time if timed_steps else None
     summary = {
         "run_dir": str(run_dir), "source": source, "data": data_name,

@@ -1,0 +1,90 @@
+"""The step loop a fine-tuning run shares: steps, logging, evaluation, saves.
+
+Metrics stay on the device between log points and are fetched in one
+transfer (`flush`), so the host never waits on a step it does not need to
+see. The first step is timed apart from the others: it compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import jax
+from tqdm.auto import tqdm
+
+
+@dataclasses.dataclass
+class Timing:
+    train_s: float = 0.0  # wall time of the steps, evaluations and saves excluded
+    compile_s: float | None = None  # the first step's wall time (it compiles)
+    timed_steps: int = 0  # steps after the first
+
+
+def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, end: int,
+              log_every: int, eval_every: int, save_every: int,
+              record: Callable[[int, dict], dict], evaluate: Callable[[Any, int], Any],
+              save: Callable[[Any, int], None], log, diverged: Callable[[int, float], Exception],
+              progress: bool = True):
+    """Run steps `start` to `end`; returns (state, Timing, the step-0 evaluation or None).
+
+    `record(step, metrics)` turns one step's host metrics into its
+    `metrics.jsonl` row (and counts what the caller counts); a non-finite loss
+    raises `diverged(step, loss)` after the rows before it are logged.
+    `evaluate(params, step)` runs at step 0 of a fresh run, every
+    `eval_every` steps and at the end; `save(state, step)` every
+    `save_every` steps and at the end.
+    """
+    timing = Timing()
+    pending: list[tuple[int, dict]] = []
+    seg_start = time.perf_counter()
+    bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, disable=not progress)
+
+    def flush() -> None:
+        if not pending:
+            return
+        host = jax.device_get([m for _, m in pending])
+        timing.train_s += time.perf_counter() - seg_start
+        rows = []
+        for (step, _), m in zip(pending, host):
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                log.append(rows)
+                pending.clear()
+                raise diverged(step, loss)
+            rows.append(record(step, m))
+        log.append(rows)
+        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}")
+        pending.clear()
+
+    first_eval = None
+    try:
+        if start == 0:
+            first_eval = evaluate(state.params, 0)
+        seg_start = time.perf_counter()
+        for step in range(start, end):
+            state, metrics = train_step(state, batch_at(step))
+            done = step + 1
+            pending.append((done, metrics))
+            bar.update(1)
+            if timing.compile_s is None:
+                jax.block_until_ready(metrics)
+                timing.compile_s = time.perf_counter() - seg_start
+                seg_start = time.perf_counter()
+            else:
+                timing.timed_steps += 1
+            at_eval = done % eval_every == 0 or done == end
+            at_save = done % save_every == 0 or done == end
+            if done % log_every == 0 or at_eval or at_save:
+                flush()
+                if at_eval:
+                    evaluate(state.params, done)
+                if at_save:
+                    save(state, done)
+                seg_start = time.perf_counter()
+        flush()
+    finally:
+        bar.close()
+    return state, timing, first_eval
