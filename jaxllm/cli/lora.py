@@ -23,32 +23,40 @@ import sys
 from pathlib import Path
 
 ACTIONS = ("merge", "export")
+QKV_MODES = ("split", "fused")
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
-    """The LoRA flags of a training command; off unless --lora-rank is given."""
+    """The LoRA flags of a training command; off unless --lora-rank is given
+    (or --resume finds a LoRA run)."""
     group = parser.add_argument_group("LoRA (low-rank adapters; jaxllm.lora)")
     group.add_argument("--lora-rank", type=int, default=None, metavar="R",
-                       help="train rank-R adapters on frozen weights instead of every weight")
+                       help="train rank-R adapters on frozen weights instead of every weight; "
+                            "--resume continues a LoRA run without the flags")
     group.add_argument("--lora-alpha", type=float, default=None,
                        help="adapter scale alpha (the path is multiplied by alpha / rank); "
                             "default: the rank")
-    group.add_argument("--lora-targets", default="all", metavar="WHICH",
-                       help="dense layers to adapt: attn, ffn, head, all (default), presets "
-                            "joined by commas, or a regex over paths such as blocks/0/attn/qkv")
-    group.add_argument("--lora-qkv", default="split", choices=("split", "fused"),
+    group.add_argument("--lora-targets", default=None, metavar="WHICH",
+                       help="dense layers to adapt: attn, ffn, head (the LM head, tied or not), "
+                            "all (default), presets joined by commas, or a regex over paths "
+                            "such as blocks/0/attn/qkv")
+    group.add_argument("--lora-qkv", default=None, choices=QKV_MODES,
                        help="q, k and v as three adapters (split, default) or one on the fused "
                             "projection (fused, as PEFT on GPT-2's c_attn)")
 
 
-def apply_lora_args(params, config, args, key=None):
+def apply_lora_args(params, config, args, key=None, *, tied_head: bool = True,
+                    also: str | None = None):
     """(params, trainable): with --lora-rank, the parameters with fresh adapters
-    and `jaxllm.lora.TRAINABLE`; without it, `params` as they are and None
-    (train everything). `key` (default: key 0) draws the adapters' A."""
+    and `jaxllm.lora.trainable(also)` (the adapters, plus the leaves `also`
+    matches: a new task head); without it, `params` as they are and None
+    (train everything). `key` (default: key 0) draws the adapters' A;
+    `tied_head=False` leaves a tied LM head out (a model that replaces it)."""
     rank = getattr(args, "lora_rank", None)
     if rank is None:
-        if getattr(args, "lora_alpha", None) is not None:
-            raise ValueError("--lora-alpha needs --lora-rank")
+        for flag in ("alpha", "targets", "qkv"):
+            if getattr(args, f"lora_{flag}", None) is not None:
+                raise ValueError(f"--lora-{flag} needs --lora-rank")
         return params, None
     import jax
 
@@ -56,8 +64,120 @@ def apply_lora_args(params, config, args, key=None):
 
     key = jax.random.key(0) if key is None else key
     adapted = lora.lora_params(params, config, key, rank=rank, alpha=args.lora_alpha,
-                               targets=args.lora_targets, qkv=args.lora_qkv)
-    return adapted, lora.TRAINABLE
+                               targets=args.lora_targets or "all", qkv=args.lora_qkv or "split",
+                               tied_head=tied_head)
+    return adapted, lora.trainable(also)
+
+
+def saved_lora(run_dir) -> dict | None:
+    """What the latest checkpoint of a run folder holds of LoRA: None when there
+    is no checkpoint; else {"adapters": {path: {"a", "b"}}, "alpha", "rank",
+    "scales", "qkv"} (alpha and rank None when they differ between layers, qkv None
+    without a qkv adapter; "adapters" empty for a run that trained every weight).
+    The parameters are read to get the adapters' scale (alpha / rank)."""
+    from jaxllm import lora
+    from jaxllm.train import checkpoint
+
+    try:
+        manager = checkpoint.open_manager(run_dir)
+    except FileNotFoundError:
+        return None
+    try:
+        if manager.latest_step() is None:
+            return None
+    finally:
+        manager.close()
+    adapters, scales = lora.adapters_of(checkpoint.load_params(run_dir)[0])
+    ranks = {int(ab["a"].shape[-1]) for ab in adapters.values()}
+    alphas = {round(scales[p] * ab["a"].shape[-1], 6) for p, ab in adapters.items()}
+    modes = {"split" if ab["a"].ndim == 3 else "fused" for p, ab in adapters.items()
+             if p.rsplit("/", 1)[-1] == "qkv"}
+    one = (lambda xs: next(iter(xs)) if len(xs) == 1 else None)
+    return {"adapters": adapters, "scales": scales, "alpha": one(alphas), "rank": one(ranks),
+            "qkv": one(modes)}
+
+
+def _targets_name(params, layers, tied_head: bool) -> str:
+    """A preset (or presets joined by commas) that selects exactly `layers`, else
+    the layers themselves."""
+    from jaxllm import lora
+
+    for name in ("all", "attn", "ffn", "head", "attn,ffn", "attn,head", "ffn,head"):
+        try:
+            if set(lora.select_targets(params, name, tied_head=tied_head)) == set(layers):
+                return name
+        except ValueError:
+            pass
+    shown = sorted(layers)
+    return ", ".join(shown[:4]) + (f", ... ({len(shown)} layers)" if len(shown) > 4 else "")
+
+
+def lora_start(make_base, config, args, key=None, *, run_dir=None, resume: bool = False,
+               tied_head: bool = True, also: str | None = None):
+    """(params, trainable) of a training command's LoRA flags, or (None, None)
+    when the run does not use LoRA (the command keeps its own parameters).
+    `make_base()` gives the starting parameters, called only when needed.
+
+    A fresh run: `apply_lora_args`. On `resume` of a folder with a checkpoint,
+    the run's own adapters are rebuilt (layers, rank, alpha, qkv mode as saved;
+    the checkpoint then restores their values), so the LoRA flags may be left
+    out; a flag that is given must agree with the saved value, else a
+    ValueError names the flag and the saved value. LoRA flags on a resumed run
+    that trained every weight are refused too. What it does goes to stderr."""
+    import sys
+
+    from jaxllm import lora
+
+    saved = saved_lora(run_dir) if resume and run_dir is not None else None
+    if saved is None:
+        if getattr(args, "lora_rank", None) is None:
+            apply_lora_args(None, config, args)  # refuses --lora-alpha & co. without a rank
+            return None, None
+        params, trainable = apply_lora_args(make_base(), config, args, key,
+                                            tied_head=tied_head, also=also)
+        print(describe(params), file=sys.stderr)
+        return params, trainable
+    given = [f for f in ("rank", "alpha", "targets", "qkv")
+             if getattr(args, f"lora_{f}", None) is not None]
+    if not saved["adapters"]:
+        if given:
+            raise ValueError(f"--lora-{given[0]}: {run_dir} was trained without adapters (every "
+                             "weight); resume it without the LoRA flags, or start a new --out")
+        return None, None
+    base = make_base()
+    tied = bool(tied_head and config.tie_embeddings)
+    layers = list(saved["adapters"])
+    saved_targets = _targets_name(base, layers, tied)
+
+    def refuse(flag, value, saved_value):
+        raise ValueError(f"--lora-{flag} {value}: {run_dir} was trained with --lora-{flag} "
+                         f"{saved_value}; drop the flag to resume with the run's own adapters, "
+                         "or start a new --out")
+
+    if args.lora_rank is not None and args.lora_rank != saved["rank"]:
+        refuse("rank", args.lora_rank, saved["rank"] or "(ranks differing per layer)")
+    if args.lora_alpha is not None and (saved["alpha"] is None
+                                        or abs(args.lora_alpha - saved["alpha"]) > 1e-6):
+        refuse("alpha", f"{args.lora_alpha:g}",
+               "(alphas differing per layer)" if saved["alpha"] is None else f"{saved['alpha']:g}")
+    if args.lora_targets is not None:
+        try:
+            chosen = lora.select_targets(base, args.lora_targets, tied_head=tied)
+        except ValueError:
+            chosen = []
+        if set(chosen) != set(layers):
+            refuse("targets", args.lora_targets, saved_targets)
+    if args.lora_qkv is not None and saved["qkv"] is not None and args.lora_qkv != saved["qkv"]:
+        refuse("qkv", args.lora_qkv, saved["qkv"])
+    params = base
+    for path, ab in saved["adapters"].items():  # each layer's own alpha, as saved
+        params = lora.with_adapters(params, {path: ab}, saved["scales"][path] * ab["a"].shape[-1])
+    alpha = "per layer" if saved["alpha"] is None else f"{saved['alpha']:g}"
+    print(f"resuming the run's LoRA adapters (targets {saved_targets}, rank "
+          f"{saved['rank'] or 'per layer'}, alpha {alpha}"
+          + (f", qkv {saved['qkv']}" if saved["qkv"] else "") + f"); {describe(params)}",
+          file=sys.stderr)
+    return params, lora.trainable(also)
 
 
 def describe(params) -> str:

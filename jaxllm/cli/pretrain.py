@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxllm import host_memory
-from jaxllm.cli.lora import add_lora_arguments, apply_lora_args
+from jaxllm.cli.lora import add_lora_arguments
 from jaxllm.config import PRESETS, GPTConfig, get_preset
 
 DEFAULT_OUT = "runs/pretrain"
@@ -349,20 +349,18 @@ def run(args) -> int:
 
 
 def _lora_start(args, model: GPTConfig, tc):
-    """(params, trainable) for --lora-rank: the run's own initial weights, frozen,
-    with fresh adapters; (None, None) without it (the loop initialises)."""
-    if args.lora_rank is None:
-        return apply_lora_args(None, model, args)
+    """(params, trainable) for LoRA: the run's own initial weights, frozen, with
+    fresh adapters for --lora-rank, or on --resume the adapters the run was
+    saved with (`jaxllm.cli.lora.lora_start`: LoRA flags that disagree with them
+    are refused); (None, None) without LoRA (the loop initialises)."""
     import jax
 
-    from jaxllm.cli.lora import describe
+    from jaxllm.cli.lora import lora_start
     from jaxllm.model import init_params
 
     key = jax.random.key(tc.seed)
-    params, trainable = apply_lora_args(init_params(model, key, scheme=tc.init), model, args,
-                                        jax.random.fold_in(key, 1))
-    print(describe(params), file=sys.stderr)
-    return params, trainable
+    return lora_start(lambda: init_params(model, key, scheme=tc.init), model, args,
+                      jax.random.fold_in(key, 1), run_dir=args.out, resume=args.resume)
 
 
 def _recorded_tokenizer(run_dir) -> str | None:
