@@ -7,6 +7,7 @@
     jaxllm finetune classify --run-dir runs/pretrain --data reviews.csv \\
         --label-column sentiment --text-column review --trainable all
     jaxllm finetune classify ... --out runs/classify --resume
+    jaxllm finetune classify --hf gpt2 --data spam.tsv --lora-rank 8    # adapters + the head
 
 The data is a headerless `label<TAB>text` file, or a file with a header row
 (any `.csv`, or any file once `--label-column` / `--text-column` name the
@@ -23,6 +24,13 @@ each row (`--pooling last_token`) and weight decay skips biases and LayerNorm
 parameters. `--protocol book` restores both (`last_position`, decay on every
 trained leaf). `--set key=value` reaches any field of GPTConfig, TrainConfig
 or ClassifyConfig.
+
+With `--lora-rank` (and `--lora-alpha`, `--lora-targets`, `--lora-qkv`) the
+blocks' dense layers take LoRA adapters (`jaxllm.lora`) and every pretrained
+weight stays frozen; the new class head trains in full beside them, with
+whatever `--trainable` adds (default: the head alone; `all` is refused). The
+LM head is replaced, so it takes no adapter: `--lora-targets all` is the
+blocks. `--resume` continues with the run's own adapters.
 """
 
 from __future__ import annotations
@@ -93,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from jaxllm.cli.lora import add_lora_arguments
+
+    add_lora_arguments(parser)
 
 
 def _classes():
@@ -249,7 +260,39 @@ def build(args):
             raise ValueError(f"--epochs must be > 0, got {args.epochs}")
         train_fields["total_steps"] = max(1, round(args.epochs * per_epoch))
     tc = TrainConfig(**train_fields)
+    params, cc = _lora(args, config, tc, cc, params, cc_fields.get("trainable"))
     return config, tc, cc, data, tokenizer, params, source
+
+
+def _lora(args, config, tc, cc, params, trainable: str | None):
+    """(params, cc) for LoRA: the starting weights with adapters on the blocks,
+    and `cc.trainable` the adapters plus the leaves `trainable` names (default
+    the class head); (params, cc) unchanged without LoRA."""
+    import dataclasses
+
+    import jax
+
+    from jaxllm.cli.lora import lora_start
+    from jaxllm.finetune.classify import HEAD, trainable_for
+    from jaxllm.model import init_params
+
+    def base():
+        if params is not None:
+            return params
+        k_model = jax.random.split(jax.random.key(tc.seed))[0]  # the loop's own draw
+        return init_params(config, k_model, scheme=tc.init)
+
+    also = trainable_for(trainable or "head", config)
+    adapted, lora_trainable = lora_start(
+        base, config, args, jax.random.fold_in(jax.random.key(tc.seed), 1), run_dir=args.out,
+        resume=args.resume, tied_head=False, also=also, exclude=("out_head", HEAD))
+    if lora_trainable is None:
+        return params, cc
+    if also is None:
+        raise ValueError("--trainable all trains every weight, adapters or not: drop the LoRA "
+                         "flags, or name what trains beside the adapters (head, last_block, a "
+                         "regex)")
+    return adapted, dataclasses.replace(cc, trainable=lora_trainable)
 
 
 def run(args) -> int:

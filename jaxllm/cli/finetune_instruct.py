@@ -6,11 +6,17 @@
         --data instruction-data.json --steps 60           # a small model from scratch
     jaxllm finetune instruct --run-dir runs/pretrain --data my.jsonl --style chat --mask-prompt
     jaxllm finetune instruct ... --out runs/instruct --resume
+    jaxllm finetune instruct --hf gpt2 --data my.json --lora-rank 16 --lora-alpha 32   # adapters only
 
 The defaults are the published protocol: AdamW at a constant 5e-5 (betas
 0.9 / 0.999, weight decay 0.1 on the weight matrices, no clipping), batches
 of 8, 2 epochs, an evaluation every 5 steps on 5 batches. `--set key=value`
 reaches any field of GPTConfig, TrainConfig or InstructConfig.
+
+With `--lora-rank` (and `--lora-alpha`, `--lora-targets`, `--lora-qkv`) only
+LoRA adapters train (`jaxllm.lora`), the LM head (tied or not) among the
+targets of `all` and `head`; `--resume` continues with the run's own adapters,
+and `jaxllm lora merge` folds them into a Hugging Face GPT-2 folder.
 """
 
 from __future__ import annotations
@@ -74,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from jaxllm.cli.lora import add_lora_arguments
+
+    add_lora_arguments(parser)
 
 
 def _classes():
@@ -170,6 +179,22 @@ def build(args):
     return config, tc, ic, tokenizer, entries, params, source
 
 
+def _lora(args, config, tc, params):
+    """(params, trainable) for LoRA: the starting weights (the loop's own random
+    draw for --init random) with adapters, and the adapters as the trainable set;
+    (params, None) without LoRA."""
+    import jax
+
+    from jaxllm.cli.lora import lora_start
+    from jaxllm.model import init_params
+
+    key = jax.random.key(tc.seed)
+    adapted, trainable = lora_start(
+        lambda: init_params(config, key, scheme=tc.init) if params is None else params, config,
+        args, jax.random.fold_in(key, 1), run_dir=args.out, resume=args.resume)
+    return (params, None) if trainable is None else (adapted, trainable)
+
+
 def run(args) -> int:
     from jaxllm.config import count_params
     from jaxllm.finetune.instruct_loop import finetune_instruct, format_summary
@@ -182,8 +207,10 @@ def run(args) -> int:
               f"{config.emb_dim} ({count_params(config):,} parameters) from {source}; "
               f"{tc.total_steps} steps of {tc.batch_size}; run folder {args.out}",
               file=sys.stderr)
+        params, trainable = _lora(args, config, tc, params)
         summary = finetune_instruct(args.out, config, tc, ic, tokenizer, entries, params=params,
                                     resume=args.resume, progress=not args.quiet,
+                                    trainable=trainable,
                                     data_name=os.path.basename(args.data), source=source,
                                     judge=None if args.judge_url is None else {
                                         "url": args.judge_url, "model": args.judge_model,

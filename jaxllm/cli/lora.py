@@ -4,14 +4,21 @@
     jaxllm lora export --run-dir runs/lora --out adapters.safetensors   # the adapters only
 
 `merge` writes the merged model in the Hugging Face GPT-2 format (`jaxllm
-generate --hf exported/` reads it, and so does `transformers`); `export`
-writes the adapter-only file that `jaxllm.lora.load_adapters` puts onto any
-base of the same shape.
+generate --hf exported/` reads it, and so does `transformers`); an adapter on
+a tied head unties it there (`jaxllm.lora.merge_model`: the folder gets its
+own lm_head.weight and tie_word_embeddings false). A `jaxllm finetune
+classify` run has a class head, which no GPT-2 LM head folder can hold: its
+merge is a jaxllm run folder instead (one checkpoint of the merged
+classifier, no optimizer state), for `jaxllm classify --run-dir` and
+`jaxllm finetune classify --run-dir`. `export` writes the adapter-only file
+that `jaxllm.lora.load_adapters` puts onto any base of the same shape (the
+adapters alone: a classification run's head is not in it).
 
-Training commands take LoRA through `add_lora_arguments(parser)` (the
+Training commands (`jaxllm pretrain`, `jaxllm finetune classify`, `jaxllm
+finetune instruct`) take LoRA through `add_lora_arguments(parser)` (the
 `--lora-rank`, `--lora-alpha`, `--lora-targets`, `--lora-qkv` flags) and
-`apply_lora_args(params, config, args, key)`, which returns the parameters
-with adapters and the `trainable` regex to train them alone.
+`lora_start(...)`, which returns the parameters with adapters (fresh, or on
+--resume the run's own) and the `trainable` regex to train them alone.
 """
 
 from __future__ import annotations
@@ -46,12 +53,13 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_lora_args(params, config, args, key=None, *, tied_head: bool = True,
-                    also: str | None = None):
+                    also: str | None = None, exclude: tuple[str, ...] = ()):
     """(params, trainable): with --lora-rank, the parameters with fresh adapters
     and `jaxllm.lora.trainable(also)` (the adapters, plus the leaves `also`
     matches: a new task head); without it, `params` as they are and None
     (train everything). `key` (default: key 0) draws the adapters' A;
-    `tied_head=False` leaves a tied LM head out (a model that replaces it)."""
+    `tied_head=False` leaves a tied LM head out and `exclude` the top-level
+    entries named (a model that replaces its LM head: "out_head", a task head)."""
     rank = getattr(args, "lora_rank", None)
     if rank is None:
         for flag in ("alpha", "targets", "qkv"):
@@ -63,10 +71,15 @@ def apply_lora_args(params, config, args, key=None, *, tied_head: bool = True,
     from jaxllm import lora
 
     key = jax.random.key(0) if key is None else key
-    adapted = lora.lora_params(params, config, key, rank=rank, alpha=args.lora_alpha,
-                               targets=args.lora_targets or "all", qkv=args.lora_qkv or "split",
-                               tied_head=tied_head)
-    return adapted, lora.trainable(also)
+    adapters = lora.init_lora(_without(params, exclude), config, key, rank=rank,
+                              targets=args.lora_targets or "all", qkv=args.lora_qkv or "split",
+                              tied_head=tied_head)
+    alpha = float(rank if args.lora_alpha is None else args.lora_alpha)
+    return lora.with_adapters(params, adapters, alpha), lora.trainable(also)
+
+
+def _without(params, exclude):
+    return {k: v for k, v in params.items() if k not in exclude} if exclude else params
 
 
 def saved_lora(run_dir) -> dict | None:
@@ -113,10 +126,11 @@ def _targets_name(params, layers, tied_head: bool) -> str:
 
 
 def lora_start(make_base, config, args, key=None, *, run_dir=None, resume: bool = False,
-               tied_head: bool = True, also: str | None = None):
+               tied_head: bool = True, also: str | None = None, exclude: tuple[str, ...] = ()):
     """(params, trainable) of a training command's LoRA flags, or (None, None)
     when the run does not use LoRA (the command keeps its own parameters).
-    `make_base()` gives the starting parameters, called only when needed.
+    `make_base()` gives the starting parameters, called only when needed;
+    `tied_head`, `also` and `exclude` as in `apply_lora_args`.
 
     A fresh run: `apply_lora_args`. On `resume` of a folder with a checkpoint,
     the run's own adapters are rebuilt (layers, rank, alpha, qkv mode as saved;
@@ -134,7 +148,7 @@ def lora_start(make_base, config, args, key=None, *, run_dir=None, resume: bool 
             apply_lora_args(None, config, args)  # refuses --lora-alpha & co. without a rank
             return None, None
         params, trainable = apply_lora_args(make_base(), config, args, key,
-                                            tied_head=tied_head, also=also)
+                                            tied_head=tied_head, also=also, exclude=exclude)
         print(describe(params), file=sys.stderr)
         return params, trainable
     given = [f for f in ("rank", "alpha", "targets", "qkv")
@@ -147,7 +161,7 @@ def lora_start(make_base, config, args, key=None, *, run_dir=None, resume: bool 
     base = make_base()
     tied = bool(tied_head and config.tie_embeddings)
     layers = list(saved["adapters"])
-    saved_targets = _targets_name(base, layers, tied)
+    saved_targets = _targets_name(_without(base, exclude), layers, tied)
 
     def refuse(flag, value, saved_value):
         raise ValueError(f"--lora-{flag} {value}: {run_dir} was trained with --lora-{flag} "
@@ -162,7 +176,8 @@ def lora_start(make_base, config, args, key=None, *, run_dir=None, resume: bool 
                "(alphas differing per layer)" if saved["alpha"] is None else f"{saved['alpha']:g}")
     if args.lora_targets is not None:
         try:
-            chosen = lora.select_targets(base, args.lora_targets, tied_head=tied)
+            chosen = lora.select_targets(_without(base, exclude), args.lora_targets,
+                                         tied_head=tied)
         except ValueError:
             chosen = []
         if set(chosen) != set(layers):
@@ -203,7 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from jaxllm import lora
     from jaxllm.hf import hf_config_kwargs, save_safetensors
-    from jaxllm.train.checkpoint import load_params
+    from jaxllm.train.checkpoint import load_params, read_meta
 
     try:
         params, config, tokenizer = load_params(args.run_dir, args.step)
@@ -211,7 +226,12 @@ def run(args) -> int:
         if not adapters:
             raise ValueError(f"{args.run_dir} holds no adapters (was it trained with --lora-rank?)")
         out = Path(args.out)
-        if args.action == "merge":
+        kind = read_meta(args.run_dir, args.step).get("kind")
+        if args.action == "merge" and kind == "classify":
+            _merge_classifier(args.run_dir, args.step, params, out)
+            print(f"merged {len(adapters)} adapters into the classifier run folder {out} "
+                  "(jaxllm classify --run-dir reads it)")
+        elif args.action == "merge":
             merged, config = lora.merge_model(params, config)  # a tied head's adapter unties it
             out.mkdir(parents=True, exist_ok=True)
             save_safetensors(merged, config, out / "model.safetensors")
@@ -233,3 +253,33 @@ def run(args) -> int:
         print(f"jaxllm lora: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _merge_classifier(run_dir, step, params, out: Path) -> None:
+    """A classification run's adapters folded into its weights, written as a run
+    folder of its own: one checkpoint (the merged parameters, the class head
+    as trained; no optimizer state) with the run's metadata, so that `jaxllm
+    classify --run-dir OUT` and `jaxllm finetune classify --run-dir OUT` read
+    it. (A class head is no GPT-2 LM head: a Hugging Face GPT2LMHeadModel
+    folder cannot hold it.)"""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm import lora
+    from jaxllm.train import checkpoint
+    from jaxllm.train.step import TrainState
+
+    if checkpoint.checkpoint_dir(out).is_dir():
+        raise ValueError(f"{out} already holds checkpoints; give a new folder")
+    meta = checkpoint.read_meta(run_dir, step)
+    merged = lora.merge(params)
+    meta = dict(meta, merged_from=str(run_dir))
+    saved_step = int(meta.pop("step", meta.get("data_position", 0)))
+    state = TrainState(step=jnp.asarray(saved_step, jnp.int32), params=merged,
+                       opt_state={}, rng=jax.random.key_data(jax.random.key(0)))
+    manager = checkpoint.open_manager(out, create=True)
+    try:
+        checkpoint.save(manager, state, meta)
+    finally:
+        manager.close()
+    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")

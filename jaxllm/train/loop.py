@@ -52,6 +52,7 @@ from jaxllm.train.metrics import MetricsLog, write_samples
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.plot import plot_losses
 from jaxllm.train.sampling import sample_text
+from jaxllm.train.runner import run_steps
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
 from jaxllm.train.task import Task, Trainable, lm_batch, lm_task
 
@@ -345,10 +346,10 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         log.append([record])
         if not writer:
             return record
-        bar.write(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
+        tqdm.write(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
                   f"val perplexity {record['val_perplexity']:.1f}")
         if "sample_greedy" in record:
-            bar.write("  " + repr(record["sample_greedy"])[:160])
+            tqdm.write("  " + repr(record["sample_greedy"])[:160])
         return record
 
     def diverged(step: int, what: str) -> TrainingDiverged:
@@ -369,68 +370,29 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
                                              tokens_seen=step * tokens_per_step))
         last_saved = step
 
-    pending: list[tuple[int, dict]] = []
-    train_time, seg_start, seg_steps, timed_steps, compile_s = 0.0, time.perf_counter(), 0, 0, None
+    def batch_at(step: int):
+        batch = lm_batch(*batches.batch_at(step))  # the data position is the step
+        if feed_local_rows:  # each process places only the rows its devices hold
+            batch = dict(zip(batch, sharding.shard_batch(
+                mesh, *(v[local_rows] for v in batch.values()), per_process=True)))
+        return batch
+
+    def record(step: int, m) -> dict[str, Any]:
+        return {"kind": "train", "step": step, "tokens": step * tokens_per_step,
+                "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                "lr": float(m["lr"])}
+
     wall_start = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal pending, train_time, seg_steps
-        if not pending:
-            return
-        host = jax.device_get([m for _, m in pending])
-        seconds = time.perf_counter() - seg_start
-        train_time += seconds
-        records = []
-        for (step, _), m in zip(pending, host):
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
-                log.append(records)
-                pending = []
-                raise diverged(step, f"loss is {loss}")
-            records.append({"kind": "train", "step": step, "tokens": step * tokens_per_step,
-                            "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])})
-        log.append(records)
-        bar.set_postfix(loss=f"{records[-1]['loss']:.3f}",
-                        tok_s=f"{seg_steps * tokens_per_step / max(seconds, 1e-9):,.0f}")
-        pending, seg_steps = [], 0
-
-    bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True,
-               disable=not (progress and writer))
-    first_eval = None
     try:
-        if start == 0:
-            first_eval = evaluate(state.params, 0)
-        seg_start = time.perf_counter()
-        for step in range(start, end):
-            batch = lm_batch(*batches.batch_at(step))  # the data position is the step
-            if feed_local_rows:  # each process places only the rows its devices hold
-                batch = dict(zip(batch, sharding.shard_batch(
-                    mesh, *(v[local_rows] for v in batch.values()), per_process=True)))
-            state, metrics = train_step(state, batch)
-            done = step + 1
-            pending.append((done, metrics))
-            bar.update(1)
-            if step == start:  # the first call compiles: keep it out of tokens/s
-                jax.block_until_ready(metrics)
-                compile_s = time.perf_counter() - seg_start
-                seg_start = time.perf_counter()
-            else:
-                seg_steps += 1
-                timed_steps += 1
-            at_eval = done % lc.eval_every == 0 or done == end
-            at_save = done % lc.save_every == 0 or done == end
-            if done % lc.log_every == 0 or at_eval or at_save:
-                flush()
-                if at_eval:
-                    evaluate(state.params, done, final=done == end)
-                if at_save:
-                    save(state, done)
-                seg_start = time.perf_counter()
-        flush()
+        state, timing, first_eval = run_steps(
+            state, train_step, batch_at, start=start, end=end, log_every=lc.log_every,
+            eval_every=lc.eval_every, save_every=lc.save_every, record=record,
+            evaluate=lambda params, step: evaluate(params, step, final=step == end),
+            save=save, log=log, diverged=lambda step, loss: diverged(step, f"loss is {loss}"),
+            progress=progress and writer, tokens_per_step=tokens_per_step)
         if last_saved != int(state.step) and end > start:
             save(state, int(state.step))
     finally:
-        bar.close()
         manager.close()
         records = log.read()
         if records and writer:
@@ -448,8 +410,9 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         "tokens_seen": int(state.step) * tokens_per_step,
         "epochs": int(state.step) / batches.batches_per_epoch,
         "wall_s": time.perf_counter() - wall_start,
-        "compile_s": compile_s,
-        "train_tokens_per_s": timed_steps * tokens_per_step / train_time if train_time else None,
+        "compile_s": timing.compile_s,
+        "train_tokens_per_s": (timing.timed_steps * tokens_per_step / timing.train_s
+                               if timing.train_s else None),
         "initial_val_loss": first_eval["val_loss"] if first_eval else None,
         "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
         "final_val_perplexity": last.get("val_perplexity"),

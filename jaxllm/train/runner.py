@@ -27,7 +27,7 @@ def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, 
               log_every: int, eval_every: int, save_every: int,
               record: Callable[[int, dict], dict], evaluate: Callable[[Any, int], Any],
               save: Callable[[Any, int], None], log, diverged: Callable[[int, float], Exception],
-              progress: bool = True):
+              progress: bool = True, tokens_per_step: int | None = None):
     """Run steps `start` to `end`; returns (state, Timing, the step-0 evaluation or None).
 
     `record(step, metrics)` turns one step's host metrics into its
@@ -35,18 +35,21 @@ def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, 
     raises `diverged(step, loss)` after the rows before it are logged.
     `evaluate(params, step)` runs at step 0 of a fresh run, every
     `eval_every` steps and at the end; `save(state, step)` every
-    `save_every` steps and at the end.
+    `save_every` steps and at the end. With `tokens_per_step` the progress
+    bar shows tokens/s over the steps since the last fetch.
     """
     timing = Timing()
     pending: list[tuple[int, dict]] = []
-    seg_start = time.perf_counter()
+    seg_start, seg_steps = time.perf_counter(), 0
     bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, disable=not progress)
 
     def flush() -> None:
+        nonlocal seg_steps
         if not pending:
             return
         host = jax.device_get([m for _, m in pending])
-        timing.train_s += time.perf_counter() - seg_start
+        seconds = time.perf_counter() - seg_start
+        timing.train_s += seconds
         rows = []
         for (step, _), m in zip(pending, host):
             loss = float(m["loss"])
@@ -56,8 +59,12 @@ def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, 
                 raise diverged(step, loss)
             rows.append(record(step, m))
         log.append(rows)
-        bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}")
+        postfix = {"loss": f"{rows[-1]['loss']:.3f}"}
+        if tokens_per_step:
+            postfix["tok_s"] = f"{seg_steps * tokens_per_step / max(seconds, 1e-9):,.0f}"
+        bar.set_postfix(postfix)
         pending.clear()
+        seg_steps = 0
 
     first_eval = None
     try:
@@ -75,6 +82,7 @@ def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, 
                 seg_start = time.perf_counter()
             else:
                 timing.timed_steps += 1
+                seg_steps += 1
             at_eval = done % eval_every == 0 or done == end
             at_save = done % save_every == 0 or done == end
             if done % log_every == 0 or at_eval or at_save:
