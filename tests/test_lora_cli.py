@@ -3,7 +3,9 @@ the LoRA flags, the tied head merged into an untied Hugging Face model."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -85,3 +87,106 @@ def test_lora_flags_on_resuming_a_run_without_adapters_are_refused(tmp_path, cap
     assert f"--lora-rank: {run} was trained without adapters" in capsys.readouterr().err
     assert main(["pretrain", *TINY, "--out", str(tmp_path / "new"), "--lora-targets", "attn"]) == 2
     assert "--lora-targets needs --lora-rank" in capsys.readouterr().err
+
+
+# -- the fine-tuning commands ------------------------------------------------------
+FT_CONFIG = dict(vocab_size=257, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
+                 drop_rate=0.0)
+
+
+def spam_file(path):
+    rows = [f"spam\tWIN a FREE prize number {i} now, call 0800 {i}" for i in range(30)]
+    rows += [f"ham\tsee you at lunch on day {i}, ok?" for i in range(30)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_finetune_classify_with_lora_trains_adapters_and_head_only(tmp_path, capsys):
+    from jaxllm.finetune.classify import HEAD
+    from jaxllm.finetune.loop import classify_texts, load_classifier
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(FT_CONFIG))
+    run = tmp_path / "clf"
+    argv = ["finetune", "classify", "--init", "random", "--config", str(cfg), "--tokenizer",
+            "byte", "--data", str(spam_file(tmp_path / "spam.tsv")), "--steps", "3",
+            "--eval-every", "3", "--eval-batches", "1", "--save-every", "1", "--set", "batch_size=4",
+            "--set", "lr=1e-2", "--out", str(run), "--quiet"]
+    assert main([*argv, "--lora-rank", "2", "--lora-targets", "all"]) == 0
+    assert "LoRA: 8 adapted dense layers" in capsys.readouterr().err
+    clf = load_classifier(run)
+    config, trained = clf["config"], leaves(clf["params"])
+    adapters = lora.adapters_of(clf["params"])[0]
+    assert sorted(adapters) == sorted(f"blocks/{i}/{n}" for i in range(2)
+                                      for n in ("attn/qkv", "attn/out", "ffn/fc", "ffn/proj"))
+    summary = json.loads((run / "summary.json").read_text())
+    head = 32 * 2 + 2
+    assert summary["trainable_params"] == lora.count_lora_params(adapters) + head
+    # every model weight frozen: bitwise the loop's own draw (its LM head replaced)
+    seed = json.loads((run / "config.json").read_text())["train"]["seed"]
+    k_model = jax.random.split(jax.random.key(seed))[0]
+    base = leaves({k: v for k, v in init_params(config, k_model).items() if k != "out_head"})
+    stripped = lora.strip_adapters(clf["params"])
+    model_part = leaves({k: v for k, v in stripped.items() if k != HEAD})
+    assert HEAD in stripped and set(model_part) == set(base)
+    for name, x in model_part.items():
+        np.testing.assert_array_equal(x, base[name], err_msg=name)
+    assert any(np.abs(np.asarray(ab["b"])).max() > 0 for ab in adapters.values())
+
+    # inference reads the adapters; the merged run folder classifies the same
+    texts = ["FREE prize, call now", "lunch today?"]
+    before = classify_texts(run, texts)
+    merged = tmp_path / "merged"
+    assert main(["lora", "merge", "--run-dir", str(run), "--out", str(merged)]) == 0
+    assert "classifier run folder" in capsys.readouterr().out
+    assert lora.adapters_of(load_classifier(merged)["params"])[0] == {}
+    after = classify_texts(merged, texts)
+    assert [b["label"] for b in before] == [a["label"] for a in after]
+    for b, a in zip(before, after):
+        for label, p in b["probabilities"].items():
+            assert abs(p - a["probabilities"][label]) < 1e-5
+
+    # the last checkpoint lost, resumed without the flags: the run's own adapters train on
+    # from step 2 to the same weights
+    shutil.rmtree(run / "checkpoints" / "3")
+    assert main([*argv, "--resume"]) == 0
+    assert "resuming the run's LoRA adapters (targets all, rank 2" in capsys.readouterr().err
+    for name, x in leaves(load_classifier(run)["params"]).items():
+        np.testing.assert_array_equal(x, trained[name], err_msg=name)
+    assert main([*argv, "--out", str(tmp_path / "x"), "--lora-rank", "2",
+                 "--trainable", "all"]) == 2
+    assert "--trainable all trains every weight" in capsys.readouterr().err
+
+
+def test_finetune_instruct_with_lora_freezes_the_base_and_merges(tmp_path, capsys):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({**FT_CONFIG, "context_length": 256}))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Add {i} and 1.", "input": "",
+                                 "output": f"{i + 1}"} for i in range(40)]))
+    run = tmp_path / "sft"
+    assert main(["finetune", "instruct", "--init", "random", "--config", str(cfg),
+                 "--tokenizer", "byte", "--data", str(data), "--steps", "2",
+                 "--eval-every", "2", "--set", "batch_size=4", "--set", "lr=1e-2",
+                 "--set", "sample_count=0", "--set", "eval_batches=1", "--no-responses",
+                 "--out", str(run), "--quiet", "--lora-rank", "4", "--lora-alpha", "8",
+                 "--lora-targets", "attn,head"]) == 0
+    capsys.readouterr()
+    params, config, _ = checkpoint.load_params(run)
+    adapters, scales = lora.adapters_of(params)
+    assert sorted(adapters) == ["blocks/0/attn/out", "blocks/0/attn/qkv", "blocks/1/attn/out",
+                                "blocks/1/attn/qkv", "out_head"]
+    assert set(scales.values()) == {2.0}
+    base = leaves(init_params(config, jax.random.key(TrainConfig().seed)))
+    for name, x in leaves(lora.strip_adapters(params)).items():
+        np.testing.assert_array_equal(x, base[name], err_msg=name)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trainable_params"] == lora.count_lora_params(adapters)
+
+    hf = tmp_path / "hf"
+    assert main(["lora", "merge", "--run-dir", str(run), "--out", str(hf)]) == 0
+    untied = config.replace(tie_embeddings=False)
+    merged = from_hf_state_dict(hf / "model.safetensors", untied)
+    x = np.array([[1, 2, 3, 4, 5]], np.int32)
+    np.testing.assert_allclose(np.asarray(apply(merged, x, untied)),
+                               np.asarray(apply(params, x, config)), atol=1e-5)

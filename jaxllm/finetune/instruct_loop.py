@@ -55,7 +55,7 @@ from jaxllm.train.optim import TrainConfig
 from jaxllm.train.plot import plot_losses
 from jaxllm.train.runner import run_steps
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
-from jaxllm.train.task import Trainable
+from jaxllm.train.task import Trainable, count_trainable
 
 META_KIND = "instruct"
 
@@ -289,6 +289,8 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
         "epochs": int(state.step) / batches.batches_per_epoch,
         "train_entries": len(train_entries), "val_entries": len(val_entries),
         "test_entries": len(test_entries), "target_tokens_seen": tokens_seen,
+        "trainable_params": count_trainable(state.params, trainable),
+        "total_params": sum(int(x.size) for x in jax.tree.leaves(state.params)),
         "train_wall_s": wall_train, "compile_s": compile_s,
         "steps_per_s": timed_steps / train_time if train_time and timed_steps else None,
         "initial_val_loss": first_eval["val_loss"] if first_eval else None,

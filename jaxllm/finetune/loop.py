@@ -318,28 +318,14 @@ def format_summary(s: dict[str, Any]) -> str:
 # -- inference from a run folder --------------------------------------------------
 def load_classifier(run_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """{"params", "config", "meta"} of a classification run's checkpoint (the
-    latest when `step` is None); only the parameters are read."""
-    import orbax.checkpoint as ocp
-
-    meta = checkpoint.read_meta(run_dir, step)
+    newest that reads when `step` is None); only the parameters are read, as
+    saved (LoRA adapters included)."""
+    params, meta = checkpoint.load_params_and_meta(run_dir, step)
     if meta.get("kind") != META_KIND:
         raise ValueError(f"{run_dir} is not a classification run (its checkpoint is of kind "
                          f"{meta.get('kind', 'pretrain')!r}); give a run of jaxllm finetune "
                          f"classify")
-    config = GPTConfig.from_dict(meta["model"])
-    n = len(meta["classes"])
-    shapes = jax.eval_shape(lambda: add_class_head(init_params(config, jax.random.key(0)),
-                                                   config, n, jax.random.key(1)))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          shapes)
-    manager = checkpoint.open_manager(run_dir)
-    try:
-        params = manager.restore(meta["step"], args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(shapes)))["params"]
-    finally:
-        manager.close()
-    return {"params": params, "config": config, "meta": meta}
+    return {"params": params, "config": GPTConfig.from_dict(meta["model"]), "meta": meta}
 
 
 def classify_texts(run_dir: str | os.PathLike, texts, *, tokenizer_dir=None,

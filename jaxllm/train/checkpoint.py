@@ -402,18 +402,29 @@ def load_params(run_dir: str | os.PathLike, step: int | None = None, *, fallback
     one is reported in one line and skipped (`fallback=False`: an error).
     A given `step` is read or refused, never replaced.
     """
+    params, meta = load_params_and_meta(run_dir, step, fallback=fallback)
+    return params, GPTConfig.from_dict(meta["model"]), meta["tokenizer"]
+
+
+def load_params_and_meta(run_dir: str | os.PathLike, step: int | None = None, *,
+                         fallback: bool = True) -> tuple[Any, dict[str, Any]]:
+    """(params, metadata) of the checkpoint `load_params` picks: for runs whose
+    metadata says more than the model (a classifier's classes and pooling)."""
     manager = open_manager(run_dir)
-    chosen = _pick_step(manager, run_dir, step)
-    candidates = [chosen] if step is not None else sorted(manager.all_steps(), reverse=True)
-    for i, s in enumerate(candidates):
-        try:
-            return _load_params_at(manager, run_dir, s)
-        except CheckpointDamaged as err:
-            if step is not None or not fallback:
-                raise
-            later = candidates[i + 1:]
-            print(f"{err}; " + (f"falling back to checkpoint {later[0]}" if later else
-                                "no older checkpoint to fall back to"), file=sys.stderr)
+    try:
+        chosen = _pick_step(manager, run_dir, step)
+        candidates = [chosen] if step is not None else sorted(manager.all_steps(), reverse=True)
+        for i, s in enumerate(candidates):
+            try:
+                return _load_params_at(manager, run_dir, s)
+            except CheckpointDamaged as err:
+                if step is not None or not fallback:
+                    raise
+                later = candidates[i + 1:]
+                print(f"{err}; " + (f"falling back to checkpoint {later[0]}" if later else
+                                    "no older checkpoint to fall back to"), file=sys.stderr)
+    finally:
+        manager.close()
     raise CheckpointDamaged(f"no checkpoint in {checkpoint_dir(run_dir)} reads: every one "
                             "is damaged")
 
@@ -428,8 +439,7 @@ def _load_params_at(manager: ocp.CheckpointManager, run_dir, step: int):
             params=ocp.args.StandardRestore(shapes)))["params"]
         return params, meta
 
-    params, meta = _reading(run_dir, step, read)
-    return params, GPTConfig.from_dict(meta["model"]), meta["tokenizer"]
+    return _reading(run_dir, step, read)
 
 
 def _reading(run_dir, step: int, read: Callable[[], Any]):
