@@ -391,7 +391,7 @@ def test_cli_errors_name_what_is_wrong(shared_data, tmp_path, capsys, monkeypatc
 
 
 def test_hf_folders_with_either_weights_file(tmp_path):
-    from jaxllm.cli.finetune_classify import hf_state_dict
+    from jaxllm.cli.finetune_start import hf_state_dict
 
     params = random_classifier(5)
     params = {k: v for k, v in params.items() if k != HEAD}

@@ -363,6 +363,37 @@ class JudgeHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def test_cli_starts_from_a_pytorch_bin_folder_and_refuses_a_classifier(tmp_path, capsys):
+    from jaxllm.train import checkpoint
+
+    config = TINY.replace(vocab_size=257, context_length=256)
+    params = random_params(config, 7)
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in to_hf_state_dict(params, config).items()},
+               hf / "pytorch_model.bin")
+    (hf / "config.json").write_text(json.dumps(hf_config_kwargs(config)))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)}
+                                for i in range(24)]))
+    common = ["--data", str(data), "--tokenizer", "byte", "--steps", "1", "--no-responses",
+              "--set", "batch_size=4", "--set", "sample_count=0", "--set", "eval_batches=1",
+              "--quiet"]
+    assert run_cli(cli, ["--hf", str(hf), *common, "--out", str(tmp_path / "a")]) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["source"] == f"hf:{hf}" and summary["trainable_params"] == sum(
+        int(x.size) for x in jax.tree.leaves(params))
+    assert run_cli(cli, ["--hf", str(tmp_path / "nothing"), *common]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+    clf = tmp_path / "clf"  # a classification run's checkpoint: its LM head is gone
+    checkpoint.save(checkpoint.open_manager(clf, create=True),
+                    init_train_state(params, TrainConfig()),
+                    {"model": config.to_dict(), "tokenizer": "byte", "kind": "classify"})
+    assert run_cli(cli, ["--run-dir", str(clf), *common, "--out", str(tmp_path / "b")]) == 2
+    assert "is a classifier" in capsys.readouterr().err
+
+
 @pytest.fixture
 def judge_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), JudgeHandler)

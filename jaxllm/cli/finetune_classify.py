@@ -37,31 +37,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import warnings
 from typing import Any
+
+from jaxllm.cli.finetune_start import (add_run_arguments, add_start_arguments, load_start,
+                                       total_steps)
 
 DEFAULT_OUT = "runs/classify"
 # The book's settings, where they differ from TrainConfig's pretraining defaults.
 TRAIN_PROTOCOL = dict(lr=5e-5, weight_decay=0.1, batch_size=8, warmup_steps=0, min_lr_ratio=1.0,
                       beta2=0.999, grad_clip=None, seed=123)
 PROTOCOLS = {"default": {}, "book": dict(pooling="last_position", decay_all=True)}
-HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf", metavar="DIR",
-                        help="start from Hugging Face GPT-2 weights: a folder with "
-                             "model.safetensors or pytorch_model.bin (and config.json), or a "
-                             "model name to download (needs huggingface_hub and the network)")
-    source.add_argument("--run-dir", metavar="DIR", help="start from a jaxllm run's checkpoint")
-    source.add_argument("--init", choices=("random",),
-                        help="start from random weights (--preset / --config, --set)")
-    parser.add_argument("--preset", default=None, help="model preset for --init random "
-                                                       "(default: small)")
-    parser.add_argument("--config", metavar="FILE.json", help="GPTConfig JSON for --init random")
+    add_start_arguments(parser)
     parser.add_argument("--data", required=True, metavar="FILE",
                         help="labelled texts: label<TAB>text lines, or a CSV with a header")
     parser.add_argument("--label-column", metavar="NAME",
@@ -82,28 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "LayerNorm), all, or a regex over parameter paths")
     parser.add_argument("--pooling", choices=("last_token", "last_position", "mean"),
                         help="where the class logits are read (default last_token)")
-    parser.add_argument("--tokenizer", choices=("byte", "gpt2"),
-                        help="default: gpt2 when the model's vocab_size is 50257 (and for --hf), "
-                             "else byte; the run's own for --run-dir")
-    parser.add_argument("--tokenizer-dir", metavar="DIR",
-                        help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
     parser.add_argument("--epochs", type=float, default=5.0,
                         help="passes over the training split (default 5)")
     parser.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default 50)")
     parser.add_argument("--eval-batches", type=int, help="batches per evaluation (default 5)")
     parser.add_argument("--save-every", type=int, help="steps between checkpoints (default 500)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="any GPTConfig, TrainConfig or ClassifyConfig field (repeatable)")
-    parser.add_argument("--out", default=DEFAULT_OUT, metavar="RUN_DIR",
-                        help=f"run folder (default {DEFAULT_OUT})")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    from jaxllm.cli.lora import add_lora_arguments
-
-    add_lora_arguments(parser)
+    add_run_arguments(parser, default_out=DEFAULT_OUT, task_config="ClassifyConfig")
 
 
 def _classes():
@@ -121,107 +97,16 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     return route(items, _classes())
 
 
-def _hub_download(name: str) -> str:
-    """A Hugging Face model name downloaded to the local cache; its folder."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"--hf {name}: no such folder, and huggingface_hub is not "
-                                f"installed to download it as a model name") from None
-    try:
-        return snapshot_download(name, allow_patterns=["config.json", "model.safetensors",
-                                                       "pytorch_model.bin"])
-    except Exception as err:  # offline, unknown name, refused: all say the same to the user
-        raise FileNotFoundError(
-            f"--hf {name}: no such folder, and downloading it from the Hugging Face hub failed "
-            f"({type(err).__name__}); offline, give a local folder with model.safetensors or "
-            f"pytorch_model.bin and config.json") from None
-
-
-def hf_state_dict(directory: str) -> dict:
-    """The GPT-2 state dict of a Hugging Face folder or file, with the
-    `transformer.` prefix GPT2LMHeadModel uses (GPT2Model files lack it)."""
-    from jaxllm.hf import load_state_dict
-
-    path = directory
-    if os.path.isdir(directory):
-        found = [f for f in ("model.safetensors", "pytorch_model.bin")
-                 if os.path.exists(os.path.join(directory, f))]
-        if not found:
-            raise FileNotFoundError(f"--hf {directory}: the folder holds no model.safetensors "
-                                    f"or pytorch_model.bin")
-        path = os.path.join(directory, found[0])
-    if path.endswith(".bin"):
-        import torch
-
-        sd = load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    else:
-        sd = load_state_dict(path)
-    if not any(k.startswith("transformer.") for k in sd):
-        sd = {(k if k.startswith("lm_head.") else f"transformer.{k}"): v for k, v in sd.items()}
-    return sd
-
-
-def load_start(args, model_overrides: dict[str, Any]):
-    """(params or None, GPTConfig, default tokenizer name, source description)."""
-    from jaxllm.config import GPTConfig, get_preset
-
-    if args.hf is not None:
-        from jaxllm.cli.generate import hf_config
-        from jaxllm.hf import from_hf_state_dict
-
-        where = args.hf
-        if not os.path.exists(where):
-            if not HUB_NAME.match(where):
-                raise FileNotFoundError(f"--hf {where}: no such file or directory")
-            where = _hub_download(where)
-        sd = hf_state_dict(where)  # first: a folder without weights is named as such
-        if os.path.isdir(where) and not os.path.exists(os.path.join(where, "config.json")) \
-                and not os.path.exists(os.path.join(where, "model.safetensors")):
-            raise FileNotFoundError(f"--hf {where}: pytorch_model.bin needs its config.json")
-        config = hf_config(where).replace(**model_overrides)
-        return from_hf_state_dict(sd, config), config, "gpt2", f"hf:{args.hf}"
-    if args.run_dir is not None:
-        from jaxllm.train.checkpoint import load_params, read_meta
-
-        if read_meta(args.run_dir).get("kind") == "classify":
-            from jaxllm.finetune.loop import load_classifier
-
-            clf = load_classifier(args.run_dir)
-            return (clf["params"], clf["config"].replace(**model_overrides),
-                    clf["meta"]["tokenizer"], f"run:{args.run_dir}")
-        params, config, tokenizer_name = load_params(args.run_dir)
-        return params, config.replace(**model_overrides), tokenizer_name, f"run:{args.run_dir}"
-    if args.config and args.preset:
-        raise ValueError("give --preset or --config, not both")
-    config = GPTConfig.from_json(args.config) if args.config else get_preset(args.preset or "small")
-    return None, config.replace(**model_overrides), None, "random"
-
-
 def build(args):
     """Everything `run` needs, checked: (config, tc, cc, data, tokenizer, params, source)."""
     from jaxllm.data.classification import prepare_classification
     from jaxllm.finetune.loop import ClassifyConfig
-    from jaxllm.tokenizer import get_tokenizer
     from jaxllm.train.optim import TrainConfig
 
-    if (args.preset or args.config) and not args.init:
-        raise ValueError("--preset and --config are for --init random; --hf and --run-dir bring "
-                         "their own architecture")
     overrides = parse_overrides(args.overrides)
     if not os.path.exists(args.data):  # before any weights are read
         raise FileNotFoundError(f"--data {args.data}: no such file")
-    params, config, default_tok, source = load_start(args, overrides["model"])
-    name = args.tokenizer or default_tok or ("gpt2" if config.vocab_size == 50257 else "byte")
-    tokenizer = get_tokenizer(name, args.tokenizer_dir)
-    if params is None and config.vocab_size != tokenizer.vocab_size:
-        if "vocab_size" in overrides["model"]:
-            raise ValueError(f"vocab_size={config.vocab_size} was set, but the {tokenizer.name} "
-                             f"tokenizer has {tokenizer.vocab_size} ids")
-        config = config.replace(vocab_size=tokenizer.vocab_size)
-    if config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"the model's vocabulary ({config.vocab_size}) is smaller than the "
-                         f"{tokenizer.name} tokenizer's ({tokenizer.vocab_size})")
+    params, config, tokenizer, source, _ = load_start(args, overrides["model"])
     cc_fields = dict(PROTOCOLS[args.protocol])
     for flag, key in (("trainable", "trainable"), ("pooling", "pooling"),
                       ("eval_every", "eval_every"), ("eval_batches", "eval_batches"),
@@ -249,16 +134,7 @@ def build(args):
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     train_fields = {**TRAIN_PROTOCOL, **overrides["train"]}
-    per_epoch = len(data.train) // train_fields["batch_size"]
-    if per_epoch == 0:
-        raise ValueError(f"the training split has {len(data.train)} rows, fewer than one batch "
-                         f"of {train_fields['batch_size']}")
-    if args.steps is not None:
-        train_fields["total_steps"] = args.steps
-    elif "total_steps" not in train_fields:
-        if not args.epochs > 0:
-            raise ValueError(f"--epochs must be > 0, got {args.epochs}")
-        train_fields["total_steps"] = max(1, round(args.epochs * per_epoch))
+    train_fields["total_steps"] = total_steps(args, train_fields, len(data.train), "rows")
     tc = TrainConfig(**train_fields)
     params, cc = _lora(args, config, tc, cc, params, cc_fields.get("trainable"))
     return config, tc, cc, data, tokenizer, params, source

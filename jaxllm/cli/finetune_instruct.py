@@ -2,6 +2,7 @@
 
     jaxllm finetune instruct --hf path/to/gpt2-medium --data instruction-data.json \\
         --tokenizer-dir shared/data                       # the classic protocol
+    jaxllm finetune instruct --hf gpt2-medium ...         # a hub name, where the network is
     jaxllm finetune instruct --init random --preset small --tokenizer gpt2 \\
         --data instruction-data.json --steps 60           # a small model from scratch
     jaxllm finetune instruct --run-dir runs/pretrain --data my.jsonl --style chat --mask-prompt
@@ -26,6 +27,9 @@ import os
 import sys
 from typing import Any
 
+from jaxllm.cli.finetune_start import (add_run_arguments, add_start_arguments, load_start,
+                                       total_steps)
+
 DEFAULT_OUT = "runs/instruct"
 # The published protocol, where it differs from TrainConfig's pretraining defaults.
 PROTOCOL = dict(lr=5e-5, weight_decay=0.1, batch_size=8, warmup_steps=0, min_lr_ratio=1.0,
@@ -33,24 +37,11 @@ PROTOCOL = dict(lr=5e-5, weight_decay=0.1, batch_size=8, warmup_steps=0, min_lr_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf", metavar="PATH",
-                        help="start from Hugging Face GPT-2 weights (model.safetensors or its folder)")
-    source.add_argument("--run-dir", metavar="DIR", help="start from a jaxllm run's checkpoint")
-    source.add_argument("--init", choices=("random",),
-                        help="start from random weights (--preset / --config, --set)")
-    parser.add_argument("--preset", default=None, help="model preset for --init random "
-                                                       "(default: small)")
-    parser.add_argument("--config", metavar="FILE.json", help="GPTConfig JSON for --init random")
+    add_start_arguments(parser)
     parser.add_argument("--data", required=True, metavar="FILE",
                         help="instruction data: a JSON list or JSON Lines (.jsonl) of "
                              "{instruction, input, output}")
     parser.add_argument("--limit", type=int, metavar="N", help="use only the first N entries")
-    parser.add_argument("--tokenizer", choices=("byte", "gpt2"),
-                        help="default: gpt2 when the model's vocab_size is 50257 (and for --hf), "
-                             "else byte; the run's own for --run-dir")
-    parser.add_argument("--tokenizer-dir", metavar="DIR",
-                        help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
     parser.add_argument("--style", choices=("alpaca", "chat"), help="prompt format (default alpaca)")
     parser.add_argument("--mask-prompt", action="store_true",
                         help="train on the response tokens only (prompt targets -100)")
@@ -72,17 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-model", default="llama3", help="the judge's model name")
     parser.add_argument("--judge-timeout", type=float, default=60.0,
                         help="seconds to wait for each judge answer")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="any GPTConfig, TrainConfig or InstructConfig field (repeatable)")
-    parser.add_argument("--out", default=DEFAULT_OUT, metavar="RUN_DIR",
-                        help=f"run folder (default {DEFAULT_OUT})")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    from jaxllm.cli.lora import add_lora_arguments
-
-    add_lora_arguments(parser)
+    add_run_arguments(parser, default_out=DEFAULT_OUT, task_config="InstructConfig")
 
 
 def _classes():
@@ -100,51 +81,19 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     return route(items, _classes())
 
 
-def load_start(args, model_overrides: dict[str, Any]):
-    """(params or None, GPTConfig, default tokenizer name, source description)."""
-    from jaxllm.config import GPTConfig, get_preset
-
-    if args.hf is not None:
-        from jaxllm.cli.generate import hf_config
-        from jaxllm.hf import from_hf_state_dict
-
-        if not os.path.exists(args.hf):
-            raise FileNotFoundError(f"--hf {args.hf}: no such file or directory")
-        config = hf_config(args.hf).replace(**model_overrides)
-        return from_hf_state_dict(args.hf, config), config, "gpt2", f"hf:{args.hf}"
-    if args.run_dir is not None:
-        from jaxllm.train.checkpoint import load_params
-
-        params, config, tokenizer_name = load_params(args.run_dir)
-        return params, config.replace(**model_overrides), tokenizer_name, f"run:{args.run_dir}"
-    if args.config and args.preset:
-        raise ValueError("give --preset or --config, not both")
-    config = GPTConfig.from_json(args.config) if args.config else get_preset(args.preset or "small")
-    return None, config.replace(**model_overrides), None, "random"
-
-
 def build(args):
     """Everything `run` needs, checked: (config, tc, ic, tokenizer, entries, params, source)."""
     from jaxllm.data.instructions import read_instructions, split_instructions
     from jaxllm.finetune.instruct_loop import InstructConfig
-    from jaxllm.tokenizer import get_tokenizer
     from jaxllm.train.optim import TrainConfig
 
-    if (args.preset or args.config) and not args.init:
-        raise ValueError("--preset and --config are for --init random; --hf and --run-dir bring "
-                         "their own architecture")
     overrides = parse_overrides(args.overrides)
-    params, config, default_tok, source = load_start(args, overrides["model"])
-    name = args.tokenizer or default_tok or ("gpt2" if config.vocab_size == 50257 else "byte")
-    tokenizer = get_tokenizer(name, args.tokenizer_dir)
-    if params is None and config.vocab_size != tokenizer.vocab_size:
-        if "vocab_size" in overrides["model"]:
-            raise ValueError(f"vocab_size={config.vocab_size} was set, but the {tokenizer.name} "
-                             f"tokenizer has {tokenizer.vocab_size} ids")
-        config = config.replace(vocab_size=tokenizer.vocab_size)
-    if config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"the model's vocabulary ({config.vocab_size}) is smaller than the "
-                         f"{tokenizer.name} tokenizer's ({tokenizer.vocab_size})")
+    if not os.path.exists(args.data):  # before any weights are read
+        raise FileNotFoundError(f"--data {args.data}: no such file")
+    params, config, tokenizer, source, kind = load_start(args, overrides["model"])
+    if kind == "classify":
+        raise ValueError(f"--run-dir {args.run_dir} is a classifier (its LM head was replaced by "
+                         "a class head); start instruction fine-tuning from a language model")
     entries = read_instructions(args.data)
     if args.limit is not None:
         if args.limit < 1:
@@ -163,18 +112,8 @@ def build(args):
         ic_fields["responses"] = False
     ic = InstructConfig(**ic_fields)
     train_fields = {**PROTOCOL, **overrides["train"]}
-    n_train = len(split_instructions(entries)[0])
-    batch = train_fields["batch_size"]
-    per_epoch = n_train // batch
-    if per_epoch == 0:
-        raise ValueError(f"the training split has {n_train} entries, fewer than one batch of "
-                         f"{batch}")
-    if args.steps is not None:
-        train_fields["total_steps"] = args.steps
-    elif "total_steps" not in train_fields:
-        if not args.epochs > 0:
-            raise ValueError(f"--epochs must be > 0, got {args.epochs}")
-        train_fields["total_steps"] = max(1, round(args.epochs * per_epoch))
+    train_fields["total_steps"] = total_steps(args, train_fields,
+                                              len(split_instructions(entries)[0]), "entries")
     tc = TrainConfig(**train_fields)
     return config, tc, ic, tokenizer, entries, params, source
 
@@ -226,8 +165,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m jaxllm.cli.finetune_instruct ...`: the command on its own, for
-    as long as `jaxllm finetune` does not dispatch to it."""
+    """`python -m jaxllm.cli.finetune_instruct ...`: the command on its own."""
     parser = argparse.ArgumentParser(prog="jaxllm finetune instruct",
                                      description=__doc__.split("\n")[0])
     add_arguments(parser)

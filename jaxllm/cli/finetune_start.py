@@ -1,0 +1,172 @@
+"""What the fine-tuning commands share: where the starting weights come from
+(`--hf`, `--run-dir`, `--init random`), the tokenizer, the run-folder options
+and how many steps the epochs make. Each command adds its own options and data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Any, NamedTuple
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def add_start_arguments(parser: argparse.ArgumentParser) -> None:
+    """--hf / --run-dir / --init (one required), --preset, --config, --tokenizer,
+    --tokenizer-dir."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", metavar="DIR",
+                        help="start from Hugging Face GPT-2 weights: a folder with "
+                             "model.safetensors or pytorch_model.bin (and config.json), or a "
+                             "model name to download (needs huggingface_hub and the network)")
+    source.add_argument("--run-dir", metavar="DIR", help="start from a jaxllm run's checkpoint")
+    source.add_argument("--init", choices=("random",),
+                        help="start from random weights (--preset / --config, --set)")
+    parser.add_argument("--preset", default=None, help="model preset for --init random "
+                                                       "(default: small)")
+    parser.add_argument("--config", metavar="FILE.json", help="GPTConfig JSON for --init random")
+    parser.add_argument("--tokenizer", choices=("byte", "gpt2"),
+                        help="default: gpt2 when the model's vocab_size is 50257 (and for --hf), "
+                             "else byte; the run's own for --run-dir")
+    parser.add_argument("--tokenizer-dir", metavar="DIR",
+                        help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, default_out: str,
+                      task_config: str) -> None:
+    """--set (GPTConfig, TrainConfig and the task's `task_config` fields), --out,
+    --resume, --quiet and the LoRA flags."""
+    from jaxllm.cli.lora import add_lora_arguments
+
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help=f"any GPTConfig, TrainConfig or {task_config} field (repeatable)")
+    parser.add_argument("--out", default=default_out, metavar="RUN_DIR",
+                        help=f"run folder (default {default_out})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_lora_arguments(parser)
+
+
+class Start(NamedTuple):
+    """The starting point of a fine-tuning run."""
+
+    params: Any  # None for --init random: the loop draws them from its seed
+    config: Any  # GPTConfig
+    tokenizer: Any  # the Tokenizer
+    source: str  # "hf:DIR", "run:DIR" or "random", as the run records it
+    kind: str | None  # the --run-dir checkpoint's kind ("classify", ...), else None
+
+
+def _hub_download(name: str) -> str:
+    """A Hugging Face model name downloaded to the local cache; its folder."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"--hf {name}: no such folder, and huggingface_hub is not "
+                                f"installed to download it as a model name") from None
+    try:
+        return snapshot_download(name, allow_patterns=["config.json", "model.safetensors",
+                                                       "pytorch_model.bin"])
+    except Exception as err:  # offline, unknown name, refused: all say the same to the user
+        raise FileNotFoundError(
+            f"--hf {name}: no such folder, and downloading it from the Hugging Face hub failed "
+            f"({type(err).__name__}); offline, give a local folder with model.safetensors or "
+            f"pytorch_model.bin and config.json") from None
+
+
+def hf_state_dict(directory: str) -> dict:
+    """The GPT-2 state dict of a Hugging Face folder or file, with the
+    `transformer.` prefix GPT2LMHeadModel uses (GPT2Model files lack it)."""
+    from jaxllm.hf import load_state_dict
+
+    path = directory
+    if os.path.isdir(directory):
+        found = [f for f in ("model.safetensors", "pytorch_model.bin")
+                 if os.path.exists(os.path.join(directory, f))]
+        if not found:
+            raise FileNotFoundError(f"--hf {directory}: the folder holds no model.safetensors "
+                                    f"or pytorch_model.bin")
+        path = os.path.join(directory, found[0])
+    if path.endswith(".bin"):
+        import torch
+
+        sd = load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        sd = load_state_dict(path)
+    if not any(k.startswith("transformer.") for k in sd):
+        sd = {(k if k.startswith("lm_head.") else f"transformer.{k}"): v for k, v in sd.items()}
+    return sd
+
+
+def _weights(args, model_overrides: dict[str, Any]):
+    """(params or None, GPTConfig, default tokenizer name, source, kind)."""
+    from jaxllm.config import GPTConfig, get_preset
+
+    if (args.preset or args.config) and not args.init:
+        raise ValueError("--preset and --config are for --init random; --hf and --run-dir bring "
+                         "their own architecture")
+    if args.hf is not None:
+        from jaxllm.cli.generate import hf_config
+        from jaxllm.hf import from_hf_state_dict
+
+        where = args.hf
+        if not os.path.exists(where):
+            if not HUB_NAME.match(where):
+                raise FileNotFoundError(f"--hf {where}: no such file or directory")
+            where = _hub_download(where)
+        sd = hf_state_dict(where)  # first: a folder without weights is named as such
+        if os.path.isdir(where) and not os.path.exists(os.path.join(where, "config.json")) \
+                and not os.path.exists(os.path.join(where, "model.safetensors")):
+            raise FileNotFoundError(f"--hf {where}: pytorch_model.bin needs its config.json")
+        config = hf_config(where).replace(**model_overrides)
+        return from_hf_state_dict(sd, config), config, "gpt2", f"hf:{args.hf}", None
+    if args.run_dir is not None:
+        from jaxllm.train.checkpoint import load_params_and_meta
+
+        params, meta = load_params_and_meta(args.run_dir)
+        config = GPTConfig.from_dict(meta["model"]).replace(**model_overrides)
+        return params, config, meta["tokenizer"], f"run:{args.run_dir}", meta.get("kind")
+    if args.config and args.preset:
+        raise ValueError("give --preset or --config, not both")
+    config = GPTConfig.from_json(args.config) if args.config else get_preset(args.preset or "small")
+    return None, config.replace(**model_overrides), None, "random", None
+
+
+def load_start(args, model_overrides: dict[str, Any]) -> Start:
+    """The starting weights, their config (with the --set model fields) and the
+    tokenizer, checked against each other. A random model takes the
+    tokenizer's vocabulary size unless `vocab_size` was set."""
+    from jaxllm.tokenizer import get_tokenizer
+
+    params, config, default_tok, source, kind = _weights(args, model_overrides)
+    name = args.tokenizer or default_tok or ("gpt2" if config.vocab_size == 50257 else "byte")
+    tokenizer = get_tokenizer(name, args.tokenizer_dir)
+    if params is None and config.vocab_size != tokenizer.vocab_size:
+        if "vocab_size" in model_overrides:
+            raise ValueError(f"vocab_size={config.vocab_size} was set, but the {tokenizer.name} "
+                             f"tokenizer has {tokenizer.vocab_size} ids")
+        config = config.replace(vocab_size=tokenizer.vocab_size)
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"the model's vocabulary ({config.vocab_size}) is smaller than the "
+                         f"{tokenizer.name} tokenizer's ({tokenizer.vocab_size})")
+    return Start(params, config, tokenizer, source, kind)
+
+
+def total_steps(args, train_fields: dict[str, Any], n_train: int, unit: str) -> int:
+    """Optimizer steps: --steps, a `total_steps` --set, or --epochs passes over
+    the `n_train` training `unit`s in whole batches."""
+    batch = train_fields["batch_size"]
+    if n_train // batch == 0:
+        raise ValueError(f"the training split has {n_train} {unit}, fewer than one batch of "
+                         f"{batch}")
+    if args.steps is not None:
+        return args.steps
+    if "total_steps" in train_fields:
+        return train_fields["total_steps"]
+    if not args.epochs > 0:
+        raise ValueError(f"--epochs must be > 0, got {args.epochs}")
+    return max(1, round(args.epochs * (n_train // batch)))
