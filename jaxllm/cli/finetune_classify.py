@@ -39,10 +39,9 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Any
 
 from jaxllm.cli.finetune_start import (add_run_arguments, add_start_arguments, load_start,
-                                       total_steps)
+                                       parse_overrides, total_steps)
 
 DEFAULT_OUT = "runs/classify"
 # The book's settings, where they differ from TrainConfig's pretraining defaults.
@@ -82,28 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, default_out=DEFAULT_OUT, task_config="ClassifyConfig")
 
 
-def _classes():
-    from jaxllm.config import GPTConfig
-    from jaxllm.finetune.loop import ClassifyConfig
-    from jaxllm.train.optim import TrainConfig
-
-    return {"model": GPTConfig, "train": TrainConfig, "classify": ClassifyConfig}
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """`["lr=1e-4", "pooling=mean"]` -> per-config dicts, values parsed by field type."""
-    from jaxllm.cli.pretrain import parse_overrides as route
-
-    return route(items, _classes())
-
-
 def build(args):
     """Everything `run` needs, checked: (config, tc, cc, data, tokenizer, params, source)."""
     from jaxllm.data.classification import prepare_classification
     from jaxllm.finetune.loop import ClassifyConfig
     from jaxllm.train.optim import TrainConfig
 
-    overrides = parse_overrides(args.overrides)
+    overrides = parse_overrides(args.overrides, "classify", ClassifyConfig)
     if not os.path.exists(args.data):  # before any weights are read
         raise FileNotFoundError(f"--data {args.data}: no such file")
     params, config, tokenizer, source, _ = load_start(args, overrides["model"])

@@ -25,10 +25,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 from jaxllm.cli.finetune_start import (add_run_arguments, add_start_arguments, load_start,
-                                       total_steps)
+                                       parse_overrides, total_steps)
 
 DEFAULT_OUT = "runs/instruct"
 # The published protocol, where it differs from TrainConfig's pretraining defaults.
@@ -66,28 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, default_out=DEFAULT_OUT, task_config="InstructConfig")
 
 
-def _classes():
-    from jaxllm.config import GPTConfig
-    from jaxllm.finetune.instruct_loop import InstructConfig
-    from jaxllm.train.optim import TrainConfig
-
-    return {"model": GPTConfig, "train": TrainConfig, "instruct": InstructConfig}
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """`["lr=1e-4", "drop_rate=0.1"]` -> per-config dicts, values parsed by field type."""
-    from jaxllm.cli.pretrain import parse_overrides as route
-
-    return route(items, _classes())
-
-
 def build(args):
     """Everything `run` needs, checked: (config, tc, ic, tokenizer, entries, params, source)."""
     from jaxllm.data.instructions import read_instructions, split_instructions
     from jaxllm.finetune.instruct_loop import InstructConfig
     from jaxllm.train.optim import TrainConfig
 
-    overrides = parse_overrides(args.overrides)
+    overrides = parse_overrides(args.overrides, "instruct", InstructConfig)
     if not os.path.exists(args.data):  # before any weights are read
         raise FileNotFoundError(f"--data {args.data}: no such file")
     params, config, tokenizer, source, kind = load_start(args, overrides["model"])

@@ -51,6 +51,17 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, default_out: str,
     add_lora_arguments(parser)
 
 
+def parse_overrides(items: list[str], section: str, task_config: type
+                    ) -> dict[str, dict[str, Any]]:
+    """`--set` items (`["lr=1e-4", "pooling=mean"]`) as dicts for the "model",
+    "train" and the task's `section`, values parsed by field type."""
+    from jaxllm.cli.pretrain import parse_overrides as route
+    from jaxllm.config import GPTConfig
+    from jaxllm.train.optim import TrainConfig
+
+    return route(items, {"model": GPTConfig, "train": TrainConfig, section: task_config})
+
+
 class Start(NamedTuple):
     """The starting point of a fine-tuning run."""
 
