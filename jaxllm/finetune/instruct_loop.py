@@ -53,7 +53,7 @@ from jaxllm.train.loop import TrainingDiverged
 from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.plot import plot_losses
-from jaxllm.train.runner import run_steps
+from jaxllm.train.runner import run_steps, start_or_resume
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
 from jaxllm.train.task import Trainable, count_trainable
 
@@ -182,29 +182,14 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
                 batches_per_epoch=batches.batches_per_epoch)
     manager = checkpoint.open_manager(run_dir, keep=ic.keep, create=True)
     log = MetricsLog(run_dir)
-    latest = manager.latest_step()
-    if latest is not None and not resume:
-        manager.close()
-        raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); resume it "
-                         f"(--resume) or choose another run folder")
-    if latest is not None:  # a damaged newest checkpoint: the newest intact one
-        latest = checkpoint.newest_intact(run_dir, fallback=fallback, manager=manager)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if latest is not None:
-        saved = checkpoint.read_meta(run_dir, latest)
-        checkpoint.check_compatible(run_dir, saved, identity)
-        # The state this run builds (adapters, a trainable subset) is the target.
-        abstract = jax.eval_shape(_init_fn(config, tc, trainable), jax.random.key(0), params)
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                              abstract)
-        state = checkpoint.restore(run_dir, latest, target=target).state
-        start, tokens_seen = int(state.step), int(saved.get("tokens_seen", 0))
-        log.truncate_after(start)
-    else:
-        state = jax.device_put(_init_fn(config, tc, trainable)(jax.random.key(tc.seed), params),
-                               device)
-        start, tokens_seen = 0, 0
+    state, latest, saved = start_or_resume(run_dir, manager, identity,
+                                           _init_fn(config, tc, trainable), params,
+                                           seed=tc.seed, resume=resume, fallback=fallback)
+    start, tokens_seen = int(state.step), int(saved.get("tokens_seen", 0))
+    if latest is None:
         log.clear()
+    else:
+        log.truncate_after(start)
     (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
     train_step, eval_step = _steps(config, tc, trainable)

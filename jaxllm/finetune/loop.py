@@ -45,7 +45,7 @@ from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
 from jaxllm.train.plot import plt  # matplotlib with the file-only backend
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
-from jaxllm.train.runner import run_steps
+from jaxllm.train.runner import run_steps, start_or_resume
 from jaxllm.train.task import count_trainable, path_str
 
 META_KIND = "classify"
@@ -200,30 +200,15 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
                 batches_per_epoch=batches.batches_per_epoch)
     manager = checkpoint.open_manager(run_dir, keep=cc.keep, create=True)
     log = MetricsLog(run_dir)
-    latest = manager.latest_step()
-    if latest is not None and not resume:
-        manager.close()
-        raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); resume it "
-                         f"(--resume) or choose another run folder")
-    if latest is not None:  # a damaged newest checkpoint: the newest intact one
-        latest = checkpoint.newest_intact(run_dir, fallback=fallback, manager=manager)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if params is not None:
         _check_model_part(params, config)
-    # The state this run builds (a new head, adapters) is the restore target.
-    abstract = jax.eval_shape(init, jax.random.key(0), params)
-    if latest is not None:
-        saved = checkpoint.read_meta(run_dir, latest)
-        checkpoint.check_compatible(run_dir, saved, identity)
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                              abstract)
-        state = checkpoint.restore(run_dir, latest, target=target).state
-        start, examples = int(state.step), int(saved.get("examples_seen", 0))
-        log.truncate_after(start)
-    else:
-        state = jax.device_put(init(jax.random.key(tc.seed), params), device)
-        start, examples = 0, 0
+    state, latest, saved = start_or_resume(run_dir, manager, identity, init, params,
+                                           seed=tc.seed, resume=resume, fallback=fallback)
+    start, examples = int(state.step), int(saved.get("examples_seen", 0))
+    if latest is None:
         log.clear()
+    else:
+        log.truncate_after(start)
     (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
     last_saved = latest

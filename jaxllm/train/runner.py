@@ -1,4 +1,5 @@
-"""The step loop a fine-tuning run shares: steps, logging, evaluation, saves.
+"""What the training loops share: starting or resuming a run's state, and the
+step loop (steps, logging, evaluation, saves).
 
 Metrics stay on the device between log points and are fetched in one
 transfer (`flush`), so the host never waits on a step it does not need to
@@ -15,12 +16,41 @@ from typing import Any, Callable
 import jax
 from tqdm.auto import tqdm
 
+from jaxllm.train import checkpoint
+
 
 @dataclasses.dataclass
 class Timing:
     train_s: float = 0.0  # wall time of the steps, evaluations and saves excluded
     compile_s: float | None = None  # the first step's wall time (it compiles)
     timed_steps: int = 0  # steps after the first
+
+
+def start_or_resume(run_dir, manager, identity: dict[str, Any], init: Callable, params, *,
+                    seed: int, resume: bool, fallback: bool = True):
+    """(state, restored step or None, its saved metadata or {}) for a run folder.
+
+    A fresh folder: `init(jax.random.key(seed), params)`. A folder with
+    checkpoints: refused unless `resume`; else the newest intact checkpoint,
+    checked against `identity` (the settings that must not change), restored
+    into the state `init` builds (a new head, adapters, a trainable subset), so
+    what the run trains decides the tree, not the checkpoint alone.
+    """
+    latest = manager.latest_step()
+    if latest is not None and not resume:
+        manager.close()
+        raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); resume it "
+                         f"(--resume) or choose another run folder")
+    if latest is not None:  # a damaged newest checkpoint: the newest intact one
+        latest = checkpoint.newest_intact(run_dir, fallback=fallback, manager=manager)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if latest is None:
+        return jax.device_put(init(jax.random.key(seed), params), device), None, {}
+    saved = checkpoint.read_meta(run_dir, latest)
+    checkpoint.check_compatible(run_dir, saved, identity)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          jax.eval_shape(init, jax.random.key(0), params))
+    return checkpoint.restore(run_dir, latest, target=target).state, latest, saved
 
 
 def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, end: int,
