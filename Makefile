@@ -64,11 +64,12 @@ bench-generate: $(STAMP)  ## generation speed: KV cache vs uncached loop vs PyTo
 	$(RUN) -m experiments.bench_generate
 
 # Instruction fine-tuning on the shared instruction data (or INSTRUCT_DATA=FILE). With GPT-2
-# weights (INSTRUCT_HF=DIR with model.safetensors, or GPT2_DIR holding one) it runs the classic
-# protocol (2 epochs, lr 5e-5, batch 8); without, a short run of a small random model.
+# weights (INSTRUCT_HF=DIR, or GPT2_DIR holding model.safetensors or pytorch_model.bin) it
+# runs the classic protocol (2 epochs, lr 5e-5, batch 8); without, a short run of a small
+# random model.
 .PHONY: finetune-instruct
 INSTRUCT_DATA ?= $(firstword $(wildcard ../shared/data/instruction-data.json ../../shared/data/instruction-data.json))
-INSTRUCT_HF ?= $(if $(wildcard $(GPT2_DIR)/model.safetensors),$(GPT2_DIR))
+INSTRUCT_HF ?= $(if $(wildcard $(GPT2_DIR)/model.safetensors $(GPT2_DIR)/pytorch_model.bin),$(GPT2_DIR))
 INSTRUCT_VOCAB ?= $(firstword $(wildcard ../shared/data ../../shared/data))
 INSTRUCT_OUT ?= runs/instruct
 INSTRUCT_SMALL ?= --init random --preset small --tokenizer gpt2 --set context_length=512 \
@@ -85,11 +86,12 @@ finetune-instruct: $(STAMP)
 
 # Classification fine-tuning (the book's chapter 6: spam or not) on the shared SMS Spam
 # Collection (or CLASSIFY_DATA=FILE). With GPT-2 weights (CLASSIFY_HF=DIR, or GPT2_DIR holding
-# model.safetensors) it runs the classic protocol; with CLASSIFY_RUN=DIR it starts from a jaxllm
-# run; without either, a small random model with every leaf trained (a trial, not the result).
+# model.safetensors or pytorch_model.bin) it runs the classic protocol; with CLASSIFY_RUN=DIR
+# it starts from a jaxllm run; without either, a small random model with every leaf trained
+# (a trial, not the result).
 .PHONY: finetune-classify bench-classify
 CLASSIFY_DATA ?= $(firstword $(wildcard ../shared/data/sms_spam_collection.tsv ../../shared/data/sms_spam_collection.tsv))
-CLASSIFY_HF ?= $(if $(wildcard $(GPT2_DIR)/model.safetensors),$(GPT2_DIR))
+CLASSIFY_HF ?= $(if $(wildcard $(GPT2_DIR)/model.safetensors $(GPT2_DIR)/pytorch_model.bin),$(GPT2_DIR))
 CLASSIFY_RUN ?=
 CLASSIFY_VOCAB ?= $(firstword $(wildcard ../shared/data ../../shared/data))
 CLASSIFY_OUT ?= runs/classify

@@ -11,7 +11,8 @@
 
 The data is a headerless `label<TAB>text` file, or a file with a header row
 (any `.csv`, or any file once `--label-column` / `--text-column` name the
-columns): any number of classes, numbered in sorted label order. Rows are
+columns): any number of classes, numbered in sorted label order (or in the
+order `--classes` gives, which also refuses any other label). Rows are
 balanced (every class undersampled to the smallest), shuffled and split
 70 / 10 / 20 with `--data-seed` (default 123), padded with <|endoftext|> to
 the longest training text.
@@ -58,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="header name of the label column (the file then has a header)")
     parser.add_argument("--text-column", metavar="NAME",
                         help="header name of the text column (the file then has a header)")
+    parser.add_argument("--classes", metavar="A,B,...",
+                        help="the valid labels, in class-id order (default: every label the "
+                             "file has, sorted); a row with any other label is an error")
     parser.add_argument("--no-balance", action="store_true",
                         help="keep every row instead of undersampling to the smallest class")
     parser.add_argument("--data-seed", type=int, default=123,
@@ -79,6 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batches", type=int, help="batches per evaluation (default 5)")
     parser.add_argument("--save-every", type=int, help="steps between checkpoints (default 500)")
     add_run_arguments(parser, default_out=DEFAULT_OUT, task_config="ClassifyConfig")
+
+
+def _classes(args) -> list[str] | None:
+    if args.classes is None:
+        return None
+    classes = [c.strip() for c in args.classes.split(",")]
+    if not all(classes):
+        raise ValueError(f"--classes {args.classes!r}: an empty label")
+    return classes
 
 
 def build(args):
@@ -113,7 +126,8 @@ def build(args):
         warnings.simplefilter("always")
         data = prepare_classification(args.data, tokenizer, context_length=config.context_length,
                                       seed=args.data_seed, balanced=not args.no_balance,
-                                      max_length=args.max_length, label_column=args.label_column,
+                                      max_length=args.max_length, classes=_classes(args),
+                                      label_column=args.label_column,
                                       text_column=args.text_column, pad_id=tokenizer.eot_id)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)

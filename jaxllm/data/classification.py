@@ -100,6 +100,9 @@ def read_labeled(path: str | os.PathLike, *, label_column: str | None = None,
     return texts, labels
 
 
+RARE_CLASS_ROWS = 10  # fewer rows than this in a class get a warning
+
+
 def class_ids(labels: Sequence[str], classes: Sequence[str] | None = None
               ) -> tuple[np.ndarray, list[str]]:
     """(ids, classes): labels as ints in `classes` order (default: sorted, so
@@ -115,7 +118,9 @@ def class_ids(labels: Sequence[str], classes: Sequence[str] | None = None
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
-        raise ValueError(f"label(s) {unknown[:5]} are not among the classes {classes}")
+        first = next(i for i, x in enumerate(labels) if x not in index)
+        raise ValueError(f"label(s) {unknown[:5]} are not among the classes {classes} (the "
+                         f"first on data row {first + 1}: {labels[first]!r})")
     return np.array([index[x] for x in labels], np.int32), classes
 
 
@@ -214,7 +219,18 @@ def prepare_classification(path: str | os.PathLike, tokenizer, *, context_length
     if pad_id is None:
         pad_id = getattr(tokenizer, "eot_id", PAD_ID)
     texts, labels = read_labeled(path, label_column=label_column, text_column=text_column)
-    y, classes = class_ids(labels, classes)
+    try:
+        y, classes = class_ids(labels, classes)
+    except ValueError as err:
+        raise LabeledTextError(f"{path}: {err}") from None
+    counts = np.bincount(y, minlength=len(classes))
+    for i, c in enumerate(classes):
+        if counts[i] < RARE_CLASS_ROWS:  # one mistyped label makes a class of its own
+            first = int(np.argmax(y == i)) + 1 if counts[i] else None
+            warnings.warn(f"{path}: class {c!r} has only {counts[i]} row(s)"
+                          + (f" (the first is data row {first})" if first else "")
+                          + "; a mistyped label? --classes names the valid labels and refuses "
+                            "any other", stacklevel=2)
     info: dict[str, Any] = {"rows": len(texts),
                             "per_class": {c: int((y == i).sum()) for i, c in enumerate(classes)},
                             "pad_id": pad_id}
