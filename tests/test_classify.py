@@ -405,3 +405,40 @@ def test_hf_folders_with_either_weights_file(tmp_path):
     read = hf_state_dict(str(folder))
     assert set(read) == {k for k in sd if k.startswith("transformer.")}
     assert all(np.array_equal(read[k], sd[k]) for k in read)
+
+
+def test_cli_names_a_file_it_cannot_read(tmp_path, capsys, monkeypatch):
+    """A missing file, a folder or bad UTF-8 is one line naming the file (and
+    the line); a good file is classified by the run."""
+    from jaxllm.train import checkpoint
+
+    config = TINY.replace(vocab_size=257)
+    params = add_class_head(init_params(config, jax.random.key(0)), config, 2,
+                            jax.random.key(1))
+    run = tmp_path / "run"
+    checkpoint.save(checkpoint.open_manager(run, create=True), init_train_state(params, TC),
+                    {"model": config.to_dict(), "tokenizer": "byte", "kind": "classify",
+                     "classes": ["ham", "spam"], "max_length": 32, "pad_id": 256,
+                     "classify": {"pooling": "last_token"}})
+    good = tmp_path / "good.txt"
+    good.write_bytes("\ufeffcafé au lait\n\nfree cash\r\n".encode())
+    assert run_cli(classify_cli, ["--run-dir", str(run), "--file", str(good)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [x.split("\t")[2] for x in lines] == ["café au lait", "free cash"]
+    assert all(x.split("\t")[0] in ("ham", "spam") for x in lines)
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\ncaf\xe9\n")
+    cases = [(str(bad), f"--file {bad} line 3 is not valid UTF-8 (byte 3 of the line is "
+                        f"b'\\xe9')"),
+             (str(tmp_path / "none.txt"), f"--file {tmp_path / 'none.txt'}: no such file"),
+             (str(tmp_path), f"--file {tmp_path} is a folder")]
+    for path, message in cases:
+        assert run_cli(classify_cli, ["--run-dir", str(run), "--file", path]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(f"jaxllm classify: error: {message}")
+        assert captured.err.count("\n") == 1 and "Errno" not in captured.err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"ok\n\xff\n")))
+    assert run_cli(classify_cli, ["--run-dir", str(run), "--file", "-"]) == 2
+    assert "standard input line 2 is not valid UTF-8" in capsys.readouterr().err

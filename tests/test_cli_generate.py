@@ -109,3 +109,24 @@ def test_generate_leaves_malloc_alone(model_dir, capsys, monkeypatch):
                  "--tokenizer", "byte", "--no-stream"]) == 0
     capsys.readouterr()
     assert calls == []
+
+
+def test_a_run_dir_generates_unless_it_is_a_classifier(model_dir, tmp_path, capsys):
+    """A run keeps its LM head and generates; a classifier's head scores classes,
+    so it is refused in one line that points to `jaxllm classify`."""
+    from jaxllm.train import TrainConfig, checkpoint, init_train_state
+
+    _, params = model_dir
+    for name, kind in (("lm", "pretrain"), ("clf", "classify")):
+        checkpoint.save(checkpoint.open_manager(tmp_path / name, create=True),
+                        init_train_state(params, TrainConfig()),
+                        {"model": CFG.to_dict(), "tokenizer": "byte", "kind": kind})
+    argv = ["generate", "--prompt", PROMPT, "--max-new-tokens", "8"]
+    assert main([*argv, "--run-dir", str(tmp_path / "lm")]) == 0
+    assert capsys.readouterr().out == expected_text(params, 8, chunk_size=1)
+    clf = tmp_path / "clf"
+    assert main([*argv, "--run-dir", str(clf)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == "" and "\n" not in err
+    assert f"{clf} is a classifier" in err and f"jaxllm classify --run-dir {clf}" in err

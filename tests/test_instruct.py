@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import io
 import json
 import socket
 import threading
@@ -270,6 +271,12 @@ def test_reading_errors_name_what_is_wrong(tmp_path):
             read_instructions(write(name, content))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_instructions(tmp_path / "nothing.json")
+    with pytest.raises(ValueError, match=r"is a folder, not a file"):
+        read_instructions(tmp_path)
+    for name, content in (("zero.json", b""), ("blank.json", b" \n\t\n"),
+                          ("blank.jsonl", b"\n\n"), ("bom.json", b"\xef\xbb\xbf\n")):
+        with pytest.raises(ValueError, match=rf"{name} is empty$"):
+            read_instructions(write(name, content))
 
 
 # -- the command line and the loop, end to end -------------------------------------
@@ -330,6 +337,79 @@ def test_cli_fine_tunes_answers_resumes_and_chats(shared_data, tmp_path, capsys)
     assert capsys.readouterr().out.endswith("\n")
     with pytest.raises(SystemExit):
         run_cli(cli, ["--data", str(data)])  # a starting point is required
+
+
+def save_fake_run(run_dir, params, config, **meta):
+    """A checkpoint as the fine-tuning commands write one, without training."""
+    from jaxllm.train import checkpoint
+
+    checkpoint.save(checkpoint.open_manager(run_dir, create=True),
+                    init_train_state(params, TrainConfig()),
+                    {"model": config.to_dict(), "tokenizer": "byte", **meta})
+    return run_dir
+
+
+def test_chat_reads_prompts_from_stdin_until_quit_and_refuses_a_classifier(
+        tmp_path, capsys, monkeypatch):
+    config = TINY.replace(vocab_size=257, context_length=128)
+    params = random_params(config, 8)
+    run = save_fake_run(tmp_path / "run", params, config, kind="instruct",
+                        instruct={"style": "chat"})
+    opts = ["--run-dir", str(run), "--max-new-tokens", "4"]
+    alone = []
+    for prompt in ("Hi.", "Add 2 and 2."):  # each answered on its own, as --prompt does
+        assert run_cli(chat, [*opts, "--prompt", prompt]) == 0
+        alone.append(capsys.readouterr().out)
+    assert alone[0] != alone[1] and all(a.endswith("\n") for a in alone)
+
+    asked = []
+    real_answer = chat.answer
+
+    def spy(params, config, tokenizer, instruction, style, args, out):
+        asked.append((instruction, style))
+        return real_answer(params, config, tokenizer, instruction, style, args, out)
+
+    monkeypatch.setattr(chat, "answer", spy)
+    for stdin, answered in (("Hi.\n  Add 2 and 2.  \n/quit\nnever asked\n", 2),
+                            ("Hi.\n\nnever asked\n", 1),  # an empty line ends too
+                            ("Hi.\nAdd 2 and 2.", 2)):  # and the end of input
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        asked.clear()
+        assert run_cli(chat, opts) == 0
+        assert asked == [("Hi.", "chat"), ("Add 2 and 2.", "chat")][:answered]
+        assert capsys.readouterr().out == "".join(alone[:answered])
+
+    clf = save_fake_run(tmp_path / "clf", params, config, kind="classify")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi.\n"))
+    asked.clear()
+    assert run_cli(chat, ["--run-dir", str(clf)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and asked == []
+    err = captured.err.strip()
+    assert "\n" not in err and f"{clf} is a classifier" in err
+    assert "class head" in err and f"jaxllm classify --run-dir {clf}" in err
+
+
+def test_batched_responses_equal_one_at_a_time():
+    from jaxllm.finetune.instruct import generate_responses
+
+    config = TINY.replace(vocab_size=257, context_length=256)
+    params = random_params(config, 9)
+    tok = get_tokenizer("byte")
+    entries = [{"instruction": "Hi.", "input": "", "output": ""},
+               {"instruction": "Name three primary colors.", "input": "", "output": ""},
+               {"instruction": "Add.", "input": "2 + 2", "output": ""},
+               {"instruction": "Spell it.", "input": "freind", "output": ""},
+               {"instruction": "Rewrite the sentence in the passive voice.",
+                "input": "The cat chased the mouse.", "output": ""},
+               {"instruction": "Why?", "input": "", "output": ""}]
+    prompts = [len(tok.encode(format_prompt(e))) for e in entries]
+    assert len(set(prompts)) == len(entries)  # rows of a batch are padded differently
+    kw = dict(max_new_tokens=12)
+    batched, stats = generate_responses(params, config, tok, entries, batch_size=4, **kw)
+    alone, _ = generate_responses(params, config, tok, entries, batch_size=1, **kw)
+    assert batched == alone and stats["entries"] == 6
+    assert len(set(alone)) > 1 and stats["new_tokens"] > 0  # real, different responses
 
 
 # -- the judge client against a small local server ----------------------------------

@@ -63,14 +63,14 @@ def answer(params, config, tokenizer, instruction: str, style: str, args, out) -
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from jaxllm.finetune.instruct_loop import prompt_style_of
+        from jaxllm.cli.generate import load_language_model
         from jaxllm.tokenizer import get_tokenizer
-        from jaxllm.train.checkpoint import load_params
 
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        params, config, tokenizer_name = load_params(args.run_dir)
-        style = args.style or prompt_style_of(args.run_dir)
+        params, config, tokenizer_name, meta = load_language_model(args.run_dir)
+        # the run's own format, as `instruct_loop.prompt_style_of` reads it
+        style = args.style or (meta.get("instruct") or {}).get("style", "alpaca")
         tokenizer = get_tokenizer(tokenizer_name, args.tokenizer_dir)
         if args.prompt is not None:
             answer(params, config, tokenizer, args.prompt, style, args, sys.stdout)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -28,14 +29,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON lines with every class's probability")
 
 
+def read_texts(path: str) -> list[str]:
+    """The non-empty lines of `path` ('-': standard input). Read as bytes and
+    decoded here, so that bad input is named by file and line rather than by
+    the codec's byte offsets."""
+    if path == "-":
+        stdin = getattr(sys.stdin, "buffer", None)
+        if stdin is None:  # already text (a test's StringIO): nothing to decode
+            return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        raw, name = stdin.read(), "standard input"
+    else:
+        if os.path.isdir(path):
+            raise ValueError(f"--file {path} is a folder, not a file of texts")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise ValueError(f"--file {path}: no such file") from None
+        except OSError as err:
+            raise ValueError(f"--file {path} cannot be read: {err.strerror}") from None
+        name = f"--file {path}"
+    texts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{name} line {number} is not valid UTF-8 (byte {err.start} of "
+                             f"the line is {line[err.start:err.start + 1]!r})") from None
+        text = text.removeprefix("\ufeff") if number == 1 else text  # a byte-order mark
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
 def run(args) -> int:
     texts = list(args.text)
     try:
-        if args.file == "-":
-            texts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
-        elif args.file is not None:
-            with open(args.file, encoding="utf-8") as f:
-                texts += [line.rstrip("\n") for line in f if line.strip()]
+        if args.file is not None:
+            texts += read_texts(args.file)
         if not texts:
             raise ValueError("no texts: give --text TEXT or --file PATH (or --file - for stdin)")
         from jaxllm.finetune.loop import classify_texts

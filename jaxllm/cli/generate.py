@@ -102,9 +102,22 @@ def load_model(args):
             raise FileNotFoundError(f"--hf {args.hf}: no such file or directory")
         config = hf_config(args.hf, args.n_heads)
         return from_hf_state_dict(args.hf, config), config, "gpt2"
-    from jaxllm.train.checkpoint import load_params
+    return load_language_model(args.run_dir, fallback=not args.no_fallback)[:3]
 
-    return load_params(args.run_dir, fallback=not args.no_fallback)
+
+def load_language_model(run_dir, *, fallback: bool = True):
+    """(params, config, tokenizer name, metadata) of a run that still has its LM
+    head: a classifier's head gives class scores, not next tokens, so text
+    from it would be noise."""
+    from jaxllm.config import GPTConfig
+    from jaxllm.train.checkpoint import load_params_and_meta
+
+    params, meta = load_params_and_meta(run_dir, fallback=fallback)
+    if meta.get("kind") == "classify":
+        raise ValueError(f"--run-dir {run_dir} is a classifier (its LM head was replaced by a "
+                         f"class head) and writes no text; label texts with "
+                         f"`jaxllm classify --run-dir {run_dir}`")
+    return params, GPTConfig.from_dict(meta["model"]), meta["tokenizer"], meta
 
 
 def token_bytes(tokenizer, token: int) -> bytes:

@@ -73,9 +73,14 @@ def _check_entry(entry: Any, where: str) -> dict[str, str]:
 def read_instructions(path: str | os.PathLike) -> list[dict[str, str]]:
     """The entries of a `.json` (a list) or `.jsonl` (one object a line) file."""
     path = Path(path)
+    if path.is_dir():  # say so: "does not exist" would be wrong about a folder
+        raise ValueError(f"instruction data {path} is a folder, not a file; give the "
+                         f".json or .jsonl file in it")
     if not path.is_file():
         raise FileNotFoundError(f"instruction data {path} does not exist")
     raw = path.read_bytes()
+    if not raw.removeprefix(b"\xef\xbb\xbf").strip():  # JSON's "Expecting value" hides it
+        raise ValueError(f"instruction data {path} is empty")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
