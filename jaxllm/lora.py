@@ -83,6 +83,17 @@ def trainable(also: str | None = None) -> str:
     return TRAINABLE if also is None else f"(?:{TRAINABLE})|(?:{also})"
 
 
+def trainable_label(regex: str) -> str:
+    """A `trainable` regex as a reader would say it: "LoRA adapters + X" for
+    what `trainable(X)` made, the regex itself otherwise."""
+    if regex == TRAINABLE:
+        return "LoRA adapters"
+    prefix = f"(?:{TRAINABLE})|(?:"
+    if regex.startswith(prefix) and regex.endswith(")"):
+        return f"LoRA adapters + {regex[len(prefix):-1]}"
+    return regex
+
+
 # Shape-deciding GPTConfig fields: adapters fit a base whose fields agree on these.
 BASE_FIELDS = ("vocab_size", "vocab_multiple", "context_length", "emb_dim", "n_heads",
                "n_layers", "ffn_dim", "qkv_bias", "tie_embeddings")

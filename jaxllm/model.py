@@ -60,6 +60,9 @@ def init_params(config: GPTConfig, key: jax.Array, *, scheme: str = "gpt2") -> P
     def normal(shape, s=std):
         return (s * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
 
+    def uniform(k, shape, bound):
+        return jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(dtype)
+
     def embedding(shape):
         return normal(shape, 1.0 if torch_like else std)
 
@@ -67,18 +70,13 @@ def init_params(config: GPTConfig, key: jax.Array, *, scheme: str = "gpt2") -> P
         return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
 
     def dense(shape, s=std, bias=True):
-        if not torch_like:
-            layer = {"kernel": normal(shape, s)}
-            if bias:
-                layer["bias"] = jnp.zeros((shape[1],), dtype)
-            return layer
-        k = next(keys)
-        bound = 1.0 / math.sqrt(shape[0])
-        layer = {"kernel": jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(dtype)}
-        if bias:
-            layer["bias"] = jax.random.uniform(jax.random.fold_in(k, 1), (shape[1],),
-                                               jnp.float32, -bound, bound).astype(dtype)
-        return layer
+        if torch_like:  # nn.Linear: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            k, bound = next(keys), 1.0 / math.sqrt(shape[0])
+            return {"kernel": uniform(k, shape, bound),
+                    **({"bias": uniform(jax.random.fold_in(k, 1), shape[1:], bound)}
+                       if bias else {})}
+        return {"kernel": normal(shape, s),
+                **({"bias": jnp.zeros(shape[1:], dtype)} if bias else {})}
 
     params: Params = {
         "tok_emb": {"embedding": embedding((v, d))},
@@ -110,15 +108,12 @@ def dense(p, x, ops: Ops | None = None, *, gelu: bool = False):
     flattened to one matrix product; a "lora" entry adds its low-rank path
     (`jaxllm.lora`). `ops` default: XLA's."""
     ops, lead, x = ops or _XLA_OPS, x.shape[:-1], x.reshape(-1, x.shape[-1])
-    if "lora" in p:
-        y = ops.matmul(x, p["kernel"])
-        y = (ops.add_bias(y, p["bias"]) if "bias" in p else y) + low_rank(p["lora"], x, ops)
-        y = jax.nn.gelu(y, approximate=True) if gelu else y
-    elif "bias" in p:
-        y = (ops.dense_gelu(x, p["kernel"], p["bias"]) if gelu
-             else ops.add_bias(ops.matmul(x, p["kernel"]), p["bias"]))
+    if gelu and "bias" in p and "lora" not in p:
+        y = ops.dense_gelu(x, p["kernel"], p["bias"])  # one fused pass where the ops have one
     else:
         y = ops.matmul(x, p["kernel"])
+        y = ops.add_bias(y, p["bias"]) if "bias" in p else y
+        y = y + low_rank(p["lora"], x, ops) if "lora" in p else y
         y = jax.nn.gelu(y, approximate=True) if gelu else y
     return y.reshape(*lead, y.shape[-1])
 

@@ -37,6 +37,7 @@ from jaxllm.config import GPTConfig, param_shapes
 from jaxllm.data.classification import ClassificationBatches, ClassificationData, fixed_batches
 from jaxllm.finetune.classify import (HEAD, POOLINGS, add_class_head, classify_task, predict,
                                       trainable_for)
+from jaxllm.lora import trainable_label
 from jaxllm.model import init_params
 from jaxllm.train import checkpoint
 from jaxllm.train.lock import run_lock
@@ -289,7 +290,8 @@ def format_summary(s: dict[str, Any]) -> str:
     acc = s["accuracy"]
     lines = [f"fine-tuned {s['steps']} steps ({s['epochs']:.2f} epochs, {s['examples_seen']:,} "
              f"examples) in {s['train_wall_s']:.1f} s; {s['trainable_params']:,} of "
-             f"{s['total_params']:,} parameters trained ({s['trainable']}, {s['pooling']})",
+             f"{s['total_params']:,} parameters trained ({trainable_label(s['trainable'])}, "
+             f"{s['pooling']} pooling)",
              "accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items())
              + "  (loss: " + ", ".join(f"{k} {v:.3f}" for k, v in s["loss"].items()) + ")"]
     if s.get("examples_per_s"):
