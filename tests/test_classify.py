@@ -106,7 +106,8 @@ def freeze_last_block(model):
     return trained
 
 
-@pytest.mark.parametrize("pooling,decay_all", [("last_token", True), ("mean", False)])
+@pytest.mark.parametrize("pooling,decay_all", [("last_token", True), ("mean", False),
+                                               ("last_position", True)])  # the book's replay
 def test_adamw_steps_equal_torch_and_frozen_leaves_stay(pooling, decay_all):
     params = random_classifier(seed=1)
     batches = tiny_batches(2, seed=2) * 3  # each batch seen three times: the loss must fall
@@ -278,6 +279,15 @@ def test_bad_inputs_are_named(tmp_path):
         class_ids(["ham", "eggs"], ["ham", "spam"])
     with pytest.raises(ValueError, match="at least 2 classes"):
         class_ids(["ham", "ham"])
+    typo = write("typo.tsv", "".join(f"{'ham' if i % 2 else 'spam'}\tmessage {i}\n"
+                                     for i in range(40)) + "sapm\toops\n")
+    with pytest.warns(UserWarning, match=r"class 'sapm' has only 1 row\(s\) \(the first is "
+                                         r"data row 41\); a mistyped label\?"):
+        prepare_classification(typo, ByteTokenizer(), context_length=64, balanced=False)
+    with pytest.raises(LabeledTextError, match=r"typo.tsv: label\(s\) \['sapm'\] are not among "
+                                               r"the classes \['ham', 'spam'\] \(the first on "
+                                               r"data row 41: 'sapm'\)"):
+        prepare_classification(typo, ByteTokenizer(), context_length=64, classes=["ham", "spam"])
     one_class = write("one_class.tsv", "".join(f"ham\tmessage {i}\n" for i in range(20)))
     with pytest.raises(ValueError, match="at least 2 classes"):
         prepare_classification(one_class, ByteTokenizer(), context_length=32)
@@ -376,6 +386,8 @@ def test_cli_errors_name_what_is_wrong(shared_data, tmp_path, capsys, monkeypatc
     cases = [
         (["--hf", str(empty_hf), "--data", str(data)], "holds no model.safetensors"),
         (["--init", "random", "--data", str(tmp_path / "none.tsv")], "no such file"),
+        (["--init", "random", "--data", str(data), "--classes", "ham,eggs"],
+         "label(s) ['spam'] are not among the classes ['ham', 'eggs']"),
         (["--hf", "no-such-org/no-such-model", "--data", str(data)], "downloading it from the "
                                                                     "Hugging Face hub failed"),
     ]
@@ -442,3 +454,31 @@ def test_cli_names_a_file_it_cannot_read(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"ok\n\xff\n")))
     assert run_cli(classify_cli, ["--run-dir", str(run), "--file", "-"]) == 2
     assert "standard input line 2 is not valid UTF-8" in capsys.readouterr().err
+
+
+def test_a_frozen_block_costs_its_forward_products_only():
+    """One more frozen block adds to the compiled step exactly the matrix products
+    it adds to the forward pass: no gradient work. A trained one adds more."""
+    from experiments.bench_classify import hlo_dots
+
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 96, (4, 16)).astype(np.int32),
+             "lengths": rng.integers(1, 17, 4).astype(np.int32),
+             "labels": rng.integers(0, N_CLASSES, 4).astype(np.int32)}
+    task = classify_task("last_token")
+
+    def dots(n_layers, trainable):
+        config = TINY.replace(n_layers=n_layers)
+        key = jax.random.key(0)
+        params = add_class_head(init_params(config, key), config, N_CLASSES, key)
+        forward = jax.jit(lambda p, b: task(p, b, config, None)[0]).lower(params, batch)
+        spec = trainable_for(trainable, config)
+        step = make_train_step(config, TC, task=task, trainable=spec, jit=False)
+        state = init_train_state(params, TC, trainable=spec)
+        compiled = jax.jit(step).lower(state, batch).compile()
+        return hlo_dots(forward.compile().as_text()), hlo_dots(compiled.as_text())
+
+    (fwd2, frozen2), (fwd3, frozen3) = dots(2, "last_block"), dots(3, "last_block")
+    assert fwd3 - fwd2 > 0 and frozen3 - frozen2 == fwd3 - fwd2
+    (_, all2), (_, all3) = dots(2, "all"), dots(3, "all")
+    assert all3 - all2 > 2 * (fwd3 - fwd2)  # a trained block: forward, input and weight grads
