@@ -303,11 +303,12 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 # -- inference from a run folder --------------------------------------------------
-def load_classifier(run_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+def load_classifier(run_dir: str | os.PathLike, step: int | None = None, *,
+                    fallback: bool = True) -> dict[str, Any]:
     """{"params", "config", "meta"} of a classification run's checkpoint (the
-    newest that reads when `step` is None); only the parameters are read, as
-    saved (LoRA adapters included)."""
-    params, meta = checkpoint.load_params_and_meta(run_dir, step)
+    newest that reads when `step` is None, or with `fallback=False` the newest
+    or an error); only the parameters are read, as saved (adapters included)."""
+    params, meta = checkpoint.load_params_and_meta(run_dir, step, fallback=fallback)
     if meta.get("kind") != META_KIND:
         raise ValueError(f"{run_dir} is not a classification run (its checkpoint is of kind "
                          f"{meta.get('kind', 'pretrain')!r}); give a run of jaxllm finetune "
