@@ -11,19 +11,24 @@ from jaxllm.model import Params, apply
 from jaxllm.ops import token_nll_op, xla
 
 
-def token_loss_sum(logits, targets, mask=None, *, impl: str = "xla"):
+def token_loss_sum(logits, targets, mask=None, *, impl: str = "xla",
+                   vocab_size: int | None = None):
     """(sum, count) of the cross-entropy of integer `targets` under `logits` (..., vocab).
 
     A position counts when its target is not `IGNORE_INDEX` and, where `mask`
     (targets' shape, 0/1 or bool) is given, its mask is non-zero; `sum / count`
     is the masked mean. Returning the two parts lets a train step add them up
     over micro-batches and divide once, so the mean is exact whatever each
-    micro-batch counts. A counted target outside [0, vocab) makes the sum and
-    the gradient NaN, so a bad target under jit cannot train the model silently. `impl` is
-    `GPTConfig.loss_impl` (see `jaxllm.ops`).
+    micro-batch counts. A counted target outside [0, vocab_size) makes the sum
+    and the gradient NaN, so a bad target under jit cannot train the model
+    silently; `vocab_size` (default: the logits' width) excludes the columns of
+    a padded vocabulary. `impl` is `GPTConfig.loss_impl` (see `jaxllm.ops`).
     """
     if mask is not None and mask.shape != targets.shape:
         raise ValueError(f"mask has shape {mask.shape}, targets have shape {targets.shape}")
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        # A padding column is no target: send such ids out of range, where the loss is NaN.
+        targets = jnp.where(targets >= vocab_size, -1, targets)
     counted = targets != IGNORE_INDEX
     if mask is not None:
         counted = counted & (mask != 0)
@@ -42,7 +47,8 @@ def token_loss_sum(logits, targets, mask=None, *, impl: str = "xla"):
     return jnp.where(counted, nll, 0.0).sum(), weight.sum()
 
 
-def cross_entropy(logits, targets, mask=None, *, impl: str = "xla"):
+def cross_entropy(logits, targets, mask=None, *, impl: str = "xla",
+                  vocab_size: int | None = None):
     """Mean cross-entropy of integer `targets` under `logits` (..., vocab), in float32.
 
     The mean is over the positions that count (see `token_loss_sum`): targets
@@ -53,7 +59,7 @@ def cross_entropy(logits, targets, mask=None, *, impl: str = "xla"):
     """
     if impl not in LOSS_IMPLS:
         raise ValueError(f"cross_entropy impl must be one of {LOSS_IMPLS}, got {impl!r}")
-    total, count = token_loss_sum(logits, targets, mask, impl=impl)
+    total, count = token_loss_sum(logits, targets, mask, impl=impl, vocab_size=vocab_size)
     return total / jnp.maximum(count, 1.0)
 
 
@@ -90,7 +96,8 @@ def lm_loss(params: Params, inputs, targets, config: GPTConfig, *, mask=None,
         inputs, targets = inputs[None], targets[None]
         mask = None if mask is None else mask[None]
     logits = apply(params, inputs, config, rng=rng if train else None, upcast_logits=False)
-    return cross_entropy(logits, targets, mask, impl=config.loss_impl)
+    return cross_entropy(logits, targets, mask, impl=config.loss_impl,
+                         vocab_size=config.vocab_size)
 
 
 def perplexity(loss):

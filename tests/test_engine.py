@@ -13,7 +13,7 @@ import jaxllm
 from jaxllm.config import GPTConfig
 from jaxllm.loss import cross_entropy, lm_loss, token_loss_sum
 from jaxllm.model import apply, init_params, lm_head
-from jaxllm.train import (TrainConfig, count_trainable, init_train_state, lm_batch,
+from jaxllm.train import (TrainConfig, count_trainable, init_train_state, lm_batch, lm_task,
                           make_eval_step, make_optimizer, make_train_step, trainable_mask)
 from jaxllm.train.optim import lr_schedule
 
@@ -242,15 +242,24 @@ def test_a_bad_target_under_jit_makes_the_gradient_nan_too(impl):
 
         if not mkl.available():
             pytest.skip("the row-wise kernels need a C++ compiler and MKL's headers")
-    config = CONFIG.replace(drop_rate=0.0, loss_impl=impl)
+    for multiple in (1, 64):  # 64: the ids 97..127 are the padded vocabulary's, no targets
+        config = CONFIG.replace(drop_rate=0.0, loss_impl=impl, vocab_multiple=multiple)
+        assert config.padded_vocab_size == (97 if multiple == 1 else 128)
+        check_bad_targets(config, {config.vocab_size, config.padded_vocab_size + 2, -1,
+                                   max(config.vocab_size, config.padded_vocab_size - 1)})
+
+
+def check_bad_targets(config, bad_ids):
     params = init_params(config, jax.random.key(10))
     x = jnp.zeros((2, 8), jnp.int32)
     grad_fn = jax.jit(jax.value_and_grad(lambda p, y, m: lm_loss(p, x, y, config, mask=m)))
+    task_grad = jax.jit(jax.grad(lambda p, y: lm_task(p, lm_batch(x, y), config)[0]))
     ones = jnp.ones((2, 8))
-    for bad in (config.vocab_size, -1):
+    for bad in bad_ids:
         y = jnp.ones((2, 8), jnp.int32).at[0, 3].set(bad)
         loss, g = grad_fn(params, y, ones)
-        assert np.isnan(float(loss)) and np.isnan(float(optax.tree.norm(g)))
+        assert np.isnan(float(loss)) and np.isnan(float(optax.tree.norm(g))), bad
+        assert np.isnan(float(optax.tree.norm(task_grad(params, y)))), bad
         # masked out, the same bad target costs nothing: as if it were -100
         loss, g = grad_fn(params, y, ones.at[0, 3].set(0))
         ref_loss, ref_g = grad_fn(params, y.at[0, 3].set(-100), ones)

@@ -37,7 +37,7 @@ def lm_task(params, batch: Batch, config: GPTConfig, rng=None):
     an optional "mask"; targets equal to -100 are ignored (see `token_loss_sum`)."""
     logits = apply(params, batch["tokens"], config, rng=rng, upcast_logits=False)
     loss_sum, count = token_loss_sum(logits, batch["targets"], batch.get("mask"),
-                                     impl=config.loss_impl)
+                                     impl=config.loss_impl, vocab_size=config.vocab_size)
     return loss_sum, count, {}
 
 
