@@ -136,3 +136,14 @@ def test_every_checkpoint_damaged_is_an_error(saved, tmp_path):
         checkpoint.load_params(run)
     with pytest.raises(checkpoint.CheckpointDamaged, match="no intact checkpoint"):
         checkpoint.newest_intact(run)
+
+
+@pytest.mark.parametrize("kind", ["train chunk", "params chunk"])
+def test_resume_falls_back_from_a_damaged_checkpoint_without_a_record(saved, tmp_path, kind,
+                                                                      capsys):
+    run, _ = _damaged_copy(saved, tmp_path, kind, record=False)
+    assert main(TINY + ["--steps", "8", "--out", str(run), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoints/8 is damaged: " in err and "Traceback" not in err
+    assert f"resuming {run} from step 4" in err
+    assert _train_losses(run) == _train_losses(saved)

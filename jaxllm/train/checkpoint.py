@@ -177,13 +177,17 @@ def newest_intact(run_dir: str | os.PathLike, *, fallback: bool = True,
                   report=lambda line: print(line, file=sys.stderr)) -> int | None:
     """The newest saved step whose files are intact (None when there is none
     saved). Each damaged newer one is reported in one line and moved to
-    `<run>/damaged/<step>`; with `fallback=False` the first is an error instead."""
+    `<run>/damaged/<step>`; with `fallback=False` the first is an error instead.
+    A checkpoint saved without a files record (an older jaxllm's) is read in
+    full to tell: resuming from one costs a second read."""
     manager = manager or open_manager(run_dir)
     steps = sorted(manager.all_steps(), reverse=True)
     moved = False
     for step in steps:
         try:
             verify(run_dir, step)
+            if not (checkpoint_dir(run_dir) / str(step) / FILES_RECORD).exists():
+                restore(run_dir, step)  # no sizes and checksums to check: read it whole
         except CheckpointDamaged as err:
             if not fallback:
                 raise CheckpointDamaged(f"{err} (without --no-fallback the newest intact "
