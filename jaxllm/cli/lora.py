@@ -100,7 +100,9 @@ def saved_lora(run_dir) -> dict | None:
             return None
     finally:
         manager.close()
-    adapters, scales = lora.adapters_of(checkpoint.load_params(run_dir)[0])
+    # Quietly: the resume that follows reports (or refuses) a damaged checkpoint itself.
+    params, _ = checkpoint.load_params_and_meta(run_dir, report=lambda line: None)
+    adapters, scales = lora.adapters_of(params)
     ranks = {int(ab["a"].shape[-1]) for ab in adapters.values()}
     alphas = {round(scales[p] * ab["a"].shape[-1], 6) for p, ab in adapters.items()}
     modes = {"split" if ab["a"].ndim == 3 else "fused" for p, ab in adapters.items()

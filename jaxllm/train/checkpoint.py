@@ -411,9 +411,13 @@ def load_params(run_dir: str | os.PathLike, step: int | None = None, *, fallback
 
 
 def load_params_and_meta(run_dir: str | os.PathLike, step: int | None = None, *,
-                         fallback: bool = True) -> tuple[Any, dict[str, Any]]:
+                         fallback: bool = True,
+                         report: Callable[[str], None] = lambda line: print(line,
+                                                                             file=sys.stderr)
+                         ) -> tuple[Any, dict[str, Any]]:
     """(params, metadata) of the checkpoint `load_params` picks: for runs whose
-    metadata says more than the model (a classifier's classes and pooling)."""
+    metadata says more than the model (a classifier's classes and pooling).
+    `report` gets the line that names a damaged checkpoint skipped."""
     manager = open_manager(run_dir)
     try:
         chosen = _pick_step(manager, run_dir, step)
@@ -425,8 +429,8 @@ def load_params_and_meta(run_dir: str | os.PathLike, step: int | None = None, *,
                 if step is not None or not fallback:
                     raise
                 later = candidates[i + 1:]
-                print(f"{err}; " + (f"falling back to checkpoint {later[0]}" if later else
-                                    "no older checkpoint to fall back to"), file=sys.stderr)
+                report(f"{err}; " + (f"falling back to checkpoint {later[0]}" if later else
+                                     "no older checkpoint to fall back to"))
     finally:
         manager.close()
     raise CheckpointDamaged(f"no checkpoint in {checkpoint_dir(run_dir)} reads: every one "
