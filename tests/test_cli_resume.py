@@ -53,3 +53,35 @@ def test_an_empty_data_file_leaves_no_run_folder(tmp_path, capsys):
     assert main(TINY + ["--data", str(empty), "--steps", "2", "--out", str(tmp_path / "r")]) == 2
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_total_below_the_resumed_step_is_refused(finished, capsys):
+    before = (finished / "config.json").read_text()
+    assert main(TINY + ["--steps", "2", "--out", str(finished), "--resume"]) == 2
+    assert "is at step 4: a total of 2 steps ends before it" in capsys.readouterr().err
+    assert (finished / "config.json").read_text() == before
+
+
+def test_a_finished_fine_tuning_run_is_extended_as_if_it_had_run_on(tmp_path, capsys):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(dict(vocab_size=257, context_length=32, emb_dim=32, n_heads=4,
+                                      n_layers=2, drop_rate=0.0)))
+    data = tmp_path / "spam.tsv"
+    data.write_text("".join(f"spam\tWIN cash {i} now\n" if i % 2 else f"ham\tlunch at {i}?\n"
+                            for i in range(60)))
+    argv = ["finetune", "classify", "--init", "random", "--config", str(config),
+            "--tokenizer", "byte", "--data", str(data), "--eval-every", "2",
+            "--eval-batches", "1", "--set", "batch_size=4", "--set", "lr=1e-3", "--quiet"]
+    assert main([*argv, "--steps", "6", "--out", str(tmp_path / "straight")]) == 0
+    assert main([*argv, "--steps", "4", "--out", str(tmp_path / "short")]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--steps", "6", "--out", str(tmp_path / "short"), "--resume"]) == 0
+    assert "from step 4 (total steps 4 -> 6)" in capsys.readouterr().err
+    record = json.loads((tmp_path / "short" / "config.json").read_text())
+    assert record["schedule_changes"] == [{"at_step": 4, "total_steps": 6, "was": 4}]
+
+    def losses(run):  # a constant learning rate: the extension is the straight run
+        rows = map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+    assert losses("short") == losses("straight") and len(losses("short")) == 6

@@ -187,6 +187,7 @@ def run(args) -> int:
               f"{tc.total_steps} steps of {tc.batch_size}; run folder {args.out}",
               file=sys.stderr)
         summary = finetune_classify(args.out, config, tc, cc, data, tokenizer_name=tokenizer.name,
+                                    fallback=not args.no_fallback,
                                     params=params, resume=args.resume, progress=not args.quiet,
                                     data_name=os.path.basename(args.data), source=source)
     except TrainingDiverged as err:

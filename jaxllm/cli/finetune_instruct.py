@@ -132,6 +132,7 @@ def run(args) -> int:
               file=sys.stderr)
         params, trainable = _lora(args, config, tc, params)
         summary = finetune_instruct(args.out, config, tc, ic, tokenizer, entries, params=params,
+                                    fallback=not args.no_fallback,
                                     resume=args.resume, progress=not args.quiet,
                                     trainable=trainable,
                                     data_name=os.path.basename(args.data), source=source,

@@ -37,7 +37,7 @@ def add_start_arguments(parser: argparse.ArgumentParser) -> None:
 def add_run_arguments(parser: argparse.ArgumentParser, *, default_out: str,
                       task_config: str) -> None:
     """--set (GPTConfig, TrainConfig and the task's `task_config` fields), --out,
-    --resume, --quiet and the LoRA flags."""
+    --resume, --no-fallback, --quiet and the LoRA flags."""
     from jaxllm.cli.lora import add_lora_arguments
 
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -47,6 +47,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, default_out: str,
                         help=f"run folder (default {default_out})")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out")
+    parser.add_argument("--no-fallback", action="store_true",
+                        help="with --resume, stop at a damaged latest checkpoint instead of "
+                             "falling back to the newest intact one")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_lora_arguments(parser)
 

@@ -182,14 +182,17 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
                 batches_per_epoch=batches.batches_per_epoch)
     manager = checkpoint.open_manager(run_dir, keep=ic.keep, create=True)
     log = MetricsLog(run_dir)
-    state, latest, saved = start_or_resume(run_dir, manager, identity,
-                                           _init_fn(config, tc, trainable), params,
-                                           seed=tc.seed, resume=resume, fallback=fallback)
+    state, latest, saved, changes = start_or_resume(run_dir, manager, identity,
+                                                    _init_fn(config, tc, trainable), params,
+                                                    seed=tc.seed, resume=resume,
+                                                    fallback=fallback)
     start, tokens_seen = int(state.step), int(saved.get("tokens_seen", 0))
     if latest is None:
         log.clear()
     else:
         log.truncate_after(start)
+    if changes:  # a longer run than the checkpoint's: its schedule's new total, recorded
+        meta["schedule_changes"] = changes
     (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
     train_step, eval_step = _steps(config, tc, trainable)

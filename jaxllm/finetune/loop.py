@@ -203,13 +203,16 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
     log = MetricsLog(run_dir)
     if params is not None:
         _check_model_part(params, config)
-    state, latest, saved = start_or_resume(run_dir, manager, identity, init, params,
-                                           seed=tc.seed, resume=resume, fallback=fallback)
+    state, latest, saved, changes = start_or_resume(run_dir, manager, identity, init, params,
+                                                    seed=tc.seed, resume=resume,
+                                                    fallback=fallback)
     start, examples = int(state.step), int(saved.get("examples_seen", 0))
     if latest is None:
         log.clear()
     else:
         log.truncate_after(start)
+    if changes:  # a longer run than the checkpoint's: its schedule's new total, recorded
+        meta["schedule_changes"] = changes
     (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
     last_saved = latest

@@ -52,7 +52,7 @@ from jaxllm.train.metrics import MetricsLog, write_samples
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.plot import plot_losses
 from jaxllm.train.sampling import sample_text
-from jaxllm.train.runner import run_steps
+from jaxllm.train.runner import check_resumable, run_steps
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
 from jaxllm.train.task import Task, Trainable, lm_batch, lm_task
 
@@ -273,15 +273,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         saved = checkpoint.read_meta(run_dir, latest)
         # A longer (or shorter) run is the same run: the schedule is recomputed for the
         # new total from the resumed step on, and config.json records the change.
+        schedule_changes = check_resumable(run_dir, saved, identity, latest)
         saved_total = saved.get("train", {}).get("total_steps", tc.total_steps)
-        same_total = dict(identity, train=dict(identity["train"], total_steps=saved_total))
-        checkpoint.check_compatible(run_dir, saved, same_total)
-        if saved_total != tc.total_steps:
-            schedule_changes = [*saved.get("schedule_changes", []),
-                                {"at_step": latest, "total_steps": tc.total_steps,
-                                 "was": saved_total}]
-        else:
-            schedule_changes = saved.get("schedule_changes", [])
         if writer:
             print(f"resuming {run_dir} from step {latest}"
                   + (f" (total steps {saved_total} -> {tc.total_steps})"

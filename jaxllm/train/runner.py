@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from typing import Any, Callable
 
@@ -26,15 +27,36 @@ class Timing:
     timed_steps: int = 0  # steps after the first
 
 
+def check_resumable(run_dir, saved: dict[str, Any], identity: dict[str, Any],
+                    step: int) -> list[dict[str, Any]]:
+    """The run's schedule changes, with this resume's: the checkpoint `step`'s
+    metadata `saved` must agree with `identity` in every setting but the total
+    step count, which may grow (or shrink to no less than `step`): the
+    schedule is then recomputed for the new total from `step` on."""
+    total = identity.get("train", {}).get("total_steps")
+    saved_total = saved.get("train", {}).get("total_steps", total)
+    if total is None or saved_total == total:
+        checkpoint.check_compatible(run_dir, saved, identity)
+        return list(saved.get("schedule_changes", []))
+    if total < step:
+        raise ValueError(f"{run_dir} is at step {step}: a total of {total} steps ends before it; "
+                         f"give more than {step} steps (or a new run folder)")
+    checkpoint.check_compatible(run_dir, saved, dict(identity, train=dict(
+        identity["train"], total_steps=saved_total)))
+    return [*saved.get("schedule_changes", []),
+            {"at_step": step, "total_steps": total, "was": saved_total}]
+
+
 def start_or_resume(run_dir, manager, identity: dict[str, Any], init: Callable, params, *,
                     seed: int, resume: bool, fallback: bool = True):
-    """(state, restored step or None, its saved metadata or {}) for a run folder.
+    """(state, restored step or None, its saved metadata or {}, the schedule
+    changes) for a run folder.
 
     A fresh folder: `init(jax.random.key(seed), params)`. A folder with
     checkpoints: refused unless `resume`; else the newest intact checkpoint,
-    checked against `identity` (the settings that must not change), restored
-    into the state `init` builds (a new head, adapters, a trainable subset), so
-    what the run trains decides the tree, not the checkpoint alone.
+    checked against `identity` (the settings that must not change; see
+    `check_resumable`), restored into the state `init` builds (a new head,
+    adapters, a trainable subset), so what the run trains decides the tree.
     """
     latest = manager.latest_step()
     if latest is not None and not resume:
@@ -45,12 +67,16 @@ def start_or_resume(run_dir, manager, identity: dict[str, Any], init: Callable, 
         latest = checkpoint.newest_intact(run_dir, fallback=fallback, manager=manager)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if latest is None:
-        return jax.device_put(init(jax.random.key(seed), params), device), None, {}
+        return jax.device_put(init(jax.random.key(seed), params), device), None, {}, []
     saved = checkpoint.read_meta(run_dir, latest)
-    checkpoint.check_compatible(run_dir, saved, identity)
+    changes = check_resumable(run_dir, saved, identity, latest)
+    print(f"resuming {run_dir} from step {latest}" + (
+        f" (total steps {changes[-1]['was']} -> {changes[-1]['total_steps']})"
+        if changes and changes[-1]["at_step"] == latest else ""), file=sys.stderr)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(init, jax.random.key(0), params))
-    return checkpoint.restore(run_dir, latest, target=target).state, latest, saved
+    state = checkpoint.restore(run_dir, latest, target=target).state
+    return state, latest, saved, changes
 
 
 def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, end: int,
