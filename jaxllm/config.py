@@ -111,8 +111,29 @@ class GPTConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "GPTConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """Read a config written by `to_json` (the fine-tuning commands' --config);
+        every error names the file, since the caller may be reading several."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ValueError(f"config file {path} is a folder, not a JSON file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"config file {path} is not valid JSON: {err}") from None
+        # a pretrain config (or a run's config.json) nests the model fields in a section
+        sections = [k for k in ("model", "train", "loop")
+                    if isinstance(data, dict) and isinstance(data.get(k), dict)]
+        if sections:
+            raise ValueError(f"config file {path} is a sectioned `jaxllm pretrain` config "
+                             f"(sections {', '.join(sections)}); this --config takes the "
+                             f"GPTConfig fields alone: give the content of its \"model\" "
+                             f"section as the whole file")
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"config file {path}: {err}") from None
 
     def to_json(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:

@@ -130,6 +130,54 @@ def test_generate_reads_the_newest_intact_checkpoint(saved, tmp_path, capsys):
     assert "falling back to checkpoint 4" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A classification run with checkpoints 4 and 8, as `saved` has (no training)."""
+    import jax.numpy as jnp
+
+    from jaxllm.config import GPTConfig
+    from jaxllm.finetune.classify import add_class_head
+    from jaxllm.model import init_params
+    from jaxllm.train import TrainConfig, init_train_state
+
+    run = tmp_path_factory.mktemp("classifier") / "run"
+    config = GPTConfig(vocab_size=257, context_length=16, emb_dim=32, n_heads=2, n_layers=1,
+                       drop_rate=0.0)
+    params = add_class_head(init_params(config, jax.random.key(0)), config, 2, jax.random.key(1))
+    state = init_train_state(params, TrainConfig())
+    manager = checkpoint.open_manager(run, create=True)
+    for step in (4, 8):
+        checkpoint.save(manager, state._replace(step=jnp.asarray(step, jnp.int32)),
+                        {"model": config.to_dict(), "tokenizer": "byte", "kind": "classify",
+                         "classes": ["ham", "spam"], "max_length": 16, "pad_id": 256,
+                         "classify": {"pooling": "last_token"}})
+    manager.close()
+    return run
+
+
+@pytest.mark.parametrize("command", ["classify", "chat"])
+def test_classify_and_chat_fall_back_unless_told_not_to(saved, classifier, tmp_path, capsys,
+                                                        command):
+    """`--no-fallback` makes a damaged newest checkpoint an error (one line naming
+    the checkpoint and the file, nothing printed); without it the run's newest
+    intact checkpoint answers, as for `jaxllm generate`."""
+    source, extra = {"classify": (classifier, ["--text", "free cash now"]),
+                     "chat": (saved, ["--prompt", "Hi", "--max-new-tokens", "2"])}[command]
+    run, name = _damaged_copy(source, tmp_path, "params chunk")
+    argv = [command, "--run-dir", str(run), *extra]
+    assert main(argv + ["--no-fallback"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"jaxllm {command}: error: ")
+    assert f"checkpoints/8 is damaged: {name}" in captured.err
+    assert "falling back" not in captured.err
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "falling back to checkpoint 4" in captured.err and captured.out.endswith("\n")
+    if command == "classify":
+        assert captured.out.split("\t")[0] in ("ham", "spam")
+
+
 def test_every_checkpoint_damaged_is_an_error(saved, tmp_path):
     run, _ = _damaged_copy(saved, tmp_path, "params chunk")
     (run / "checkpoints" / "4" / "meta" / "metadata").write_text("{")

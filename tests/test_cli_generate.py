@@ -130,3 +130,34 @@ def test_a_run_dir_generates_unless_it_is_a_classifier(model_dir, tmp_path, caps
     err = captured.err.strip()
     assert captured.out == "" and "\n" not in err
     assert f"{clf} is a classifier" in err and f"jaxllm classify --run-dir {clf}" in err
+
+
+def test_a_run_dir_refuses_another_tokenizer_than_its_own(model_dir, tmp_path, capsys,
+                                                          shared_data):
+    """A byte-level run given `--tokenizer gpt2` is refused naming both tokenizers
+    (its ids would be other text to the model), not at the first prompt id past
+    its vocabulary; the run's own name is accepted. Weights without a record
+    (--hf) whose vocabulary cannot hold the tokenizer's ids are told exactly that."""
+    from jaxllm.train import TrainConfig, checkpoint, init_train_state
+
+    d, params = model_dir
+    run = tmp_path / "lm"
+    checkpoint.save(checkpoint.open_manager(run, create=True),
+                    init_train_state(params, TrainConfig()),
+                    {"model": CFG.to_dict(), "tokenizer": "byte", "kind": "pretrain"})
+    argv = ["generate", "--prompt", "The", "--max-new-tokens", "2",
+            "--tokenizer-dir", str(shared_data)]
+    cases = [
+        (["--run-dir", str(run), "--tokenizer", "gpt2"],
+         f"{run} was trained with the byte tokenizer, not --tokenizer gpt2; drop the flag to "
+         f"generate with the run's own"),
+        (["--hf", str(d)],  # gpt2, the default for --hf
+         "the model's vocabulary (257 ids) cannot hold the gpt2 tokenizer's ids (0 to 50256)"),
+    ]
+    for extra, message in cases:
+        assert main([*argv, *extra]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1
+        assert captured.err.startswith(f"jaxllm generate: error: {message}")
+    assert main([*argv, "--run-dir", str(run), "--tokenizer", "byte"]) == 0
+    assert capsys.readouterr().out.startswith("The")

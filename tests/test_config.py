@@ -243,3 +243,23 @@ def test_component_breakdown_of_124m():
     assert parts["transformer blocks"] == 12 * (12 * 768**2 + 10 * 768)
     assert sum(parts.values()) == count_params(GPT_CONFIG_124M)
     assert count_by_component(GPT_CONFIG_124M.replace(tie_embeddings=True))["output head"] == 0
+
+
+def test_from_json_names_the_file_in_every_error(tmp_path):
+    """The fine-tuning commands read --config with `from_json`; a bad file is
+    named, and a sectioned pretrain config is told apart from a stray field."""
+    p = tmp_path / "c.json"
+    p.write_text('{"emb_dim": 64,}')
+    with pytest.raises(ValueError, match=f"^config file {p} is not valid JSON: Expecting"):
+        GPTConfig.from_json(p)
+    p.write_text('{"model": {"emb_dim": 64}, "loop": {"save_every": 5}, "tokenizer": "byte"}')
+    with pytest.raises(ValueError, match=f"^config file {p} is a sectioned `jaxllm pretrain` "
+                                         r"config \(sections model, loop\); this --config takes "
+                                         "the GPTConfig fields alone"):
+        GPTConfig.from_json(p)
+    p.write_text('{"n_layer": 2}')
+    with pytest.raises(ValueError, match=rf"^config file {p}: unknown GPTConfig field\(s\)"):
+        GPTConfig.from_json(p)
+    with pytest.raises(FileNotFoundError, match=f"^config file {tmp_path / 'no.json'} does "
+                                                "not exist$"):
+        GPTConfig.from_json(tmp_path / "no.json")

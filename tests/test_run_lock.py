@@ -23,12 +23,18 @@ with run_lock(sys.argv[1]):
 """
 
 
-@pytest.fixture
-def holder(tmp_path):
-    run = tmp_path / "run"
+def _hold(run):
+    """A process holding `run`'s writer lock (it prints "locked" once it does)."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE,
                             text=True)
     assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+@pytest.fixture
+def holder(tmp_path):
+    run = tmp_path / "run"
+    proc = _hold(run)
     yield run, proc
     proc.kill()
     proc.wait()
@@ -65,3 +71,43 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
         with run_lock(run):
             raise ValueError("empty data")
     assert not run.exists()
+
+
+def test_generate_and_classify_read_a_run_while_it_trains(tmp_path, capsys):
+    """Readers take no lock: a run folder whose writer holds the lock (a run
+    still training) can be generated from and classified with, and the
+    writer's lock is left as it was."""
+    import jax
+
+    from jaxllm.cli import main
+    from jaxllm.finetune.classify import add_class_head
+    from jaxllm.model import init_params
+    from jaxllm.train import checkpoint, init_train_state
+
+    config = get_preset("small").replace(n_layers=1, context_length=16, emb_dim=32, n_heads=2)
+    params = init_params(config, jax.random.key(0))
+    runs = {"lm": ({"kind": "pretrain"}, params),
+            "clf": ({"kind": "classify", "classes": ["ham", "spam"], "max_length": 16,
+                     "pad_id": 256, "classify": {"pooling": "last_token"}},
+                    add_class_head(params, config, 2, jax.random.key(1)))}
+    for name, (meta, tree) in runs.items():
+        checkpoint.save(checkpoint.open_manager(tmp_path / name, create=True),
+                        init_train_state(tree, TrainConfig()),
+                        {"model": config.to_dict(), "tokenizer": "byte", **meta})
+    holders = [_hold(tmp_path / name) for name in runs]
+    try:
+        assert main(["generate", "--run-dir", str(tmp_path / "lm"), "--prompt", "Hi",
+                     "--max-new-tokens", "3"]) == 0
+        assert capsys.readouterr().out.startswith("Hi")
+        assert main(["classify", "--run-dir", str(tmp_path / "clf"), "--text", "free cash"]) == 0
+        assert capsys.readouterr().out.split("\t")[0] in ("ham", "spam")
+        for name, proc in zip(runs, holders):
+            assert proc.poll() is None  # still training, still the holder
+            assert (tmp_path / name / ".lock").read_text().strip() == str(proc.pid)
+            with pytest.raises(RunFolderBusy):
+                with run_lock(tmp_path / name):
+                    pass
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()

@@ -71,16 +71,74 @@ def test_bad_ids_and_names():
         get_tokenizer("bpe")
 
 
-@pytest.mark.parametrize("damage", ["truncated vocab.bpe", "truncated gpt2.tiktoken"])
-def test_a_damaged_vocabulary_names_the_folder_and_files(shared_data, tmp_path, damage):
-    if damage == "truncated vocab.bpe":
-        shutil.copy(shared_data / "encoder.json", tmp_path / "encoder.json")
-        lines = (shared_data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
-        (tmp_path / "vocab.bpe").write_text("\n".join(lines[:1000]) + "\n", encoding="utf-8")
-        names = "vocab.bpe, encoder.json"
-    else:
-        lines = (shared_data / "gpt2.tiktoken").read_bytes().splitlines()
-        (tmp_path / "gpt2.tiktoken").write_bytes(b"\n".join(lines[:1000]) + b"\n")
-        names = "gpt2.tiktoken"
-    with pytest.raises(ValueError, match=f"GPT-2 vocabulary in {tmp_path} is damaged.*{names}"):
+def _cut(source, target, lines=None, chars=None):
+    """`source` copied to `target`, cut to its first lines or characters."""
+    text = source.read_bytes()
+    if lines is not None:
+        text = b"\n".join(text.splitlines()[:lines]) + b"\n"
+    target.write_bytes(text[:chars] if chars is not None else text)
+
+
+# Each damage, and the one sentence that names the file at fault (never a good one).
+DAMAGES = {
+    "truncated gpt2.tiktoken": (
+        {"gpt2.tiktoken": 1000},
+        "gpt2.tiktoken holds 1000 tokens where GPT-2 has 50256; replace the file"),
+    "gpt2.tiktoken cut mid-line": (
+        {"gpt2.tiktoken": -8},  # the last line's rank and a character lost
+        "gpt2.tiktoken line 50256 is not a base64 token and its rank; replace the file"),
+    "truncated vocab.bpe": (
+        {"vocab.bpe": 1000, "encoder.json": None},
+        "vocab.bpe holds 999 merges where GPT-2 has 50000; replace the file"),
+    "truncated encoder.json": (
+        {"vocab.bpe": None, "encoder.json": -5},
+        "encoder.json is not valid JSON ("),
+    "encoder.json of another vocabulary": (
+        {"vocab.bpe": None, "encoder.json": "swapped"},
+        "vocab.bpe and encoder.json do not agree (token "),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_vocabulary_names_the_folder_and_the_file_at_fault(shared_data, tmp_path,
+                                                                      damage):
+    import json
+
+    files, message = DAMAGES[damage]
+    for name, cut in files.items():
+        if cut is None:
+            shutil.copy(shared_data / name, tmp_path / name)
+        elif cut == "swapped":  # valid alone, but two ids exchanged
+            encoder = json.loads((shared_data / name).read_text(encoding="utf-8"))
+            encoder["a"], encoder["b"] = encoder["b"], encoder["a"]
+            (tmp_path / name).write_text(json.dumps(encoder), encoding="utf-8")
+        elif cut < 0:  # the last few characters lost
+            _cut(shared_data / name, tmp_path / name,
+                 chars=(shared_data / name).stat().st_size + cut)
+        else:
+            _cut(shared_data / name, tmp_path / name, lines=cut)
+    with pytest.raises(ValueError) as err:
         GPT2Tokenizer(tmp_path)
+    text = str(err.value)
+    assert text.startswith(f"the GPT-2 vocabulary in {tmp_path} is damaged: {message}")
+    assert "\n" not in text and " do not agree" not in text.replace(message, "")
+    innocent = [n for n in files if n not in message]
+    assert not any(n in text for n in innocent), text
+
+
+def test_a_replaced_vocabulary_file_is_read_afresh(shared_data, tmp_path):
+    """tiktoken's loaders cache what they read by path: a damaged file put
+    right must not go on being read as damaged."""
+    _cut(shared_data / "gpt2.tiktoken", tmp_path / "gpt2.tiktoken", lines=1000)
+    with pytest.raises(ValueError, match="gpt2.tiktoken holds 1000 tokens"):
+        GPT2Tokenizer(tmp_path)
+    shutil.copy(shared_data / "gpt2.tiktoken", tmp_path / "gpt2.tiktoken")
+    assert GPT2Tokenizer(tmp_path).encode("Hello, world") == [15496, 11, 995]
+
+
+def test_both_vocabulary_formats_give_the_same_tokens(gpt2, shared_data, tmp_path):
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(shared_data / name, tmp_path / name)
+    data_gym = GPT2Tokenizer(tmp_path)
+    for text in TEXTS + [(shared_data / "the-verdict.txt").read_text(encoding="utf-8")]:
+        assert data_gym.encode(text) == gpt2.encode(text)

@@ -21,6 +21,9 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, metavar="DIR",
                         help="a jaxllm run (instruction fine-tuned, preferably)")
+    parser.add_argument("--no-fallback", action="store_true",
+                        help="refuse a damaged latest checkpoint instead of reading the newest "
+                             "intact one")
     parser.add_argument("--prompt", default=None,
                         help="answer this one instruction and exit (no prompt loop)")
     parser.add_argument("--style", choices=("alpaca", "chat"), default=None,
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        params, config, tokenizer_name, meta = load_language_model(args.run_dir)
+        params, config, tokenizer_name, meta = load_language_model(
+            args.run_dir, fallback=not args.no_fallback)
         # the run's own format, as `instruct_loop.prompt_style_of` reads it
         style = args.style or (meta.get("instruct") or {}).get("style", "alpaca")
         tokenizer = get_tokenizer(tokenizer_name, args.tokenizer_dir)

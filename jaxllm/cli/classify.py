@@ -19,6 +19,9 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, metavar="DIR",
                         help="a run of jaxllm finetune classify")
+    parser.add_argument("--no-fallback", action="store_true",
+                        help="refuse a damaged latest checkpoint instead of reading the newest "
+                             "intact one")
     parser.add_argument("--text", action="append", default=[], metavar="TEXT",
                         help="a text to classify (repeatable)")
     parser.add_argument("--file", metavar="PATH",
@@ -69,9 +72,11 @@ def run(args) -> int:
             texts += read_texts(args.file)
         if not texts:
             raise ValueError("no texts: give --text TEXT or --file PATH (or --file - for stdin)")
-        from jaxllm.finetune.loop import classify_texts
+        from jaxllm.finetune.loop import classify_texts, load_classifier
 
-        results = classify_texts(args.run_dir, texts, tokenizer_dir=args.tokenizer_dir)
+        classifier = load_classifier(args.run_dir, fallback=not args.no_fallback)
+        results = classify_texts(args.run_dir, texts, tokenizer_dir=args.tokenizer_dir,
+                                 classifier=classifier)
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"jaxllm classify: error: {err}", file=sys.stderr)
         return 2

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample within the nucleus of probability p")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--tokenizer", choices=("byte", "gpt2"), default=None,
-                        help="default: gpt2 for --hf, the run's own tokenizer for --run-dir")
+                        help="default: gpt2 for --hf; --run-dir takes the run's own tokenizer "
+                             "(another is refused)")
     parser.add_argument("--tokenizer-dir", default=None,
                         help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
     parser.add_argument("--n-heads", type=int, default=None,
@@ -142,10 +143,18 @@ def _run(args: argparse.Namespace) -> int:
     from jaxllm.tokenizer import get_tokenizer
 
     params, config, default_tokenizer = load_model(args)
+    if args.run_dir is not None:  # the run's own tokenizer, or a clear refusal
+        from jaxllm.cli.pretrain import check_run_tokenizer
+
+        check_run_tokenizer(args.run_dir, default_tokenizer, args.tokenizer, "generate")
     tokenizer = get_tokenizer(args.tokenizer or default_tokenizer, args.tokenizer_dir)
     if config.vocab_size > tokenizer.vocab_size:
         raise ValueError(f"the model's vocabulary ({config.vocab_size}) is larger than the "
                          f"{tokenizer.name} tokenizer's ({tokenizer.vocab_size})")
+    if config.vocab_size < tokenizer.vocab_size:  # its ids would index past the embedding
+        raise ValueError(f"the model's vocabulary ({config.vocab_size} ids) cannot hold the "
+                         f"{tokenizer.name} tokenizer's ids (0 to {tokenizer.vocab_size - 1}); "
+                         f"give the --tokenizer the model was trained with")
     prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eot_id]
     eos_id = None if args.ignore_eos else tokenizer.eot_id
     stream = generate_stream(

@@ -176,6 +176,12 @@ def check_field(field: dataclasses.Field, value: Any, where: str) -> None:
                          f"{value!r}")
 
 
+def _sectioned(data: dict[str, Any]) -> bool:
+    """Whether a config file's object has sections ("model", "train", "loop")
+    rather than the fields of one flat config."""
+    return any(isinstance(v, dict) for v in data.values()) or "model" in data
+
+
 def _read_config_file(path: str) -> dict[str, dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
@@ -187,7 +193,7 @@ def _read_config_file(path: str) -> dict[str, dict[str, Any]]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {p} must hold a JSON object")
     classes = _config_classes()
-    if any(isinstance(v, dict) for v in data.values()) or "model" in data:  # sectioned
+    if _sectioned(data):
         unknown = sorted(set(data) - set(classes) - RUN_RECORD_KEYS)
         if unknown:
             raise ValueError(f"config file {p}: unknown section(s) {unknown}; sections are "
@@ -224,7 +230,7 @@ def build_configs(args) -> tuple[GPTConfig, Any, Any, set[str]]:
     if args.config:
         base = _read_config_file(args.config)
         explicit |= {k for section in base.values() for k in section}
-        model = GPTConfig.from_dict(base["model"]) if base["model"] else GPTConfig()
+        model = _build(GPTConfig, base["model"], {}, args.config, "model")
     else:
         model = get_preset(args.preset or "small")
     overrides = parse_overrides(args.overrides)
@@ -240,9 +246,35 @@ def build_configs(args) -> tuple[GPTConfig, Any, Any, set[str]]:
             overrides[section][key] = getattr(args, flag)
     explicit |= {k for section in overrides.values() for k in section}
     model = model.replace(**overrides["model"])
-    train = classes["train"](**{**base["train"], **overrides["train"]})
-    loop = classes["loop"](**{**base["loop"], **overrides["loop"]})
+    train = _build(classes["train"], base["train"], overrides["train"], args.config, "train")
+    loop = _build(classes["loop"], base["loop"], overrides["loop"], args.config, "loop")
     return model, train, loop, explicit
+
+
+def _build(cls, values: dict[str, Any], overrides: dict[str, Any], path: str | None,
+           section: str):
+    """`cls(**values, **overrides)`: `values` from the `--config` file `path`,
+    `overrides` from --set and the flags. A range error that the file's own
+    values cause (they fail alike without the overrides) names the file, the
+    section and the field, as the type errors do."""
+    try:
+        return cls(**{**values, **overrides})
+    except ValueError as err:
+        if path is None or _error_of(cls, values) != str(err):
+            raise
+        where = f"config file {path}"
+        if _sectioned(json.loads(Path(path).read_text())):
+            where += f", section {section!r}"
+        raise ValueError(f"{where}: {str(err).removeprefix(cls.__name__ + '.')}") from None
+
+
+def _error_of(cls, values: dict[str, Any]) -> str | None:
+    """The message of the ValueError `cls(**values)` raises, None if it builds."""
+    try:
+        cls(**values)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def match_vocab(model: GPTConfig, tokenizer, explicit: set[str]) -> GPTConfig:
@@ -318,10 +350,7 @@ def run(args) -> int:
         model, tc, lc, explicit = build_configs(args)
         name = args.tokenizer or ("gpt2" if model.vocab_size == 50257 else "byte")
         recorded = _recorded_tokenizer(args.out) if args.resume else None
-        if recorded and args.tokenizer and args.tokenizer != recorded:
-            raise ValueError(f"{args.out} was trained with the {recorded} tokenizer, not "
-                             f"--tokenizer {args.tokenizer}; drop the flag to resume with the "
-                             "run's own")
+        check_run_tokenizer(args.out, recorded, args.tokenizer, "resume")
         name = recorded or name
         tokenizer = get_tokenizer(name, args.tokenizer_dir)
         model = match_vocab(model, tokenizer, explicit)
@@ -361,6 +390,15 @@ def _lora_start(args, model: GPTConfig, tc):
     key = jax.random.key(tc.seed)
     return lora_start(lambda: init_params(model, key, scheme=tc.init), model, args,
                       jax.random.fold_in(key, 1), run_dir=args.out, resume=args.resume)
+
+
+def check_run_tokenizer(run_dir, recorded: str | None, asked: str | None, verb: str) -> None:
+    """Refuse `--tokenizer asked` for a run trained with another tokenizer: its
+    ids would stand for other text to the model (`verb`: what the command does
+    with the run, for the message). `jaxllm generate --run-dir` shares it."""
+    if recorded and asked and asked != recorded:
+        raise ValueError(f"{run_dir} was trained with the {recorded} tokenizer, not "
+                         f"--tokenizer {asked}; drop the flag to {verb} with the run's own")
 
 
 def _recorded_tokenizer(run_dir) -> str | None:
