@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -100,24 +102,21 @@ def _gpt2_encoding(directory):
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"GPT-2 tokenizer directory {d} does not exist; {how}")
+    if (d / "gpt2.tiktoken").exists():
+        files = [d / "gpt2.tiktoken"]
+    elif (d / "encoder.json").exists() and (d / "vocab.bpe").exists():
+        files = [d / "vocab.bpe", d / "encoder.json"]
+    else:
+        raise FileNotFoundError(f"{d / 'gpt2.tiktoken'} not found (nor encoder.json + "
+                                f"vocab.bpe); {how}")
     try:
-        if (d / "gpt2.tiktoken").exists():
-            ranks = _tiktoken_ranks(d / "gpt2.tiktoken")
-        elif (d / "encoder.json").exists() and (d / "vocab.bpe").exists():
-            ranks = _data_gym_ranks(d / "vocab.bpe", d / "encoder.json")
-        else:
-            raise FileNotFoundError(f"{d / 'gpt2.tiktoken'} not found (nor encoder.json + "
-                                    f"vocab.bpe); {how}")
+        ranks = _load_ranks(files)
     except _Damaged as err:
         raise ValueError(f"the GPT-2 vocabulary in {d} is damaged: {err}") from None
     return tiktoken.Encoding(name="gpt2", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={_EOT: 50256}, explicit_n_vocab=50257)
 
 
-# The vocabulary files are read here rather than by tiktoken's loaders: those
-# check with bare asserts (which file is at fault goes unsaid) and keep a copy
-# of every file they read in a cache keyed by its path, so a damaged file
-# replaced with a good one would still be read as damaged.
 _N_RANKS = 50256  # GPT-2's mergeable tokens: 256 bytes and 50,000 merges
 _REPLACE = "replace the file with GPT-2's own"
 
@@ -126,99 +125,65 @@ class _Damaged(Exception):
     """A vocabulary file that cannot be GPT-2's; the message names the file."""
 
 
-def _read(path: Path) -> bytes:
+@contextlib.contextmanager
+def _no_tiktoken_cache():
+    """tiktoken keeps a copy of every file it reads, keyed by its path: a damaged
+    file put right would go on being read as damaged. An empty cache directory
+    is tiktoken's switch to read the file itself."""
+    before = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
     try:
-        return path.read_bytes()
-    except OSError as err:
-        raise _Damaged(f"{path.name} cannot be read ({err.strerror})") from None
+        yield
+    finally:
+        if before is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = before
 
 
-def _check_ranks(path: Path, ranks: dict[bytes, int], what: str) -> None:
-    """Every rank 0.._N_RANKS-1 once: what tiktoken's encoder needs."""
-    if len(ranks) != _N_RANKS:
-        raise _Damaged(f"{path.name} holds {len(ranks)} {what} where GPT-2 has {_N_RANKS}; "
-                       f"{_REPLACE}")
-    if set(ranks.values()) != set(range(_N_RANKS)):
-        raise _Damaged(f"{path.name} does not number its tokens 0 to {_N_RANKS - 1}; {_REPLACE}")
+def _load_ranks(files: list[Path]) -> dict[bytes, int]:
+    """The merge ranks, read by tiktoken. tiktoken checks the two data-gym files
+    against each other with bare asserts, so each file is first checked alone:
+    the message then names the one at fault."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
 
+    def count(path, n, what, expected):
+        if n != expected:
+            raise _Damaged(f"{path.name} holds {n:,} {what} where GPT-2 has {expected:,}; "
+                           f"{_REPLACE}")
 
-def _tiktoken_ranks(path: Path) -> dict[bytes, int]:
-    """The ranks of a `gpt2.tiktoken` file: one base64 token and its rank a line."""
-    import base64
-    import binascii
-
-    ranks = {}
-    for number, line in enumerate(_read(path).splitlines(), 1):
-        if not line:
-            continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except (ValueError, binascii.Error):
-            raise _Damaged(f"{path.name} line {number} is not a base64 token and its rank; "
-                           f"{_REPLACE}") from None
-    _check_ranks(path, ranks, "tokens")
-    return ranks
-
-
-def _byte_alphabet() -> tuple[list[int], dict[str, int]]:
-    """GPT-2's byte order for the first 256 ranks, and the printable character
-    that stands for each byte in encoder.json and vocab.bpe."""
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    others = [b for b in range(256) if b not in printable]
-    stand_in = {chr(b): b for b in printable}
-    stand_in.update({chr(256 + n): b for n, b in enumerate(others)})
-    return printable + others, stand_in
-
-
-def _data_gym_ranks(vocab_bpe: Path, encoder_json: Path) -> dict[bytes, int]:
-    """The ranks the merges of `vocab.bpe` give, checked against `encoder.json`
-    as tiktoken checks them; each file alone first, so that the message names
-    the one at fault, and only then the two against each other."""
-    import json
-
-    order, stand_in = _byte_alphabet()
-
-    def as_bytes(token: str) -> bytes:
-        return bytes(stand_in[c] for c in token)
-
+    if len(files) == 1:
+        with _no_tiktoken_cache():
+            try:
+                ranks = load_tiktoken_bpe(str(files[0]))
+            except ValueError as err:  # names the line it could not parse
+                raise _Damaged(f"{files[0].name} has a line that is not a base64 token and its "
+                               f"rank ({str(err)[:80]}); {_REPLACE}") from None
+        count(files[0], len(ranks), "tokens", _N_RANKS)
+        return ranks
+    vocab_bpe, encoder_json = files
     try:
-        text = _read(vocab_bpe).decode("utf-8")
+        merges = vocab_bpe.read_text(encoding="utf-8").split("\n")[1:-1]
     except UnicodeDecodeError:
         raise _Damaged(f"{vocab_bpe.name} is not UTF-8 text; {_REPLACE}") from None
-    ranks = {bytes([b]): i for i, b in enumerate(order)}
-    merges = text.split("\n")[1:-1]  # a version line first, a newline last
-    for number, line in enumerate(merges, 2):
-        try:
-            first, second = line.split()
-            ranks[as_bytes(first) + as_bytes(second)] = len(ranks)
-        except (ValueError, KeyError):
-            raise _Damaged(f"{vocab_bpe.name} line {number} is not a merge of two tokens; "
-                           f"{_REPLACE}") from None
-    if len(merges) != _N_RANKS - 256:
-        raise _Damaged(f"{vocab_bpe.name} holds {len(merges)} merges where GPT-2 has "
-                       f"{_N_RANKS - 256}; {_REPLACE}")
-    _check_ranks(vocab_bpe, ranks, "distinct tokens (its merges and the 256 bytes)")
-
     try:
-        encoder = json.loads(_read(encoder_json))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        encoder = json.loads(encoder_json.read_bytes())
+    except ValueError as err:  # bad JSON or bad UTF-8
         raise _Damaged(f"{encoder_json.name} is not valid JSON ({err}); {_REPLACE}") from None
-    try:
-        if not isinstance(encoder, dict) or not all(type(v) is int for v in encoder.values()):
-            raise TypeError
-        # special tokens are no merges (tiktoken adds end-of-text itself)
-        read = {as_bytes(k): v for k, v in encoder.items() if k not in (_EOT, "<|startoftext|>")}
-    except (TypeError, KeyError):
-        raise _Damaged(f"{encoder_json.name} is not an object of GPT-2 tokens and their ids; "
-                       f"{_REPLACE}") from None
-    _check_ranks(encoder_json, read, "tokens besides end-of-text")
-    if read != ranks:
-        token = next(t for t in ranks if read.get(t) != ranks[t])
-        raise _Damaged(f"{vocab_bpe.name} and {encoder_json.name} do not agree (token "
-                       f"{token!r} is number {ranks[token]} in one, {read.get(token)} in the "
-                       f"other); replace both with GPT-2's own")
-    return ranks
+    bad = next((i for i, m in enumerate(merges, 2) if len(m.split()) != 2), None)
+    if bad is not None:
+        raise _Damaged(f"{vocab_bpe.name} line {bad} is not a merge of two tokens; {_REPLACE}")
+    count(vocab_bpe, len(merges), "merges", _N_RANKS - 256)
+    if not isinstance(encoder, dict):
+        raise _Damaged(f"{encoder_json.name} is not an object of tokens and ids; {_REPLACE}")
+    count(encoder_json, len(encoder), "tokens", _N_RANKS + 1)
+    with _no_tiktoken_cache():
+        try:
+            return data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder_json))
+        except (AssertionError, KeyError, ValueError):
+            raise _Damaged(f"{vocab_bpe.name} and {encoder_json.name} do not agree (each is "
+                           "well formed, but the merges give other ids than the encoder "
+                           "holds); replace both with GPT-2's own") from None
 
 
 def get_tokenizer(name: str = "byte", directory: str | os.PathLike | None = None) -> Tokenizer:

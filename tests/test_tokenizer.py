@@ -83,19 +83,19 @@ def _cut(source, target, lines=None, chars=None):
 DAMAGES = {
     "truncated gpt2.tiktoken": (
         {"gpt2.tiktoken": 1000},
-        "gpt2.tiktoken holds 1000 tokens where GPT-2 has 50256; replace the file"),
+        "gpt2.tiktoken holds 1,000 tokens where GPT-2 has 50,256; replace the file"),
     "gpt2.tiktoken cut mid-line": (
         {"gpt2.tiktoken": -8},  # the last line's rank and a character lost
-        "gpt2.tiktoken line 50256 is not a base64 token and its rank; replace the file"),
+        "gpt2.tiktoken has a line that is not a base64 token and its rank ("),
     "truncated vocab.bpe": (
         {"vocab.bpe": 1000, "encoder.json": None},
-        "vocab.bpe holds 999 merges where GPT-2 has 50000; replace the file"),
+        "vocab.bpe holds 999 merges where GPT-2 has 50,000; replace the file"),
     "truncated encoder.json": (
         {"vocab.bpe": None, "encoder.json": -5},
         "encoder.json is not valid JSON ("),
     "encoder.json of another vocabulary": (
         {"vocab.bpe": None, "encoder.json": "swapped"},
-        "vocab.bpe and encoder.json do not agree (token "),
+        "vocab.bpe and encoder.json do not agree ("),
 }
 
 
@@ -130,7 +130,7 @@ def test_a_replaced_vocabulary_file_is_read_afresh(shared_data, tmp_path):
     """tiktoken's loaders cache what they read by path: a damaged file put
     right must not go on being read as damaged."""
     _cut(shared_data / "gpt2.tiktoken", tmp_path / "gpt2.tiktoken", lines=1000)
-    with pytest.raises(ValueError, match="gpt2.tiktoken holds 1000 tokens"):
+    with pytest.raises(ValueError, match="gpt2.tiktoken holds 1,000 tokens"):
         GPT2Tokenizer(tmp_path)
     shutil.copy(shared_data / "gpt2.tiktoken", tmp_path / "gpt2.tiktoken")
     assert GPT2Tokenizer(tmp_path).encode("Hello, world") == [15496, 11, 995]
