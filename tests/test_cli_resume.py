@@ -85,3 +85,15 @@ def test_a_finished_fine_tuning_run_is_extended_as_if_it_had_run_on(tmp_path, ca
         return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
 
     assert losses("short") == losses("straight") and len(losses("short")) == 6
+
+
+def test_fine_tuning_a_run_takes_its_tokenizer_and_refuses_another(finished, tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)}
+                                for i in range(24)]))
+    for task in ("instruct", "classify"):
+        assert main(["finetune", task, "--run-dir", str(finished), "--tokenizer", "gpt2",
+                     "--data", str(data), "--out", str(tmp_path / task)]) == 2
+        assert "was trained with the byte tokenizer, not --tokenizer gpt2; drop the flag to " \
+               "fine-tune it with the run's own" in capsys.readouterr().err
+        assert not (tmp_path / task).exists()

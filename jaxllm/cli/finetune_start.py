@@ -157,6 +157,10 @@ def load_start(args, model_overrides: dict[str, Any]) -> Start:
     from jaxllm.tokenizer import get_tokenizer
 
     params, config, default_tok, source, kind = _weights(args, model_overrides)
+    if args.run_dir is not None:
+        from jaxllm.cli.pretrain import check_run_tokenizer
+
+        check_run_tokenizer(args.run_dir, default_tok, args.tokenizer, "fine-tune it")
     name = args.tokenizer or default_tok or ("gpt2" if config.vocab_size == 50257 else "byte")
     tokenizer = get_tokenizer(name, args.tokenizer_dir)
     if params is None and config.vocab_size != tokenizer.vocab_size:
