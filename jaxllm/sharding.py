@@ -509,7 +509,14 @@ def make_sharded_train_step(config: GPTConfig, tc: TrainConfig, mesh: Mesh,
                      in_shardings=(state_sh, bs), out_shardings=(state_sh, replicated),
                      donate_argnums=0)
 
+    expected = jax.tree.structure(state_sh)
+
     def sharded_train_step(state: TrainState, batch):
+        if jax.tree.structure(state) != expected:
+            raise ValueError("the state is not the tree this step's shardings were made for "
+                             "(another parameter tree or optimizer state: an extra head or "
+                             "adapters?); pass it when building the step: "
+                             "make_sharded_train_step(..., state=state)")
         return jitted(state, _shard_batch_dict(mesh, batch))
 
     sharded_train_step.jitted = jitted

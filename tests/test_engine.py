@@ -266,3 +266,59 @@ def check_bad_targets(config, bad_ids):
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
         np.testing.assert_allclose(float(optax.tree.norm(g)), float(optax.tree.norm(ref_g)),
                                    rtol=1e-6)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_batch_where_nothing_counts_has_loss_zero(accum):
+    config = CONFIG.replace(drop_rate=0.0)
+    tc = TC.replace(grad_accum=accum)
+    state = init_train_state(init_params(config, jax.random.key(0)), tc)
+    x, y = data(1)[0]
+    state, m = make_train_step(config, tc)(state, lm_batch(x, np.full_like(y, -100)))
+    assert float(m["loss"]) == 0.0 and float(m["count"]) == 0.0 and float(m["grad_norm"]) == 0.0
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
+
+
+def test_a_task_that_breaks_its_contract_is_named():
+    config = CONFIG.replace(drop_rate=0.0)
+    params = init_params(config, jax.random.key(0))
+    x, y = data(1)[0]
+    batch = {"tokens": x, "y": y[:, 0].astype(np.float32)}
+
+    def regression(read="y", returns=3, aux=None, scalar=True):
+        def task(p, b, c, rng):
+            h = jaxllm.apply(p, b["tokens"], c, return_hidden=True).mean(axis=(1, 2))
+            err = (h - b[read]) ** 2
+            out = (err.sum() if scalar else err, jnp.float32(h.shape[0]), aux)
+            return out[:returns]
+        return task
+
+    for task, error, message in [
+        (regression(read="labels"), ValueError,
+         r"the task reads batch\['labels'\], but the batch has the keys \['tokens', 'y'\]"),
+        (regression(returns=2), TypeError, r"returns \(loss_sum, count, aux\), got tuple of 2"),
+        (regression(aux=[1]), TypeError, "aux is a dict of sums, got list"),
+        (regression(scalar=False), ValueError, r"loss_sum and count are scalars .* \(8,\)"),
+    ]:
+        state = init_train_state(jax.tree.map(jnp.copy, params), TC)
+        with pytest.raises(error, match=message):
+            make_train_step(config, TC, task=task)(state, batch)
+        with pytest.raises(error, match=message):
+            make_eval_step(config, task=task)(params, batch)
+    state = init_train_state(jax.tree.map(jnp.copy, params), TC)
+    _, m = make_train_step(config, TC, task=regression())(state, batch)  # aux None: as {}
+    assert np.isfinite(float(m["loss"]))
+
+
+def test_batches_steps_and_states_that_do_not_fit_are_refused():
+    config = CONFIG.replace(drop_rate=0.0)
+    params = init_params(config, jax.random.key(0))
+    x, y = data(1)[0]
+    step = make_train_step(config, TC)
+    with pytest.raises(ValueError, match="differ in their leading"):  # grad_accum 1 too
+        step(init_train_state(jax.tree.map(jnp.copy, params), TC), lm_batch(x, y[:6]))
+    with pytest.raises(ValueError, match="trainable predicate selects no parameter"):
+        init_train_state(params, TC, trainable=lambda path, leaf: False)
+    subset = make_train_step(config, TC, trainable=r"blocks/1/.*")
+    with pytest.raises(ValueError, match="build the state and the step with the same trainable"):
+        subset(init_train_state(jax.tree.map(jnp.copy, params), TC), lm_batch(x, y))

@@ -55,6 +55,26 @@ def test_make_mesh_one_device_and_size_mismatch():
         sh.make_mesh("data=2")
 
 
+def test_a_sharded_step_made_for_another_tree_says_to_pass_the_state():
+    from jaxllm.model import init_params
+    from jaxllm.train import init_train_state
+
+    tc = TrainConfig(batch_size=2, total_steps=2)
+    mesh = sh.make_mesh("data=1")
+    params = init_params(CONFIG, jax.random.key(0))
+    params["head"] = {"kernel": np.zeros((CONFIG.emb_dim, 2), np.float32)}
+    state = init_train_state(params, tc)
+    tokens = np.zeros((2, 8), np.int32)
+    batch = {"tokens": tokens, "targets": tokens}
+    with pytest.raises(ValueError, match=r"pass it when building the step: "
+                                         r"make_sharded_train_step\(\.\.\., state=state\)"):
+        sh.make_sharded_train_step(CONFIG, tc, mesh)(state, batch)
+    with pytest.warns(UserWarning, match="1 parameter.* match no partition rule.*head/kernel"):
+        step = sh.make_sharded_train_step(CONFIG, tc, mesh, state=state)
+    _, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+
+
 def test_default_rules_cover_every_parameter_and_pick_rows_first():
     mesh = sh.make_mesh("fsdp=1")
     for config in (CONFIG, CONFIG.replace(tie_embeddings=True, qkv_bias=True)):

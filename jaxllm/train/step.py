@@ -21,7 +21,8 @@ import optax
 
 from jaxllm.config import GPTConfig
 from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
-from jaxllm.train.task import Task, Trainable, combine, lm_task, partition, trainable_mask
+from jaxllm.train.task import (Task, Trainable, call_task, combine, lm_task, partition,
+                               trainable_mask)
 
 
 class TrainState(NamedTuple):
@@ -41,14 +42,30 @@ def init_train_state(params, tc: TrainConfig, optimizer: optax.GradientTransform
                       rng=jax.random.key_data(jax.random.key(tc.seed)))
 
 
-def _micro_batches(batch, accum: int):
+def _rows(batch) -> int:
+    """The batch's row count: every array's leading axis, alike."""
     sizes = {k: jnp.shape(v)[0] if jnp.ndim(v) else None for k, v in batch.items()}
-    b = next(iter(sizes.values()))
-    if any(s != b for s in sizes.values()):
+    b = next(iter(sizes.values()), None)
+    if b is None or any(s != b for s in sizes.values()):
         raise ValueError(f"batch arrays differ in their leading (batch) size: {sizes}")
+    return b
+
+
+def _micro_batches(batch, accum: int):
+    b = _rows(batch)
     if b % accum:
         raise ValueError(f"batch of {b} rows does not divide into grad_accum={accum}")
     return {k: v.reshape(accum, b // accum, *v.shape[1:]) for k, v in batch.items()}
+
+
+def _check_state(state, optimizer, train_params) -> None:
+    """The state's optimizer state must be the one `optimizer` builds for these
+    trainable leaves (it is not when the state was made with another `trainable`)."""
+    want = jax.tree.structure(jax.eval_shape(optimizer.init, train_params))
+    if jax.tree.structure(state.opt_state) != want:
+        raise ValueError("the train state's optimizer state does not fit this step: build the "
+                         "state and the step with the same trainable set and optimizer "
+                         "(init_train_state(params, tc, optimizer, trainable=...))")
 
 
 def make_train_step(config: GPTConfig, tc: TrainConfig,
@@ -69,10 +86,11 @@ def make_train_step(config: GPTConfig, tc: TrainConfig,
     dropout = config.drop_rate > 0.0
 
     def task_loss(train_params, frozen, batch, rng, divisor):
-        loss_sum, count, aux = task(combine(train_params, frozen), batch, config, rng)
+        loss_sum, count, aux = call_task(task, combine(train_params, frozen), batch, config, rng)
         loss_sum = jnp.asarray(loss_sum, jnp.float32)
         count = jax.lax.stop_gradient(jnp.asarray(count, jnp.float32))
-        scaled = loss_sum / (count if divisor is None else divisor)
+        # a batch where nothing counts has loss 0, not 0 / 0
+        scaled = loss_sum / (jnp.maximum(count, 1e-30) if divisor is None else divisor)
         return scaled, (loss_sum, count, aux)
 
     grad_fn = jax.value_and_grad(task_loss, has_aux=True)
@@ -80,8 +98,10 @@ def make_train_step(config: GPTConfig, tc: TrainConfig,
     def train_step(state: TrainState, batch):
         mask = trainable_mask(state.params, trainable)
         train_params, frozen = partition(state.params, mask)
+        _check_state(state, optimizer, train_params)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if accum == 1:
+            _rows(batch)
             # the gradient of the mean itself: no pass over the gradients afterwards
             (loss, (_, count, aux)), grads = grad_fn(train_params, frozen, batch,
                                                      key if dropout else None, None)
@@ -119,7 +139,7 @@ def make_eval_step(config: GPTConfig, *, task: Task = lm_task, jit: bool = True)
     sums, so that a whole evaluation set's mean is the sum of sums over the sum
     of counts."""
     def eval_step(params, batch):
-        loss_sum, count, aux = task(params, batch, config, None)
+        loss_sum, count, aux = call_task(task, params, batch, config)
         return {"loss_sum": jnp.asarray(loss_sum, jnp.float32),
                 "count": jnp.asarray(count, jnp.float32), **aux}
 

@@ -22,6 +22,7 @@ import re
 from typing import Any, Callable, Union
 
 import jax
+import jax.numpy as jnp
 
 from jaxllm.config import GPTConfig
 from jaxllm.loss import token_loss_sum
@@ -39,6 +40,32 @@ def lm_task(params, batch: Batch, config: GPTConfig, rng=None):
     loss_sum, count = token_loss_sum(logits, batch["targets"], batch.get("mask"),
                                      impl=config.loss_impl, vocab_size=config.vocab_size)
     return loss_sum, count, {}
+
+
+def call_task(task: Task, params, batch: Batch, config: GPTConfig, rng=None):
+    """`task(params, batch, config, rng)` with its contract checked, so that a
+    mistake in a new task is named where it is made: (loss_sum, count, aux),
+    two scalars and a dict (None counts as {}), reading only keys the batch has."""
+    try:
+        out = task(params, batch, config, rng)
+    except KeyError as err:
+        key = err.args[0] if err.args else None
+        if isinstance(batch, dict) and isinstance(key, str) and key not in batch:
+            raise ValueError(f"the task reads batch[{key!r}], but the batch has the keys "
+                             f"{sorted(batch)}") from None
+        raise
+    if not (isinstance(out, (tuple, list)) and len(out) == 3):
+        raise TypeError(f"a task returns (loss_sum, count, aux), got {type(out).__name__}"
+                        + (f" of {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    loss_sum, count, aux = out
+    aux = {} if aux is None else aux
+    if not isinstance(aux, dict):
+        raise TypeError(f"a task's aux is a dict of sums, got {type(aux).__name__}")
+    shapes = {"loss_sum": jnp.shape(loss_sum), "count": jnp.shape(count)}
+    if any(shapes.values()):
+        raise ValueError(f"a task's loss_sum and count are scalars (sums over the batch), got "
+                         f"shapes {shapes}")
+    return loss_sum, count, aux
 
 
 def lm_batch(tokens, targets, mask=None) -> Batch:
@@ -72,11 +99,18 @@ def trainable_mask(params, trainable: Trainable = None):
                              f"like {path_str(jax.tree_util.tree_leaves_with_path(params)[0][0])!r}")
         return mask
     if callable(trainable):
-        return jax.tree_util.tree_map_with_path(
+        mask = jax.tree_util.tree_map_with_path(
             lambda path, leaf: bool(trainable(path_str(path), leaf)), params)
-    if jax.tree.structure(trainable) != jax.tree.structure(params):
-        raise ValueError("a trainable mask must be a pytree of bools shaped like the parameters")
-    return jax.tree.map(bool, trainable)
+        what = "predicate"
+    else:
+        if jax.tree.structure(trainable) != jax.tree.structure(params):
+            raise ValueError("a trainable mask must be a pytree of bools shaped like the "
+                             "parameters")
+        mask, what = jax.tree.map(bool, trainable), "mask"
+    if not any(jax.tree.leaves(mask)):
+        raise ValueError(f"the trainable {what} selects no parameter: a step would train "
+                         "nothing")
+    return mask
 
 
 def partition(params, mask):
