@@ -55,6 +55,7 @@ def init_params(config: GPTConfig, key: jax.Array, *, scheme: str = "gpt2") -> P
     dtype = jnp.dtype(c.param_dtype)
     d, h, v = c.emb_dim, c.hidden_dim, c.padded_vocab_size
     std, resid_std = 0.02, 0.02 / math.sqrt(2 * c.n_layers)
+    emb_std = 1.0 if torch_like else std  # nn.Embedding draws N(0, 1)
     keys = iter(jax.random.split(key, 3 + 4 * c.n_layers))
 
     def normal(shape, s=std):
@@ -62,9 +63,6 @@ def init_params(config: GPTConfig, key: jax.Array, *, scheme: str = "gpt2") -> P
 
     def uniform(k, shape, bound):
         return jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(dtype)
-
-    def embedding(shape):
-        return normal(shape, 1.0 if torch_like else std)
 
     def norm():
         return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
@@ -79,8 +77,8 @@ def init_params(config: GPTConfig, key: jax.Array, *, scheme: str = "gpt2") -> P
                 **({"bias": jnp.zeros(shape[1:], dtype)} if bias else {})}
 
     params: Params = {
-        "tok_emb": {"embedding": embedding((v, d))},
-        "pos_emb": {"embedding": embedding((c.context_length, d))},
+        "tok_emb": {"embedding": normal((v, d), emb_std)},
+        "pos_emb": {"embedding": normal((c.context_length, d), emb_std)},
         "blocks": [
             {
                 "norm1": norm(),
@@ -95,6 +93,23 @@ def init_params(config: GPTConfig, key: jax.Array, *, scheme: str = "gpt2") -> P
     if not c.tie_embeddings:
         params["out_head"] = dense((d, v), bias=False)
     return params
+
+
+# -- embeddings --------------------------------------------------------------
+def embed(params: Params, tokens, config: GPTConfig, positions=None):
+    """Token plus position embeddings. Out-of-range ids give NaN rather than a
+    silently clamped row (the eager API checks them before this point)."""
+    # jnp.take wraps negative ids like NumPy and would read a padding row for
+    # ids in [vocab_size, padded_vocab_size): send every invalid id past the end.
+    valid = (tokens >= 0) & (tokens < config.vocab_size)
+    tokens = jnp.where(valid, tokens, config.padded_vocab_size)
+    tok = jnp.take(params["tok_emb"]["embedding"], tokens, axis=0, mode="fill", fill_value=jnp.nan)
+    if positions is None:
+        # A slice, not a gather: its gradient is a pad rather than a scatter-add.
+        pos = params["pos_emb"]["embedding"][: tokens.shape[-1]]
+        return ops_for(config).add_positions(tok, pos)
+    return tok + params["pos_emb"]["embedding"][positions]
+
 
 
 # -- layers ------------------------------------------------------------------
@@ -163,21 +178,6 @@ def cast_params(params: Params, config: GPTConfig) -> Params:
     return jax.tree.map(lambda a: a.astype(dtype) if a.dtype != dtype else a, params)
 
 
-def embed(params: Params, tokens, config: GPTConfig, positions=None):
-    """Token plus position embeddings. Out-of-range ids give NaN rather than a
-    silently clamped row (the eager API checks them before this point)."""
-    # jnp.take wraps negative ids like NumPy and would read a padding row for
-    # ids in [vocab_size, padded_vocab_size): send every invalid id past the end.
-    valid = (tokens >= 0) & (tokens < config.vocab_size)
-    tokens = jnp.where(valid, tokens, config.padded_vocab_size)
-    tok = jnp.take(params["tok_emb"]["embedding"], tokens, axis=0, mode="fill", fill_value=jnp.nan)
-    if positions is None:
-        # A slice, not a gather: its gradient is a pad rather than a scatter-add.
-        pos = params["pos_emb"]["embedding"][: tokens.shape[-1]]
-        return ops_for(config).add_positions(tok, pos)
-    return tok + params["pos_emb"]["embedding"][positions]
-
-
 def run_blocks(blocks, x, config: GPTConfig, rng=None):
     """The transformer blocks in order: a Python loop, or one `lax.scan` over the
     stacked blocks with `scan_layers`; each rematerialised per `remat`."""
@@ -230,8 +230,7 @@ def apply(params: Params, tokens, config: GPTConfig, *, rng=None, return_hidden:
     with `return_hidden` the hidden states after the final LayerNorm. The
     traceable core of `forward`: no input checks; dropout when `rng` is given."""
     p = cast_params(params, config)
-    if config.drop_rate == 0.0:
-        rng = None
+    rng = rng if config.drop_rate > 0.0 else None
     r_emb, r_blocks = jax.random.split(rng) if rng is not None else (None, None)
     x = embed(p, tokens, config).astype(jnp.dtype(config.compute_dtype))
     x = dropout(x, config.drop_rate if rng is not None else 0.0, r_emb)
@@ -242,23 +241,16 @@ def apply(params: Params, tokens, config: GPTConfig, *, rng=None, return_hidden:
 
 
 def forward(params: Params, tokens, config: GPTConfig, *, train: bool = False, rng=None):
-    """Logits of shape (batch, seq, vocab_size) for integer `tokens` (batch, seq).
-
-    A 1-D `tokens` is one sequence and gives (seq, vocab_size). With
-    `train=True`, dropout is applied with `rng` (required); with `train=False`
-    the result is deterministic. Token ids and length are checked here when
-    they are concrete values; under `jax.jit` an out-of-range id yields NaN
-    logits instead of silently reading a clamped embedding row.
-    """
+    """Logits (batch, seq, vocab_size) for integer `tokens` (batch, seq), or (seq,
+    vocab_size) for one sequence. Dropout with `train=True` (needs `rng`). Ids
+    and length are checked when concrete; under `jax.jit` an out-of-range id
+    gives NaN logits instead of silently reading a clamped embedding row."""
     tokens = check_tokens(tokens, config)
     if train and rng is None:
         raise ValueError("forward(train=True) needs an rng key for dropout")
     one_seq = tokens.ndim == 1
-    if one_seq:
-        tokens = tokens[None]
-    logits = apply(params, tokens, config, rng=rng if train else None)
-    if config.padded_vocab_size != config.vocab_size:
-        logits = logits[..., : config.vocab_size]
+    logits = apply(params, tokens[None] if one_seq else tokens, config,
+                   rng=rng if train else None)[..., : config.vocab_size]  # no padding columns
     return logits[0] if one_seq else logits
 
 
