@@ -94,9 +94,13 @@ def trainable_label(regex: str) -> str:
     return regex
 
 
-# Shape-deciding GPTConfig fields: adapters fit a base whose fields agree on these.
+# The base's GPTConfig fields an adapter file records. Adapters fit a base that agrees
+# on the architecture (MODEL_FIELDS) and has a kernel of the saved shape at every adapted
+# layer; the context length, vocabulary padding, qkv bias or a tied head of the base may
+# differ where no adapted kernel depends on them.
 BASE_FIELDS = ("vocab_size", "vocab_multiple", "context_length", "emb_dim", "n_heads",
                "n_layers", "ffn_dim", "qkv_bias", "tie_embeddings")
+MODEL_FIELDS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "ffn_dim")
 FILE_FORMAT = "jaxllm-lora/1"
 
 
@@ -251,8 +255,9 @@ def init_lora(params, config: GPTConfig, key: jax.Array, *, rank: int, targets: 
         if rank > min(d_in, width) and not allow_rank_above_dim:
             raise ValueError(f"LoRA rank {rank} exceeds the smaller dimension of {path} "
                              f"({d_in} x {width}{' per q/k/v slice' if slices > 1 else ''}); "
-                             "lower the rank, leave the layer out of the targets, or pass "
-                             "allow_rank_above_dim=True")
+                             "lower the rank (--lora-rank) or leave the layer out of the "
+                             "targets (--lora-targets); in Python, allow_rank_above_dim=True "
+                             "permits it")
         k = jax.random.fold_in(key, i)
         lead = (slices,) if slices > 1 else ()
         adapters[path] = {"a": _kaiming_uniform(k, (*lead, d_in, rank), d_in, dtype),
@@ -299,6 +304,10 @@ def with_adapters(params, adapters: Adapters, alpha: float):
     """`params` with each adapted dense dict carrying "lora": {"a", "b", "scale"},
     scale = alpha / rank (a float32 scalar); a tied head's adapter becomes
     "out_head": {"lora"}. The base leaves are shared, not copied."""
+    if not (isinstance(alpha, (int, float, np.floating, np.integer)) and math.isfinite(alpha)
+            and alpha > 0):
+        raise ValueError(f"LoRA alpha must be a finite number > 0 (the adapters' scale is "
+                         f"alpha / rank), got {alpha!r}")
     layers = _layers(params, tied_head=True)
     out = params
     for path, ab in adapters.items():
@@ -463,13 +472,16 @@ def lora_params(params, config: GPTConfig, key: jax.Array, *, rank: int, alpha: 
 
 
 def sharding_rules(rules=None):
-    """Partition rules for a tree with adapters: A, B and the scale replicated
-    (they are small), then `rules` (default `jaxllm.sharding.DEFAULT_RULES`)."""
+    """Partition rules for a tree with adapters: `rules` (default
+    `jaxllm.sharding.DEFAULT_RULES`) first, so that a rule of the user's can
+    shard an adapter, then A, B and the scale of every other adapter
+    replicated (they are small)."""
     from jax.sharding import PartitionSpec as P
 
     from jaxllm import sharding
 
-    return ((r"(.+/)?lora/(a|b|scale)", P()), *(sharding.DEFAULT_RULES if rules is None else rules))
+    return (*(sharding.DEFAULT_RULES if rules is None else rules),
+            (r"(.+/)?lora/(a|b|scale)", P()))
 
 
 # -- files ---------------------------------------------------------------------
@@ -496,19 +508,31 @@ def read_adapters(path: str | os.PathLike) -> tuple[Adapters, float, dict[str, A
     from safetensors import safe_open
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"adapter file {path} is a folder; give the .safetensors file "
+                         "(jaxllm lora export writes one)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"adapter file {path} does not exist")
-    with safe_open(path, framework="numpy") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FILE_FORMAT:
-            raise ValueError(f"{path} is not a jaxllm adapter file (format "
-                             f"{meta.get('format')!r}, expected {FILE_FORMAT!r})")
-        adapters: Adapters = {}
-        for name in f.keys():
-            layer, _, part = name.rpartition("/")
-            adapters.setdefault(layer, {})[part] = jnp.asarray(f.get_tensor(name))
-    meta = {"alpha": float(meta["alpha"]), "base": json.loads(meta["base"]),
-            "kernels": json.loads(meta["kernels"]), "info": json.loads(meta.get("info", "{}"))}
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FILE_FORMAT:
+                raise ValueError(f"{path} is not a jaxllm adapter file (format "
+                                 f"{meta.get('format')!r}, expected {FILE_FORMAT!r})")
+            adapters: Adapters = {}
+            for name in f.keys():
+                layer, _, part = name.rpartition("/")
+                adapters.setdefault(layer, {})[part] = jnp.asarray(f.get_tensor(name))
+        meta = {"alpha": float(meta["alpha"]), "base": json.loads(meta["base"]),
+                "kernels": json.loads(meta["kernels"]),
+                "info": json.loads(meta.get("info", "{}"))}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"adapter file {path}: its metadata is not JSON ({err})") from None
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors' own errors: a truncated or foreign file
+        raise ValueError(f"adapter file {path} is damaged or not a safetensors file "
+                         f"({type(err).__name__}: {str(err)[:120]})") from None
     return adapters, meta["alpha"], meta
 
 
@@ -518,7 +542,7 @@ def load_adapters(path: str | os.PathLike, params, config: GPTConfig):
     config fields and layers that differ."""
     adapters, alpha, meta = read_adapters(path)
     diffs = [f"{f}: adapters {meta['base'].get(f)!r}, base {getattr(config, f)!r}"
-             for f in BASE_FIELDS if meta["base"].get(f) != getattr(config, f)]
+             for f in MODEL_FIELDS if meta["base"].get(f) != getattr(config, f)]
     layers = _layers(params, tied_head=config.tie_embeddings)
     for layer, shape in meta["kernels"].items():
         if layer not in layers:

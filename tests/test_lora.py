@@ -524,6 +524,57 @@ def test_bad_input_is_named():
         lora.with_adapters(params, bad, 2.0)
 
 
+def test_alpha_must_be_a_positive_number():
+    params = random_params()
+    adapters = random_adapters(params)
+    for alpha in (0.0, -3.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="LoRA alpha must be a finite number > 0"):
+            lora.with_adapters(params, adapters, alpha)
+
+
+def test_the_scale_never_trains_whatever_the_trainable_choice():
+    params = lora.with_adapters(random_params(), random_adapters(random_params()), ALPHA)
+    for trainable in (None, r"blocks/1/.*", lora.trainable(r"blocks/1/.*"),
+                      lambda path, leaf: True):
+        mask = {path: m for path, m in _paths(trainable_mask(params, trainable)).items()}
+        scales = [path for path in mask if path.endswith("lora/scale")]
+        assert scales and not any(mask[path] for path in scales), trainable
+        assert any(mask[path] for path in mask if path.endswith("lora/b"))
+    tc = TrainConfig(lr=1e-2, total_steps=3, batch_size=2, weight_decay=0.1)
+    spec = lora.trainable(r"blocks/1/.*")
+    state = init_train_state(jax.tree.map(jnp.copy, params), tc, trainable=spec)
+    state, _ = make_train_step(CONFIG, tc, trainable=spec)(state, lm_batch(*_xy()))
+    assert set(lora.adapters_of(state.params)[1].values()) == {ALPHA / RANK}
+
+
+def _paths(tree):
+    from jaxllm.train.task import path_str
+
+    return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _xy():
+    t = tokens()
+    return t[:2, :-1], t[:2, 1:]
+
+
+def test_damaged_adapter_files_and_compatible_bases(tmp_path):
+    params = random_params()
+    path = tmp_path / "adapters.safetensors"
+    lora.save_adapters(path, random_adapters(params, targets="attn,ffn"), ALPHA, CONFIG)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"adapter file {cut} is damaged or not a safetensors"):
+        lora.load_adapters(cut, params, CONFIG)
+    with pytest.raises(ValueError, match=f"adapter file {tmp_path} is a folder"):
+        lora.load_adapters(tmp_path, params, CONFIG)
+    # a base that differs where no adapted kernel depends on it takes the adapters
+    for other in (CONFIG.replace(context_length=16), CONFIG.replace(vocab_multiple=64),
+                  CONFIG.replace(tie_embeddings=True)):
+        adapted = lora.load_adapters(path, random_params(other), other)
+        assert len(lora.adapters_of(adapted)[0]) == 8
+
+
 # -- the command line -----------------------------------------------------------
 def test_pretrain_lora_flags_then_merge_and_export(tmp_path, capsys):
     """The flags give the run's initial weights with adapters; `jaxllm lora` merges
@@ -571,3 +622,20 @@ def test_pretrain_lora_flags_then_merge_and_export(tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(logits(reloaded, x, config)), want, atol=1e-6)
     assert main(["lora", "merge", "--run-dir", str(tmp_path / "hf"), "--out", "x"]) == 2
     assert "no checkpoints" in capsys.readouterr().err
+
+
+def test_a_rule_of_the_users_shards_an_adapter_before_the_replicate_rule():
+    import warnings
+
+    from jax.sharding import PartitionSpec as P
+
+    from jaxllm import sharding
+
+    params = lora.with_adapters(random_params(), random_adapters(random_params()), ALPHA)
+    rules = lora.sharding_rules([(r"(.+/)?ffn/fc/lora/a", P(None, "fsdp")),
+                                 *sharding.DEFAULT_RULES])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every adapter leaf is named by a rule: no warning
+        specs = _paths(sharding.param_specs(params, sharding.make_mesh("data=1"), rules))
+    assert specs["blocks/0/ffn/fc/lora/a"] == P(None, "fsdp")
+    assert specs["blocks/0/ffn/fc/lora/b"] == P() and specs["blocks/1/attn/qkv/lora/a"] == P()

@@ -190,3 +190,16 @@ def test_finetune_instruct_with_lora_freezes_the_base_and_merges(tmp_path, capsy
     x = np.array([[1, 2, 3, 4, 5]], np.int32)
     np.testing.assert_allclose(np.asarray(apply(merged, x, untied)),
                                np.asarray(apply(params, x, config)), atol=1e-5)
+
+
+def test_pretrain_on_a_mesh_replicates_the_adapters_without_a_warning(tmp_path, recwarn,
+                                                                       capsys):
+    assert main(["pretrain", *TINY, "--steps", "1", "--out", str(tmp_path / "run"),
+                 "--mesh", "data=1", "--lora-rank", "2"]) == 0
+    assert not [w for w in recwarn if "partition rule" in str(w.message)]
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["lora", "export", "--run-dir", str(run), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder; export writes one file" in capsys.readouterr().err
+    assert main(["lora", "merge", "--run-dir", str(run), "--out", str(run / "config.json")]) == 2
+    assert "is a file; merge writes a folder" in capsys.readouterr().err

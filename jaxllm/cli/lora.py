@@ -228,6 +228,12 @@ def run(args) -> int:
         if not adapters:
             raise ValueError(f"{args.run_dir} holds no adapters (was it trained with --lora-rank?)")
         out = Path(args.out)
+        if args.action == "merge" and out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; merge writes a folder (model.safetensors "
+                             "and config.json)")
+        if args.action == "export" and out.is_dir():
+            raise ValueError(f"--out {out} is a folder; export writes one file "
+                             "(e.g. --out adapters.safetensors)")
         kind = read_meta(args.run_dir, args.step).get("kind")
         if args.action == "merge" and kind == "classify":
             _merge_classifier(args.run_dir, args.step, params, out)

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxllm import sharding
+from jaxllm import lora, sharding
 from jaxllm.config import GPTConfig
 from jaxllm.data.token_file import RandomWindowBatches
 from jaxllm.data.windows import SlidingWindows, WindowBatches, split_tokens
@@ -234,6 +234,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     # likely); the default rules also name parameters some configs lack.
     custom_rules = partition_rules is not None
     rules = tuple(partition_rules) if custom_rules else sharding.DEFAULT_RULES
+    if not custom_rules and params is not None and lora.adapters_of(params)[0]:
+        rules = tuple(lora.sharding_rules())  # adapters replicated, not warned of
 
     # -- data ----------------------------------------------------------------
     if lc.random_windows:

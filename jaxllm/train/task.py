@@ -83,8 +83,20 @@ def path_str(path) -> str:
                     for k in path)
 
 
+# A LoRA adapter's scale (alpha / rank) is a setting carried in the tree, not a weight:
+# no trainable choice trains it, or alpha would drift (`jaxllm.lora`).
+_CONSTANT = re.compile(r"(.+/)?lora/scale")
+
+
 def trainable_mask(params, trainable: Trainable = None):
-    """A pytree of bools shaped like `params`: True for the leaves to train."""
+    """A pytree of bools shaped like `params`: True for the leaves to train
+    (never a LoRA scale)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, m: m and not _CONSTANT.fullmatch(path_str(path)),
+        _chosen(params, trainable))
+
+
+def _chosen(params, trainable: Trainable):
     if trainable is None:
         return jax.tree.map(lambda _: True, params)
     if isinstance(trainable, str):
