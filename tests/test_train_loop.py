@@ -190,3 +190,15 @@ def test_bad_loop_settings(tokens, tmp_path):
         run(tmp_path, tokens, lc=LC.replace(max_length=32))
     with pytest.raises(ValueError, match="validation split is too short: found 15 tokens"):
         run(tmp_path, tokens[:150])
+
+
+def test_an_unmatched_parameter_is_warned_of_once_on_a_mesh(tmp_path, tokens):
+    from jaxllm import sharding
+    from jaxllm.model import init_params
+
+    params = init_params(CONFIG, jax.random.key(0))
+    params["temp"] = {"t": jnp.ones((3,), jnp.float32)}  # no rule names it: replicated
+    with pytest.warns(UserWarning, match="match no partition rule") as caught:
+        run(tmp_path / "run", tokens, tc=TC.replace(total_steps=2), params=params,
+            mesh=sharding.make_mesh("data=1"))
+    assert len([w for w in caught if "partition rule" in str(w.message)]) == 1

@@ -32,6 +32,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +151,11 @@ def _steps(config: GPTConfig, tc: TrainConfig, optimizer=None, task: Task = lm_t
 def _sharded_steps(config: GPTConfig, tc: TrainConfig, optimizer, task: Task,
                    trainable: Trainable, mesh: jax.sharding.Mesh, rules, strict: bool, abstract):
     """The train and eval steps on a device mesh (batch split, FSDP state)."""
-    step = sharding.make_sharded_train_step(config, tc, mesh, rules, optimizer, task=task,
-                                            trainable=trainable, strict=strict, state=abstract)
+    with warnings.catch_warnings():  # unmatched parameters were warned of with the state's
+        warnings.filterwarnings("ignore", message=".*match no partition rule")
+        step = sharding.make_sharded_train_step(config, tc, mesh, rules, optimizer, task=task,
+                                                trainable=trainable, strict=strict,
+                                                state=abstract)
     return step, sharding.make_sharded_eval_step(config, mesh, step.state_shardings.params,
                                                  task=task)
 
