@@ -202,3 +202,25 @@ def test_an_unmatched_parameter_is_warned_of_once_on_a_mesh(tmp_path, tokens):
         run(tmp_path / "run", tokens, tc=TC.replace(total_steps=2), params=params,
             mesh=sharding.make_mesh("data=1"))
     assert len([w for w in caught if "partition rule" in str(w.message)]) == 1
+
+
+def test_a_task_of_its_own_trains_on_the_batches_make_batch_builds(tmp_path, tokens):
+    from jaxllm.train.task import lm_batch, lm_task
+
+    def second_half(params, batch, config, rng):  # the loss on the second half of each window
+        return lm_task(params, lm_batch(batch["tokens"], batch["targets"], batch["late"]),
+                       config, rng)
+
+    def make_batch(x, y):
+        late = np.zeros_like(y)
+        late[:, y.shape[1] // 2:] = 1
+        return {"tokens": x, "targets": y, "late": late}
+
+    tc = TC.replace(total_steps=3)
+    with pytest.raises(ValueError, match=r"the task reads batch\['late'\]"):
+        run(tmp_path / "plain", tokens, tc=tc, task=second_half)
+    summary = run(tmp_path / "own", tokens, tc=tc, task=second_half, make_batch=make_batch)
+    rows = [r for r in losses(tmp_path / "own") if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3] and np.isfinite(summary["final_val_loss"])
+    plain = run(tmp_path / "lm", tokens, tc=tc)
+    assert summary["final_val_loss"] != plain["final_val_loss"]

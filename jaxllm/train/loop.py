@@ -34,7 +34,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -173,11 +173,12 @@ def _init_fn(config: GPTConfig, tc: TrainConfig, optimizer, trainable: Trainable
     return jax.jit(init, out_shardings=shardings)
 
 
-def _fixed_batches(tokens, length: int, batch_size: int, count: int, name: str):
+def _fixed_batches(tokens, length: int, batch_size: int, count: int, name: str,
+                   make_batch: Callable = lm_batch):
     """The first `count` batches of non-overlapping windows, in order."""
     windows = SlidingWindows(tokens, length, length, name=name)
     batches = WindowBatches(windows, batch_size, shuffle=False, drop_last=False)
-    return [lm_batch(*batches.batch_at(k)) for k in range(min(count, len(batches)))]
+    return [make_batch(*batches.batch_at(k)) for k in range(min(count, len(batches)))]
 
 
 def _one_writer(fn):
@@ -197,14 +198,17 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
           resume: bool = False, stop_at: int | None = None, progress: bool = True,
           mesh: jax.sharding.Mesh | None = None,
           partition_rules: sharding.Rules | None = None, params=None, task: Task = lm_task,
-          trainable: Trainable = None, optimizer=None, fallback: bool = True) -> dict[str, Any]:
+          trainable: Trainable = None, optimizer=None, fallback: bool = True,
+          make_batch: Callable[[np.ndarray, np.ndarray], dict] = lm_batch) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; returns the summary dict.
 
     `params` are the starting parameters (a pretrained model, say; default: a
-    fresh `init_params`), `task` the loss over {"tokens", "targets"} batches
-    (default `lm_task`), `trainable` the leaves to train (default all) and
-    `optimizer` an optax transformation (default `make_optimizer(tc)`); a
-    resumed run must pass the same.
+    fresh `init_params`), `task` the loss (default `lm_task`) over the batches
+    `make_batch(tokens, targets)` builds from each batch of windows (default
+    `lm_batch`: {"tokens", "targets"}; a task of your own adds its keys there,
+    a mask say), `trainable` the leaves to train (default all) and `optimizer`
+    an optax transformation (default `make_optimizer(tc)`); a resumed run must
+    pass the same.
 
     `tokens` is the token stream; unless `val_tokens` is given, its first
     `lc.train_ratio` trains and the rest validates. `stop_at` ends the run
@@ -248,9 +252,10 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     else:
         windows = SlidingWindows(tokens, length, lc.stride or length, name="training split")
         batches = WindowBatches(windows, tc.batch_size, shuffle=lc.shuffle, seed=tc.seed)
-    train_eval = _fixed_batches(tokens, length, tc.batch_size, lc.eval_batches, "training split")
+    train_eval = _fixed_batches(tokens, length, tc.batch_size, lc.eval_batches, "training split",
+                                make_batch)
     val_eval = _fixed_batches(val_tokens, length, tc.batch_size, lc.eval_batches,
-                              "validation split")
+                              "validation split", make_batch)
     tokens_per_step = tc.batch_size * length
 
     # -- state: fresh or resumed -----------------------------------------------
@@ -361,7 +366,7 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         nonlocal last_saved
         if not bool(_all_finite(state.params)):
             raise diverged(step, "the parameters are not finite")
-        out = eval_step(state.params, lm_batch(*batches.batch_at(step)))
+        out = eval_step(state.params, make_batch(*batches.batch_at(step)))
         next_loss = float(out["loss_sum"] / out["count"])
         if not math.isfinite(next_loss):
             raise diverged(step, f"the parameters give loss {next_loss} on the next batch")
@@ -370,7 +375,7 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
         last_saved = step
 
     def batch_at(step: int):
-        batch = lm_batch(*batches.batch_at(step))  # the data position is the step
+        batch = make_batch(*batches.batch_at(step))  # the data position is the step
         if feed_local_rows:  # each process places only the rows its devices hold
             batch = dict(zip(batch, sharding.shard_batch(
                 mesh, *(v[local_rows] for v in batch.values()), per_process=True)))
