@@ -120,6 +120,23 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return {p.path: shapes[p.path] for p in rows(config)}
 
 
+def check_params(params, config: GPTConfig, *, skip: tuple[str, ...] = ()) -> None:
+    """Every parameter of the config's model must be in `params` with its shape
+    (a ValueError names the first that is not); extra leaves (a task head,
+    adapters) are the caller's own, and paths starting with `skip` (a head a
+    task replaced) are not asked for."""
+    have = {path_str(p): tuple(leaf.shape)
+            for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, shape in param_shapes(config).items():
+        if path.startswith(skip):
+            continue
+        if path not in have:
+            raise ValueError(f"the starting parameters do not match the model config: no {path}")
+        if have[path] != tuple(shape):
+            raise ValueError(f"the starting parameters do not match the model config: {path} "
+                             f"has shape {have[path]}, the config gives {tuple(shape)}")
+
+
 def unflatten(config: GPTConfig, values: dict[str, Any]):
     """The parameter tree of `config` with the leaf at each path from `values`."""
     leaves, treedef = _abstract(config)

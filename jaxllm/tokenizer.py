@@ -110,7 +110,12 @@ def _gpt2_encoding(directory):
         raise FileNotFoundError(f"{d / 'gpt2.tiktoken'} not found (nor encoder.json + "
                                 f"vocab.bpe); {how}")
     try:
+        for f in files:
+            if not f.is_file():
+                raise _Damaged(f"{f.name} is not a file")
         ranks = _load_ranks(files)
+    except OSError as err:
+        raise ValueError(f"the GPT-2 vocabulary in {d} cannot be read: {err}") from None
     except _Damaged as err:
         raise ValueError(f"the GPT-2 vocabulary in {d} is damaged: {err}") from None
     return tiktoken.Encoding(name="gpt2", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
@@ -152,6 +157,11 @@ def _load_ranks(files: list[Path]) -> dict[bytes, int]:
             raise _Damaged(f"{path.name} holds {n:,} {what} where GPT-2 has {expected:,}; "
                            f"{_REPLACE}")
 
+    def numbered(path, ranks):  # tiktoken's encoder panics on a repeated or missing rank
+        if set(ranks.values()) != set(range(len(ranks))):
+            raise _Damaged(f"{path.name} does not number its tokens 0 to {len(ranks) - 1}, "
+                           f"each once; {_REPLACE}")
+
     if len(files) == 1:
         with _no_tiktoken_cache():
             try:
@@ -160,6 +170,7 @@ def _load_ranks(files: list[Path]) -> dict[bytes, int]:
                 raise _Damaged(f"{files[0].name} has a line that is not a base64 token and its "
                                f"rank ({str(err)[:80]}); {_REPLACE}") from None
         count(files[0], len(ranks), "tokens", _N_RANKS)
+        numbered(files[0], ranks)
         return ranks
     vocab_bpe, encoder_json = files
     try:
@@ -177,6 +188,9 @@ def _load_ranks(files: list[Path]) -> dict[bytes, int]:
     if not isinstance(encoder, dict):
         raise _Damaged(f"{encoder_json.name} is not an object of tokens and ids; {_REPLACE}")
     count(encoder_json, len(encoder), "tokens", _N_RANKS + 1)
+    if encoder.get(_EOT) != _N_RANKS:
+        raise _Damaged(f"{encoder_json.name} does not give {_EOT} the id {_N_RANKS}; {_REPLACE}")
+    numbered(encoder_json, encoder)
     with _no_tiktoken_cache():
         try:
             return data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder_json))

@@ -277,6 +277,10 @@ def test_bad_inputs_are_named(tmp_path):
         read_labeled(write("cols.csv", "label,text\na,b\n"), text_column="body")
     with pytest.raises(ValueError, match=r"\['eggs'\] are not among the classes"):
         class_ids(["ham", "eggs"], ["ham", "spam"])
+    with pytest.raises(ValueError, match=r"\['spam'\] are not among the classes \['ham'\]"):
+        class_ids(["ham", "spam"], ["ham"])  # the label the data has, not the count, named
+    with pytest.raises(ValueError, match=r"class\(es\) \['other'\] have no rows in the data"):
+        class_ids(["ham", "spam"], ["ham", "spam", "other"])
     with pytest.raises(ValueError, match="at least 2 classes"):
         class_ids(["ham", "ham"])
     typo = write("typo.tsv", "".join(f"{'ham' if i % 2 else 'spam'}\tmessage {i}\n"

@@ -295,7 +295,8 @@ def test_a_task_that_breaks_its_contract_is_named():
 
     for task, error, message in [
         (regression(read="labels"), ValueError,
-         r"the task reads batch\['labels'\], but the batch has the keys \['tokens', 'y'\]"),
+         r"the task looked up 'labels', which neither the batch \(keys \['tokens', 'y'\]\) "
+         r"nor the parameters' top level"),
         (regression(returns=2), TypeError, r"returns \(loss_sum, count, aux\), got tuple of 2"),
         (regression(aux=[1]), TypeError, "aux is a dict of sums, got list"),
         (regression(scalar=False), ValueError, r"loss_sum and count are scalars .* \(8,\)"),

@@ -465,6 +465,12 @@ def test_cli_starts_from_a_pytorch_bin_folder_and_refuses_a_classifier(tmp_path,
         int(x.size) for x in jax.tree.leaves(params))
     assert run_cli(cli, ["--hf", str(tmp_path / "nothing"), *common]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+    assert run_cli(cli, ["--run-dir", str(tmp_path / "a"), *common, "--set", "n_layers=3",
+                         "--out", str(tmp_path / "deeper")]) == 2
+    assert "do not match the model config: no blocks/2/norm1/scale" in capsys.readouterr().err
+    (hf / "config.json").unlink()
+    assert run_cli(cli, ["--hf", str(hf / "pytorch_model.bin"), *common]) == 2
+    assert "pytorch_model.bin needs its config.json" in capsys.readouterr().err
 
     clf = tmp_path / "clf"  # a classification run's checkpoint: its LM head is gone
     checkpoint.save(checkpoint.open_manager(clf, create=True),

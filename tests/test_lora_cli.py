@@ -157,6 +157,18 @@ def test_finetune_classify_with_lora_trains_adapters_and_head_only(tmp_path, cap
                  "--trainable", "all"]) == 2
     assert "--trainable all trains every weight" in capsys.readouterr().err
 
+    # a LoRA run as the start of another: its adapters merged first, and the new run resumes
+    start = [a for a in argv if a not in ("--init", "random", "--config", str(cfg))]
+    start = [*start[:start.index("--out")], *start[start.index("--out") + 2:]]
+    new = ["--run-dir", str(run), *start[2:], "--out", str(tmp_path / "next")]
+    assert main(["finetune", "classify", *new]) == 0
+    assert "its 8 LoRA adapters merged into the weights" in capsys.readouterr().err
+    assert lora.adapters_of(load_classifier(tmp_path / "next")["params"])[0] == {}
+    steps = new.index("--steps") + 1
+    assert main(["finetune", "classify", *new[:steps], "5", *new[steps + 1:], "--resume"]) == 0
+    assert main(["lora", "merge", "--run-dir", str(run), "--out", str(tmp_path / "next")]) == 2
+    assert "is not empty; merge writes a new folder" in capsys.readouterr().err
+
 
 def test_finetune_instruct_with_lora_freezes_the_base_and_merges(tmp_path, capsys):
     cfg = tmp_path / "tiny.json"

@@ -142,3 +142,29 @@ def test_both_vocabulary_formats_give_the_same_tokens(gpt2, shared_data, tmp_pat
     data_gym = GPT2Tokenizer(tmp_path)
     for text in TEXTS + [(shared_data / "the-verdict.txt").read_text(encoding="utf-8")]:
         assert data_gym.encode(text) == gpt2.encode(text)
+
+
+def test_vocabulary_files_that_would_crash_tiktoken_are_named(shared_data, tmp_path):
+    import json
+
+    folder = tmp_path / "folder"
+    (folder / "gpt2.tiktoken").mkdir(parents=True)  # a folder where the file should be
+    with pytest.raises(ValueError, match=r"damaged: gpt2.tiktoken is not a file"):
+        GPT2Tokenizer(folder)
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    lines = (shared_data / "gpt2.tiktoken").read_bytes().splitlines()
+    lines[199] = lines[199].split()[0] + b" 5"  # rank 5 twice, rank 199 never
+    (dup / "gpt2.tiktoken").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=r"gpt2.tiktoken does not number its tokens 0 to "
+                                         r"50255, each once"):
+        GPT2Tokenizer(dup)
+    no_eot = tmp_path / "no_eot"
+    no_eot.mkdir()
+    shutil.copy(shared_data / "vocab.bpe", no_eot / "vocab.bpe")
+    encoder = json.loads((shared_data / "encoder.json").read_text(encoding="utf-8"))
+    encoder["<|extra|>"] = encoder.pop("<|endoftext|>")
+    (no_eot / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"encoder.json does not give <\|endoftext\|> the id "
+                                         r"50256"):
+        GPT2Tokenizer(no_eot)

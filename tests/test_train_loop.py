@@ -217,7 +217,7 @@ def test_a_task_of_its_own_trains_on_the_batches_make_batch_builds(tmp_path, tok
         return {"tokens": x, "targets": y, "late": late}
 
     tc = TC.replace(total_steps=3)
-    with pytest.raises(ValueError, match=r"the task reads batch\['late'\]"):
+    with pytest.raises(ValueError, match=r"the task looked up 'late', which neither the batch"):
         run(tmp_path / "plain", tokens, tc=tc, task=second_half)
     summary = run(tmp_path / "own", tokens, tc=tc, task=second_half, make_batch=make_batch)
     rows = [r for r in losses(tmp_path / "own") if r["kind"] == "train"]

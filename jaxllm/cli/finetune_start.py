@@ -105,15 +105,37 @@ def hf_state_dict(directory: str) -> dict:
             raise FileNotFoundError(f"--hf {directory}: the folder holds no model.safetensors "
                                     f"or pytorch_model.bin")
         path = os.path.join(directory, found[0])
-    if path.endswith(".bin"):
-        import torch
+    try:
+        if path.endswith(".bin"):
+            import torch
 
-        sd = load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    else:
-        sd = load_state_dict(path)
+            sd = load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            sd = load_state_dict(path)
+    except (OSError, ValueError):
+        raise
+    except Exception as err:  # safetensors' and torch's own errors: a damaged file
+        raise ValueError(f"--hf {path}: the weights file is damaged or of another format "
+                         f"({type(err).__name__}: {str(err)[:120]})") from None
     if not any(k.startswith("transformer.") for k in sd):
         sd = {(k if k.startswith("lm_head.") else f"transformer.{k}"): v for k, v in sd.items()}
     return sd
+
+
+def _merged_adapters(params, run_dir):
+    """A LoRA run as a starting point: its adapters folded into the weights, so
+    that the new run starts from what that run computed and trains (or adapts
+    afresh) a plain model."""
+    import sys
+
+    from jaxllm import lora
+
+    adapters = lora.adapters_of(params)[0]
+    if not adapters:
+        return params
+    print(f"--run-dir {run_dir}: its {len(adapters)} LoRA adapters merged into the weights",
+          file=sys.stderr)
+    return lora.merge(params)
 
 
 def _weights(args, model_overrides: dict[str, Any]):
@@ -133,8 +155,11 @@ def _weights(args, model_overrides: dict[str, Any]):
                 raise FileNotFoundError(f"--hf {where}: no such file or directory")
             where = _hub_download(where)
         sd = hf_state_dict(where)  # first: a folder without weights is named as such
-        if os.path.isdir(where) and not os.path.exists(os.path.join(where, "config.json")) \
-                and not os.path.exists(os.path.join(where, "model.safetensors")):
+        folder = where if os.path.isdir(where) else os.path.dirname(os.path.abspath(where))
+        bin_only = where.endswith(".bin") or (
+            os.path.isdir(where) and not os.path.exists(os.path.join(where, "model.safetensors")))
+        if bin_only and not os.path.exists(os.path.join(folder, "config.json")):
+            # safetensors name their tensors' shapes; a pickle needs the architecture beside it
             raise FileNotFoundError(f"--hf {where}: pytorch_model.bin needs its config.json")
         config = hf_config(where).replace(**model_overrides)
         return from_hf_state_dict(sd, config), config, "gpt2", f"hf:{args.hf}", None
@@ -143,6 +168,7 @@ def _weights(args, model_overrides: dict[str, Any]):
 
         params, meta = load_params_and_meta(args.run_dir)
         config = GPTConfig.from_dict(meta["model"]).replace(**model_overrides)
+        params = _merged_adapters(params, args.run_dir)
         return params, config, meta["tokenizer"], f"run:{args.run_dir}", meta.get("kind")
     if args.config and args.preset:
         raise ValueError("give --preset or --config, not both")

@@ -231,6 +231,9 @@ def run(args) -> int:
         if args.action == "merge" and out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; merge writes a folder (model.safetensors "
                              "and config.json)")
+        if args.action == "merge" and out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"--out {out} is not empty; merge writes a new folder (nothing "
+                             "in another one is overwritten)")
         if args.action == "export" and out.is_dir():
             raise ValueError(f"--out {out} is a folder; export writes one file "
                              "(e.g. --out adapters.safetensors)")

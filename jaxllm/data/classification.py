@@ -107,20 +107,23 @@ def class_ids(labels: Sequence[str], classes: Sequence[str] | None = None
               ) -> tuple[np.ndarray, list[str]]:
     """(ids, classes): labels as ints in `classes` order (default: sorted, so
     ham=0, spam=1). A label outside `classes`, or fewer than 2 classes, is an error."""
-    if classes is None:
-        classes = sorted(set(labels))
-    classes = list(classes)
+    given = classes is not None
+    classes = list(sorted(set(labels)) if classes is None else classes)
     if len(set(classes)) != len(classes):
         raise ValueError(f"classes repeat: {classes}")
-    if len(classes) < 2:
-        raise ValueError(f"a classifier needs at least 2 classes; the data has "
-                         f"{len(classes)}: {classes}")
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
         first = next(i for i, x in enumerate(labels) if x not in index)
         raise ValueError(f"label(s) {unknown[:5]} are not among the classes {classes} (the "
                          f"first on data row {first + 1}: {labels[first]!r})")
+    if len(classes) < 2:
+        raise ValueError(f"a classifier needs at least 2 classes; "
+                         f"{'they are' if given else 'the data has'} {len(classes)}: {classes}")
+    absent = [c for c in classes if c not in set(labels)]
+    if absent:
+        raise ValueError(f"class(es) {absent} have no rows in the data (misspelled in the "
+                         f"classes given?); the data's labels are {sorted(set(labels))}")
     return np.array([index[x] for x in labels], np.int32), classes
 
 

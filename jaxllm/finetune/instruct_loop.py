@@ -24,8 +24,8 @@ instruction batches (`jaxllm.data.instructions`), and around them:
 
 The batch order is a function of the step and the seed, so `resume=True`
 continues from the last checkpoint and writes the losses an uninterrupted run
-would. (A classification loop is being written beside this one; the two
-should become one fine-tuning loop.)
+would. The step loop and the start-or-resume are `jaxllm.train.runner`'s, shared
+with the classification loop.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from jaxllm.train.loop import TrainingDiverged
 from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.plot import plot_losses
+from jaxllm.layout import check_params
 from jaxllm.train.runner import run_steps, start_or_resume
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
 from jaxllm.train.task import Trainable, count_trainable
@@ -182,6 +183,8 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
                 batches_per_epoch=batches.batches_per_epoch)
     manager = checkpoint.open_manager(run_dir, keep=ic.keep, create=True)
     log = MetricsLog(run_dir)
+    if params is not None:
+        check_params(params, config)
     state, latest, saved, changes = start_or_resume(run_dir, manager, identity,
                                                     _init_fn(config, tc, trainable), params,
                                                     seed=tc.seed, resume=resume,

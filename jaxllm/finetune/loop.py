@@ -33,10 +33,11 @@ import jax
 import optax
 from tqdm.auto import tqdm
 
-from jaxllm.config import GPTConfig, param_shapes
+from jaxllm.config import GPTConfig
 from jaxllm.data.classification import ClassificationBatches, ClassificationData, fixed_batches
 from jaxllm.finetune.classify import (HEAD, POOLINGS, add_class_head, classify_task, predict,
                                       trainable_for)
+from jaxllm.layout import check_params
 from jaxllm.lora import trainable_label
 from jaxllm.model import init_params
 from jaxllm.train import checkpoint
@@ -47,7 +48,7 @@ from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
 from jaxllm.train.plot import plt  # matplotlib with the file-only backend
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
 from jaxllm.train.runner import run_steps, start_or_resume
-from jaxllm.train.task import count_trainable, path_str
+from jaxllm.train.task import count_trainable
 
 META_KIND = "classify"
 
@@ -106,20 +107,6 @@ def _programs(config: GPTConfig, tc: TrainConfig, cc: ClassifyConfig, n_classes:
     return (optimizer, trainable, jax.jit(init),
             make_train_step(config, tc, optimizer, task=task, trainable=trainable),
             make_eval_step(config, task=task))
-
-
-def _check_model_part(params, config: GPTConfig) -> None:
-    """Every parameter the config's model has must be in `params` with its
-    shape; extra leaves (a class head, adapters) are the fine-tuner's own."""
-    have = {path_str(p): leaf.shape for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    for path, shape in param_shapes(config).items():
-        if path.startswith("out_head/") and HEAD in params:
-            continue  # a classifier: the class head replaced the LM head
-        if path not in have:
-            raise ValueError(f"the starting parameters do not match the model config: no {path}")
-        if tuple(have[path]) != tuple(shape):
-            raise ValueError(f"the starting parameters do not match the model config: {path} "
-                             f"has shape {tuple(have[path])}, the config gives {tuple(shape)}")
 
 
 def _sums(eval_step, params, batches) -> dict[str, float]:
@@ -202,7 +189,8 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
     manager = checkpoint.open_manager(run_dir, keep=cc.keep, create=True)
     log = MetricsLog(run_dir)
     if params is not None:
-        _check_model_part(params, config)
+        # a classifier's class head replaced the LM head
+        check_params(params, config, skip=("out_head/",) if HEAD in params else ())
     state, latest, saved, changes = start_or_resume(run_dir, manager, identity, init, params,
                                                     seed=tc.seed, resume=resume,
                                                     fallback=fallback)

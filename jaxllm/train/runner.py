@@ -1,5 +1,6 @@
-"""What the training loops share: starting or resuming a run's state, and the
-step loop (steps, logging, evaluation, saves).
+"""What the training loops share: the resume checks (`check_resumable`, all
+three loops), starting or resuming a single-device state (`start_or_resume`,
+the fine-tuning loops) and the step loop (steps, logging, evaluation, saves).
 
 Metrics stay on the device between log points and are fetched in one
 transfer (`flush`), so the host never waits on a step it does not need to
@@ -40,7 +41,7 @@ def check_resumable(run_dir, saved: dict[str, Any], identity: dict[str, Any],
         return list(saved.get("schedule_changes", []))
     if total < step:
         raise ValueError(f"{run_dir} is at step {step}: a total of {total} steps ends before it; "
-                         f"give more than {step} steps (or a new run folder)")
+                         f"give at least {step} steps (or a new run folder)")
     checkpoint.check_compatible(run_dir, saved, dict(identity, train=dict(
         identity["train"], total_steps=saved_total)))
     return [*saved.get("schedule_changes", []),

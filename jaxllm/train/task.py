@@ -51,8 +51,13 @@ def call_task(task: Task, params, batch: Batch, config: GPTConfig, rng=None):
     except KeyError as err:
         key = err.args[0] if err.args else None
         if isinstance(batch, dict) and isinstance(key, str) and key not in batch:
-            raise ValueError(f"the task reads batch[{key!r}], but the batch has the keys "
-                             f"{sorted(batch)}") from None
+            where = (f"the batch (keys {sorted(batch)})" if not isinstance(params, dict) else
+                     f"the batch (keys {sorted(batch)}) nor the parameters' top level (keys "
+                     f"{sorted(params)})")
+            if isinstance(params, dict) and key in params:
+                raise
+            raise ValueError(f"the task looked up {key!r}, which neither {where} holds") \
+                from None
         raise
     if not (isinstance(out, (tuple, list)) and len(out) == 3):
         raise TypeError(f"a task returns (loss_sum, count, aux), got {type(out).__name__}"
@@ -91,9 +96,13 @@ _CONSTANT = re.compile(r"(.+/)?lora/scale")
 def trainable_mask(params, trainable: Trainable = None):
     """A pytree of bools shaped like `params`: True for the leaves to train
     (never a LoRA scale)."""
-    return jax.tree_util.tree_map_with_path(
+    mask = jax.tree_util.tree_map_with_path(
         lambda path, m: m and not _CONSTANT.fullmatch(path_str(path)),
         _chosen(params, trainable))
+    if trainable is not None and not any(jax.tree.leaves(mask)):
+        raise ValueError(f"trainable {trainable!r} selects only LoRA scales, which never train: "
+                         "a step would train nothing")
+    return mask
 
 
 def _chosen(params, trainable: Trainable):
