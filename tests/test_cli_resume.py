@@ -97,3 +97,18 @@ def test_fine_tuning_a_run_takes_its_tokenizer_and_refuses_another(finished, tmp
         assert "was trained with the byte tokenizer, not --tokenizer gpt2; drop the flag to " \
                "fine-tune it with the run's own" in capsys.readouterr().err
         assert not (tmp_path / task).exists()
+
+
+def test_a_classifier_resumed_with_another_data_seed_is_refused(tmp_path, capsys):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(dict(vocab_size=257, context_length=32, emb_dim=32, n_heads=4,
+                                      n_layers=1, drop_rate=0.0)))
+    data = tmp_path / "spam.tsv"
+    data.write_text("".join(f"spam\tWIN cash {i} now\n" if i % 2 else f"ham\tlunch at {i}?\n"
+                            for i in range(60)))
+    argv = ["finetune", "classify", "--init", "random", "--config", str(config),
+            "--tokenizer", "byte", "--data", str(data), "--eval-every", "2",
+            "--eval-batches", "1", "--set", "batch_size=4", "--quiet", "--out", str(tmp_path / "r")]
+    assert main([*argv, "--steps", "2"]) == 0
+    assert main([*argv, "--steps", "4", "--resume", "--data-seed", "7"]) == 2
+    assert "data.seed: checkpoint 123, now 7" in capsys.readouterr().err

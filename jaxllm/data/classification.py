@@ -239,6 +239,7 @@ def prepare_classification(path: str | os.PathLike, tokenizer, *, context_length
                             "pad_id": pad_id}
     rows = balance(y, seed) if balanced else np.arange(len(y))
     info["balanced"] = int(len(rows)) if balanced else None
+    info["seed"] = seed  # which rows are in which split: a resumed run must keep it
     parts = shuffle_split(len(rows), fractions, seed)
     if len(parts[0]) == 0 or len(parts[2]) == 0:
         raise ValueError(f"{path}: {len(rows)} rows leave an empty train or test split; "

@@ -182,7 +182,7 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
     identity = {"model": config.to_dict(), "train": dataclasses.asdict(tc),
                 "tokenizer": tokenizer_name, "classify": dataclasses.asdict(cc),
                 "classes": list(data.classes), "max_length": data.max_length,
-                "data": {k: data.info[k] for k in ("train", "validation", "test")}}
+                "data": {k: data.info.get(k) for k in ("train", "validation", "test", "seed")}}
     meta = dict(identity, kind=META_KIND, data_name=data_name, source=source,
                 pad_id=data.info.get("pad_id", 50256),
                 batches_per_epoch=batches.batches_per_epoch)
