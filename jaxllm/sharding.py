@@ -509,15 +509,16 @@ def make_sharded_train_step(config: GPTConfig, tc: TrainConfig, mesh: Mesh,
                      in_shardings=(state_sh, bs), out_shardings=(state_sh, replicated),
                      donate_argnums=0)
 
-    expected = jax.tree.structure(state_sh)
-
     def sharded_train_step(state: TrainState, batch):
-        if jax.tree.structure(state) != expected:
-            raise ValueError("the state is not the tree this step's shardings were made for "
-                             "(another parameter tree or optimizer state: an extra head or "
-                             "adapters?); pass it when building the step: "
-                             "make_sharded_train_step(..., state=state)")
-        return jitted(state, _shard_batch_dict(mesh, batch))
+        try:
+            return jitted(state, _shard_batch_dict(mesh, batch))
+        except ValueError:  # told apart only on failure: nothing added to a step that runs
+            if jax.tree.structure(state) == jax.tree.structure(state_sh):
+                raise
+        raise ValueError("the state is not the tree this step's shardings were made for "
+                         "(another parameter tree or optimizer state: an extra head or "
+                         "adapters?); pass it when building the step: "
+                         "make_sharded_train_step(..., state=state)")
 
     sharded_train_step.jitted = jitted
     sharded_train_step.state_shardings = state_sh

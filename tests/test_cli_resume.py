@@ -62,16 +62,21 @@ def test_a_total_below_the_resumed_step_is_refused(finished, capsys):
     assert (finished / "config.json").read_text() == before
 
 
-def test_a_finished_fine_tuning_run_is_extended_as_if_it_had_run_on(tmp_path, capsys):
+def classify_argv(tmp_path, n_layers=2):
+    """`jaxllm finetune classify` of a tiny random model on 60 labelled rows."""
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(dict(vocab_size=257, context_length=32, emb_dim=32, n_heads=4,
-                                      n_layers=2, drop_rate=0.0)))
+                                      n_layers=n_layers, drop_rate=0.0)))
     data = tmp_path / "spam.tsv"
     data.write_text("".join(f"spam\tWIN cash {i} now\n" if i % 2 else f"ham\tlunch at {i}?\n"
                             for i in range(60)))
-    argv = ["finetune", "classify", "--init", "random", "--config", str(config),
+    return ["finetune", "classify", "--init", "random", "--config", str(config),
             "--tokenizer", "byte", "--data", str(data), "--eval-every", "2",
-            "--eval-batches", "1", "--set", "batch_size=4", "--set", "lr=1e-3", "--quiet"]
+            "--eval-batches", "1", "--set", "batch_size=4", "--quiet"]
+
+
+def test_a_finished_fine_tuning_run_is_extended_as_if_it_had_run_on(tmp_path, capsys):
+    argv = [*classify_argv(tmp_path), "--set", "lr=1e-3"]
     assert main([*argv, "--steps", "6", "--out", str(tmp_path / "straight")]) == 0
     assert main([*argv, "--steps", "4", "--out", str(tmp_path / "short")]) == 0
     capsys.readouterr()
@@ -100,15 +105,7 @@ def test_fine_tuning_a_run_takes_its_tokenizer_and_refuses_another(finished, tmp
 
 
 def test_a_classifier_resumed_with_another_data_seed_is_refused(tmp_path, capsys):
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(dict(vocab_size=257, context_length=32, emb_dim=32, n_heads=4,
-                                      n_layers=1, drop_rate=0.0)))
-    data = tmp_path / "spam.tsv"
-    data.write_text("".join(f"spam\tWIN cash {i} now\n" if i % 2 else f"ham\tlunch at {i}?\n"
-                            for i in range(60)))
-    argv = ["finetune", "classify", "--init", "random", "--config", str(config),
-            "--tokenizer", "byte", "--data", str(data), "--eval-every", "2",
-            "--eval-batches", "1", "--set", "batch_size=4", "--quiet", "--out", str(tmp_path / "r")]
+    argv = [*classify_argv(tmp_path, n_layers=1), "--out", str(tmp_path / "r")]
     assert main([*argv, "--steps", "2"]) == 0
     assert main([*argv, "--steps", "4", "--resume", "--data-seed", "7"]) == 2
     assert "data.seed: checkpoint 123, now 7" in capsys.readouterr().err

@@ -24,6 +24,14 @@ SUBCOMMANDS = {
 }
 
 
+def add_fallback_argument(parser: argparse.ArgumentParser, *, resuming: bool = False) -> None:
+    """--no-fallback: a damaged newest checkpoint is an error rather than skipped
+    for the newest intact one (on --resume for the training commands)."""
+    parser.add_argument("--no-fallback", action="store_true",
+                        help=("with --resume, stop at" if resuming else "refuse")
+                        + " a damaged latest checkpoint instead of using the newest intact one")
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]

@@ -17,13 +17,13 @@ import argparse
 import codecs
 import sys
 
+from jaxllm.cli import add_fallback_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, metavar="DIR",
                         help="a jaxllm run (instruction fine-tuned, preferably)")
-    parser.add_argument("--no-fallback", action="store_true",
-                        help="refuse a damaged latest checkpoint instead of reading the newest "
-                             "intact one")
+    add_fallback_argument(parser)
     parser.add_argument("--prompt", default=None,
                         help="answer this one instruction and exit (no prompt loop)")
     parser.add_argument("--style", choices=("alpaca", "chat"), default=None,

@@ -15,13 +15,13 @@ import json
 import os
 import sys
 
+from jaxllm.cli import add_fallback_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, metavar="DIR",
                         help="a run of jaxllm finetune classify")
-    parser.add_argument("--no-fallback", action="store_true",
-                        help="refuse a damaged latest checkpoint instead of reading the newest "
-                             "intact one")
+    add_fallback_argument(parser)
     parser.add_argument("--text", action="append", default=[], metavar="TEXT",
                         help="a text to classify (repeatable)")
     parser.add_argument("--file", metavar="PATH",

@@ -10,6 +10,8 @@ import os
 import re
 from typing import Any, NamedTuple
 
+from jaxllm.cli import add_fallback_argument
+
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -47,9 +49,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, default_out: str,
                         help=f"run folder (default {default_out})")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out")
-    parser.add_argument("--no-fallback", action="store_true",
-                        help="with --resume, stop at a damaged latest checkpoint instead of "
-                             "falling back to the newest intact one")
+    add_fallback_argument(parser, resuming=True)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_lora_arguments(parser)
 

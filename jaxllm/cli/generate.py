@@ -22,6 +22,8 @@ import json
 import os
 import sys
 
+from jaxllm.cli import add_fallback_argument
+
 ARCH_KEYS = {"n_embd": "emb_dim", "n_layer": "n_layers", "n_head": "n_heads",
              "vocab_size": "vocab_size", "n_positions": "context_length"}
 
@@ -31,9 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--hf", metavar="PATH",
                         help="Hugging Face GPT-2 weights: model.safetensors or its directory")
     source.add_argument("--run-dir", metavar="DIR", help="a jaxllm training run (checkpoint)")
-    parser.add_argument("--no-fallback", action="store_true",
-                        help="with --run-dir, refuse a damaged latest checkpoint instead of "
-                             "reading the newest intact one")
+    add_fallback_argument(parser)
     parser.add_argument("--prompt", default="",
                         help="text to continue (empty: start from the end-of-text token)")
     parser.add_argument("--max-new-tokens", type=int, default=50)

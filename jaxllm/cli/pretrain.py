@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxllm import host_memory
+from jaxllm.cli import add_fallback_argument
 from jaxllm.cli.lora import add_lora_arguments
 from jaxllm.config import PRESETS, GPTConfig, get_preset
 
@@ -70,9 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run folder for checkpoints, metrics and plots (default {DEFAULT_OUT})")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out (fresh start if none)")
-    parser.add_argument("--no-fallback", action="store_true",
-                        help="with --resume, stop at a damaged latest checkpoint instead of "
-                             "falling back to the newest intact one")
+    add_fallback_argument(parser, resuming=True)
     parser.add_argument("--steps", type=int, help="total optimizer steps (TrainConfig.total_steps)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations")
     parser.add_argument("--save-every", type=int, help="steps between checkpoints")

@@ -227,13 +227,11 @@ def prepare_classification(path: str | os.PathLike, tokenizer, *, context_length
     except ValueError as err:
         raise LabeledTextError(f"{path}: {err}") from None
     counts = np.bincount(y, minlength=len(classes))
-    for i, c in enumerate(classes):
+    for i, c in enumerate(classes):  # class_ids refused a class with no rows
         if counts[i] < RARE_CLASS_ROWS:  # one mistyped label makes a class of its own
-            first = int(np.argmax(y == i)) + 1 if counts[i] else None
-            warnings.warn(f"{path}: class {c!r} has only {counts[i]} row(s)"
-                          + (f" (the first is data row {first})" if first else "")
-                          + "; a mistyped label? --classes names the valid labels and refuses "
-                            "any other", stacklevel=2)
+            warnings.warn(f"{path}: class {c!r} has only {counts[i]} row(s) (the first is data "
+                          f"row {int(np.argmax(y == i)) + 1}); a mistyped label? --classes "
+                          "names the valid labels and refuses any other", stacklevel=2)
     info: dict[str, Any] = {"rows": len(texts),
                             "per_class": {c: int((y == i).sum()) for i, c in enumerate(classes)},
                             "pad_id": pad_id}

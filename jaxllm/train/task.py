@@ -50,15 +50,12 @@ def call_task(task: Task, params, batch: Batch, config: GPTConfig, rng=None):
         out = task(params, batch, config, rng)
     except KeyError as err:
         key = err.args[0] if err.args else None
-        if isinstance(batch, dict) and isinstance(key, str) and key not in batch:
-            where = (f"the batch (keys {sorted(batch)})" if not isinstance(params, dict) else
-                     f"the batch (keys {sorted(batch)}) nor the parameters' top level (keys "
-                     f"{sorted(params)})")
-            if isinstance(params, dict) and key in params:
-                raise
-            raise ValueError(f"the task looked up {key!r}, which neither {where} holds") \
-                from None
-        raise
+        top = sorted(params) if isinstance(params, dict) else []
+        if not (isinstance(batch, dict) and isinstance(key, str)) or key in batch or key in top:
+            raise
+        raise ValueError(f"the task looked up {key!r}, which neither the batch (keys "
+                         f"{sorted(batch)}) nor the parameters' top level (keys {top}) "
+                         "holds") from None
     if not (isinstance(out, (tuple, list)) and len(out) == 3):
         raise TypeError(f"a task returns (loss_sum, count, aux), got {type(out).__name__}"
                         + (f" of {len(out)}" if isinstance(out, (tuple, list)) else ""))
