@@ -2,6 +2,7 @@
 
     jaxllm chat --run-dir runs/instruct --tokenizer-dir shared/data
     jaxllm chat --run-dir runs/instruct --prompt "Name three primary colors."   # one answer
+    jaxllm chat --hf gpt2-medium-instruct/ --tokenizer-dir shared/data   # Hugging Face weights
 
 Each line typed is an instruction; it is wrapped in the run's prompt format
 (the style it was fine-tuned with, or `--style`), and the response is printed
@@ -17,21 +18,26 @@ import argparse
 import codecs
 import sys
 
-from jaxllm.cli import add_fallback_argument
+from jaxllm.cli import add_fallback_argument, hf_source
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", required=True, metavar="DIR",
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", metavar="DIR",
                         help="a jaxllm run (instruction fine-tuned, preferably)")
+    hf_source.add_hf_argument(source)
     add_fallback_argument(parser)
     parser.add_argument("--prompt", default=None,
                         help="answer this one instruction and exit (no prompt loop)")
     parser.add_argument("--style", choices=("alpaca", "chat"), default=None,
-                        help="prompt format (default: the run's own)")
+                        help="prompt format (default: the run's own; alpaca for --hf)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", choices=("byte", "gpt2"), default=None,
+                        help="default: gpt2 for --hf; --run-dir takes the run's own tokenizer "
+                             "(another is refused)")
     parser.add_argument("--tokenizer-dir", default=None,
                         help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
 
@@ -66,22 +72,19 @@ def answer(params, config, tokenizer, instruction: str, style: str, args, out) -
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from jaxllm.cli.generate import load_language_model
-        from jaxllm.tokenizer import get_tokenizer
+        from jaxllm.cli.generate import load_model
 
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        params, config, tokenizer_name, meta = load_language_model(
-            args.run_dir, fallback=not args.no_fallback)
+        params, config, tokenizer, meta = load_model(args, "chat")
         # the run's own format, as `instruct_loop.prompt_style_of` reads it
         style = args.style or (meta.get("instruct") or {}).get("style", "alpaca")
-        tokenizer = get_tokenizer(tokenizer_name, args.tokenizer_dir)
         if args.prompt is not None:
             answer(params, config, tokenizer, args.prompt, style, args, sys.stdout)
             return 0
         interactive = sys.stdin.isatty()
         if interactive:
-            print(f"{args.run_dir} ({style} prompts). An empty line or /quit ends.",
+            print(f"{args.run_dir or args.hf} ({style} prompts). An empty line or /quit ends.",
                   file=sys.stderr)
         while True:
             try:

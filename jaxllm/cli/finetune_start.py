@@ -6,23 +6,16 @@ and how many steps the epochs make. Each command adds its own options and data.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 from typing import Any, NamedTuple
 
-from jaxllm.cli import add_fallback_argument
-
-HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+from jaxllm.cli import add_fallback_argument, hf_source
 
 
 def add_start_arguments(parser: argparse.ArgumentParser) -> None:
     """--hf / --run-dir / --init (one required), --preset, --config, --tokenizer,
     --tokenizer-dir."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf", metavar="DIR",
-                        help="start from Hugging Face GPT-2 weights: a folder with "
-                             "model.safetensors or pytorch_model.bin (and config.json), or a "
-                             "model name to download (needs huggingface_hub and the network)")
+    hf_source.add_hf_argument(source)
     source.add_argument("--run-dir", metavar="DIR", help="start from a jaxllm run's checkpoint")
     source.add_argument("--init", choices=("random",),
                         help="start from random weights (--preset / --config, --set)")
@@ -75,53 +68,6 @@ class Start(NamedTuple):
     kind: str | None  # the --run-dir checkpoint's kind ("classify", ...), else None
 
 
-def _hub_download(name: str) -> str:
-    """A Hugging Face model name downloaded to the local cache; its folder."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"--hf {name}: no such folder, and huggingface_hub is not "
-                                f"installed to download it as a model name") from None
-    try:
-        return snapshot_download(name, allow_patterns=["config.json", "model.safetensors",
-                                                       "pytorch_model.bin"])
-    except Exception as err:  # offline, unknown name, refused: all say the same to the user
-        raise FileNotFoundError(
-            f"--hf {name}: no such folder, and downloading it from the Hugging Face hub failed "
-            f"({type(err).__name__}); offline, give a local folder with model.safetensors or "
-            f"pytorch_model.bin and config.json") from None
-
-
-def hf_state_dict(directory: str) -> dict:
-    """The GPT-2 state dict of a Hugging Face folder or file, with the
-    `transformer.` prefix GPT2LMHeadModel uses (GPT2Model files lack it)."""
-    from jaxllm.hf import load_state_dict
-
-    path = directory
-    if os.path.isdir(directory):
-        found = [f for f in ("model.safetensors", "pytorch_model.bin")
-                 if os.path.exists(os.path.join(directory, f))]
-        if not found:
-            raise FileNotFoundError(f"--hf {directory}: the folder holds no model.safetensors "
-                                    f"or pytorch_model.bin")
-        path = os.path.join(directory, found[0])
-    try:
-        if path.endswith(".bin"):
-            import torch
-
-            sd = load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        else:
-            sd = load_state_dict(path)
-    except (OSError, ValueError):
-        raise
-    except Exception as err:  # safetensors' and torch's own errors: a damaged file
-        raise ValueError(f"--hf {path}: the weights file is damaged or of another format "
-                         f"({type(err).__name__}: {str(err)[:120]})") from None
-    if not any(k.startswith("transformer.") for k in sd):
-        sd = {(k if k.startswith("lm_head.") else f"transformer.{k}"): v for k, v in sd.items()}
-    return sd
-
-
 def _merged_adapters(params, run_dir):
     """A LoRA run as a starting point: its adapters folded into the weights, so
     that the new run starts from what that run computed and trains (or adapts
@@ -146,23 +92,8 @@ def _weights(args, model_overrides: dict[str, Any]):
         raise ValueError("--preset and --config are for --init random; --hf and --run-dir bring "
                          "their own architecture")
     if args.hf is not None:
-        from jaxllm.cli.generate import hf_config
-        from jaxllm.hf import from_hf_state_dict
-
-        where = args.hf
-        if not os.path.exists(where):
-            if not HUB_NAME.match(where):
-                raise FileNotFoundError(f"--hf {where}: no such file or directory")
-            where = _hub_download(where)
-        sd = hf_state_dict(where)  # first: a folder without weights is named as such
-        folder = where if os.path.isdir(where) else os.path.dirname(os.path.abspath(where))
-        bin_only = where.endswith(".bin") or (
-            os.path.isdir(where) and not os.path.exists(os.path.join(where, "model.safetensors")))
-        if bin_only and not os.path.exists(os.path.join(folder, "config.json")):
-            # safetensors name their tensors' shapes; a pickle needs the architecture beside it
-            raise FileNotFoundError(f"--hf {where}: pytorch_model.bin needs its config.json")
-        config = hf_config(where).replace(**model_overrides)
-        return from_hf_state_dict(sd, config), config, "gpt2", f"hf:{args.hf}", None
+        model = hf_source.load(args.hf, overrides=model_overrides)
+        return model.params, model.config, "gpt2", f"hf:{args.hf}", None
     if args.run_dir is not None:
         from jaxllm.train.checkpoint import load_params_and_meta
 

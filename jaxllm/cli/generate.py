@@ -3,12 +3,11 @@
     jaxllm generate --hf path/to/gpt2 --tokenizer-dir shared/data --prompt "Every effort moves you"
     jaxllm generate --run-dir runs/small --prompt "ROMEO:" --temperature 0.8 --top-k 40
 
-`--hf` takes a `model.safetensors` file or a directory holding it. The
-architecture comes from the Hugging Face `config.json` beside it (n_embd,
-n_layer, n_head, vocab_size, n_positions, n_inner, layer_norm_epsilon,
-tie_word_embeddings); without one it is read off the tensor shapes, with
-`--n-heads` (default: emb_dim / 64, as in every GPT-2 size). GPT-2's query,
-key and value projections have biases, so `qkv_bias=True`.
+`--hf` takes what every command's `--hf` takes (`jaxllm.cli.hf_source`): a
+folder with `model.safetensors` or `pytorch_model.bin`, one of those files, or a
+hub name. The architecture comes from the Hugging Face `config.json` beside
+the weights; a safetensors file without one is read off the tensor shapes,
+with `--n-heads` (default: emb_dim / 64, as in every GPT-2 size).
 
 Tokens are printed as they are produced; a token that ends inside a UTF-8
 character waits for the bytes that complete it.
@@ -18,20 +17,14 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import json
-import os
 import sys
 
-from jaxllm.cli import add_fallback_argument
-
-ARCH_KEYS = {"n_embd": "emb_dim", "n_layer": "n_layers", "n_head": "n_heads",
-             "vocab_size": "vocab_size", "n_positions": "context_length"}
+from jaxllm.cli import add_fallback_argument, hf_source
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf", metavar="PATH",
-                        help="Hugging Face GPT-2 weights: model.safetensors or its directory")
+    hf_source.add_hf_argument(source)
     source.add_argument("--run-dir", metavar="DIR", help="a jaxllm training run (checkpoint)")
     add_fallback_argument(parser)
     parser.add_argument("--prompt", default="",
@@ -58,52 +51,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the text once at the end instead of token by token")
 
 
-def hf_config(path: str, n_heads: int | None = None):
-    """A `GPTConfig` for Hugging Face GPT-2 weights at `path` (file or directory)."""
-    from jaxllm.config import GPTConfig
-    from jaxllm.hf import load_state_dict
+def load_model(args, verb: str = "generate"):
+    """(params, config, tokenizer, the run's metadata or {}) from --hf or
+    --run-dir, the tokenizer checked against the model; `generate` and `chat`
+    share it (`verb`: what the command does, for the messages)."""
+    from jaxllm.tokenizer import get_tokenizer
 
-    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    config_file = os.path.join(directory, "config.json")
-    if os.path.exists(config_file):
-        with open(config_file) as f:
-            hf = json.load(f)
-        missing = sorted(set(ARCH_KEYS) - set(hf))
-        if missing:
-            raise ValueError(f"{config_file} lacks GPT-2 key(s) {missing}")
-        kwargs = {ours: hf[theirs] for theirs, ours in ARCH_KEYS.items()}
-        if n_heads is not None:
-            kwargs["n_heads"] = n_heads
-        kwargs["ffn_dim"] = hf.get("n_inner")
-        kwargs["ln_eps"] = hf.get("layer_norm_epsilon", 1e-5)
-        kwargs["tie_embeddings"] = hf.get("tie_word_embeddings", True)
-    else:  # read the architecture off the tensor shapes
-        sd = load_state_dict(path)
-        for key in ("transformer.wte.weight", "transformer.wpe.weight"):
-            if key not in sd:
-                raise ValueError(f"{path} has no {key}; is it GPT-2 in Hugging Face format?")
-        vocab, emb = sd["transformer.wte.weight"].shape
-        layers = {k.split(".")[2] for k in sd if k.startswith("transformer.h.")}
-        head = sd.get("lm_head.weight")
-        tied = head is None or bool((head == sd["transformer.wte.weight"]).all())
-        kwargs = dict(vocab_size=int(vocab), emb_dim=int(emb), n_layers=len(layers),
-                      context_length=int(sd["transformer.wpe.weight"].shape[0]),
-                      n_heads=n_heads if n_heads is not None else max(1, int(emb) // 64),
-                      ffn_dim=int(sd["transformer.h.0.mlp.c_fc.weight"].shape[1]),
-                      tie_embeddings=tied)
-    return GPTConfig(qkv_bias=True, drop_rate=0.0, **kwargs)
-
-
-def load_model(args):
-    """(params, config, default tokenizer name) from --hf or --run-dir."""
     if args.hf is not None:
-        from jaxllm.hf import from_hf_state_dict
+        model = hf_source.load(args.hf, n_heads=getattr(args, "n_heads", None))
+        params, config, default_tokenizer, meta = model.params, model.config, "gpt2", {}
+    else:
+        from jaxllm.cli.pretrain import check_run_tokenizer
 
-        if not os.path.exists(args.hf):
-            raise FileNotFoundError(f"--hf {args.hf}: no such file or directory")
-        config = hf_config(args.hf, args.n_heads)
-        return from_hf_state_dict(args.hf, config), config, "gpt2"
-    return load_language_model(args.run_dir, fallback=not args.no_fallback)[:3]
+        params, config, default_tokenizer, meta = load_language_model(
+            args.run_dir, fallback=not args.no_fallback)
+        # the run's own tokenizer, or a clear refusal
+        check_run_tokenizer(args.run_dir, default_tokenizer, args.tokenizer, verb)
+    tokenizer = get_tokenizer(args.tokenizer or default_tokenizer, args.tokenizer_dir)
+    if config.vocab_size > tokenizer.vocab_size:
+        raise ValueError(f"the model's vocabulary ({config.vocab_size}) is larger than the "
+                         f"{tokenizer.name} tokenizer's ({tokenizer.vocab_size})")
+    if config.vocab_size < tokenizer.vocab_size:  # its ids would index past the embedding
+        raise ValueError(f"the model's vocabulary ({config.vocab_size} ids) cannot hold the "
+                         f"{tokenizer.name} tokenizer's ids (0 to {tokenizer.vocab_size - 1}); "
+                         f"give the --tokenizer the model was trained with")
+    return params, config, tokenizer, meta
 
 
 def load_language_model(run_dir, *, fallback: bool = True):
@@ -140,21 +112,8 @@ def _run(args: argparse.Namespace) -> int:
     import jax
 
     from jaxllm.generate import generate_stream
-    from jaxllm.tokenizer import get_tokenizer
 
-    params, config, default_tokenizer = load_model(args)
-    if args.run_dir is not None:  # the run's own tokenizer, or a clear refusal
-        from jaxllm.cli.pretrain import check_run_tokenizer
-
-        check_run_tokenizer(args.run_dir, default_tokenizer, args.tokenizer, "generate")
-    tokenizer = get_tokenizer(args.tokenizer or default_tokenizer, args.tokenizer_dir)
-    if config.vocab_size > tokenizer.vocab_size:
-        raise ValueError(f"the model's vocabulary ({config.vocab_size}) is larger than the "
-                         f"{tokenizer.name} tokenizer's ({tokenizer.vocab_size})")
-    if config.vocab_size < tokenizer.vocab_size:  # its ids would index past the embedding
-        raise ValueError(f"the model's vocabulary ({config.vocab_size} ids) cannot hold the "
-                         f"{tokenizer.name} tokenizer's ids (0 to {tokenizer.vocab_size - 1}); "
-                         f"give the --tokenizer the model was trained with")
+    params, config, tokenizer, _ = load_model(args)
     prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eot_id]
     eos_id = None if args.ignore_eos else tokenizer.eot_id
     stream = generate_stream(
