@@ -6,7 +6,12 @@ RUN := $(BIN)/python
 STAMP := $(VENV)/.installed
 RESULTS ?= results
 
-.PHONY: install test experiments tensors autodiff backprop config model pretrain chapter5 bench bench-generate clean
+.PHONY: help install test experiments tensors autodiff backprop config model pretrain chapter5 bench bench-generate clean
+.DEFAULT_GOAL := help
+
+help:  ## this list (the other targets create .venv on first use)
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z0-9_-]+):.*## /\1\t/' | \
+		awk -F'\t' '{ printf "  make %-18s %s\n", $$1, $$2 }'
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,27 +19,27 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP)  ## create .venv and install jaxllm with its test extras (constraints.txt pins)
 
-test: $(STAMP)
+test: $(STAMP)  ## the whole test suite on every core, PyTorch parity included
 	$(RUN) -m pytest -q -n auto
 
 # Experiments: each writes results/<name>/results.json and results.md.
-experiments: tensors autodiff backprop config model
+experiments: tensors autodiff backprop config model  ## tensors, autodiff, backprop, config and model (results/)
 
-tensors: $(STAMP)
+tensors: $(STAMP)  ## tensors next to torch: creation, dtypes, views, matmul
 	$(RUN) -m experiments.tensors
 
-autodiff: $(STAMP)
+autodiff: $(STAMP)  ## one neuron's gradients four ways
 	$(RUN) -m experiments.autodiff
 
-backprop: $(STAMP)
+backprop: $(STAMP)  ## SimpleNet and SGD in JAX, Flax NNX and torch, step by step
 	$(RUN) -m experiments.backprop
 
-config: $(STAMP)
+config: $(STAMP)  ## parameter counts and memory of every preset
 	$(RUN) -m experiments.config
 
-clean:
+clean:  ## remove .venv, results/, runs/ and the pytest cache
 	rm -rf $(VENV) $(RESULTS) runs .pytest_cache
 
 # Pretraining: the small preset (byte tokens) on Python's built-in help text.
@@ -42,25 +47,25 @@ PRETRAIN_OUT ?= runs/pretrain
 PRETRAIN_ARGS ?= --reuse-host-memory --steps 1200 --set batch_size=16 --set lr=3e-3 --set warmup_steps=20 \
 	--eval-every 100 --set eval_batches=8 --save-every 400 --keep 2 \
 	--set sample_prompt="The " --set sample_tokens=100
-pretrain: $(STAMP)
+pretrain: $(STAMP)  ## train the small preset on Python's help text (runs/pretrain)
 	rm -rf $(PRETRAIN_OUT)
 	$(RUN) -m jaxllm pretrain --preset small --out $(PRETRAIN_OUT) $(PRETRAIN_ARGS)
 
 # The classic chapter-5 run (GPT-2 124M on the-verdict.txt); slow on a small CPU.
-chapter5: $(STAMP)
+chapter5: $(STAMP)  ## the book's chapter-5 run: GPT-2 124M on the-verdict.txt (slow)
 	$(RUN) -m experiments.chapter5
 
 # GPT-2 vocabulary for the tokenizer: $JAXLLM_GPT2_DIR, else a shared/data folder above
 # the checkout, when there is one (`make model GPT2_DIR=DIR` names another). Without the
 # files the experiment says it is skipped and why, and exits 0: nothing is downloaded.
 GPT2_DIR ?= $(or $(JAXLLM_GPT2_DIR),$(firstword $(wildcard ../shared/data ../../shared/data)))
-model: $(STAMP)
+model: $(STAMP)  ## GPT-2 124M against transformers (needs the GPT-2 vocabulary)
 	$(RUN) -m experiments.model$(if $(GPT2_DIR), --tokenizer-dir $(GPT2_DIR))
 
-bench: $(STAMP)
+bench: $(STAMP)  ## train-step speed, jaxllm against PyTorch, on this CPU
 	$(RUN) -m experiments.bench_train
 
-bench-generate: $(STAMP)  ## generation speed: KV cache vs uncached loop vs PyTorch (results/bench_generate)
+bench-generate: $(STAMP)  ## generation speed: KV cache, uncached loop, transformers
 	$(RUN) -m experiments.bench_generate
 
 # Instruction fine-tuning on the shared instruction data (or INSTRUCT_DATA=FILE). With GPT-2
@@ -76,7 +81,7 @@ INSTRUCT_SMALL ?= --init random --preset small --tokenizer gpt2 --set context_le
 	--steps 240 --set lr=1e-3 --set warmup_steps=20 --set min_lr_ratio=0.1 --set grad_clip=1.0 \
 	--eval-every 40 --save-every 120
 INSTRUCT_ARGS ?=
-finetune-instruct: $(STAMP)
+finetune-instruct: $(STAMP)  ## instruction fine-tuning on the shared data (INSTRUCT_HF=DIR for GPT-2)
 	@test -n "$(INSTRUCT_DATA)" || { echo "no instruction data found beside the checkout: make finetune-instruct INSTRUCT_DATA=FILE"; exit 2; }
 	@echo "finetune-instruct: $(if $(INSTRUCT_HF),GPT-2 weights from $(INSTRUCT_HF) (the classic protocol),no GPT-2 weights given (INSTRUCT_HF=DIR): a small random model, a short run)"
 	rm -rf $(INSTRUCT_OUT)
@@ -97,7 +102,7 @@ CLASSIFY_VOCAB ?= $(firstword $(wildcard ../shared/data ../../shared/data))
 CLASSIFY_OUT ?= runs/classify
 CLASSIFY_SMALL ?= --init random --preset small --tokenizer gpt2 --trainable all --set lr=1e-3
 CLASSIFY_ARGS ?=
-finetune-classify: $(STAMP)
+finetune-classify: $(STAMP)  ## spam classification on the shared data (CLASSIFY_HF=DIR for GPT-2)
 	@test -n "$(CLASSIFY_DATA)" || { echo "no sms_spam_collection.tsv found beside the checkout: make finetune-classify CLASSIFY_DATA=FILE"; exit 2; }
 	@echo "finetune-classify: $(if $(CLASSIFY_HF),GPT-2 weights from $(CLASSIFY_HF) (the classic protocol),$(if $(CLASSIFY_RUN),the jaxllm run $(CLASSIFY_RUN) (the classic protocol),no GPT-2 weights given (CLASSIFY_HF=DIR): a small random model; the published accuracies need OpenAI's GPT-2 weights))"
 	rm -rf $(CLASSIFY_OUT)
@@ -105,5 +110,5 @@ finetune-classify: $(STAMP)
 		--data $(CLASSIFY_DATA) $(if $(CLASSIFY_VOCAB),--tokenizer-dir $(CLASSIFY_VOCAB)) \
 		--out $(CLASSIFY_OUT) $(CLASSIFY_ARGS)
 
-bench-classify: $(STAMP)  ## frozen layers cost no gradient work: dots, FLOPs, examples/s (results/bench_classify)
+bench-classify: $(STAMP)  ## frozen layers cost no gradient work (results/bench_classify)
 	$(RUN) -m experiments.bench_classify

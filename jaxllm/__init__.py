@@ -32,5 +32,25 @@ __all__ = [
     "param_shapes", "from_hf_state_dict", "save_safetensors", "to_hf_state_dict",
     "cross_entropy", "lm_loss", "perplexity", "token_loss_sum", "token_nll", "IGNORE_INDEX",
     "apply", "forward", "init_params", "lm_head",
-    "Generation", "generate", "reuse_host_memory",
+    "Generation", "generate", "reuse_host_memory", "__version__",
 ]
+
+
+def _version() -> str:
+    """The installed package's version (pyproject.toml's, the one source); from
+    a checkout that was never installed, pyproject.toml itself."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxllm")
+    except PackageNotFoundError:
+        import re
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        found = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M) \
+            if pyproject.exists() else None
+        return found.group(1) if found else "unknown"
+
+
+__version__ = _version()

@@ -1,5 +1,6 @@
 """The fine-tuning step loop: when it logs, evaluates and saves, and how it stops on NaN."""
 
+import sys
 from types import SimpleNamespace
 
 import jax.numpy as jnp
@@ -20,7 +21,8 @@ class Diverged(Exception):
     pass
 
 
-def _run(losses, *, start=0, end=None, log_every=2, eval_every=3, save_every=4, log=None):
+def _run(losses, *, start=0, end=None, log_every=2, eval_every=3, save_every=4, log=None,
+         progress=False):
     calls = {"eval": [], "save": [], "batches": []}
     log = Log() if log is None else log
 
@@ -42,7 +44,7 @@ def _run(losses, *, start=0, end=None, log_every=2, eval_every=3, save_every=4, 
         end=len(losses) if end is None else end, log_every=log_every, eval_every=eval_every,
         save_every=save_every, record=lambda step, m: {"step": step, "loss": float(m["loss"])},
         evaluate=evaluate, save=lambda state, step: calls["save"].append(step), log=log,
-        diverged=lambda step, loss: Diverged(step, loss), progress=False)
+        diverged=lambda step, loss: Diverged(step, loss), progress=progress)
     return result, calls, log
 
 
@@ -71,3 +73,21 @@ def test_a_non_finite_loss_stops_after_logging_the_steps_before_it():
              log=log)
     assert err.value.args[0] == 3  # the step, not the first one fetched
     assert [r["step"] for r in log.rows] == [1, 2]
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_log(capsys, monkeypatch):
+    _run([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4], progress=True)
+    err = capsys.readouterr().err  # not a terminal: one line per evaluation, no bar
+    lines = err.splitlines()
+    assert "\r" not in err and [line.split(",")[0] for line in lines] == [
+        "step 3/7 (43%)", "step 6/7 (86%)", "step 7/7 (100%)"]
+    assert lines[0].split(", ")[1] == "loss 0.800" and "left" in lines[0]
+    assert "elapsed" in lines[-1] and "left" not in lines[-1]
+
+    monkeypatch.setattr(type(sys.stderr), "isatty", lambda self: True, raising=False)
+    assert sys.stderr.isatty()
+    _run([1.0, 0.9, 0.8], progress=True)
+    err = capsys.readouterr().err
+    assert "\r" in err and "3/3" in err and "step 3/3 (100%)" not in err  # the bar alone
+    _run([1.0, 0.9, 0.8], progress=False)
+    assert capsys.readouterr().err == ""

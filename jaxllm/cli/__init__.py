@@ -24,6 +24,33 @@ SUBCOMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter for every `jaxllm` parser, silent where a
+    default would say nothing (None, off, empty) or the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == [] or default == ""
+                or "default" in text.lower()):
+            return text
+        return super()._get_help_string(action)
+
+
+def make_parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A parser of the `jaxllm` family: its defaults shown in `--help`."""
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=HelpFormatter)
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of `jaxllm NAME` (its module imported only now)."""
+    module = importlib.import_module(f"jaxllm.cli.{name}")
+    parser = make_parser(f"jaxllm {name}", SUBCOMMANDS[name])
+    module.add_arguments(parser)
+    return parser
+
+
 def add_fallback_argument(parser: argparse.ArgumentParser, *, resuming: bool = False) -> None:
     """--no-fallback: a damaged newest checkpoint is an error rather than skipped
     for the newest intact one (on --resume for the training commands)."""
@@ -35,17 +62,21 @@ def add_fallback_argument(parser: argparse.ArgumentParser, *, resuming: bool = F
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    parser = argparse.ArgumentParser(prog="jaxllm", description="GPT-style LLMs in JAX.")
+    from jaxllm import __version__
+
+    parser = make_parser("jaxllm", "GPT-style LLMs in JAX, the path of the book Build a Large "
+                                   "Language Model (From Scratch).")
+    parser.add_argument("--version", action="version", version=f"jaxllm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        if argv and argv[0] not in ("-h", "--help"):
+    if not argv or argv[0] not in SUBCOMMANDS:
+        if argv and argv[0] in ("--version", "-h", "--help"):
+            parser.parse_args(argv[:1])  # prints and exits
+        if argv:
             parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
         parser.print_help()
-        return 0 if argv else 2
+        return 2
     name = argv[0]
-    module = importlib.import_module(f"jaxllm.cli.{name}")
-    cmd = argparse.ArgumentParser(prog=f"jaxllm {name}", description=SUBCOMMANDS[name])
-    module.add_arguments(cmd)
-    return module.run(cmd.parse_args(argv[1:]))
+    return importlib.import_module(f"jaxllm.cli.{name}").run(
+        command_parser(name).parse_args(argv[1:]))

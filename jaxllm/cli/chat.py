@@ -31,10 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="answer this one instruction and exit (no prompt loop)")
     parser.add_argument("--style", choices=("alpaca", "chat"), default=None,
                         help="prompt format (default: the run's own; alpaca for --hf)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="the longest answer, in tokens (it ends sooner at end-of-text)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 is greedy decoding; > 0 samples")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample among the k most likely tokens, with --temperature > 0 "
+                             "(default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--tokenizer", choices=("byte", "gpt2"), default=None,
                         help="default: gpt2 for --hf; --run-dir takes the run's own tokenizer "
                              "(another is refused)")

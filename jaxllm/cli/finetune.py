@@ -27,10 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the task's own options (jaxllm finetune TASK --help)")
 
 
+def task_parser(task: str) -> argparse.ArgumentParser:
+    """The parser of `jaxllm finetune TASK`."""
+    from jaxllm.cli import make_parser
+
+    module_name, description = TASKS[task]
+    parser = make_parser(f"jaxllm finetune {task}", f"Fine-tune {description}.")
+    importlib.import_module(module_name).add_arguments(parser)
+    return parser
+
+
 def run(args) -> int:
-    module_name, description = TASKS[args.task]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"jaxllm finetune {args.task}",
-                                     description=f"Fine-tune {description}.")
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(args.task_args))
+    module = importlib.import_module(TASKS[args.task][0])
+    return module.run(task_parser(args.task).parse_args(args.task_args))

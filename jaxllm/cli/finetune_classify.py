@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling", choices=("last_token", "last_position", "mean"),
                         help="where the class logits are read (default last_token)")
     parser.add_argument("--epochs", type=float, default=5.0,
-                        help="passes over the training split (default 5)")
+                        help="passes over the training split")
     parser.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default 50)")
     parser.add_argument("--eval-batches", type=int, help="batches per evaluation (default 5)")
@@ -201,9 +201,9 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm finetune classify",
-                                     description=__doc__.split("\n")[0])
-    add_arguments(parser)
+    from jaxllm.cli.finetune import task_parser
+
+    parser = task_parser("classify")
     return run(parser.parse_args(argv))
 
 

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bucket", action="store_true",
                         help="batch examples of similar length together (less padding)")
     parser.add_argument("--epochs", type=float, default=2.0,
-                        help="passes over the training split (default 2)")
+                        help="passes over the training split")
     parser.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default 5)")
     parser.add_argument("--save-every", type=int, help="steps between checkpoints (default 100)")
@@ -151,9 +151,9 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jaxllm.cli.finetune_instruct ...`: the command on its own."""
-    parser = argparse.ArgumentParser(prog="jaxllm finetune instruct",
-                                     description=__doc__.split("\n")[0])
-    add_arguments(parser)
+    from jaxllm.cli.finetune import task_parser
+
+    parser = task_parser("instruct")
     return run(parser.parse_args(argv))
 
 

@@ -29,12 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_fallback_argument(parser)
     parser.add_argument("--prompt", default="",
                         help="text to continue (empty: start from the end-of-text token)")
-    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=50,
+                        help="tokens to generate (fewer when end-of-text comes first)")
     parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 is greedy decoding (the default); > 0 samples")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
+                        help="0 is greedy decoding; > 0 samples")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely (default: all)")
     parser.add_argument("--top-p", type=float, default=None,
-                        help="sample within the nucleus of probability p")
+                        help="sample within the nucleus of probability p (default: off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--tokenizer", choices=("byte", "gpt2"), default=None,
                         help="default: gpt2 for --hf; --run-dir takes the run's own tokenizer "
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-dir", default=None,
                         help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
     parser.add_argument("--n-heads", type=int, default=None,
-                        help="attention heads, for a safetensors file without config.json")
+                        help="attention heads, for a safetensors file without config.json "
+                             "(default: emb_dim / 64, as in every GPT-2 size)")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="keep going after the end-of-text token")
     parser.add_argument("--no-slide", action="store_true",

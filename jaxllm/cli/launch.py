@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=int, required=True, metavar="N",
                         help="number of processes to start")
     parser.add_argument("--devices-per-process", type=int, default=None, metavar="K",
-                        help="CPU devices each process fakes (XLA's host device count)")
+                        help="CPU devices each process fakes (XLA's host device count; "
+                             "default: as XLA_FLAGS says, else 1)")
     parser.add_argument("--port", type=int, default=None,
                         help="coordinator port on 127.0.0.1 (default: a free one)")
     parser.add_argument("command", nargs=argparse.REMAINDER,

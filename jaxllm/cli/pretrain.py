@@ -72,10 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out (fresh start if none)")
     add_fallback_argument(parser, resuming=True)
-    parser.add_argument("--steps", type=int, help="total optimizer steps (TrainConfig.total_steps)")
-    parser.add_argument("--eval-every", type=int, help="steps between evaluations")
-    parser.add_argument("--save-every", type=int, help="steps between checkpoints")
-    parser.add_argument("--keep", type=int, help="checkpoints kept")
+    from jaxllm.train.loop import LoopConfig
+    from jaxllm.train.optim import TrainConfig
+
+    given = "default: the --config's, else"  # these shortcuts override a config file's fields
+    parser.add_argument("--steps", type=int, help=f"total optimizer steps "
+                        f"(TrainConfig.total_steps; {given} {TrainConfig.total_steps})")
+    parser.add_argument("--eval-every", type=int, help=f"steps between evaluations "
+                        f"({given} {LoopConfig.eval_every})")
+    parser.add_argument("--save-every", type=int, help=f"steps between checkpoints "
+                        f"({given} {LoopConfig.save_every})")
+    parser.add_argument("--keep", type=int, help=f"checkpoints kept ({given} {LoopConfig.keep})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--mesh", metavar="SPEC",
                         help="device mesh, e.g. 'data=2,fsdp=4' or 'fsdp=-1' (all devices): split "

@@ -80,6 +80,23 @@ def start_or_resume(run_dir, manager, identity: dict[str, Any], init: Callable, 
     return state, latest, saved, changes
 
 
+def progress_line(done: int, start: int, end: int, seconds: float,
+                  shown: dict[str, str]) -> str:
+    """The progress bar's content as one line for a log: 'step 300/1200 (25%),
+    loss 2.345, tok_s 12,345, 41 s elapsed, about 2 min left'."""
+    rate = (done - start) / seconds if seconds > 0 else 0.0
+    left = (end - done) / rate if rate > 0 else None
+
+    def span(s: float) -> str:
+        return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+    parts = [f"step {done}/{end} ({done / end:.0%})", *(f"{k} {v}" for k, v in shown.items()),
+             f"{span(seconds)} elapsed"]
+    if left is not None and done < end:
+        parts.append(f"about {span(left)} left")
+    return ", ".join(parts)
+
+
 def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, end: int,
               log_every: int, eval_every: int, save_every: int,
               record: Callable[[int, dict], dict], evaluate: Callable[[Any, int], Any],
@@ -93,12 +110,16 @@ def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, 
     `evaluate(params, step)` runs at step 0 of a fresh run, every
     `eval_every` steps and at the end; `save(state, step)` every
     `save_every` steps and at the end. With `tokens_per_step` the progress
-    bar shows tokens/s over the steps since the last fetch.
+    bar shows tokens/s over the steps since the last fetch. The bar is drawn
+    only on a terminal; into a log or a pipe, `progress` is one plain line
+    per evaluation instead (`progress_line`).
     """
     timing = Timing()
     pending: list[tuple[int, dict]] = []
     seg_start, seg_steps = time.perf_counter(), 0
-    bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, disable=not progress)
+    live = progress and sys.stderr.isatty()
+    bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, disable=not live)
+    began, shown = time.perf_counter(), {}
 
     def flush() -> None:
         nonlocal seg_steps
@@ -120,6 +141,7 @@ def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, 
         if tokens_per_step:
             postfix["tok_s"] = f"{seg_steps * tokens_per_step / max(seconds, 1e-9):,.0f}"
         bar.set_postfix(postfix)
+        shown.update(postfix)
         pending.clear()
         seg_steps = 0
 
@@ -144,6 +166,9 @@ def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, 
             at_save = done % save_every == 0 or done == end
             if done % log_every == 0 or at_eval or at_save:
                 flush()
+                if at_eval and progress and not live:
+                    print(progress_line(done, start, end, time.perf_counter() - began, shown),
+                          file=sys.stderr, flush=True)
                 if at_eval:
                     evaluate(state.params, done)
                 if at_save:
