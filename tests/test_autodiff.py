@@ -17,6 +17,8 @@ from jaxllm.basics.autodiff import (
     max_difference,
     neuron_loss,
 )
+from jaxllm.parity import assert_passed
+from jaxllm.parity.basics import neuron_gradients
 
 VECTOR_EXAMPLE = {"x": [1.1, 0.5, -0.3], "y": 0.0, "w": [2.2, -1.0, 0.4], "b": 0.1}
 
@@ -34,12 +36,14 @@ def test_four_methods_agree(example):
     assert set(results) == {"jax.grad", "by hand", "finite difference", "torch autograd"}
     reference = results["torch autograd"]
     assert np.shape(reference.w) == np.shape(example["w"])
-    for name, g in results.items():
-        assert np.shape(g.w) == np.shape(example["w"]), name
-        assert max_difference(g, reference) < 1e-6, name
-    # Exact formulas in float64 agree far more tightly than finite differences can.
-    assert max_difference(results["by hand"], reference) < 1e-12
-    assert max_difference(results["jax.grad"], reference) < 1e-12
+    # the comparisons `jaxllm parity` reports: each method against torch autograd;
+    # exact formulas in float64 agree far more tightly than finite differences can
+    comparisons = assert_passed(neuron_gradients(example))
+    assert {c.quantity: c.tolerance for c in comparisons} == {
+        "jax.grad vs torch autograd": 1e-12, "by hand vs torch autograd": 1e-12,
+        "finite difference vs torch autograd": 1e-6}
+    for c, name in zip(comparisons, ("jax.grad", "by hand", "finite difference")):
+        assert c.difference == max_difference(results[name], reference), name
 
 
 def test_sigmoid_cross_entropy_gradient_is_prediction_minus_target():

@@ -8,13 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
-
 import jaxllm
 from jaxllm.generate import (TRACE_COUNTS, generate, generate_simple, generate_stream,
                              prompt_bucket, top_p_filter)
-from jaxllm.hf import hf_config_kwargs
+from jaxllm.parity import assert_passed, gpt2 as gpt2_parity
 
 # vocab_multiple pads the embedding to 128 rows: no padded id may ever come out
 CFG = jaxllm.GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
@@ -163,18 +160,9 @@ def test_padded_vocabulary_is_never_sampled(params):
 
 
 def test_greedy_matches_transformers_generate(params):
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_kwargs(CFG)))
-    sd = {k: torch.tensor(v) for k, v in jaxllm.to_hf_state_dict(params, CFG).items()}
-    model.load_state_dict(sd, strict=False)
-    model.eval()
-    prompt = PROMPTS[1]
-    with torch.no_grad():
-        hf = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                            dtype=torch.long), max_new_tokens=12, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)
-    hf_new = hf[0, len(prompt):].numpy()
-    ours = generate(params, CFG, prompt, 12, return_logits=True)
-    np.testing.assert_array_equal(ours.tokens[0], hf_new)
+    assert gpt2_parity.GENERATE_CONFIG == CFG
+    (tokens,) = assert_passed(gpt2_parity.greedy_tokens(params, PROMPTS[1], 12))
+    assert tokens.tolerance == 0
 
 
 @pytest.mark.parametrize("kwargs, match", [

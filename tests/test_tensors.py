@@ -15,6 +15,7 @@ from jaxllm.basics.tensors import (
     run_examples,
     view_vs_reshape,
 )
+from jaxllm.parity import assert_passed, basics as parity_basics
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,8 @@ def test_every_example_gives_the_same_values_and_shape(rows):
     for name, row in rows.items():
         assert row["same_values"], name
         assert row["same_shape"], name
+    (values,) = assert_passed(parity_basics.tensors())  # what `jaxllm parity` reports
+    assert values.tolerance == 0 and values.quantity == f"values of all {len(EXAMPLES)} examples"
 
 
 def test_ranks_and_shapes(rows):
