@@ -6,7 +6,7 @@ RUN := $(BIN)/python
 STAMP := $(VENV)/.installed
 RESULTS ?= results
 
-.PHONY: help install test experiments tensors autodiff backprop config model pretrain chapter5 bench bench-generate clean
+.PHONY: help install test experiments tensors autodiff backprop config model pretrain chapter5 bench bench-generate clean parity
 .DEFAULT_GOAL := help
 
 help:  ## this list (the other targets create .venv on first use)
@@ -38,6 +38,11 @@ backprop: $(STAMP)  ## SimpleNet and SGD in JAX, Flax NNX and torch, step by ste
 
 config: $(STAMP)  ## parameter counts and memory of every preset
 	$(RUN) -m experiments.config
+
+# jaxllm against PyTorch and transformers on small random models; PARITY=gpt2 picks checks.
+PARITY ?=
+parity: $(STAMP)  ## every cross-check against PyTorch: results/parity, non-zero if one fails
+	JAXLLM_RESULTS=$(RESULTS) $(RUN) -m jaxllm parity $(PARITY)
 
 clean:  ## remove .venv, results/, runs/ and the pytest cache
 	rm -rf $(VENV) $(RESULTS) runs .pytest_cache
