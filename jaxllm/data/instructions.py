@@ -53,16 +53,18 @@ class Example(NamedTuple):
 
 
 # -- reading -------------------------------------------------------------------
-def _check_entry(entry: Any, where: str) -> dict[str, str]:
+def _check_entry(entry: Any, where: str, required: Sequence[str] = REQUIRED_KEYS,
+                 optional: Sequence[str] = OPTIONAL_KEYS) -> dict[str, str]:
+    """The entry's string fields; an optional one absent reads as ""."""
     if not isinstance(entry, dict):
         raise ValueError(f"{where} is a JSON {type(entry).__name__}, not an object with "
-                         f"'instruction', 'input' and 'output'")
-    missing = [k for k in REQUIRED_KEYS if k not in entry]
+                         + ", ".join(repr(k) for k in (*required, *optional)))
+    missing = [k for k in required if k not in entry]
     if missing:
         raise ValueError(f"{where} has no {' or '.join(repr(k) for k in missing)} key "
                          f"(it has {sorted(entry)})")
     out = {}
-    for key in REQUIRED_KEYS + OPTIONAL_KEYS:
+    for key in (*required, *optional):
         value = entry.get(key, "")
         if not isinstance(value, str):
             raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
@@ -70,17 +72,19 @@ def _check_entry(entry: Any, where: str) -> dict[str, str]:
     return out
 
 
-def read_instructions(path: str | os.PathLike) -> list[dict[str, str]]:
-    """The entries of a `.json` (a list) or `.jsonl` (one object a line) file."""
+def read_instructions(path: str | os.PathLike, *, check=_check_entry,
+                      what: str = "instruction data") -> list[dict[str, str]]:
+    """The entries of a `.json` (a list) or `.jsonl` (one object a line) file,
+    each passed through `check(entry, where)` (preference data has its own)."""
     path = Path(path)
     if path.is_dir():  # say so: "does not exist" would be wrong about a folder
-        raise ValueError(f"instruction data {path} is a folder, not a file; give the "
+        raise ValueError(f"{what} {path} is a folder, not a file; give the "
                          f".json or .jsonl file in it")
     if not path.is_file():
-        raise FileNotFoundError(f"instruction data {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     raw = path.read_bytes()
     if not raw.removeprefix(b"\xef\xbb\xbf").strip():  # JSON's "Expecting value" hides it
-        raise ValueError(f"instruction data {path} is empty")
+        raise ValueError(f"{what} {path} is empty")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -98,7 +102,7 @@ def read_instructions(path: str | os.PathLike) -> list[dict[str, str]]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path} line {number} is not JSON: {err.msg} "
                                  f"(column {err.colno})") from None
-            entries.append(_check_entry(item, f"{path} line {number}"))
+            entries.append(check(item, f"{path} line {number}"))
         if not entries:
             raise ValueError(f"{path} holds no entries")
         return entries
@@ -108,11 +112,11 @@ def read_instructions(path: str | os.PathLike) -> list[dict[str, str]]:
         raise ValueError(f"{path} is not JSON: {err.msg} (line {err.lineno}, column "
                          f"{err.colno}); one object a line needs the .jsonl suffix") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}; instruction data must be "
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}; {what} must be "
                          f"a list of objects (or JSON Lines in a .jsonl file)")
     if not data:
         raise ValueError(f"{path} holds an empty list")
-    return [_check_entry(item, f"{path} entry {i}") for i, item in enumerate(data)]
+    return [check(item, f"{path} entry {i}") for i, item in enumerate(data)]
 
 
 def split_instructions(entries: Sequence[Any], train: float = SPLIT[0], test: float = SPLIT[1]

@@ -1,0 +1,318 @@
+"""Preference data and DPO: the collate, the loss and its gradient, AdamW steps
+against an independent PyTorch DPO, the cached reference, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jaxllm import lora
+from jaxllm.data.preferences import (Pair, PreferenceBatches, collate, read_preferences,
+                                     split_preferences, tokenize_pairs)
+from jaxllm.finetune.dpo import (dpo_loss, dpo_losses, dpo_task, reference_logprobs,
+                                 sequence_logprobs)
+from jaxllm.finetune.instruct import format_prompt
+from jaxllm.hf import to_hf_state_dict
+from jaxllm.tokenizer import get_tokenizer
+from jaxllm.train import TrainConfig, init_train_state, make_train_step
+from jaxllm.train.task import path_str
+from test_instruct import TINY, TINY_EOT, random_params, torch_model
+
+
+# -- the book's collate, transcribed from its notebook (chapter 7 bonus: DPO) -----
+def book_collate(batch, pad_token_id=50256, allowed_max_length=None, mask_prompt_tokens=True):
+    batch_data = {"prompt": [], "chosen": [], "rejected": [], "rejected_mask": [],
+                  "chosen_mask": []}
+    max_length_common = 0
+    if batch:
+        for key in ["chosen", "rejected"]:
+            current_max = max(len(item[key]) + 1 for item in batch)
+            max_length_common = max(max_length_common, current_max)
+    for item in batch:
+        prompt = torch.tensor(item["prompt"])
+        batch_data["prompt"].append(prompt)
+        for key in ["chosen", "rejected"]:
+            sequence = item[key]
+            padded = sequence + [pad_token_id] * (max_length_common - len(sequence))
+            mask = torch.ones(len(padded)).bool()
+            mask[len(sequence):] = False
+            if mask_prompt_tokens:
+                mask[:prompt.shape[0] + 2] = False
+            batch_data[key].append(torch.tensor(padded))
+            batch_data[f"{key}_mask"].append(mask)
+    for key in ["chosen", "rejected", "chosen_mask", "rejected_mask"]:
+        tensor_stack = torch.stack(batch_data[key])
+        if allowed_max_length is not None:
+            tensor_stack = tensor_stack[:, :allowed_max_length]
+        batch_data[key] = tensor_stack
+    return batch_data
+
+
+def book_format_input(entry):  # the book's, for the prompt its collate masks
+    instruction_text = (
+        f"Below is an instruction that describes a task. "
+        f"Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{entry['instruction']}")
+    input_text = f"\n\n### Input:\n{entry['input']}" if entry["input"] else ""
+    return instruction_text + input_text
+
+
+def book_encode(entry, tokenizer):  # the book's PreferenceDataset item
+    prompt = book_format_input(entry)
+    return {"prompt": tokenizer.encode(prompt),
+            "chosen": tokenizer.encode(f"{prompt}\n\n### Response:\n{entry['chosen']}"),
+            "rejected": tokenizer.encode(f"{prompt}\n\n### Response:\n{entry['rejected']}")}
+
+
+HAND = [Pair(np.array([1, 2, 3, 4, 5], np.int32), np.array([1, 2, 3, 9], np.int32), 2),
+        Pair(np.array([6, 7, 8], np.int32), np.array([6, 7, 8, 8, 8, 8, 8], np.int32), 1)]
+
+
+def test_collate_on_hand_made_pairs():
+    b = collate(HAND, pad_id=0)
+    # one common width for both halves: the longest (7) plus one
+    assert b["chosen"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0], [6, 7, 8, 0, 0, 0, 0, 0]]
+    assert b["rejected"].tolist() == [[1, 2, 3, 9, 0, 0, 0, 0], [6, 7, 8, 8, 8, 8, 8, 0]]
+    # 0 on the unscored prefix and on padding
+    assert b["chosen_mask"].astype(int).tolist() == [[0, 0, 1, 1, 1, 0, 0, 0],
+                                                     [0, 1, 1, 0, 0, 0, 0, 0]]
+    assert b["rejected_mask"].astype(int).tolist() == [[0, 0, 1, 1, 0, 0, 0, 0],
+                                                       [0, 1, 1, 1, 1, 1, 1, 0]]
+    cut = collate(HAND, pad_id=0, allowed_max_length=4)
+    assert all(cut[k].tolist() == [r[:4] for r in b[k].tolist()] for k in b)
+    wide = collate(HAND, pad_id=0, pad_multiple=5)
+    assert wide["chosen"].shape == (2, 10) and not wide["chosen_mask"][:, 8:].any()
+    with pytest.raises(ValueError, match="at least one pair"):
+        collate([])
+
+
+def test_book_collate_is_the_notebooks_exactly(shared_data):
+    tokenizer = get_tokenizer("gpt2", shared_data)
+    entries = read_preferences(shared_data / "instruction-data-with-preference.json")
+    # the book's prompt masks its own tokens and the 2 after them: "\n", "\n"
+    pairs = tokenize_pairs(entries[:24], tokenizer, book=True)
+    assert pairs[0].prefix == len(tokenizer.encode(book_format_input(entries[0]))) + 2
+    assert tokenizer.decode(pairs[0].chosen[pairs[0].prefix - 2:pairs[0].prefix].tolist()) \
+        == "\n\n"
+    for start, allowed in ((0, None), (8, 60), (16, 1024)):
+        ours = collate(pairs[start:start + 8], allowed_max_length=allowed)
+        theirs = book_collate([book_encode(e, tokenizer) for e in entries[start:start + 8]],
+                              allowed_max_length=allowed)
+        for key in ("chosen", "rejected", "chosen_mask", "rejected_mask"):
+            np.testing.assert_array_equal(ours[key], theirs[key].numpy(), err_msg=key)
+    # the default form scores exactly the answer and one end-of-text
+    p = tokenize_pairs(entries[:1], tokenizer)[0]
+    prompt = tokenizer.encode(format_prompt(entries[0]))
+    assert p.prefix == len(prompt)
+    assert p.chosen.tolist() == prompt + tokenizer.encode(entries[0]["chosen"]) + [50256]
+    with pytest.raises(ValueError, match="Alpaca"):
+        tokenize_pairs(entries[:1], tokenizer, "chat", book=True)
+
+
+def test_shared_file_split_and_identical_pairs(shared_data):
+    entries = read_preferences(shared_data / "instruction-data-with-preference.json")
+    train, test, val = split_preferences(entries)
+    assert (len(entries), len(train), len(test), len(val)) == (1100, 935, 110, 55)
+    assert test[0] is entries[935] and val[0] is entries[1045]
+    assert sum(e["chosen"] == e["rejected"] for e in entries) == 6
+    assert set(entries[0]) == {"instruction", "input", "output", "chosen", "rejected"}
+
+
+def test_reading_errors_name_what_is_wrong(tmp_path):
+    def write(name, content):
+        p = tmp_path / name
+        p.write_text(content)
+        return p
+
+    good = {"instruction": "Say hi.", "chosen": "Hi.", "rejected": "No."}
+    assert read_preferences(write("ok.jsonl", json.dumps(good) + "\n"))[0] == \
+        dict(good, input="")
+    cases = [
+        ("missing.json", json.dumps([good, {"instruction": "x", "chosen": "y"}]),
+         r"missing\.json entry 1 has no 'rejected' key"),
+        ("number.json", json.dumps([dict(good, chosen=3)]), r"entry 0: 'chosen' must be a string"),
+        ("output.json", json.dumps([dict(good, output=None)]), r"'output' must be a string"),
+        ("input.json", json.dumps([dict(good, input=["a"])]), r"'input' must be a string"),
+        ("empty.json", "[]", r"empty\.json holds an empty list"),
+        ("broken.jsonl", json.dumps(good) + "\n" + json.dumps(good) + "\n{\"instruction\": \n",
+         r"broken\.jsonl line 3 is not JSON"),
+        ("blank.jsonl", "\n\n", r"preference data .*blank\.jsonl is empty"),
+    ]
+    for name, content, message in cases:
+        with pytest.raises(ValueError, match=message):
+            read_preferences(write(name, content))
+    with pytest.raises(FileNotFoundError, match="preference data .* does not exist"):
+        read_preferences(tmp_path / "nothing.json")
+
+
+# -- the loss against the formula in torch ---------------------------------------
+def torch_dpo_loss(pc, pr, rc, rr, beta, scale_rewards=False):
+    """An independent transcription of the formula (the book's compute_dpo_loss;
+    TRL's rewards carry beta)."""
+    logits = (pc - pr) - (rc - rr)
+    losses = -F.logsigmoid(beta * logits)
+    scale = beta if scale_rewards else 1.0
+    return (losses.mean(), (scale * (pc - rc)).detach().mean(),
+            (scale * (pr - rr)).detach().mean())
+
+
+@pytest.mark.parametrize("beta,scale", [(0.1, False), (0.5, True)])
+def test_dpo_loss_and_gradient_equal_torch(beta, scale):
+    rng = np.random.default_rng(0)
+    values = [(-3 * rng.random(16)).astype(np.float32) for _ in range(4)]
+    loss, chosen, rejected = dpo_loss(*map(jnp.asarray, values), beta, scale_rewards=scale)
+    grads = jax.grad(lambda pc, pr: dpo_loss(pc, pr, *map(jnp.asarray, values[2:]), beta)[0],
+                     argnums=(0, 1))(*map(jnp.asarray, values[:2]))
+    t = [torch.tensor(v, requires_grad=i < 2) for i, v in enumerate(values)]
+    tl, tc, tr = torch_dpo_loss(*t, beta, scale)
+    tl.backward()
+    for ours, theirs in ((loss, tl), (chosen, tc), (rejected, tr)):
+        assert abs(float(ours) - theirs.item()) < 1e-6
+    for ours, theirs in zip(grads, t[:2]):
+        np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=0, atol=1e-6)
+    assert np.abs(grads[0]).min() > 1e-4  # every row has a gradient worth comparing
+    # policy == reference: every pair's loss is ln 2 and the rewards 0, exactly (the
+    # batch mean of 16 float32 ln 2 is within float32 summation rounding of it)
+    same = jnp.asarray(values[0]), jnp.asarray(values[1])
+    losses, chosen, rejected = dpo_losses(*same, *same, beta, scale_rewards=scale)
+    assert np.all(np.asarray(losses) == np.float32(math.log(2)))
+    assert not np.asarray(chosen).any() and not np.asarray(rejected).any()
+    loss = dpo_loss(*same, *same, beta, scale_rewards=scale)[0]
+    assert abs(float(loss) - math.log(2)) < 1e-6
+
+
+# -- tiny pairs, the task and AdamW against an independent torch DPO -------------
+def tiny_pairs(n, seed, lo=4, hi=16):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        prefix = int(rng.integers(1, lo))
+        seqs = [np.concatenate([np.arange(prefix) + 3,
+                                rng.integers(0, TINY_EOT, int(rng.integers(1, hi)))]).astype(np.int32)
+                for _ in range(2)]
+        out.append(Pair(seqs[0], seqs[1], prefix))
+    return out
+
+
+def torch_logprobs(model, tokens, mask, reduction):
+    """The book's compute_logprobs (reduction "mean"), or its sum."""
+    logits = model(torch.from_numpy(tokens).long()).logits
+    labels = torch.from_numpy(tokens).long()[:, 1:]
+    log_probs = F.log_softmax(logits[:, :-1, :], dim=-1)
+    selected = torch.gather(log_probs, -1, labels.unsqueeze(-1)).squeeze(-1)
+    m = torch.from_numpy(mask[:, 1:]).float()
+    total = (selected * m).sum(-1)
+    return total if reduction == "sum" else total / m.sum(-1)
+
+
+COLLATE = dict(pad_id=TINY_EOT, pad_multiple=TINY.context_length,
+               allowed_max_length=TINY.context_length)
+# eps above the float32 rounding noise of DPO's small gradients (beta times a mean over
+# tokens): at 1e-8 Adam scales an element whose gradient is near 0 up to a full step of noise
+TC = TrainConfig(lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.1, beta2=0.999,
+                 eps=1e-6, grad_clip=None, batch_size=4, total_steps=5)
+
+
+@pytest.mark.parametrize("reduction,beta", [("mean", 0.1), ("sum", 0.5)])
+def test_adamw_dpo_steps_equal_torch(reduction, beta):
+    params = random_params(TINY, seed=11)
+    pairs = tiny_pairs(12, seed=12)
+    cache = reference_logprobs(params, TINY, pairs, 4, reduction=reduction,
+                               collate_kwargs=COLLATE)
+    batches = PreferenceBatches(pairs, 4, seed=13, collate_kwargs=COLLATE, reference=cache)
+    step = make_train_step(TINY, TC, task=dpo_task(beta, reduction))
+    state = init_train_state(jax.tree.map(jnp.copy, params), TC)
+
+    model = torch_model(params, TINY).train()
+    decay = [p for n, p in model.named_parameters()
+             if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight", "lm_head.weight"))]
+    rest = [p for n, p in model.named_parameters() if all(p is not q for q in decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": TC.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}],
+                            lr=TC.lr, betas=(TC.beta1, TC.beta2), eps=TC.eps)
+    reference = torch_model(params, TINY)  # the frozen start, run by torch on every batch
+    ours, theirs = [], []
+    for k in range(5):
+        batch = batches.batch_at(k)
+        state, m = step(state, batch)
+        ours.append([float(m["loss"])] + [float(m[key]) / 4 for key in
+                                          ("chosen_reward", "rejected_reward")])
+        opt.zero_grad()
+        pc, pr = (torch_logprobs(model, batch[key], batch[f"{key}_mask"], reduction)
+                  for key in ("chosen", "rejected"))
+        with torch.no_grad():
+            rc, rr = (torch_logprobs(reference, batch[key], batch[f"{key}_mask"], reduction)
+                      for key in ("chosen", "rejected"))
+        loss, chosen, rejected = torch_dpo_loss(pc, pr, rc, rr, beta, reduction == "sum")
+        loss.backward()
+        opt.step()
+        theirs.append([loss.item(), chosen.item(), rejected.item()])
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    assert ours[0][0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
+    assert ours[-1][0] < ours[0][0] - 0.01  # the steps learn
+    weights = {k: p.detach().numpy() for k, p in model.named_parameters()}
+    d = TINY.emb_dim
+    for name, w in to_hf_state_dict(state.params, TINY).items():
+        if name in weights:
+            theirs = weights[name]
+            if name.endswith("c_attn.bias"):
+                # the key bias adds q.b to every score of a query, which softmax ignores: its
+                # true gradient is 0, and Adam scales rounding noise in it up to full steps
+                w, theirs = np.delete(w, np.s_[d:2 * d]), np.delete(theirs, np.s_[d:2 * d])
+            np.testing.assert_allclose(w, theirs, rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_a_pair_with_chosen_equal_to_rejected_has_no_gradient():
+    params = random_params(TINY, seed=21)
+    pairs = tiny_pairs(3, seed=22)
+    same = Pair(pairs[0].chosen, pairs[0].chosen, pairs[0].prefix)
+    ref = reference_logprobs(params, TINY, [pairs[1], pairs[2], same], 3, collate_kwargs=COLLATE)
+    ref = {k: v + 0.3 for k, v in ref.items()}  # the policy has moved off the start
+    task = dpo_task(0.1, "mean")
+    grad = jax.jit(jax.grad(lambda p, batch: task(p, batch, TINY)[0]))
+
+    def grads(rows):
+        batch = collate([[pairs[1], pairs[2], same][i] for i in rows], **COLLATE)
+        return jax.tree.leaves(grad(params, dict(batch, **{k: v[rows] for k, v in ref.items()})))
+
+    # its margin is 0 exactly, so its term's gradient is beta * sigma(0) * (d log pi(chosen)
+    # - d log pi(rejected)) = 0: what remains is float32 rounding in the backward sums
+    others = max(float(jnp.abs(g).max()) for g in grads([0, 1]))
+    assert others > 1e-3
+    assert max(float(jnp.abs(g).max()) for g in grads([2])) < 1e-6 * others
+    # beside other pairs, it adds nothing to theirs
+    for a, b in zip(grads([0, 1, 2]), grads([0, 1])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * others)
+
+
+@pytest.mark.parametrize("adapters", [False, True])
+def test_cached_reference_equals_the_reference_on_the_fly(adapters):
+    base = random_params(TINY, seed=31)
+    pairs = tiny_pairs(12, seed=32)
+    params = base
+    if adapters:  # the reference is the base: the adapters are switched off
+        params = lora.lora_params(base, TINY, jax.random.key(0), rank=2, alpha=4.0)
+        params = jax.tree_util.tree_map_with_path(  # B no longer zero: the adapters matter
+            lambda path, x: x + 0.05 if path_str(path).endswith("lora/b") else x, params)
+    for reduction in ("mean", "sum"):
+        cache = reference_logprobs(params, TINY, pairs, 4, reduction=reduction,
+                                   collate_kwargs=COLLATE)
+        batches = PreferenceBatches(pairs, 4, seed=33, collate_kwargs=COLLATE, reference=cache)
+        on_the_fly = jax.jit(sequence_logprobs, static_argnums=3, static_argnames="reduction")
+        for k in range(4):  # shuffled batches, into a second epoch
+            batch = batches.batch_at(k)
+            for key in ("chosen", "rejected"):
+                # the same values from other batches: equal up to float32 summation order
+                np.testing.assert_allclose(
+                    batch[f"ref_{key}"], on_the_fly(base, batch[key], batch[f"{key}_mask"], TINY,
+                                                    reduction=reduction), rtol=1e-6, atol=1e-6)
+        if adapters:
+            policy = on_the_fly(params, batch["chosen"], batch["chosen_mask"], TINY)
+            assert np.abs(np.asarray(policy) - batch["ref_chosen"]).max() > 1e-3
