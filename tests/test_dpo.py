@@ -316,3 +316,86 @@ def test_cached_reference_equals_the_reference_on_the_fly(adapters):
         if adapters:
             policy = on_the_fly(params, batch["chosen"], batch["chosen_mask"], TINY)
             assert np.abs(np.asarray(policy) - batch["ref_chosen"]).max() > 1e-3
+
+
+# -- the command line and the loop, end to end -------------------------------------
+def run_dpo(argv) -> int:
+    from jaxllm.cli import finetune_dpo
+    from jaxllm.cli.finetune import task_parser
+
+    return finetune_dpo.run(task_parser("dpo").parse_args(argv))
+
+
+def test_cli_dpo_trains_resumes_plots_and_answers(shared_data, tmp_path, capsys):
+    from jaxllm.finetune.dpo_loop import DPOConfig, finetune_dpo
+    from jaxllm.config import GPTConfig
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(dict(vocab_size=257, context_length=128, emb_dim=32, n_heads=4,
+                                      n_layers=2, drop_rate=0.0, attn_impl="reference")))
+    data = shared_data / "instruction-data-with-preference.json"
+    out = tmp_path / "run"
+    argv = ["--init", "random", "--config", str(config), "--data", str(data), "--limit", "40",
+            "--steps", "4", "--eval-every", "2", "--max-new-tokens", "4", "--logprob", "sum",
+            "--style", "chat",
+            "--set", "lr=3e-3", "--set", "batch_size=4", "--set", "sample_count=1",
+            "--set", "sample_tokens=2", "--set", "pad_multiple=128", "--set", "response_batch=2",
+            "--set", "eval_batches=1", "--out", str(out), "--quiet"]
+    assert run_dpo(argv) == 0
+    captured = capsys.readouterr()
+    assert "DPO 4 steps" in captured.out and "responses.json" in captured.out
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps"], summary["train_pairs"], summary["test_pairs"]) == (4, 34, 4)
+    assert summary["logprob"] == "sum" and summary["initial"]["loss"] == pytest.approx(math.log(2))
+    # it learns the training pairs (4 steps of a random model need not generalise)
+    assert summary["final_train"]["reward_margin"] > 0 and summary["initial"]["reward_margin"] == 0
+    assert summary["final_train"]["loss"] < math.log(2) - 0.01
+    assert summary["steps_per_s"] > 0 and summary["host_peak_rss_bytes"] > 0
+    responses = json.loads((out / "responses.json").read_text())
+    entries = read_preferences(data)
+    assert [r["chosen"] for r in responses] == [e["chosen"] for e in entries[34:38]]
+    assert all(isinstance(r["model_response"], str) and "rejected" in r for r in responses)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
+    train = [r for r in records if r["kind"] == "train"]
+    for r in train:  # the margin is the rewards' difference; accuracy a share
+        assert r["reward_margin"] == pytest.approx(r["chosen_reward"] - r["rejected_reward"],
+                                                   abs=1e-5)
+        assert 0 <= r["reward_accuracy"] <= 1
+    assert (out / "loss.png").stat().st_size > 0 and (out / "reference.npz").is_file()
+    assert json.loads((out / "config.json").read_text())["dpo"]["logprob"] == "sum"
+
+    assert run_dpo(argv) == 2  # a second start on the same folder is refused
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+    # interrupted at step 2 and resumed: the losses of the uninterrupted run
+    from jaxllm.cli.finetune_dpo import TRAIN_PROTOCOL
+
+    tok = get_tokenizer("byte")
+    dc = DPOConfig(logprob="sum", style="chat", eval_every=2, sample_count=0, responses=False,
+                   pad_multiple=128, eval_batches=1)
+    tc = TrainConfig(**{**TRAIN_PROTOCOL, "lr": 3e-3, "batch_size": 4, "total_steps": 4})
+    part = tmp_path / "part"
+    tiny = GPTConfig.from_json(config)
+    finetune_dpo(part, tiny, tc, dc, tok, entries[:40], progress=False, stop_at=2)
+    finetune_dpo(part, tiny, tc, dc, tok, entries[:40], progress=False, resume=True)
+    losses = [[(r["loss"], r["chosen_reward"]) for r in
+               map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train"] for d in (out, part)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    (part / "reference.npz").unlink()
+    with pytest.raises(ValueError, match="reference.npz is missing"):
+        finetune_dpo(part, tiny, tc.replace(total_steps=6), dc, tok, entries[:40],
+                     progress=False, resume=True)
+
+    # LoRA: only adapters train, the reference is the base, and the book's protocol runs
+    lora_out = tmp_path / "lora"
+    assert run_dpo(["--init", "random", "--config", str(config), "--data", str(data),
+                    "--limit", "40", "--steps", "2", "--protocol", "book", "--no-responses",
+                    "--lora-rank", "2", "--set", "batch_size=4", "--set", "sample_count=0",
+                    "--set", "pad_multiple=128", "--set", "eval_batches=1", "--out",
+                    str(lora_out), "--quiet"]) == 0
+    summary = json.loads((lora_out / "summary.json").read_text())
+    assert summary["book_collate"] and summary["trainable_params"] < summary["total_params"] / 5
+    assert summary["initial"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert json.loads((lora_out / "config.json").read_text())["dpo"]["decay_all"]

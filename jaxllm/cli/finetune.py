@@ -2,8 +2,10 @@
 
     jaxllm finetune classify --hf gpt2/ --data spam.tsv --protocol book
     jaxllm finetune instruct --hf gpt2-medium/ --data instruction-data.json
+    jaxllm finetune dpo --run-dir runs/instruct --data instruction-data-with-preference.json
 
-Each task is its own command module (`finetune_classify`, `finetune_instruct`)
+Each task is its own command module (`finetune_classify`, `finetune_instruct`,
+`finetune_dpo`)
 with its own options; `jaxllm finetune TASK --help` lists them.
 """
 
@@ -17,6 +19,8 @@ TASKS = {
                  "a text classifier: the LM head replaced by a class head"),
     "instruct": ("jaxllm.cli.finetune_instruct",
                  "instruction following: supervised fine-tuning on instruction/response pairs"),
+    "dpo": ("jaxllm.cli.finetune_dpo",
+            "preferences: direct preference optimisation (DPO) on chosen/rejected answer pairs"),
 }
 
 
