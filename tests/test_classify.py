@@ -14,159 +14,38 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-import transformers
 
 from jaxllm.cli import classify as classify_cli, finetune as finetune_cli
-from jaxllm.config import GPTConfig
 from jaxllm.data.classification import (ClassificationBatches, LabeledTextError, balance,
                                         class_ids, fixed_batches, prepare_classification,
                                         read_labeled)
 from jaxllm.finetune.classify import (HEAD, add_class_head, class_logits, classify_task,
                                       trainable_for)
-from jaxllm.finetune.loop import ClassifyConfig, finetune_classify, make_classify_optimizer
-from jaxllm.hf import hf_config_kwargs, to_hf_state_dict
+from jaxllm.finetune.loop import ClassifyConfig, finetune_classify
+from jaxllm.hf import to_hf_state_dict
 from jaxllm.model import init_params
+from jaxllm.parity import assert_passed
+from jaxllm.parity.finetune import (CLASSIFY_CONFIG, CLASSIFY_TC, N_CLASSES, PAD, TorchClassifier,
+                                    classifier_steps, random_classifier)
+from jaxllm.parity.finetune import classify_batches as tiny_batches
 from jaxllm.tokenizer import ByteTokenizer, get_tokenizer
-from jaxllm.train import TrainConfig, init_train_state, make_train_step
+from jaxllm.train import init_train_state, make_train_step
 from jaxllm.train.task import path_str, trainable_mask
 
-TINY = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
-                 drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
-PAD = 96
-N_CLASSES = 3
-TC = TrainConfig(lr=1e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.1, beta1=0.9,
-                 beta2=0.999, eps=1e-8, grad_clip=None, batch_size=8, total_steps=5)
-
-
-def random_classifier(seed):
-    """Every leaf drawn at random (scales near 1), so no zero bias hides a mistake."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda k: add_class_head(init_params(TINY, k), TINY, N_CLASSES, k),
-                            jax.random.key(0))
-
-    def draw(path, leaf):
-        noise = 0.1 * rng.standard_normal(leaf.shape).astype(np.float32)
-        return jnp.asarray(noise + 1 if path_str(path).endswith("scale") else noise)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def tiny_batches(n, seed):
-    """Right-padded rows of random lengths (1 to the full width), random labels."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        lengths = rng.integers(1, TINY.context_length + 1, TC.batch_size).astype(np.int32)
-        tokens = rng.integers(0, PAD, (TC.batch_size, TINY.context_length)).astype(np.int32)
-        tokens[np.arange(TINY.context_length)[None, :] >= lengths[:, None]] = PAD
-        out.append({"tokens": tokens, "lengths": lengths,
-                    "labels": rng.integers(0, N_CLASSES, TC.batch_size).astype(np.int32)})
-    return out
-
-
-class TorchClassifier(torch.nn.Module):
-    """GPT-2 (transformers, eager attention) with a linear class head on its
-    final hidden states, pooled as the jaxllm classifier pools."""
-
-    def __init__(self, params, pooling):
-        super().__init__()
-        hf = transformers.GPT2Config(**hf_config_kwargs(TINY), attn_implementation="eager")
-        self.gpt = transformers.GPT2Model(hf)
-        body = {k.removeprefix("transformer."): torch.from_numpy(v.copy())
-                for k, v in to_hf_state_dict(params, TINY).items() if k.startswith("transformer.")}
-        self.gpt.load_state_dict(body, strict=False)  # the attention-mask buffers stay
-        self.head = torch.nn.Linear(TINY.emb_dim, N_CLASSES)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.from_numpy(np.asarray(params[HEAD]["kernel"]).T.copy()))
-            self.head.bias.copy_(torch.from_numpy(np.asarray(params[HEAD]["bias"]).copy()))
-        self.pooling = pooling
-
-    def forward(self, tokens, lengths):
-        h = self.gpt(tokens).last_hidden_state  # after ln_f
-        if self.pooling == "last_position":
-            pooled = h[:, -1]
-        elif self.pooling == "last_token":
-            pooled = h[torch.arange(h.shape[0]), lengths - 1]
-        else:
-            real = (torch.arange(h.shape[1])[None, :] < lengths[:, None]).float()
-            pooled = (h * real[..., None]).sum(1) / lengths[:, None].float()
-        return self.head(pooled)
-
-
-def freeze_last_block(model):
-    """requires_grad=False on everything but the last block, ln_f and the head;
-    the trainable parameters, by name."""
-    last = f"gpt.h.{TINY.n_layers - 1}."
-    trained = {}
-    for name, p in model.named_parameters():
-        p.requires_grad = name.startswith((last, "gpt.ln_f.", "head."))
-        if p.requires_grad:
-            trained[name] = p
-    return trained
+# The tiny classifier, its batches and the independent PyTorch classifier are the
+# parity checks' (`jaxllm parity` reports the same AdamW steps).
+TINY, TC = CLASSIFY_CONFIG, CLASSIFY_TC
 
 
 @pytest.mark.parametrize("pooling,decay_all", [("last_token", True), ("mean", False),
                                                ("last_position", True)])  # the book's replay
 def test_adamw_steps_equal_torch_and_frozen_leaves_stay(pooling, decay_all):
-    params = random_classifier(seed=1)
-    batches = tiny_batches(2, seed=2) * 3  # each batch seen three times: the loss must fall
-    trainable = trainable_for("last_block", TINY)
-    optimizer = make_classify_optimizer(TC, decay_all)
-    step = make_train_step(TINY, TC, optimizer, task=classify_task(pooling), trainable=trainable)
-    state = init_train_state(jax.tree.map(jnp.copy, params), TC, optimizer, trainable=trainable)
-
-    model = TorchClassifier(params, pooling).train()  # dropout is 0: train mode is deterministic
-    trained = freeze_last_block(model)
-    if decay_all:  # the book's torch.optim.AdamW(model.parameters(), weight_decay=0.1)
-        groups = [{"params": list(trained.values()), "weight_decay": TC.weight_decay}]
-    else:  # jaxllm's default: decay on matrices only
-        groups = [{"params": [p for p in trained.values() if p.ndim >= 2],
-                   "weight_decay": TC.weight_decay},
-                  {"params": [p for p in trained.values() if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=TC.lr, betas=(TC.beta1, TC.beta2), eps=TC.eps)
-    ours, theirs = [], []
-    for batch in batches:
-        state, metrics = step(state, batch)
-        ours.append(float(metrics["loss"]))
-        opt.zero_grad()
-        logits = model(torch.from_numpy(batch["tokens"]).long(),
-                       torch.from_numpy(batch["lengths"]).long())
-        loss = F.cross_entropy(logits, torch.from_numpy(batch["labels"]).long())
-        loss.backward()
-        opt.step()
-        theirs.append(loss.item())
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
-    assert ours[4] < ours[0] - 0.1 and ours[5] < ours[1] - 0.1  # the steps learn
-
-    # the logits after training, and every trained weight
-    with torch.no_grad():
-        t_logits = model(torch.from_numpy(batches[0]["tokens"]).long(),
-                         torch.from_numpy(batches[0]["lengths"]).long()).numpy()
-    j_logits = np.asarray(class_logits(state.params, batches[0], TINY, pooling=pooling))
-    np.testing.assert_allclose(j_logits, t_logits, rtol=0, atol=1e-5)
-    sd = {f"gpt.{k.removeprefix('transformer.')}": v
-          for k, v in to_hf_state_dict(state.params, TINY).items()}
-    sd["head.weight"] = np.asarray(state.params[HEAD]["kernel"]).T
-    sd["head.bias"] = np.asarray(state.params[HEAD]["bias"])
-    d = TINY.emb_dim
-    for name, p in trained.items():
-        a, b = sd[name], p.detach().numpy()
-        if name.endswith("c_attn.bias"):
-            # the key bias adds q.b to every score of a query, which softmax ignores: its
-            # true gradient is 0, and Adam scales rounding noise in it up to full steps
-            a, b = np.delete(a, np.s_[d:2 * d]), np.delete(b, np.s_[d:2 * d])
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=name)
-
-    # the frozen leaves: bit for bit as they started
-    mask = trainable_mask(params, trainable)
-    n_frozen = 0
-    for m, before, after in zip(jax.tree.leaves(mask), jax.tree.leaves(params),
-                                jax.tree.leaves(state.params)):
-        if not m:
-            n_frozen += 1
-            assert np.array_equal(np.asarray(before), np.asarray(after))
-    assert n_frozen == 2 + 12 * (TINY.n_layers - 1) and len(trained) == 12 + 2 + 2
+    # every loss, the logits after training and every trained weight within 1e-5 of
+    # torch's; the frozen leaves bit for bit as they started; the steps must learn
+    losses, logits, weights, frozen = assert_passed(classifier_steps(pooling, decay_all))
+    assert losses.tolerance == logits.tolerance == weights.tolerance == 1e-5
+    assert losses.rtol == logits.rtol == weights.rtol == 0 and frozen.tolerance == 0
+    assert len(losses.where) and weights.where.startswith(("gpt.", "head."))
 
 
 logits_of = jax.jit(class_logits, static_argnames=("config", "pooling"))

@@ -13,12 +13,9 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-import transformers
 
 from jaxllm.cli import chat, finetune_instruct as cli
 from jaxllm.config import GPTConfig
@@ -28,14 +25,15 @@ from jaxllm.finetune.instruct import format_prompt
 from jaxllm.finetune.instruct_loop import InstructConfig, finetune_instruct
 from jaxllm.finetune.judge import JudgeUnavailable, judge_responses, parse_score
 from jaxllm.hf import hf_config_kwargs, to_hf_state_dict
-from jaxllm.model import init_params
+from jaxllm.parity import assert_passed
+from jaxllm.parity.finetune import instruct_gradients, instruct_steps
+from jaxllm.parity.reference import random_params
 from jaxllm.tokenizer import get_tokenizer
-from jaxllm.train import TrainConfig, init_train_state, make_train_step
+from jaxllm.train import TrainConfig, init_train_state
 
 E = 50256
 TINY = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
                  drop_rate=0.0, qkv_bias=True, tie_embeddings=False)
-TINY_EOT = 96  # the tiny vocabulary's end-of-text
 
 
 # -- the collate -----------------------------------------------------------------
@@ -112,111 +110,21 @@ def test_bucketing_keeps_epochs_permutations_and_pads_less():
     assert padding(bucketed) < 0.5 * padding(plain)
 
 
-# -- the masked loss and its gradients against torch ----------------------------
-def random_params(config, seed):
-    """Every leaf drawn at random (scales near 1), so no zero bias hides a mistake."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
-
-    def draw(path, leaf):
-        noise = 0.1 * rng.standard_normal(leaf.shape).astype(np.float32)
-        return jnp.asarray(noise + 1 if jax.tree_util.keystr(path).endswith("['scale']") else noise)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+# -- the masked loss, its gradients and AdamW steps against torch ------------------
+# The checks are the parity module's (`jaxllm parity` reports the same figures).
+@pytest.mark.parametrize("mask_prompt", [False, True], ids=["prompt_kept", "prompt_masked"])
+def test_masked_loss_and_gradients_equal_torch_ignore_index(mask_prompt):
+    # the micro-batches count different numbers of targets, and a mean of their
+    # means would be wrong (the check requires both): the loss and every gradient
+    # within 1e-6 of torch's over the whole batch, every counted target counted
+    loss, count, grads = assert_passed(instruct_gradients(mask_prompt))
+    assert loss.tolerance == grads.tolerance == 1e-6 and count.difference == 0
 
 
-def torch_model(params, config):
-    hf = transformers.GPT2Config(**hf_config_kwargs(config), attn_implementation="eager")
-    model = transformers.GPT2LMHeadModel(hf)
-    model.load_state_dict({k: torch.from_numpy(v.copy())
-                           for k, v in to_hf_state_dict(params, config).items()})
-    return model.eval()
-
-
-def tiny_examples(n, seed, lo=3, hi=20):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        length = int(rng.integers(lo, hi))
-        out.append(Example(rng.integers(0, TINY_EOT, length).astype(np.int32),
-                           int(rng.integers(1, length))))
-    return out
-
-
-# One AdamW configuration and one compiled step for both torch comparisons:
-# micro-batches of 2 rows, and a fixed width, so nothing recompiles.
-TC = TrainConfig(lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.1, beta1=0.9,
-                 beta2=0.999, eps=1e-8, grad_clip=None, batch_size=4, grad_accum=2,
-                 total_steps=6)
-COLLATE = dict(pad_id=TINY_EOT, pad_multiple=TINY.context_length)
-
-
-@pytest.fixture(scope="module")
-def tiny_step():
-    return make_train_step(TINY, TC)
-
-
-def torch_loss(model, batch):
-    logits = model(torch.from_numpy(batch["tokens"]).long()).logits
-    targets = torch.from_numpy(batch["targets"]).long()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100), \
-        logits, targets
-
-
-def test_masked_loss_and_gradients_equal_torch_ignore_index(tiny_step):
-    params = random_params(TINY, seed=2)
-    for mask_prompt in (False, True):
-        batch = collate(tiny_examples(4, seed=3), mask_prompt=mask_prompt, **COLLATE)
-        counted = (batch["targets"] != -100).sum(axis=1)
-        assert counted[:2].sum() != counted[2:].sum()  # the micro-batches count differently
-
-        model = torch_model(params, TINY)
-        loss, logits, targets = torch_loss(model, batch)
-        loss.backward()
-        theirs = {k: p.grad.numpy() for k, p in model.named_parameters()}
-        halves = [F.cross_entropy(logits[s].flatten(0, 1), targets[s].flatten(),
-                                  ignore_index=-100).item() for s in (slice(0, 2), slice(2, 4))]
-        assert abs(np.mean(halves) - loss.item()) > 1e-3  # a mean of means would be wrong
-
-        state = init_train_state(jax.tree.map(jnp.copy, params), TC)
-        state, metrics = tiny_step(state, batch)
-        assert abs(float(metrics["loss"]) - loss.item()) < 1e-6
-        assert int(metrics["count"]) == counted.sum()
-        # after one step from zero moments, Adam's first moment is (1 - beta1) * gradient
-        grads = jax.tree.map(lambda m: m / (1 - TC.beta1), state.opt_state[0].mu)
-        for name, g in to_hf_state_dict(grads, TINY).items():
-            if name in theirs:
-                err = np.abs(g - theirs[name]).max()
-                assert err < 1e-6, (f"mask_prompt {mask_prompt}, {name}: max |gradient "
-                                    f"difference| {err:.3g}")
-
-
-# -- AdamW steps against an independent PyTorch fine-tuning ----------------------
-def test_adamw_fine_tuning_steps_give_torch_losses(tiny_step):
-    params = random_params(TINY, seed=4)
-    batches = InstructionBatches(tiny_examples(16, seed=5), 4, seed=6,
-                                 collate_kwargs=dict(mask_prompt=True, **COLLATE))
-    state = init_train_state(jax.tree.map(jnp.copy, params), TC)
-
-    model = torch_model(params, TINY).train()
-    decay = [p for n, p in model.named_parameters()
-             if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight", "lm_head.weight"))]
-    rest = [p for n, p in model.named_parameters() if all(p is not q for q in decay)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": TC.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}],
-                            lr=TC.lr, betas=(TC.beta1, TC.beta2), eps=TC.eps)
-    ours, theirs = [], []
-    for k in range(6):  # one and a half epochs
-        batch = batches.batch_at(k)
-        state, metrics = tiny_step(state, batch)
-        ours.append(float(metrics["loss"]))
-        opt.zero_grad()
-        loss = torch_loss(model, batch)[0]
-        loss.backward()
-        opt.step()
-        theirs.append(loss.item())
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
-    assert ours[-1] < ours[0] - 0.1  # the steps learn
+def test_adamw_fine_tuning_steps_give_torch_losses():
+    # six steps, one and a half epochs; the check requires the loss to fall by 0.1
+    (losses,) = assert_passed(instruct_steps())
+    assert losses.tolerance == 1e-5 and losses.rtol == 0
 
 
 # -- the shared data set -------------------------------------------------------
