@@ -20,10 +20,11 @@ from jaxllm.finetune.dpo import (dpo_loss, dpo_losses, dpo_task, reference_logpr
                                  sequence_logprobs)
 from jaxllm.finetune.instruct import format_prompt
 from jaxllm.hf import to_hf_state_dict
+from jaxllm.parity.finetune import INSTRUCT_CONFIG as TINY, INSTRUCT_EOT as TINY_EOT
+from jaxllm.parity.reference import hf_model as torch_model, random_params
 from jaxllm.tokenizer import get_tokenizer
 from jaxllm.train import TrainConfig, init_train_state, make_train_step
 from jaxllm.train.task import path_str
-from test_instruct import TINY, TINY_EOT, random_params, torch_model
 
 
 # -- the book's collate, transcribed from its notebook (chapter 7 bonus: DPO) -----
