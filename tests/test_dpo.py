@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from jaxllm import lora
 from jaxllm.data.preferences import (Pair, PreferenceBatches, collate, read_preferences,
@@ -19,11 +18,12 @@ from jaxllm.data.preferences import (Pair, PreferenceBatches, collate, read_pref
 from jaxllm.finetune.dpo import (dpo_loss, dpo_losses, dpo_task, reference_logprobs,
                                  sequence_logprobs)
 from jaxllm.finetune.instruct import format_prompt
-from jaxllm.hf import to_hf_state_dict
-from jaxllm.parity.finetune import INSTRUCT_CONFIG as TINY, INSTRUCT_EOT as TINY_EOT
-from jaxllm.parity.reference import hf_model as torch_model, random_params
+from jaxllm.parity import assert_passed, dpo as parity_dpo
+from jaxllm.parity.dpo import tiny_pairs
+from jaxllm.parity.finetune import INSTRUCT_CONFIG as TINY
+from jaxllm.parity.reference import random_params
 from jaxllm.tokenizer import get_tokenizer
-from jaxllm.train import TrainConfig, init_train_state, make_train_step
+from jaxllm.train import TrainConfig
 from jaxllm.train.task import path_str
 
 
@@ -154,31 +154,14 @@ def test_reading_errors_name_what_is_wrong(tmp_path):
 
 
 # -- the loss against the formula in torch ---------------------------------------
-def torch_dpo_loss(pc, pr, rc, rr, beta, scale_rewards=False):
-    """An independent transcription of the formula (the book's compute_dpo_loss;
-    TRL's rewards carry beta)."""
-    logits = (pc - pr) - (rc - rr)
-    losses = -F.logsigmoid(beta * logits)
-    scale = beta if scale_rewards else 1.0
-    return (losses.mean(), (scale * (pc - rc)).detach().mean(),
-            (scale * (pr - rr)).detach().mean())
-
-
 @pytest.mark.parametrize("beta,scale", [(0.1, False), (0.5, True)])
 def test_dpo_loss_and_gradient_equal_torch(beta, scale):
+    # the parity check (`jaxllm parity`): loss and rewards within 1e-6 of torch's
+    # formula, the gradient too, every row's gradient above 1e-4
+    values_close, grads_close = assert_passed(parity_dpo.loss_formula(beta, scale))
+    assert values_close.tolerance == grads_close.tolerance == 1e-6 and grads_close.rtol == 0
     rng = np.random.default_rng(0)
     values = [(-3 * rng.random(16)).astype(np.float32) for _ in range(4)]
-    loss, chosen, rejected = dpo_loss(*map(jnp.asarray, values), beta, scale_rewards=scale)
-    grads = jax.grad(lambda pc, pr: dpo_loss(pc, pr, *map(jnp.asarray, values[2:]), beta)[0],
-                     argnums=(0, 1))(*map(jnp.asarray, values[:2]))
-    t = [torch.tensor(v, requires_grad=i < 2) for i, v in enumerate(values)]
-    tl, tc, tr = torch_dpo_loss(*t, beta, scale)
-    tl.backward()
-    for ours, theirs in ((loss, tl), (chosen, tc), (rejected, tr)):
-        assert abs(float(ours) - theirs.item()) < 1e-6
-    for ours, theirs in zip(grads, t[:2]):
-        np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=0, atol=1e-6)
-    assert np.abs(grads[0]).min() > 1e-4  # every row has a gradient worth comparing
     # policy == reference: every pair's loss is ln 2 and the rewards 0, exactly (the
     # batch mean of 16 float32 ln 2 is within float32 summation rounding of it)
     same = jnp.asarray(values[0]), jnp.asarray(values[1])
@@ -190,84 +173,17 @@ def test_dpo_loss_and_gradient_equal_torch(beta, scale):
 
 
 # -- tiny pairs, the task and AdamW against an independent torch DPO -------------
-def tiny_pairs(n, seed, lo=4, hi=16):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        prefix = int(rng.integers(1, lo))
-        seqs = [np.concatenate([np.arange(prefix) + 3,
-                                rng.integers(0, TINY_EOT, int(rng.integers(1, hi)))]).astype(np.int32)
-                for _ in range(2)]
-        out.append(Pair(seqs[0], seqs[1], prefix))
-    return out
-
-
-def torch_logprobs(model, tokens, mask, reduction):
-    """The book's compute_logprobs (reduction "mean"), or its sum."""
-    logits = model(torch.from_numpy(tokens).long()).logits
-    labels = torch.from_numpy(tokens).long()[:, 1:]
-    log_probs = F.log_softmax(logits[:, :-1, :], dim=-1)
-    selected = torch.gather(log_probs, -1, labels.unsqueeze(-1)).squeeze(-1)
-    m = torch.from_numpy(mask[:, 1:]).float()
-    total = (selected * m).sum(-1)
-    return total if reduction == "sum" else total / m.sum(-1)
-
-
-COLLATE = dict(pad_id=TINY_EOT, pad_multiple=TINY.context_length,
-               allowed_max_length=TINY.context_length)
-# eps above the float32 rounding noise of DPO's small gradients (beta times a mean over
-# tokens): at 1e-8 Adam scales an element whose gradient is near 0 up to a full step of noise
-TC = TrainConfig(lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.1, beta2=0.999,
-                 eps=1e-6, grad_clip=None, batch_size=4, total_steps=5)
+COLLATE = parity_dpo.COLLATE
 
 
 @pytest.mark.parametrize("reduction,beta", [("mean", 0.1), ("sum", 0.5)])
 def test_adamw_dpo_steps_equal_torch(reduction, beta):
-    params = random_params(TINY, seed=11)
-    pairs = tiny_pairs(12, seed=12)
-    cache = reference_logprobs(params, TINY, pairs, 4, reduction=reduction,
-                               collate_kwargs=COLLATE)
-    batches = PreferenceBatches(pairs, 4, seed=13, collate_kwargs=COLLATE, reference=cache)
-    step = make_train_step(TINY, TC, task=dpo_task(beta, reduction))
-    state = init_train_state(jax.tree.map(jnp.copy, params), TC)
-
-    model = torch_model(params, TINY).train()
-    decay = [p for n, p in model.named_parameters()
-             if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight", "lm_head.weight"))]
-    rest = [p for n, p in model.named_parameters() if all(p is not q for q in decay)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": TC.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}],
-                            lr=TC.lr, betas=(TC.beta1, TC.beta2), eps=TC.eps)
-    reference = torch_model(params, TINY)  # the frozen start, run by torch on every batch
-    ours, theirs = [], []
-    for k in range(5):
-        batch = batches.batch_at(k)
-        state, m = step(state, batch)
-        ours.append([float(m["loss"])] + [float(m[key]) / 4 for key in
-                                          ("chosen_reward", "rejected_reward")])
-        opt.zero_grad()
-        pc, pr = (torch_logprobs(model, batch[key], batch[f"{key}_mask"], reduction)
-                  for key in ("chosen", "rejected"))
-        with torch.no_grad():
-            rc, rr = (torch_logprobs(reference, batch[key], batch[f"{key}_mask"], reduction)
-                      for key in ("chosen", "rejected"))
-        loss, chosen, rejected = torch_dpo_loss(pc, pr, rc, rr, beta, reduction == "sum")
-        loss.backward()
-        opt.step()
-        theirs.append([loss.item(), chosen.item(), rejected.item()])
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
-    assert ours[0][0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
-    assert ours[-1][0] < ours[0][0] - 0.01  # the steps learn
-    weights = {k: p.detach().numpy() for k, p in model.named_parameters()}
-    d = TINY.emb_dim
-    for name, w in to_hf_state_dict(state.params, TINY).items():
-        if name in weights:
-            theirs = weights[name]
-            if name.endswith("c_attn.bias"):
-                # the key bias adds q.b to every score of a query, which softmax ignores: its
-                # true gradient is 0, and Adam scales rounding noise in it up to full steps
-                w, theirs = np.delete(w, np.s_[d:2 * d]), np.delete(theirs, np.s_[d:2 * d])
-            np.testing.assert_allclose(w, theirs, rtol=0, atol=1e-5, err_msg=name)
+    # the parity check: loss and rewards at each of 5 steps within 1e-5 of an
+    # independent torch DPO's, the first loss ln 2 (policy = reference), every
+    # weight after within 1e-5, and the steps must learn
+    steps, first, weights = assert_passed(parity_dpo.adamw_steps(reduction, beta))
+    assert steps.tolerance == weights.tolerance == 1e-5 and first.tolerance == 1e-6
+    assert steps.rtol == first.rtol == weights.rtol == 0
 
 
 def test_a_pair_with_chosen_equal_to_rejected_has_no_gradient():

@@ -148,7 +148,7 @@ def test_report_counts_failures_and_crashes(tmp_path):
 def test_every_registered_check_is_named_once_and_selectable():
     checks = parity.load_checks()
     areas = {c.area for c in checks.values()}
-    assert {"basics", "gpt2", "finetune"} <= areas
+    assert {"basics", "gpt2", "finetune", "dpo"} <= areas
     assert "gpt2: greedy tokens vs generate()" in checks
     assert [c.name for c in parity.select(["greedy"])] == ["gpt2: greedy tokens vs generate()"]
     assert {c.area for c in parity.select(["basics"])} == {"basics"}

@@ -14,7 +14,7 @@ One file per area, each imported by `load_checks()`:
 * `gpt2.py`: GPT-2 against `transformers.GPT2LMHeadModel`: logits, loss, every
   gradient, AdamW steps, greedy tokens, the weight conversion;
 * `finetune.py`: classifier AdamW steps, masked instruction loss, gradients and steps;
-* `lora.py`: LoRA against an independent PyTorch LoRA;
+* `dpo.py`: the DPO loss against its formula in torch, AdamW steps against a torch DPO;
 * `reference.py`: the PyTorch side shared by the areas (random parameters, a
   `GPT2LMHeadModel` holding jaxllm's weights); it registers nothing.
 
