@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default 50)")
     parser.add_argument("--eval-batches", type=int, help="batches per evaluation (default 5)")
     parser.add_argument("--save-every", type=int, help="steps between checkpoints (default 500)")
+    parser.add_argument("--keep-best", action="store_true",
+                        help="also keep the parameters of the evaluation with the best "
+                             "validation accuracy, in RUN_DIR/best (its step in summary.json)")
     add_run_arguments(parser, default_out=DEFAULT_OUT, task_config="ClassifyConfig")
 
 
@@ -110,6 +113,8 @@ def build(args):
                       ("save_every", "save_every")):
         if getattr(args, flag) is not None:
             cc_fields[key] = getattr(args, flag)
+    if args.keep_best:
+        cc_fields["keep_best"] = True
     cc_fields.update(overrides["classify"])
     cc = ClassifyConfig(**cc_fields)
     from jaxllm.finetune.classify import trainable_for

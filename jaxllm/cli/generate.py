@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens to generate (fewer when end-of-text comes first)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 is greedy decoding; > 0 samples")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely (default: all)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample among the k most likely (default: all)")
     parser.add_argument("--top-p", type=float, default=None,
                         help="sample within the nucleus of probability p (default: off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")

@@ -52,11 +52,11 @@ def _hub_download(name: str) -> str:
         raise FileNotFoundError(f"--hf {name}: no such folder, and huggingface_hub is not "
                                 f"installed to download it as a hub model name "
                                 f"(pip install huggingface_hub)") from None
+    told = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     offline = (f"--hf {name}: no such folder; as a hub model name it is not in the local "
                f"Hugging Face cache and the hub cannot be reached"
-               f"{' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE', '') not in ('', '0') else ''}"
-               f"; give a local folder with model.safetensors or pytorch_model.bin and "
-               f"config.json")
+               f"{' (HF_HUB_OFFLINE is set)' if told else ''}; give a local folder with "
+               f"model.safetensors or pytorch_model.bin and config.json")
     try:
         return snapshot_download(name, allow_patterns=["config.json", *WEIGHT_FILES])
     except LocalEntryNotFoundError:
@@ -147,7 +147,8 @@ def config_of(path: str, n_heads: int | None = None, sd: dict | None = None):
     head = sd.get("lm_head.weight")
     tied = head is None or bool((head == sd["transformer.wte.weight"]).all())
     return GPTConfig(qkv_bias=True, drop_rate=0.0, vocab_size=int(vocab), emb_dim=int(emb),
-                     n_layers=len(layers), context_length=int(sd["transformer.wpe.weight"].shape[0]),
+                     n_layers=len(layers),
+                     context_length=int(sd["transformer.wpe.weight"].shape[0]),
                      n_heads=n_heads if n_heads is not None else max(1, int(emb) // 64),
                      ffn_dim=int(sd["transformer.h.0.mlp.c_fc.weight"].shape[1]),
                      tie_embeddings=tied)

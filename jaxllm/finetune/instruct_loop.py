@@ -52,7 +52,7 @@ from jaxllm.train.lock import run_lock
 from jaxllm.train.loop import TrainingDiverged
 from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig
-from jaxllm.train.plot import plot_losses
+from jaxllm.train.plot import common_batch_count, plot_losses
 from jaxllm.layout import check_params
 from jaxllm.train.runner import run_steps, start_or_resume
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
@@ -253,7 +253,8 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
         if records:
             plot_losses(records, run_dir / "loss.png", tokens_per_epoch=tokens_per_epoch,
                         title=f"{data_name}: {config.n_layers} layers, emb {config.emb_dim}, "
-                              f"{ic.style} prompts")
+                              f"{ic.style} prompts",
+                        eval_batches=common_batch_count(train_eval, val_eval))
     wall_train = time.perf_counter() - wall_start
 
     # -- the test split: loss, then a response to every entry --------------------

@@ -11,9 +11,13 @@ jitted train step with `classify_task` over the seeded training batches of a
 - every `save_every` steps and at the end, an Orbax checkpoint (the engine's
   `jaxllm.train.checkpoint`) whose metadata holds the classes, pooling and
   padding, so `load_classifier` / `jaxllm classify` can use it;
+- with `keep_best`, at each evaluation that beats every earlier one in
+  validation accuracy, the parameters in `<run_dir>/best/` (a run folder of
+  one checkpoint that `jaxllm classify --run-dir` reads);
 - after training, accuracy and loss on the whole train, validation and test
-  splits; `loss.png` and `accuracy.png` (train and validation against
-  examples seen) and `summary.json`.
+  splits (and of the best checkpoint's, with `keep_best`); `loss.png` and
+  `accuracy.png` (train and validation against examples seen) and
+  `summary.json`.
 
 Batch k is a function of k and the seed, so `resume=True` continues from the
 last checkpoint and writes what an uninterrupted run would.
@@ -25,11 +29,13 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
@@ -45,12 +51,13 @@ from jaxllm.train.lock import run_lock
 from jaxllm.train.loop import TrainingDiverged
 from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
-from jaxllm.train.plot import plt  # matplotlib with the file-only backend
-from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
+from jaxllm.train.plot import common_batch_count, plot_metric
+from jaxllm.train.step import TrainState, init_train_state, make_eval_step, make_train_step
 from jaxllm.train.runner import run_steps, start_or_resume
 from jaxllm.train.task import count_trainable
 
 META_KIND = "classify"
+BEST_SUBDIR = "best"  # keep_best's run folder inside the run's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +72,15 @@ class ClassifyConfig:
     log_every: int = 10
     save_every: int = 500
     keep: int = 2  # checkpoints kept
+    keep_best: bool = False  # also keep the parameters of the best validation accuracy
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"ClassifyConfig.pooling must be one of {POOLINGS}, "
                              f"got {self.pooling!r}")
+        if not isinstance(self.keep_best, bool):
+            raise ValueError(f"ClassifyConfig.keep_best must be true or false, got "
+                             f"{self.keep_best!r}")
         for name in ("eval_every", "eval_batches", "log_every", "save_every", "keep"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -118,34 +129,14 @@ def _sums(eval_step, params, batches) -> dict[str, float]:
 
 
 def plot_curves(records: list[dict[str, Any]], run_dir: Path, *, examples_per_epoch: int,
-                title: str) -> None:
-    """loss.png and accuracy.png: per-step training values (faint), evaluated
-    train and validation values, against examples seen (epochs on top)."""
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    for key, ylabel, name in (("loss", "loss (cross-entropy, nats)", "loss.png"),
-                              ("accuracy", "accuracy", "accuracy.png")):
-        fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
-        if train:
-            ax.plot([r["examples"] for r in train], [r[key] for r in train], color="tab:blue",
-                    alpha=0.3, linewidth=0.8, label=f"training {key} (per step)")
-        if evals:
-            x = [r["examples"] for r in evals]
-            ax.plot(x, [r[f"train_{key}"] for r in evals], "o-", color="tab:blue", markersize=3,
-                    label=f"training {key} (eval)")
-            ax.plot(x, [r[f"val_{key}"] for r in evals], "s-", color="tab:orange",
-                    markersize=3, label=f"validation {key}")
-        ax.set_xlabel("examples seen")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best")
-        top = ax.secondary_xaxis("top", functions=(lambda e: e / examples_per_epoch,
-                                                   lambda p: p * examples_per_epoch))
-        top.set_xlabel("epochs")
-        fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        fig.savefig(run_dir / name)
-        plt.close(fig)
+                title: str, eval_batches: int | None = None) -> None:
+    """loss.png and accuracy.png: per step and at each evaluation (on
+    `eval_batches` batches of each split, not the whole splits that
+    summary.json scores), against examples seen (epochs on top)."""
+    for key, ylabel in (("loss", "loss (cross-entropy)"), ("accuracy", "accuracy")):
+        plot_metric(records, run_dir / f"{key}.png", key=key, x="examples",
+                    xlabel="examples seen", ylabel=ylabel, per_epoch=examples_per_epoch,
+                    eval_batches=eval_batches, title=title)
 
 
 def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyConfig,
@@ -206,6 +197,11 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
     last_saved = latest
     n_trainable = count_trainable(state.params, trainable)
     n_total = sum(int(x.size) for x in jax.tree.leaves(state.params))
+    best_dir = run_dir / BEST_SUBDIR
+    earlier = [r for r in log.read() if r["kind"] == "eval"]  # a resumed run's, up to its step
+    best = max(earlier, key=lambda r: r["val_accuracy"], default=None) if cc.keep_best else None
+    if cc.keep_best and latest is None:
+        shutil.rmtree(best_dir, ignore_errors=True)  # a fresh run: an earlier run's best goes
 
     def evaluate(params, step: int) -> dict[str, Any]:
         tr, va = _sums(eval_step, params, train_eval), _sums(eval_step, params, val_eval)
@@ -215,7 +211,24 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
         log.append([record])
         tqdm.write(f"step {step}: train loss {tr['loss']:.3f}, val loss {va['loss']:.3f}; "
                   f"accuracy train {tr['accuracy']:.1%}, val {va['accuracy']:.1%}")
+        if cc.keep_best and (best is None or va["accuracy"] > best["val_accuracy"]):
+            keep_best(params, record)
         return record
+
+    def keep_best(params, record: dict[str, Any]) -> None:
+        """The parameters alone (no optimizer state) as `best/`'s one checkpoint;
+        a resumed run reaching a step `best/` holds finds the same parameters."""
+        nonlocal best
+        best = record
+        manager = checkpoint.open_manager(best_dir, keep=1, create=True)
+        try:
+            if record["step"] not in manager.all_steps():
+                checkpoint.save(manager, TrainState(jnp.int32(record["step"]), params, None,
+                                                    jnp.zeros(2, jnp.uint32)),
+                                dict(meta, best_of=str(run_dir),
+                                     val_accuracy=record["val_accuracy"]))
+        finally:
+            manager.close()
 
     def save(state, step: int) -> None:
         nonlocal last_saved
@@ -248,11 +261,17 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
             plot_curves(records, run_dir, examples_per_epoch=batches.batches_per_epoch
                         * tc.batch_size,
                         title=f"{data_name}: {config.n_layers} layers, emb {config.emb_dim}, "
-                              f"{cc.trainable}, {cc.pooling}")
+                              f"{cc.trainable}, {cc.pooling}",
+                        eval_batches=common_batch_count(train_eval, val_eval))
     wall_train = time.perf_counter() - wall_start
 
-    final = {name: _sums(eval_step, state.params, fixed_batches(split, tc.batch_size))
-             for name, split in data.splits().items() if len(split)}
+    def whole_splits(params) -> dict[str, dict[str, float]]:
+        return {name: _sums(eval_step, params, fixed_batches(split, tc.batch_size))
+                for name, split in data.splits().items() if len(split)}
+
+    final = whole_splits(state.params)
+    if best is not None:  # the kept parameters, scored as the final ones are
+        best_final = whole_splits(checkpoint.load_params(best_dir)[0])
     evals = [r for r in records if r["kind"] == "eval"]
     first_eval = first_eval or (evals[0] if evals else None)
     train_time, compile_s, timed_steps = timing.train_s, timing.compile_s, timing.timed_steps
@@ -273,6 +292,11 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
         "loss": {k: v["loss"] for k, v in final.items()},
         "last_checkpoint": last_saved, "wall_s": time.perf_counter() - wall_start,
     }
+    if best is not None:
+        summary["best"] = {"step": best["step"], "run_dir": str(best_dir),
+                           "eval_val_accuracy": best["val_accuracy"],
+                           "accuracy": {k: v["accuracy"] for k, v in best_final.items()},
+                           "loss": {k: v["loss"] for k, v in best_final.items()}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -288,8 +312,13 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("examples_per_s"):
         lines.append(f"speed: {s['examples_per_s']:.1f} examples/s after "
                      f"{s['compile_s']:.1f} s of compilation")
+    if s.get("best"):
+        b = s["best"]
+        lines.append(f"best validation accuracy at step {b['step']} (of the evaluations), kept in "
+                     f"{b['run_dir']}: " + ", ".join(f"{k} {v:.1%}"
+                                                     for k, v in b["accuracy"].items()))
     lines.append(f"wrote {s['run_dir']}/: metrics.jsonl, loss.png, accuracy.png, summary.json, "
-                 f"checkpoints/{s['last_checkpoint']}")
+                 f"checkpoints/{s['last_checkpoint']}" + (", best/" if s.get("best") else ""))
     return "\n".join(lines)
 
 

@@ -51,7 +51,7 @@ from jaxllm.train import checkpoint
 from jaxllm.train.lock import run_lock
 from jaxllm.train.metrics import MetricsLog, write_samples
 from jaxllm.train.optim import TrainConfig
-from jaxllm.train.plot import plot_losses
+from jaxllm.train.plot import common_batch_count, plot_losses
 from jaxllm.train.sampling import sample_text
 from jaxllm.train.runner import check_resumable, run_steps
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
@@ -403,7 +403,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
             plot_losses(records, run_dir / "loss.png",
                         tokens_per_epoch=batches.batches_per_epoch * tokens_per_step,
                         title=f"{data_name}: {config.n_layers} layers, emb {config.emb_dim}, "
-                              f"{tokenizer.name} tokens")
+                              f"{tokenizer.name} tokens",
+                        eval_batches=common_batch_count(train_eval, val_eval))
             write_samples(records, run_dir / "samples.txt")
 
     evals = [r for r in records if r["kind"] == "eval"]
