@@ -332,31 +332,29 @@ def _run(run_dir, config, tc, dc, tokenizer, entries, params, resume, progress, 
 
 
 def plot_dpo(records: list[dict[str, Any]], path, *, title: str | None = None) -> None:
-    """A panel per metric against steps: the per-step training values (faint) and
-    the evaluations on the training and validation batches."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A panel per metric against steps: each step's training batch and the
+    evaluations on the training and validation batches (at `plot.DPI`, as
+    every run's curves)."""
+    from jaxllm.train.plot import DPI, plt
 
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     panels = (("loss", "loss"), ("rewards", None), ("reward_margin", "reward margin"),
               ("reward_accuracy", "reward accuracy"))
-    fig, axes = plt.subplots(2, 2, figsize=(9.6, 6.4), dpi=100)
+    fig, axes = plt.subplots(2, 2, figsize=(9.6, 6.4))
     for ax, (key, label) in zip(axes.flat, panels):
         keys = ("chosen_reward", "rejected_reward") if key == "rewards" else (key,)
         for k, color in zip(keys, ("tab:blue", "tab:red")):
             name = k.replace("_", " ")
             if train:
                 ax.plot([r["step"] for r in train], [r[k] for r in train], color=color,
-                        alpha=0.3, linewidth=0.8, label=f"{name} (training step)")
+                        alpha=0.5, linewidth=1.0, label=f"{name}, training batch each step")
             if evals:
                 x = [r["step"] for r in evals]
                 ax.plot(x, [r["train_" + k] for r in evals], "o-", color=color, markersize=3,
-                        label=f"{name} (training eval)")
+                        label=f"{name}, training data (evaluated)")
                 ax.plot(x, [r["val_" + k] for r in evals], "s--", color=color, markersize=3,
-                        label=f"{name} (validation)")
+                        label=f"{name}, validation data (evaluated)")
         ax.set_xlabel("step")
         ax.set_ylabel(label or "reward")
         ax.grid(alpha=0.3)
@@ -364,7 +362,7 @@ def plot_dpo(records: list[dict[str, Any]], path, *, title: str | None = None) -
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
