@@ -1,9 +1,17 @@
-"""Tokenizers behind one small interface: encode, decode, vocab_size, eot_id.
+"""Tokenizers behind one small interface: encode, decode, vocab_size, eot_id,
+stop_ids, and the folder their files came from (`directory`).
 
 - `ByteTokenizer`: the 256 byte values plus an end-of-text id; needs no files.
 - `GPT2Tokenizer`: GPT-2's byte-level BPE through tiktoken, built from local
-  vocabulary files (`gpt2.tiktoken`, or `encoder.json` + `vocab.bpe`) found in
-  a directory given as an argument or in `$JAXLLM_GPT2_DIR`.
+  vocabulary files (`gpt2.tiktoken`, `encoder.json` + `vocab.bpe`, or a Hugging
+  Face folder's `vocab.json` + `merges.txt`).
+- `HFTokenizer` (`jaxllm.hf_tokenizer`): a model family's own `tokenizer.json`
+  through the `tokenizers` library, with its chat template and end-of-turn ids.
+
+`get_tokenizer` is the one place every command finds a tokenizer's files: the
+`--tokenizer-dir` flag, then the run's recorded folder or the Hugging Face
+model folder, then `$JAXLLM_GPT2_DIR`, then a `shared/data` folder above the
+checkout; when none holds them the message lists every place tried.
 """
 
 from __future__ import annotations
@@ -12,19 +20,30 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Sequence
 
 GPT2_DIR_ENV = "JAXLLM_GPT2_DIR"
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _EOT = "<|endoftext|>"
+NAMES = ("byte", "gpt2", "hf")
+# The key of a Hugging Face config.json that names the tokenizer a jaxllm export
+# was trained with (`jaxllm lora merge`), for a vocabulary its files cannot say.
+EXPORT_KEY = "jaxllm_tokenizer"
+# A Hugging Face folder's tokenizer files (GPT-2's, or any family's tokenizer.json).
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                   "generation_config.json", "chat_template.jinja")
 
 
 class Tokenizer(Protocol):
     name: str
     vocab_size: int
     eot_id: int
+    stop_ids: tuple[int, ...]  # the ids that end a generated answer (end of text, of turn)
+    directory: str | None  # the folder its files were read from
 
     def encode(self, text: str, *, allow_eot: bool = False) -> list[int]: ...
+
+    def encode_prompt(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
@@ -35,6 +54,8 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = 257
     eot_id = 256
+    stop_ids = (256,)
+    directory = None
 
     def encode(self, text: str, *, allow_eot: bool = False) -> list[int]:
         if not allow_eot:
@@ -60,6 +81,14 @@ class ByteTokenizer:
         out.append(chunk.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        return _plain_prompt(self, text)
+
+
+def _plain_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt as GPT-2 takes it: the text's ids, or end-of-text alone for none."""
+    return tokenizer.encode(text) if text else [tokenizer.eot_id]
+
 
 class GPT2Tokenizer:
     """GPT-2's 50,257-token byte-level BPE (tiktoken)."""
@@ -67,9 +96,15 @@ class GPT2Tokenizer:
     name = "gpt2"
     vocab_size = 50257
     eot_id = 50256
+    stop_ids = (50256,)
 
     def __init__(self, directory: str | os.PathLike | None = None):
+        """The files in `directory`; without one, tiktoken's own download."""
         self._enc = _gpt2_encoding(directory)
+        self.directory = None if directory is None else str(Path(directory).resolve())
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return _plain_prompt(self, text)
 
     def encode(self, text: str, *, allow_eot: bool = False) -> list[int]:
         if allow_eot:
@@ -87,10 +122,21 @@ class GPT2Tokenizer:
         return self._enc.decode_bytes([int(i) for i in ids])
 
 
+def gpt2_files(directory: Path) -> list[Path] | None:
+    """GPT-2's vocabulary files in `directory` (merges first, as `_load_ranks`
+    reads them), or None: `gpt2.tiktoken`, `encoder.json` + `vocab.bpe`, or a
+    Hugging Face folder's `vocab.json` + `merges.txt` (the same two files)."""
+    if (directory / "gpt2.tiktoken").exists():
+        return [directory / "gpt2.tiktoken"]
+    for merges, vocab in (("vocab.bpe", "encoder.json"), ("merges.txt", "vocab.json")):
+        if (directory / merges).exists() and (directory / vocab).exists():
+            return [directory / merges, directory / vocab]
+    return None
+
+
 def _gpt2_encoding(directory):
     import tiktoken
 
-    directory = directory if directory is not None else os.environ.get(GPT2_DIR_ENV)
     how = (f"pass the directory that holds gpt2.tiktoken (or encoder.json and vocab.bpe), "
            f"e.g. --tokenizer-dir PATH, or set ${GPT2_DIR_ENV}")
     if directory is None:
@@ -102,13 +148,10 @@ def _gpt2_encoding(directory):
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"GPT-2 tokenizer directory {d} does not exist; {how}")
-    if (d / "gpt2.tiktoken").exists():
-        files = [d / "gpt2.tiktoken"]
-    elif (d / "encoder.json").exists() and (d / "vocab.bpe").exists():
-        files = [d / "vocab.bpe", d / "encoder.json"]
-    else:
+    files = gpt2_files(d)
+    if files is None:
         raise FileNotFoundError(f"{d / 'gpt2.tiktoken'} not found (nor encoder.json + "
-                                f"vocab.bpe); {how}")
+                                f"vocab.bpe, nor vocab.json + merges.txt); {how}")
     try:
         for f in files:
             if not f.is_file():
@@ -200,10 +243,111 @@ def _load_ranks(files: list[Path]) -> dict[bytes, int]:
                            "holds); replace both with GPT-2's own") from None
 
 
-def get_tokenizer(name: str = "byte", directory: str | os.PathLike | None = None) -> Tokenizer:
-    """`"byte"` or `"gpt2"` (with an optional vocabulary directory)."""
+def shared_data_folders() -> list[Path]:
+    """`shared/data` in every folder above the checkout jaxllm is imported from."""
+    return [parent / "shared" / "data" for parent in Path(__file__).resolve().parents[1:]]
+
+
+def _hf_export_record(folder: Path) -> dict | None:
+    """What a jaxllm export's config.json says of its tokenizer, if it does."""
+    try:
+        record = json.loads((folder / "config.json").read_text()).get(EXPORT_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) and record.get("name") in NAMES else None
+
+
+def _name_from_folder(folder: Path, vocab_size: int | None) -> str:
+    """The tokenizer a model folder holds: what a jaxllm export records; else
+    its `tokenizer.json`, unless GPT-2's own vocabulary files stand beside it
+    for a GPT-2-sized model without a chat template; else GPT-2's, or bytes
+    for a byte-sized vocabulary without GPT-2's files."""
+    record = _hf_export_record(folder)
+    if record is not None:
+        return record["name"]
+    if (folder / "tokenizer.json").is_file():
+        from jaxllm.hf_tokenizer import has_chat_template
+
+        gpt2_like = vocab_size in (None, GPT2Tokenizer.vocab_size) and gpt2_files(folder)
+        if not gpt2_like or has_chat_template(folder):
+            return "hf"
+    if vocab_size == ByteTokenizer.vocab_size and not gpt2_files(folder):
+        return "byte"
+    return "gpt2"
+
+
+def get_tokenizer(name: str | None = "byte", directory: str | os.PathLike | None = None, *,
+                  places: Sequence[tuple[str | os.PathLike | None, str]] = (),
+                  vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer `name` ("byte", "gpt2" or "hf"; None: the one `directory`,
+    else the first of `places`, holds for a model of `vocab_size` ids), its
+    files found in this
+    order: `directory` (the --tokenizer-dir flag: its files or an error), the
+    `places` as (folder, how it was found) pairs (a run's recorded folder, a
+    Hugging Face model folder), `$JAXLLM_GPT2_DIR`, a `shared/data` folder
+    above the checkout, and for GPT-2 last tiktoken's download. The error
+    names every place tried."""
+    places = [(Path(p), how) for p, how in places if p]
+    if name is None:  # the flag's folder, else the first place, says which
+        first = Path(directory) if directory is not None else places[0][0] if places else None
+        name = _name_from_folder(first, vocab_size) if first is not None else (
+            "gpt2" if vocab_size in (None, GPT2Tokenizer.vocab_size) else "byte")
+    if name not in NAMES:
+        raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(NAMES)}")
     if name == "byte":
         return ByteTokenizer()
-    if name == "gpt2":
+    for folder, how in list(places):  # an export's recorded folder is one more place
+        record = _hf_export_record(folder)
+        if record and record.get("name") == name and record.get("directory"):
+            places.append((Path(record["directory"]), f"recorded in {folder / 'config.json'}"))
+    if name == "hf":
+        from jaxllm.hf_tokenizer import HFTokenizer
+
+        if directory is not None:
+            return HFTokenizer(directory)
+        for folder, _ in places:
+            if (folder / "tokenizer.json").is_file():
+                return HFTokenizer(folder)
+        tried = "; ".join(f"{folder} ({how})" for folder, how in places) or "no folder given"
+        raise FileNotFoundError(f"no tokenizer.json found: tried {tried}; pass the folder "
+                                f"that holds it with --tokenizer-dir DIR")
+    if directory is not None:
         return GPT2Tokenizer(directory)
-    raise ValueError(f"unknown tokenizer {name!r}; choose 'byte' or 'gpt2'")
+    env = os.environ.get(GPT2_DIR_ENV)
+    candidates = places + ([(Path(env), f"${GPT2_DIR_ENV}")] if env else [])
+    candidates += [(d, "shared/data above the checkout") for d in shared_data_folders()]
+    for folder, _ in candidates:
+        if folder.is_dir() and gpt2_files(folder):
+            return GPT2Tokenizer(folder)
+    try:
+        return GPT2Tokenizer(None)
+    except FileNotFoundError as err:
+        download = str(err).split(";")[0].removeprefix("GPT-2 vocabulary files not found and ")
+        tried = "; ".join(f"{folder} ({how})" for folder, how in candidates)
+        raise FileNotFoundError(
+            f"GPT-2 vocabulary files (gpt2.tiktoken, encoder.json + vocab.bpe, or vocab.json + "
+            f"merges.txt) not found: tried {tried}; and they {download}; pass the folder that "
+            f"holds them with --tokenizer-dir DIR, or set ${GPT2_DIR_ENV}") from None
+
+
+def check_vocab(vocab_size: int, tokenizer: Tokenizer) -> None:
+    """Refuse a model whose vocabulary cannot hold the tokenizer's ids, or (for
+    GPT-2 and bytes, whose vocabularies are never padded) has ids it lacks."""
+    if vocab_size < tokenizer.vocab_size:  # its ids would index past the embedding
+        raise ValueError(f"the model's vocabulary ({vocab_size} ids) cannot hold the "
+                         f"{tokenizer.name} tokenizer's ids (0 to {tokenizer.vocab_size - 1}); "
+                         f"give the --tokenizer the model was trained with")
+    if vocab_size > tokenizer.vocab_size and tokenizer.name != "hf":
+        raise ValueError(f"the model's vocabulary ({vocab_size}) is larger than the "
+                         f"{tokenizer.name} tokenizer's ({tokenizer.vocab_size})")
+
+
+def record(tokenizer: Tokenizer) -> dict:
+    """What a run's metadata keeps of its tokenizer, so later commands find it."""
+    return {"tokenizer": tokenizer.name, "tokenizer_dir": tokenizer.directory}
+
+
+def recorded_places(meta: dict, run_dir) -> list[tuple[str, str]]:
+    """A run's recorded tokenizer folder as a `get_tokenizer` place."""
+    d = meta.get("tokenizer_dir")
+    return [(d, f"recorded by the run {run_dir}")] if d else []

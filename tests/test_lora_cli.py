@@ -67,6 +67,9 @@ def test_pretrain_lora_run_resumes_as_saved_and_refuses_other_flags(tmp_path, ca
     hf = tmp_path / "hf"
     assert main(["lora", "merge", "--run-dir", run, "--out", str(hf)]) == 0
     assert '"tie_word_embeddings": false' in (hf / "config.json").read_text()
+    # the export says it is a byte-vocabulary model: generate needs no --tokenizer
+    assert json.loads((hf / "config.json").read_text())["jaxllm_tokenizer"]["name"] == "byte"
+    assert main(["generate", "--hf", str(hf), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
     untied = config.replace(tie_embeddings=False)
     merged = from_hf_state_dict(hf / "model.safetensors", untied)
     x = np.array([[1, 2, 3, 4, 5]], np.int32)

@@ -60,6 +60,17 @@ def add_fallback_argument(parser: argparse.ArgumentParser, *, resuming: bool = F
                         + " a damaged latest checkpoint instead of using the newest intact one")
 
 
+def add_tokenizer_arguments(parser: argparse.ArgumentParser, *, default: str) -> None:
+    """--tokenizer and --tokenizer-dir, as every command takes them."""
+    parser.add_argument("--tokenizer", choices=("byte", "gpt2", "hf"), default=None,
+                        help=f"byte, gpt2 or hf (a folder's tokenizer.json); default: {default}")
+    parser.add_argument("--tokenizer-dir", metavar="DIR", default=None,
+                        help="folder with the tokenizer's files: gpt2.tiktoken, encoder.json + "
+                             "vocab.bpe, vocab.json + merges.txt, or tokenizer.json (default: "
+                             "the run's or model folder's, then $JAXLLM_GPT2_DIR, then a "
+                             "shared/data folder above the checkout)")
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]

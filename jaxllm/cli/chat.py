@@ -1,13 +1,17 @@
 """`jaxllm chat`: talk to an instruction-tuned run in the terminal.
 
-    jaxllm chat --run-dir runs/instruct --tokenizer-dir shared/data
+    jaxllm chat --run-dir runs/instruct
     jaxllm chat --run-dir runs/instruct --prompt "Name three primary colors."   # one answer
-    jaxllm chat --hf gpt2-medium-instruct/ --tokenizer-dir shared/data   # Hugging Face weights
+    jaxllm chat --hf gpt2-medium-instruct/        # Hugging Face weights
+    jaxllm chat --hf path/to/model-instruct       # its tokenizer and chat template
 
 Each line typed is an instruction; it is wrapped in the run's prompt format
 (the style it was fine-tuned with, or `--style`), and the response is printed
-token by token as the KV-cached decoder produces it, until end-of-text or
-`--max-new-tokens`. Each turn is answered on its own, without the earlier
+token by token as the KV-cached decoder produces it, until an end-of-text or
+end-of-turn token (the tokenizer's `stop_ids`: `<|eot_id|>`, `<|im_end|>`, ...)
+or `--max-new-tokens`. A `--hf` folder with a chat template (its
+tokenizer_config.json's `chat_template`) has each line rendered in it as a
+user turn (`--style template`). Each turn is answered on its own, without the earlier
 ones (the model was trained on single turns). An empty line, "/quit" or end
 of input ends the session.
 """
@@ -18,7 +22,7 @@ import argparse
 import codecs
 import sys
 
-from jaxllm.cli import add_fallback_argument, hf_source
+from jaxllm.cli import add_fallback_argument, add_tokenizer_arguments, hf_source
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_fallback_argument(parser)
     parser.add_argument("--prompt", default=None,
                         help="answer this one instruction and exit (no prompt loop)")
-    parser.add_argument("--style", choices=("alpaca", "chat"), default=None,
-                        help="prompt format (default: the run's own; alpaca for --hf)")
+    parser.add_argument("--style", choices=("alpaca", "chat", "template"), default=None,
+                        help="prompt format; template: the tokenizer's chat template (default: "
+                             "the run's own; for --hf the folder's template, else alpaca)")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="the longest answer, in tokens (it ends sooner at end-of-text)")
     parser.add_argument("--temperature", type=float, default=0.0,
@@ -39,11 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample among the k most likely tokens, with --temperature > 0 "
                              "(default: all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    parser.add_argument("--tokenizer", choices=("byte", "gpt2"), default=None,
-                        help="default: gpt2 for --hf; --run-dir takes the run's own tokenizer "
-                             "(another is refused)")
-    parser.add_argument("--tokenizer-dir", default=None,
-                        help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
+    add_tokenizer_arguments(parser, default="the run's own, or the --hf folder's")
 
 
 def answer(params, config, tokenizer, instruction: str, style: str, args, out) -> str:
@@ -54,24 +55,39 @@ def answer(params, config, tokenizer, instruction: str, style: str, args, out) -
     from jaxllm.finetune.instruct import format_prompt
     from jaxllm.generate import generate_stream
 
-    ids = tokenizer.encode(format_prompt({"instruction": instruction, "input": ""}, style))
+    if style == "template":
+        ids = tokenizer.encode_chat([{"role": "user", "content": instruction}])
+    else:
+        ids = tokenizer.encode(format_prompt({"instruction": instruction, "input": ""}, style))
     stream = generate_stream(params, config, ids, args.max_new_tokens,
                              rng=jax.random.PRNGKey(args.seed), temperature=args.temperature,
                              top_k=args.top_k, eos_id=tokenizer.eot_id, chunk_size=1)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pieces = []
+    pieces, stopped = [], False
     for tokens, _ in stream:
         for token in tokens[0].tolist():
-            if token == tokenizer.eot_id:
+            if token in tokenizer.stop_ids:
+                stopped = True
                 break
             piece = decoder.decode(token_bytes(tokenizer, token))
             pieces.append(piece)
             out.write(piece)
         out.flush()
+        if stopped:  # an end-of-turn id the decoder does not stop on itself
+            break
     tail = decoder.decode(b"", final=True)
     out.write(tail + "\n")
     out.flush()
     return "".join(pieces) + tail
+
+
+def prompt_style(meta: dict, tokenizer) -> str:
+    """The run's own format (as `instruct_loop.prompt_style_of` reads it), else
+    the tokenizer's chat template (a Hugging Face folder's), else alpaca."""
+    style = (meta.get("instruct") or {}).get("style")
+    if style:
+        return style
+    return "template" if getattr(tokenizer, "chat_template", None) else "alpaca"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,8 +97,11 @@ def run(args: argparse.Namespace) -> int:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         params, config, tokenizer, meta = load_model(args, "chat")
-        # the run's own format, as `instruct_loop.prompt_style_of` reads it
-        style = args.style or (meta.get("instruct") or {}).get("style", "alpaca")
+        style = args.style or prompt_style(meta, tokenizer)
+        if style == "template" and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"--style template: the {tokenizer.name} tokenizer has no chat "
+                             f"template (a Hugging Face folder's tokenizer_config.json "
+                             f"carries one)")
         if args.prompt is not None:
             answer(params, config, tokenizer, args.prompt, style, args, sys.stdout)
             return 0

@@ -192,6 +192,7 @@ def run(args) -> int:
               f"{tc.total_steps} steps of {tc.batch_size}; run folder {args.out}",
               file=sys.stderr)
         summary = finetune_classify(args.out, config, tc, cc, data, tokenizer_name=tokenizer.name,
+                                    tokenizer_dir=tokenizer.directory,
                                     fallback=not args.no_fallback,
                                     params=params, resume=args.resume, progress=not args.quiet,
                                     data_name=os.path.basename(args.data), source=source)

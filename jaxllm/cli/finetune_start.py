@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, NamedTuple
 
-from jaxllm.cli import add_fallback_argument, hf_source
+from jaxllm.cli import add_fallback_argument, add_tokenizer_arguments, hf_source
 
 
 def add_start_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,11 +22,9 @@ def add_start_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, help="model preset for --init random "
                                                        "(default: small)")
     parser.add_argument("--config", metavar="FILE.json", help="GPTConfig JSON for --init random")
-    parser.add_argument("--tokenizer", choices=("byte", "gpt2"),
-                        help="default: gpt2 when the model's vocab_size is 50257 (and for --hf), "
-                             "else byte; the run's own for --run-dir")
-    parser.add_argument("--tokenizer-dir", metavar="DIR",
-                        help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
+    add_tokenizer_arguments(parser, default="the --hf folder's own (its tokenizer.json, or "
+                                    "GPT-2's); the run's own for --run-dir; else gpt2 when the "
+                                    "model's vocab_size is 50257, else byte")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, default_out: str,
@@ -85,49 +83,56 @@ def _merged_adapters(params, run_dir):
 
 
 def _weights(args, model_overrides: dict[str, Any]):
-    """(params or None, GPTConfig, default tokenizer name, source, kind)."""
+    """(params or None, GPTConfig, default tokenizer name, source, kind, the
+    places its tokenizer's files may be)."""
     from jaxllm.config import GPTConfig, get_preset
 
     if (args.preset or args.config) and not args.init:
         raise ValueError("--preset and --config are for --init random; --hf and --run-dir bring "
                          "their own architecture")
     if args.hf is not None:
+        import os
+
         model = hf_source.load(args.hf, overrides=model_overrides)
-        return model.params, model.config, "gpt2", f"hf:{args.hf}", None
+        folder = model.path if os.path.isdir(model.path) else os.path.dirname(
+            os.path.abspath(model.path))
+        return (model.params, model.config, None, f"hf:{args.hf}", None,
+                [(folder, f"--hf {args.hf}")])
     if args.run_dir is not None:
+        from jaxllm.tokenizer import recorded_places
         from jaxllm.train.checkpoint import load_params_and_meta
 
         params, meta = load_params_and_meta(args.run_dir)
         config = GPTConfig.from_dict(meta["model"]).replace(**model_overrides)
         params = _merged_adapters(params, args.run_dir)
-        return params, config, meta["tokenizer"], f"run:{args.run_dir}", meta.get("kind")
+        return (params, config, meta["tokenizer"], f"run:{args.run_dir}", meta.get("kind"),
+                recorded_places(meta, args.run_dir))
     if args.config and args.preset:
         raise ValueError("give --preset or --config, not both")
     config = GPTConfig.from_json(args.config) if args.config else get_preset(args.preset or "small")
-    return None, config.replace(**model_overrides), None, "random", None
+    return None, config.replace(**model_overrides), None, "random", None, []
 
 
 def load_start(args, model_overrides: dict[str, Any]) -> Start:
     """The starting weights, their config (with the --set model fields) and the
     tokenizer, checked against each other. A random model takes the
     tokenizer's vocabulary size unless `vocab_size` was set."""
-    from jaxllm.tokenizer import get_tokenizer
+    from jaxllm.tokenizer import check_vocab, get_tokenizer
 
-    params, config, default_tok, source, kind = _weights(args, model_overrides)
+    params, config, default_tok, source, kind, places = _weights(args, model_overrides)
     if args.run_dir is not None:
         from jaxllm.cli.pretrain import check_run_tokenizer
 
         check_run_tokenizer(args.run_dir, default_tok, args.tokenizer, "fine-tune it")
-    name = args.tokenizer or default_tok or ("gpt2" if config.vocab_size == 50257 else "byte")
-    tokenizer = get_tokenizer(name, args.tokenizer_dir)
+    tokenizer = get_tokenizer(args.tokenizer or default_tok, args.tokenizer_dir, places=places,
+                              vocab_size=config.vocab_size)
     if params is None and config.vocab_size != tokenizer.vocab_size:
         if "vocab_size" in model_overrides:
             raise ValueError(f"vocab_size={config.vocab_size} was set, but the {tokenizer.name} "
                              f"tokenizer has {tokenizer.vocab_size} ids")
         config = config.replace(vocab_size=tokenizer.vocab_size)
     if config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"the model's vocabulary ({config.vocab_size}) is smaller than the "
-                         f"{tokenizer.name} tokenizer's ({tokenizer.vocab_size})")
+        check_vocab(config.vocab_size, tokenizer)
     return Start(params, config, tokenizer, source, kind)
 
 

@@ -1,6 +1,6 @@
 """`jaxllm generate`: text from Hugging Face GPT-2 weights or a training run.
 
-    jaxllm generate --hf path/to/gpt2 --tokenizer-dir shared/data --prompt "Every effort moves you"
+    jaxllm generate --hf path/to/gpt2 --prompt "Every effort moves you"
     jaxllm generate --run-dir runs/small --prompt "ROMEO:" --temperature 0.8 --top-k 40
 
 `--hf` takes what every command's `--hf` takes (`jaxllm.cli.hf_source`): a
@@ -8,6 +8,12 @@ folder with `model.safetensors` or `pytorch_model.bin`, one of those files, or a
 hub name. The architecture comes from the Hugging Face `config.json` beside
 the weights; a safetensors file without one is read off the tensor shapes,
 with `--n-heads` (default: emb_dim / 64, as in every GPT-2 size).
+
+The tokenizer is the run's own, found where the run found it, or the
+`--hf` folder's own (its `tokenizer.json`, or GPT-2's `vocab.json` +
+`merges.txt`), else GPT-2's from `$JAXLLM_GPT2_DIR` or a `shared/data` folder
+above the checkout (`jaxllm.tokenizer.get_tokenizer`). Generation stops at any
+of the tokenizer's end-of-text or end-of-turn ids.
 
 Tokens are printed as they are produced; a token that ends inside a UTF-8
 character waits for the bytes that complete it.
@@ -19,7 +25,7 @@ import argparse
 import codecs
 import sys
 
-from jaxllm.cli import add_fallback_argument, hf_source
+from jaxllm.cli import add_fallback_argument, add_tokenizer_arguments, hf_source
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,16 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None,
                         help="sample within the nucleus of probability p (default: off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    parser.add_argument("--tokenizer", choices=("byte", "gpt2"), default=None,
-                        help="default: gpt2 for --hf; --run-dir takes the run's own tokenizer "
-                             "(another is refused)")
-    parser.add_argument("--tokenizer-dir", default=None,
-                        help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
+    add_tokenizer_arguments(parser, default="the --hf folder's own (its tokenizer.json, or "
+                                    "GPT-2's); --run-dir takes the run's own (another is "
+                                    "refused)")
     parser.add_argument("--n-heads", type=int, default=None,
                         help="attention heads, for a safetensors file without config.json "
                              "(default: emb_dim / 64, as in every GPT-2 size)")
     parser.add_argument("--ignore-eos", action="store_true",
-                        help="keep going after the end-of-text token")
+                        help="keep going after the end-of-text (or end-of-turn) tokens")
     parser.add_argument("--no-slide", action="store_true",
                         help="refuse to run past the context length instead of sliding")
     parser.add_argument("--no-stream", action="store_true",
@@ -58,11 +62,16 @@ def load_model(args, verb: str = "generate"):
     """(params, config, tokenizer, the run's metadata or {}) from --hf or
     --run-dir, the tokenizer checked against the model; `generate` and `chat`
     share it (`verb`: what the command does, for the messages)."""
-    from jaxllm.tokenizer import get_tokenizer
+    import os
+
+    from jaxllm.tokenizer import check_vocab, get_tokenizer, recorded_places
 
     if args.hf is not None:
         model = hf_source.load(args.hf, n_heads=getattr(args, "n_heads", None))
-        params, config, default_tokenizer, meta = model.params, model.config, "gpt2", {}
+        params, config, default_tokenizer, meta = model.params, model.config, None, {}
+        folder = model.path if os.path.isdir(model.path) else os.path.dirname(
+            os.path.abspath(model.path))
+        places = [(folder, f"--hf {args.hf}")]  # the folder's own tokenizer files
     else:
         from jaxllm.cli.pretrain import check_run_tokenizer
 
@@ -70,14 +79,10 @@ def load_model(args, verb: str = "generate"):
             args.run_dir, fallback=not args.no_fallback)
         # the run's own tokenizer, or a clear refusal
         check_run_tokenizer(args.run_dir, default_tokenizer, args.tokenizer, verb)
-    tokenizer = get_tokenizer(args.tokenizer or default_tokenizer, args.tokenizer_dir)
-    if config.vocab_size > tokenizer.vocab_size:
-        raise ValueError(f"the model's vocabulary ({config.vocab_size}) is larger than the "
-                         f"{tokenizer.name} tokenizer's ({tokenizer.vocab_size})")
-    if config.vocab_size < tokenizer.vocab_size:  # its ids would index past the embedding
-        raise ValueError(f"the model's vocabulary ({config.vocab_size} ids) cannot hold the "
-                         f"{tokenizer.name} tokenizer's ids (0 to {tokenizer.vocab_size - 1}); "
-                         f"give the --tokenizer the model was trained with")
+        places = recorded_places(meta, args.run_dir)  # where the run found its files
+    tokenizer = get_tokenizer(args.tokenizer or default_tokenizer, args.tokenizer_dir,
+                              places=places, vocab_size=config.vocab_size)
+    check_vocab(config.vocab_size, tokenizer)
     return params, config, tokenizer, meta
 
 
@@ -117,8 +122,9 @@ def _run(args: argparse.Namespace) -> int:
     from jaxllm.generate import generate_stream
 
     params, config, tokenizer, _ = load_model(args)
-    prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eot_id]
+    prompt = tokenizer.encode_prompt(args.prompt)
     eos_id = None if args.ignore_eos else tokenizer.eot_id
+    stops = set() if args.ignore_eos else set(tokenizer.stop_ids)
     stream = generate_stream(
         params, config, prompt, args.max_new_tokens, rng=jax.random.PRNGKey(args.seed),
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos_id,
@@ -128,12 +134,16 @@ def _run(args: argparse.Namespace) -> int:
     out.write(args.prompt)
     out.flush()
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stopped = False
     for tokens, _ in stream:
         for token in tokens[0].tolist():
-            if token == eos_id:
+            if token in stops:
+                stopped = True
                 break
             out.write(text.decode(token_bytes(tokenizer, token)))
         out.flush()
+        if stopped:  # an end-of-turn id the decoder does not stop on itself
+            break
     out.write(text.decode(b"", final=True) + "\n")
     out.flush()
     return 0

@@ -58,7 +58,10 @@ def _hub_download(name: str) -> str:
                f"{' (HF_HUB_OFFLINE is set)' if told else ''}; give a local folder with "
                f"model.safetensors or pytorch_model.bin and config.json")
     try:
-        return snapshot_download(name, allow_patterns=["config.json", *WEIGHT_FILES])
+        from jaxllm.tokenizer import TOKENIZER_FILES
+
+        return snapshot_download(name, allow_patterns=["config.json", *WEIGHT_FILES,
+                                                       *TOKENIZER_FILES])
     except LocalEntryNotFoundError:
         raise FileNotFoundError(offline) from None
     except RepositoryNotFoundError:

@@ -237,7 +237,8 @@ def run(args) -> int:
         if args.action == "export" and out.is_dir():
             raise ValueError(f"--out {out} is a folder; export writes one file "
                              "(e.g. --out adapters.safetensors)")
-        kind = read_meta(args.run_dir, args.step).get("kind")
+        meta = read_meta(args.run_dir, args.step)
+        kind = meta.get("kind")
         if args.action == "merge" and kind == "classify":
             _merge_classifier(args.run_dir, args.step, params, out)
             print(f"merged {len(adapters)} adapters into the classifier run folder {out} "
@@ -248,6 +249,7 @@ def run(args) -> int:
             save_safetensors(merged, config, out / "model.safetensors")
             hf = dict(hf_config_kwargs(config), model_type="gpt2",
                       architectures=["GPT2LMHeadModel"])
+            hf.update(export_tokenizer(out, tokenizer, meta.get("tokenizer_dir")))
             (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
             print(f"merged {len(adapters)} adapters into {out / 'model.safetensors'}")
         else:
@@ -264,6 +266,21 @@ def run(args) -> int:
         print(f"jaxllm lora: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def export_tokenizer(out: Path, name: str, directory: str | None) -> dict:
+    """The config.json entry that names a merged folder's tokenizer and where
+    its files were (a byte vocabulary has none to ship, and GPT-2's files may
+    be elsewhere); a Hugging Face tokenizer's files are copied in beside it."""
+    import shutil
+
+    from jaxllm.tokenizer import EXPORT_KEY, TOKENIZER_FILES
+
+    if name == "hf" and directory:
+        for f in TOKENIZER_FILES:
+            if (Path(directory) / f).is_file():
+                shutil.copy(Path(directory) / f, out / f)
+    return {EXPORT_KEY: {"name": name, "directory": directory}}
 
 
 def _merge_classifier(run_dir, step, params, out: Path) -> None:

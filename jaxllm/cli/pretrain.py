@@ -160,8 +160,8 @@ def parse_overrides(items: list[str], classes: dict[str, type] | None = None
 
 # Keys of a run's config.json besides the three config sections: a run folder's
 # record may be passed back as --config, and these are ignored.
-RUN_RECORD_KEYS = frozenset({"tokenizer", "data", "format", "data_name", "tokens_per_step",
-                             "batches_per_epoch", "mesh", "partition_rules", "step",
+RUN_RECORD_KEYS = frozenset({"tokenizer", "tokenizer_dir", "data", "format", "data_name",
+                             "tokens_per_step", "batches_per_epoch", "mesh", "partition_rules", "step",
                              "data_position", "tokens_seen", "schedule_changes"})
 
 
@@ -337,7 +337,7 @@ def run(args) -> int:
     if wants_host_memory_reuse(args):
         # first, before anything starts JAX's backend (host_memory says why)
         host_memory.reuse_host_memory()
-    from jaxllm.tokenizer import get_tokenizer
+    from jaxllm.tokenizer import get_tokenizer, recorded_places
     from jaxllm.train.lock import RunFolderBusy
     from jaxllm.train.loop import TrainingDiverged, format_summary, train
 
@@ -355,10 +355,12 @@ def run(args) -> int:
                 rules = sharding.load_rules(args.partition_rules)
         model, tc, lc, explicit = build_configs(args)
         name = args.tokenizer or ("gpt2" if model.vocab_size == 50257 else "byte")
-        recorded = _recorded_tokenizer(args.out) if args.resume else None
+        record = _run_record(args.out) if args.resume else {}
+        recorded = record.get("tokenizer")
         check_run_tokenizer(args.out, recorded, args.tokenizer, "resume")
         name = recorded or name
-        tokenizer = get_tokenizer(name, args.tokenizer_dir)
+        tokenizer = get_tokenizer(name, args.tokenizer_dir,
+                                  places=recorded_places(record, args.out))
         model = match_vocab(model, tokenizer, explicit)
         tokens, data_name = load_tokens(args, tokenizer)
         print(f"{data_name}: {len(tokens):,} {tokenizer.name} tokens; model "
@@ -407,12 +409,14 @@ def check_run_tokenizer(run_dir, recorded: str | None, asked: str | None, verb: 
                          f"--tokenizer {asked}; drop the flag to {verb} with the run's own")
 
 
-def _recorded_tokenizer(run_dir) -> str | None:
-    """The tokenizer a run folder's config.json records, if it has one."""
+def _run_record(run_dir) -> dict:
+    """A run folder's config.json ({} without one): its tokenizer and the
+    folder of its files."""
     try:
-        return json.loads((Path(run_dir) / "config.json").read_text()).get("tokenizer")
-    except (OSError, ValueError, AttributeError):
-        return None
+        record = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _count(model: GPTConfig) -> int:

@@ -180,7 +180,7 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
     if trainable is not None:  # a subset trains (adapters, say): part of what the run is
         identity["trainable"] = trainable if isinstance(trainable, str) else repr(trainable)
     meta = dict(identity, kind=META_KIND, data_name=data_name, source=source,
-                batches_per_epoch=batches.batches_per_epoch)
+                tokenizer_dir=tokenizer.directory, batches_per_epoch=batches.batches_per_epoch)
     manager = checkpoint.open_manager(run_dir, keep=ic.keep, create=True)
     log = MetricsLog(run_dir)
     if params is not None:

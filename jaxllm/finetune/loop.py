@@ -140,7 +140,8 @@ def plot_curves(records: list[dict[str, Any]], run_dir: Path, *, examples_per_ep
 
 
 def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyConfig,
-                      data: ClassificationData, *, tokenizer_name: str, params=None,
+                      data: ClassificationData, *, tokenizer_name: str,
+                      tokenizer_dir: str | None = None, params=None,
                       resume: bool = False, progress: bool = True, data_name: str = "data",
                       source: str = "random", stop_at: int | None = None,
                       fallback: bool = True) -> dict[str, Any]:
@@ -149,16 +150,18 @@ def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyC
     `params` are the starting weights: a model tree (its LM head is replaced),
     a classifier tree (kept), or None for `init_params(config)`. They are
     donated to the train step. `source` says where they came from (for the
-    record); `stop_at` ends the run early at that step, saving there.
+    record), `tokenizer_dir` the folder of the tokenizer's files (later commands
+    on the run find them there); `stop_at` ends the run early at that step,
+    saving there.
     """
     run_dir = Path(run_dir)
     with run_lock(run_dir):
         return _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress,
-                    data_name, source, stop_at, fallback)
+                    data_name, source, stop_at, fallback, tokenizer_dir)
 
 
 def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress, data_name,
-         source, stop_at, fallback):
+         source, stop_at, fallback, tokenizer_dir=None):
     n_classes = len(data.classes)
     if params is not None and HEAD in params and params[HEAD]["bias"].shape[0] != n_classes:
         raise ValueError(f"the starting classifier has {params[HEAD]['bias'].shape[0]} classes "
@@ -175,7 +178,7 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
                 "classes": list(data.classes), "max_length": data.max_length,
                 "data": {k: data.info.get(k) for k in ("train", "validation", "test", "seed")}}
     meta = dict(identity, kind=META_KIND, data_name=data_name, source=source,
-                pad_id=data.info.get("pad_id", 50256),
+                tokenizer_dir=tokenizer_dir, pad_id=data.info.get("pad_id", 50256),
                 batches_per_epoch=batches.batches_per_epoch)
     manager = checkpoint.open_manager(run_dir, keep=cc.keep, create=True)
     log = MetricsLog(run_dir)
@@ -338,12 +341,14 @@ def load_classifier(run_dir: str | os.PathLike, step: int | None = None, *,
 
 def classify_texts(run_dir: str | os.PathLike, texts, *, tokenizer_dir=None,
                    classifier: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The label and its probability for each text, from a classification run."""
-    from jaxllm.tokenizer import get_tokenizer
+    """The label and its probability for each text, from a classification run
+    (its tokenizer from `tokenizer_dir`, else where the run found it)."""
+    from jaxllm.tokenizer import get_tokenizer, recorded_places
 
     clf = classifier or load_classifier(run_dir)
     meta = clf["meta"]
-    tokenizer = get_tokenizer(meta["tokenizer"], tokenizer_dir)
+    tokenizer = get_tokenizer(meta["tokenizer"], tokenizer_dir,
+                              places=recorded_places(meta, run_dir))
     return predict(clf["params"], clf["config"], tokenizer, list(texts),
                    max_length=meta["max_length"], classes=meta["classes"],
                    pooling=meta["classify"]["pooling"], pad_id=meta.get("pad_id", 50256))

@@ -311,6 +311,7 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     if latest is None:
         schedule_changes = []
     meta = dict(identity, format=META_FORMAT, schedule_changes=schedule_changes, data_name=data_name,
+                tokenizer_dir=tokenizer.directory,
                 loop=dataclasses.asdict(lc), tokens_per_step=tokens_per_step,
                 batches_per_epoch=batches.batches_per_epoch,
                 mesh=None if mesh is None else sharding.mesh_description(mesh),
