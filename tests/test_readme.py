@@ -63,6 +63,12 @@ def test_readme_python_blocks_run_in_order():
     done = subprocess.run([sys.executable, "-c", _DRIVER], input=json.dumps(blocks),
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    # what the README shows its blocks print (the loss to the digits every CPU gives)
+    printed = done.stdout.splitlines()
+    assert "198,144 of 841,088 parameters train" in printed, done.stdout
+    assert any(re.fullmatch(r"step 4: loss 5\.2\d\d", x) for x in printed), done.stdout
+    assert "# 198,144 of 841,088 parameters train" in README.read_text()
+    assert "reuse_host_memory" not in done.stderr, done.stderr[-4000:]  # called in time
     line = [x for x in done.stdout.splitlines() if x.startswith("README-REPORT ")][-1]
     report = json.loads(line.removeprefix("README-REPORT "))
     assert report["devices"] == 2
