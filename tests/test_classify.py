@@ -45,7 +45,7 @@ def test_adamw_steps_equal_torch_and_frozen_leaves_stay(pooling, decay_all):
     losses, logits, weights, frozen = assert_passed(classifier_steps(pooling, decay_all))
     assert losses.tolerance == logits.tolerance == weights.tolerance == 1e-5
     assert losses.rtol == logits.rtol == weights.rtol == 0 and frozen.tolerance == 0
-    assert len(losses.where) and weights.where.startswith(("gpt.", "head."))
+    assert weights.where.startswith(("gpt.", "head.")) or weights.difference == 0
 
 
 logits_of = jax.jit(class_logits, static_argnames=("config", "pooling"))

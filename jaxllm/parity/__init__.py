@@ -109,8 +109,9 @@ def _pairs(pairs) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def _worst(values: dict[str, float]) -> tuple[str, float]:
+    """The entry with the largest value (NaN first); no name when nothing differs."""
     name = max(values, key=lambda k: (np.isnan(values[k]), values[k]))
-    return name, values[name]
+    return (name if values[name] != 0 else ""), values[name]
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
@@ -196,14 +197,21 @@ def register(name: str, **kwargs: Any) -> Callable:
     return decorate
 
 
+# The report's order; an area not named here follows, alphabetically.
+AREA_ORDER = ("basics", "gpt2", "finetune", "lora", "dpo")
+
+
 def load_checks() -> dict[str, Check]:
-    """Import every area module of this package (registering its checks); all the checks.
+    """Import every area module of this package (registering its checks); all the
+    checks, area by area in `AREA_ORDER`.
 
     Raises ImportError when PyTorch or transformers is missing.
     """
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
-    return CHECKS
+    rank = {area: i for i, area in enumerate(AREA_ORDER)}
+    ordered = sorted(CHECKS.values(), key=lambda c: (rank.get(c.area, len(rank)), c.area))
+    return {c.name: c for c in ordered}
 
 
 # -- running and reporting ----------------------------------------------------------

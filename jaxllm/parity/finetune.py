@@ -165,8 +165,9 @@ def classifier_steps(pooling: str, decay_all: bool) -> list[Comparison]:
         weights[name] = (a, b)
 
     mask = trainable_mask(params, trainable)
-    frozen = {f"leaf {i}": (after, before) for i, (m, before, after) in enumerate(zip(
-        jax.tree.leaves(mask), jax.tree.leaves(params), jax.tree.leaves(state.params))) if not m}
+    frozen = {jax.tree_util.keystr(path): (after, before) for (path, m), before, after in zip(
+        jax.tree_util.tree_leaves_with_path(mask), jax.tree.leaves(params),
+        jax.tree.leaves(state.params)) if not m}
     require(len(frozen) == 2 + 12 * (config.n_layers - 1) and len(trained) == 12 + 2 + 2,
             f"{len(frozen)} frozen leaves, {len(trained)} trained torch parameters")
     return [close("loss at each step", {f"step {k}": (a, b) for k, (a, b)
