@@ -29,9 +29,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         checks = parity.select(args.patterns)
-    except ImportError as e:
-        missing = getattr(e, "name", None) or str(e)
-        print(f"jaxllm parity: the cross-checks need PyTorch and transformers ({missing} "
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("torch", "transformers"):
+            raise
+        print(f"jaxllm parity: the cross-checks need PyTorch and transformers ({e.name} "
               f"is missing): pip install 'jaxllm[test]'", file=sys.stderr)
         return 2
     if not checks:
