@@ -129,20 +129,26 @@ def _crashing_check():
     parity.require(False, "the steps learned nothing")
 
 
+def _nan_check():
+    return [within("a NaN", (float("nan"), 1.0), 1.0)]
+
+
 def test_report_counts_failures_and_crashes(tmp_path):
     good = parity.Check("masked", gpt2.masked_loss, {})
     bad = parity.Check("bad", _failing_check, {})
     crash = parity.Check("crash", _crashing_check, {})
-    outcomes = parity.run_checks([good, bad, crash])
-    assert [o.passed for o in outcomes] == [True, False, False]
+    nan = parity.Check("nan", _nan_check, {})
+    outcomes = parity.run_checks([good, bad, crash, nan])
+    assert [o.passed for o in outcomes] == [True, False, False, False]
     assert outcomes[2].error == "CheckFailed: the steps learned nothing"
     md, js = parity.write_report(outcomes, tmp_path)
     data = json.loads(js.read_text())
     assert data["passed"] is False
-    assert [c["check"] for c in data["checks"]] == ["masked", "bad", "crash"]
+    assert [c["check"] for c in data["checks"]] == ["masked", "bad", "crash", "nan"]
     assert data["checks"][1]["comparisons"][0]["difference"] == 0.5
+    assert data["checks"][3]["comparisons"][0]["difference"] == "nan"  # strict JSON
     text = md.read_text()
-    assert "**1 of 3 checks passed.**" in text
+    assert "**1 of 4 checks passed.**" in text
     assert "| bad | a difference | max abs diff | 5.00e-01 | 1e-01 |  | **FAILED** |" in text
 
 

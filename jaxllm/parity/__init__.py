@@ -188,7 +188,10 @@ def register(name: str, **kwargs: Any) -> Callable:
     The function is returned unchanged, for the tests to call with any arguments.
     """
     def decorate(function: Callable[..., list[Comparison]]) -> Callable:
-        if name in CHECKS and CHECKS[name].function.__qualname__ != function.__qualname__:
+        def origin(f):
+            return f.__module__, f.__qualname__
+
+        if name in CHECKS and origin(CHECKS[name].function) != origin(function):
             raise ValueError(f"a parity check named {name!r} is already registered "
                              f"({CHECKS[name].function.__module__}.{CHECKS[name].function.__name__})")
         CHECKS[name] = Check(name, function, dict(kwargs))
@@ -307,6 +310,17 @@ def report_markdown(outcomes: Sequence[Outcome], versions: Mapping[str, str]) ->
     return "\n".join(lines) + "\n"
 
 
+def _finite(value: Any) -> Any:
+    """NaN and infinities as the strings "nan", "inf", "-inf" (strict JSON has no such numbers)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_report(outcomes: Sequence[Outcome], out_dir: Path) -> tuple[Path, Path]:
     """results.md and results.json in `out_dir`; their paths."""
     out_dir = Path(out_dir)
@@ -319,5 +333,5 @@ def write_report(outcomes: Sequence[Outcome], out_dir: Path) -> tuple[Path, Path
                        for o in outcomes]}
     md, js = out_dir / "results.md", out_dir / "results.json"
     md.write_text(report_markdown(outcomes, versions))
-    js.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+    js.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
     return md, js
