@@ -6,13 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
-import torch.nn.functional as F
 
 import jaxllm
 from jaxllm.config import GPTConfig
 from jaxllm.loss import cross_entropy, lm_loss, token_loss_sum
 from jaxllm.model import apply, init_params, lm_head
+from jaxllm.parity import assert_passed, gpt2 as gpt2_parity
 from jaxllm.train import (TrainConfig, count_trainable, init_train_state, lm_batch, lm_task,
                           make_eval_step, make_optimizer, make_train_step, trainable_mask)
 from jaxllm.train.optim import lr_schedule
@@ -107,9 +106,9 @@ def test_lm_loss_ignores_minus_100_like_torch():
     y[:, :5] = -100
     y[3] = -100
     ours = float(lm_loss(params, x, y, config))
-    logits = torch.from_numpy(np.array(jaxllm.forward(params, x, config)))
-    want = float(F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y).long().flatten()))
-    np.testing.assert_allclose(ours, want, rtol=1e-6)
+    # against torch's cross_entropy(ignore_index=-100) on transformers' logits: the
+    # parity check (`jaxllm parity`), a row ignored whole among them
+    assert_passed(gpt2_parity.masked_loss())
     # the same as a 0/1 mask over the kept positions
     keep = (y != -100).astype(np.float32)
     masked = float(lm_loss(params, x, np.where(y < 0, 0, y), config, mask=keep))

@@ -119,12 +119,14 @@ def cpu_kernel_recipe(tie: bool, matmul_impl: str) -> list[Comparison]:
 
 
 def masked_loss() -> list[Comparison]:
-    """lm_loss with a 0/1 mask against cross_entropy's ignore_index=-100."""
+    """lm_loss with a 0/1 mask, and with targets of -100, against cross_entropy's
+    ignore_index=-100 (one row ignored whole)."""
     config = make_config(tie=False, qkv_bias=True)
     params = random_params(config, seed=5)
     tokens = random_tokens(config, (3, config.context_length + 1), seed=6)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     mask = np.random.default_rng(7).random(targets.shape) < 0.4
+    mask[1] = False
     require(0 < mask.sum() < mask.size, "the mask keeps all or nothing")
 
     with torch.no_grad():
@@ -136,7 +138,10 @@ def masked_loss() -> list[Comparison]:
     require(abs(expected - unmasked) > 1e-3, "the mask does not change the loss")
     ours = float(lm_loss(params, inputs, targets, config, mask=mask))
     as_float = float(lm_loss(params, inputs, targets, config, mask=mask.astype(np.float32)))
+    as_ignored = float(lm_loss(params, inputs, ignored, config))
     return [within("masked loss vs ignore_index=-100", (ours, expected), LOSS_ATOL),
+            close("loss over targets of -100 vs ignore_index=-100", (as_ignored, expected),
+                  atol=0.0, rtol=1e-6),
             exact("float 0/1 mask vs boolean mask", (as_float, ours))]
 
 
