@@ -14,17 +14,19 @@ One file per area, each imported by `load_checks()`:
 * `gpt2.py`: GPT-2 against `transformers.GPT2LMHeadModel`: logits, loss, every
   gradient, AdamW steps, greedy tokens, the weight conversion;
 * `finetune.py`: classifier AdamW steps, masked instruction loss, gradients and steps;
+* `lora.py`: LoRA against an independent PyTorch LoRA (logits, adapter gradients, AdamW steps);
 * `dpo.py`: the DPO loss against its formula in torch, AdamW steps against a torch DPO;
 * `reference.py`: the PyTorch side shared by the areas (random parameters, a
   `GPT2LMHeadModel` holding jaxllm's weights); it registers nothing.
 
 Adding a check is one function in an area file (a new file here is a new area,
-found without a list to edit)::
+found without a list to edit; `AREA_ORDER` places it in the report, else it
+comes last)::
 
     from jaxllm.parity import Comparison, close, register, require
 
-    @register("llama: logits", n_kv_heads=2)      # one line per variant in the report
-    @register("llama: logits (MHA)", n_kv_heads=4)
+    @register("llama: logits (MHA)", n_kv_heads=4)  # one line per variant in the report,
+    @register("llama: logits", n_kv_heads=2)        # the lowest listed first
     def llama_logits(n_kv_heads: int) -> list[Comparison]:
         ours, theirs = ...                          # jaxllm's and transformers' logits
         require(theirs.std() > 0, "the reference logits are constant")

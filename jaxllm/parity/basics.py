@@ -36,8 +36,8 @@ def _as_pairs(g: neuron.Gradients, ref: neuron.Gradients) -> dict:
     return {"loss": (g.loss, ref.loss), "dL/dw": (g.w, ref.w), "dL/db": (g.b, ref.b)}
 
 
-@register("seed: one neuron's gradients four ways (scalar)", example=neuron.SEED_EXAMPLE)
 @register("seed: one neuron's gradients four ways (vector)", example=VECTOR_EXAMPLE)
+@register("seed: one neuron's gradients four ways (scalar)", example=neuron.SEED_EXAMPLE)
 def neuron_gradients(example: dict) -> list[Comparison]:
     """jax.grad, the chain rule by hand and finite differences against torch autograd."""
     results = neuron.all_gradients(**example)

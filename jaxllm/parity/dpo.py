@@ -63,10 +63,10 @@ def tiny_pairs(n: int, seed: int, lo: int = 4, hi: int = 16) -> list[Pair]:
     return out
 
 
-@register("DPO: loss, rewards and gradient vs the formula in torch (beta 0.1)",
-          beta=0.1, scale=False)
 @register("DPO: loss, rewards and gradient vs the formula in torch (beta 0.5, rewards scaled)",
           beta=0.5, scale=True)
+@register("DPO: loss, rewards and gradient vs the formula in torch (beta 0.1)",
+          beta=0.1, scale=False)
 def loss_formula(beta: float, scale: bool) -> list[Comparison]:
     """`dpo_loss` on random log-probabilities against torch's logsigmoid formula."""
     rng = np.random.default_rng(0)
@@ -87,8 +87,8 @@ def loss_formula(beta: float, scale: bool) -> list[Comparison]:
                    "rejected": (grads[1], t[1].grad.numpy())}, atol=1e-6)]
 
 
-@register("DPO: 5 AdamW steps (mean log-probabilities, beta 0.1)", reduction="mean", beta=0.1)
 @register("DPO: 5 AdamW steps (summed log-probabilities, beta 0.5)", reduction="sum", beta=0.5)
+@register("DPO: 5 AdamW steps (mean log-probabilities, beta 0.1)", reduction="mean", beta=0.1)
 def adamw_steps(reduction: str, beta: float) -> list[Comparison]:
     """jaxllm's DPO task (cached reference log-probabilities) and an independent
     torch DPO (the reference model run on every batch), both trained by AdamW with

@@ -106,12 +106,12 @@ def freeze_last_block(model: TorchClassifier) -> dict[str, torch.nn.Parameter]:
     return trained
 
 
-@register("fine-tuning: classifier, 6 AdamW steps (last token, decay on every parameter)",
-          pooling="last_token", decay_all=True)
-@register("fine-tuning: classifier, 6 AdamW steps (mean pooling, decay on matrices)",
-          pooling="mean", decay_all=False)
 @register("fine-tuning: classifier, 6 AdamW steps (last position: the book's replay)",
           pooling="last_position", decay_all=True)
+@register("fine-tuning: classifier, 6 AdamW steps (mean pooling, decay on matrices)",
+          pooling="mean", decay_all=False)
+@register("fine-tuning: classifier, 6 AdamW steps (last token, decay on every parameter)",
+          pooling="last_token", decay_all=True)
 def classifier_steps(pooling: str, decay_all: bool) -> list[Comparison]:
     """The last block, ln_f and a class head trained by 6 AdamW steps in jaxllm and in
     torch: every loss, the logits after training, every trained weight, and the
@@ -213,8 +213,8 @@ def torch_instruct_loss(model, batch):
         logits, targets
 
 
-@register("fine-tuning: instruction loss and gradients (prompt masked)", mask_prompt=True)
 @register("fine-tuning: instruction loss and gradients (prompt kept)", mask_prompt=False)
+@register("fine-tuning: instruction loss and gradients (prompt masked)", mask_prompt=True)
 def instruct_gradients(mask_prompt: bool) -> list[Comparison]:
     """One accumulated step (two micro-batches that count different numbers of
     targets) against one torch loss over the whole batch: the loss is the mean
