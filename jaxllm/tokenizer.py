@@ -342,11 +342,6 @@ def check_vocab(vocab_size: int, tokenizer: Tokenizer) -> None:
                          f"{tokenizer.name} tokenizer's ({tokenizer.vocab_size})")
 
 
-def record(tokenizer: Tokenizer) -> dict:
-    """What a run's metadata keeps of its tokenizer, so later commands find it."""
-    return {"tokenizer": tokenizer.name, "tokenizer_dir": tokenizer.directory}
-
-
 def recorded_places(meta: dict, run_dir) -> list[tuple[str, str]]:
     """A run's recorded tokenizer folder as a `get_tokenizer` place."""
     d = meta.get("tokenizer_dir")

@@ -203,7 +203,8 @@ def _run(run_dir, config, tc, dc, tokenizer, entries, params, resume, progress, 
     }
     if trainable is not None:
         identity["trainable"] = trainable if isinstance(trainable, str) else repr(trainable)
-    meta = dict(identity, kind=META_KIND, data_name=data_name, source=source)
+    meta = dict(identity, kind=META_KIND, data_name=data_name, source=source,
+                tokenizer_dir=tokenizer.directory)
     manager = checkpoint.open_manager(run_dir, keep=dc.keep, create=True)
     log = MetricsLog(run_dir)
     if params is not None:
