@@ -29,9 +29,7 @@ import numpy as np
 from experiments.common import markdown_table, write_report
 from jaxllm import GPT_CONFIG_124M, GPTConfig, count_params, forward, init_params, param_shapes
 from jaxllm.hf import hf_config_kwargs, to_hf_state_dict
-from jaxllm.tokenizer import GPT2_DIR_ENV, GPT2Tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
+from jaxllm.tokenizer import GPT2_DIR_ENV, GPT2Tokenizer, gpt2_files, shared_data_folders
 
 # (label, path prefix in the parameter tree of one block)
 BLOCK_PARTS = [
@@ -100,20 +98,20 @@ def top_tokens(logits: np.ndarray, tokenizer, k: int) -> list[dict]:
             for i in order]
 
 
-def has_vocabulary(directory: Path) -> bool:
-    return (directory / "gpt2.tiktoken").is_file() or (
-        (directory / "encoder.json").is_file() and (directory / "vocab.bpe").is_file())
+def _has_vocabulary(directory: Path) -> bool:
+    return directory.is_dir() and gpt2_files(directory) is not None
 
 
 def find_vocabulary(given: str | None) -> tuple[Path | None, str]:
-    """(the folder with the GPT-2 vocabulary files, or None; where it looked)."""
+    """(the folder with the GPT-2 vocabulary files, or None; where it looked):
+    `jaxllm.tokenizer`'s places, but a folder asked for is that folder or
+    nothing, and nothing is downloaded."""
     if given is None:
         given = os.environ.get(GPT2_DIR_ENV) or None
     if given is not None:  # asked for: that folder or nothing
         where = f"{given} (--tokenizer-dir or ${GPT2_DIR_ENV})"
-        return (Path(given) if has_vocabulary(Path(given)) else None), where
-    candidates = [parent / "shared" / "data" for parent in REPO.parents]
-    found = next((c for c in candidates if has_vocabulary(c)), None)
+        return (Path(given) if _has_vocabulary(Path(given)) else None), where
+    found = next((c for c in shared_data_folders() if _has_vocabulary(c)), None)
     return found, "shared/data above the checkout"
 
 

@@ -69,8 +69,8 @@ def test_nothing_found_lists_every_place_tried(tmp_path, nowhere_else, monkeypat
         get_tokenizer("hf", places=[(tmp_path, "--hf x")])
 
 
-def test_a_hugging_face_gpt2_folder_is_read_as_the_tokenizers_library_reads_it(shared_data, tmp_path,
-                                                                     nowhere_else):
+def test_a_hugging_face_gpt2_folder_is_read_as_the_tokenizers_library_reads_it(
+        shared_data, tmp_path, nowhere_else):
     from tokenizers import ByteLevelBPETokenizer
 
     hf = tmp_path / "gpt2"
