@@ -220,3 +220,32 @@ def test_a_run_finds_its_vocabulary_where_it_was_found(shared_data, tmp_path, no
     shutil.rmtree(hf)  # moved away: the message names the run's record among the places
     assert main(["classify", "--run-dir", str(out), "--text", "x"]) == 2
     assert f"{hf} (recorded by the run {out})" in capsys.readouterr().err
+
+
+def test_a_run_with_a_family_tokenizer_keeps_it(chat_folder, scripted, tmp_path, nowhere_else,
+                                                capsys):
+    """A run trained with a folder's tokenizer.json finds it again for generate
+    and chat --run-dir (the chat template too), with no flag."""
+    from transformers import AutoTokenizer
+
+    from jaxllm.hf import from_hf_state_dict
+    from jaxllm.train import TrainConfig, checkpoint, init_train_state
+
+    theirs = AutoTokenizer.from_pretrained(chat_folder)
+    config = jaxllm.GPTConfig(vocab_size=len(theirs), context_length=64, emb_dim=32, n_heads=4,
+                              n_layers=1, drop_rate=0.0, qkv_bias=True)
+    params = from_hf_state_dict(chat_folder / "model.safetensors", config)
+    run = tmp_path / "run"
+    checkpoint.save(checkpoint.open_manager(run, create=True),
+                    init_train_state(params, TrainConfig()),
+                    {"model": config.to_dict(), "tokenizer": "hf", "kind": "pretrain",
+                     "tokenizer_dir": str(chat_folder)})
+    assert main(["generate", "--run-dir", str(run), "--prompt", "Every effort"]) == 0
+    assert scripted[-1][0] == theirs.encode("Every effort")
+    assert main(["chat", "--run-dir", str(run), "--prompt", "Hi"]) == 0
+    assert scripted[-1][0] == theirs.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True,
+        return_dict=False)
+    capsys.readouterr()
+    assert main(["chat", "--run-dir", str(run), "--prompt", "Hi", "--tokenizer", "gpt2"]) == 2
+    assert "trained with the hf tokenizer, not --tokenizer gpt2" in capsys.readouterr().err
