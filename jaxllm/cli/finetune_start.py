@@ -41,7 +41,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, default_out: str,
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out")
     add_fallback_argument(parser, resuming=True)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress: neither the bar nor, into a log, its lines")
     add_lora_arguments(parser)
 
 

@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, help=f"steps between checkpoints "
                         f"({given} {LoopConfig.save_every})")
     parser.add_argument("--keep", type=int, help=f"checkpoints kept ({given} {LoopConfig.keep})")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress: neither the bar nor, into a log, its lines")
     parser.add_argument("--mesh", metavar="SPEC",
                         help="device mesh, e.g. 'data=2,fsdp=4' or 'fsdp=-1' (all devices): split "
                              "the batch over the devices and shard the state (jaxllm.sharding); "
