@@ -244,8 +244,11 @@ def _load_ranks(files: list[Path]) -> dict[bytes, int]:
 
 
 def shared_data_folders() -> list[Path]:
-    """`shared/data` in every folder above the checkout jaxllm is imported from."""
-    return [parent / "shared" / "data" for parent in Path(__file__).resolve().parents[1:]]
+    """`shared/data` in every folder above the checkout jaxllm is imported from,
+    then in and above the current directory (an install outside the checkout)."""
+    cwd = Path.cwd().resolve()
+    above = [*Path(__file__).resolve().parents[1:], cwd, *cwd.parents]
+    return list(dict.fromkeys(parent / "shared" / "data" for parent in above))
 
 
 def _hf_export_record(folder: Path) -> dict | None:
