@@ -11,6 +11,10 @@ The functional API::
     out = jaxllm.generate(params, config, prompt_ids, max_new_tokens)  # KV-cached decoding
 """
 
+from jaxllm import interrupt as _interrupt
+
+_interrupt.install_for_command()  # first, before JAX loads: Ctrl-C never crashes the command
+
 from jaxllm.config import (
     GPT_CONFIG_124M,
     PRESETS,

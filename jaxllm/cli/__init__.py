@@ -4,7 +4,9 @@ Each subcommand is a module of this package with `add_arguments(parser)` and
 `run(args) -> int`; it is imported only when chosen, so `--help` stays fast.
 Process-wide settings belong to the subcommand that wants them: `pretrain`
 keeps freed host memory for reuse only when asked (`--reuse-host-memory`, or
-`--cpu-recipe`), and `generate` and `chat` leave malloc as it is.
+`--cpu-recipe`), and `generate` and `chat` leave malloc as it is. SIGINT and
+SIGTERM stop every command cleanly with one line (`jaxllm.interrupt`): exit
+code 130 or 143, a training run saving a checkpoint first.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from jaxllm import interrupt
 
 SUBCOMMANDS = {
     "pretrain": "Train a model on text (a preset or config file, local data, checkpoints).",
@@ -90,5 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     name = argv[0]
-    return importlib.import_module(f"jaxllm.cli.{name}").run(
-        command_parser(name).parse_args(argv[1:]))
+    prog = " ".join(["jaxllm", name, *[a for a in argv[1:2] if name in ("finetune", "lora")
+                                        and not a.startswith("-")]])
+    if interrupt.is_command():  # installed at `import jaxllm`; this names the stop line
+        interrupt.install(prog)
+    try:
+        return importlib.import_module(f"jaxllm.cli.{name}").run(
+            command_parser(name).parse_args(argv[1:]))
+    except interrupt.Stopped as stop:  # a training loop saved and stopped (jaxllm.interrupt)
+        print(f"{prog}: {stop}", file=sys.stderr)
+        return stop.exit_code

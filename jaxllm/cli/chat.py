@@ -121,5 +121,3 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"jaxllm chat: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130

@@ -10,7 +10,10 @@ environment variables `jaxllm.sharding.initialize_distributed` reads, and
 `pretrain` gets `--distributed`. On the CPU each process fakes
 `--devices-per-process` devices and JAX's collectives run over gloo, so a
 multi-host run can be tried on one machine. When a process fails, the
-launcher stops the others and exits non-zero naming it. On real hosts, run the
+launcher stops the others and exits non-zero naming it. SIGINT or SIGTERM to
+the launcher is passed on to every process as SIGTERM: each saves a
+checkpoint at one agreed step and ends (`jaxllm.interrupt`); the launcher
+waits for them (SIGKILL after `STOP_GRACE_S`) and exits 130 or 143. On real hosts, run the
 same command on each with the same three variables set by hand (or leave them
 to SLURM / Open MPI detection, which is JAX's own).
 """
@@ -25,9 +28,11 @@ import subprocess
 import sys
 import time
 
+from jaxllm import interrupt
 from jaxllm.sharding import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
 GRACE_S = 10.0  # after a failure, how long the others get to exit before SIGKILL
+STOP_GRACE_S = interrupt.GRACE_S + 10.0  # on a stop: time to save a checkpoint first
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,39 +78,52 @@ def run(args) -> int:
         command = [command[0], "--distributed", *command[1:]]
     coordinator = f"127.0.0.1:{args.port or free_port()}"
     procs = []
-    for i in range(args.processes):
-        env = process_env(os.environ, coordinator, args.processes, i, args.devices_per_process)
-        argv = command if command[0].endswith(".py") else ["-m", "jaxllm", *command]
-        procs.append(subprocess.Popen([sys.executable, *argv], env=env))
-        print(f"jaxllm launch: process {i} is pid {procs[-1].pid}", file=sys.stderr, flush=True)
-    try:
+    # A SIGINT or SIGTERM to the launcher is passed on to every process, which
+    # saves and stops (jaxllm.interrupt); the launcher waits for them, bounded.
+    with interrupt.deferred(grace_s=STOP_GRACE_S + 10):
+        for i in range(args.processes):
+            if interrupt.requested():
+                break
+            env = process_env(os.environ, coordinator, args.processes, i,
+                              args.devices_per_process)
+            argv = command if command[0].endswith(".py") else ["-m", "jaxllm", *command]
+            procs.append(subprocess.Popen([sys.executable, *argv], env=env))
+            print(f"jaxllm launch: process {i} is pid {procs[-1].pid}", file=sys.stderr,
+                  flush=True)
         return _wait(procs)
-    except KeyboardInterrupt:
-        _stop(procs)
-        return 130
 
 
 def _wait(procs) -> int:
     while True:
+        signum = interrupt.requested()
+        if signum:
+            _stop(procs, STOP_GRACE_S)
+            print(f"jaxllm launch: stopped by {interrupt.signal_name(signum)}; passed on to "
+                  f"the {len(procs)} processes, all ended", file=sys.stderr, flush=True)
+            return interrupt.exit_code(signum)
         codes = [p.poll() for p in procs]
         failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
         if failed:
             i, code = failed[0]
-            how = f"signal {-code}" if code < 0 else f"exit code {code}"
-            print(f"jaxllm launch: process {i} (pid {procs[i].pid}) failed with {how}; "
-                  "stopping the others", file=sys.stderr, flush=True)
-            _stop(procs)
-            return 1
+            stopped = {interrupt.exit_code(s): s for s in interrupt.SIGNALS}.get(code)
+            how = (f"signal {-code}" if code < 0 else f"exit code {code}" if stopped is None
+                   else f"a stop on {interrupt.signal_name(stopped)}")
+            print(f"jaxllm launch: process {i} (pid {procs[i].pid}) "
+                  + ("ended with" if stopped else "failed with") + f" {how}; stopping the others",
+                  file=sys.stderr, flush=True)
+            _stop(procs, STOP_GRACE_S if stopped else GRACE_S)
+            return code if stopped else 1
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.2)
 
 
-def _stop(procs) -> None:
+def _stop(procs, grace_s: float) -> None:
+    """SIGTERM to the processes still running; SIGKILL to those alive `grace_s` later."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
+    deadline = time.monotonic() + grace_s
     for p in procs:
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))

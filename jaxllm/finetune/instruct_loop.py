@@ -246,7 +246,8 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
         state, timing, first_eval = run_steps(
             state, train_step, batches.batch_at, start=start, end=end, log_every=ic.log_every,
             eval_every=ic.eval_every, save_every=ic.save_every, record=record,
-            evaluate=evaluate, save=save, log=log, diverged=diverged, progress=progress)
+            evaluate=evaluate, save=save, log=log, diverged=diverged, progress=progress,
+            run_dir=run_dir)
     finally:
         manager.close()
         records = log.read()

@@ -256,7 +256,8 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
         state, timing, first_eval = run_steps(
             state, train_step, batches.batch_at, start=start, end=end, log_every=cc.log_every,
             eval_every=cc.eval_every, save_every=cc.save_every, record=record,
-            evaluate=evaluate, save=save, log=log, diverged=diverged, progress=progress)
+            evaluate=evaluate, save=save, log=log, diverged=diverged, progress=progress,
+            run_dir=run_dir)
     finally:
         manager.close()
         records = log.read()

@@ -394,7 +394,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
             eval_every=lc.eval_every, save_every=lc.save_every, record=record,
             evaluate=lambda params, step: evaluate(params, step, final=step == end),
             save=save, log=log, diverged=lambda step, loss: diverged(step, f"loss is {loss}"),
-            progress=progress and writer, tokens_per_step=tokens_per_step)
+            progress=progress and writer, tokens_per_step=tokens_per_step,
+            run_dir=run_dir)
         if last_saved != int(state.step) and end > start:
             save(state, int(state.step))
     finally:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 from tqdm.auto import tqdm
 
+from jaxllm import interrupt
 from jaxllm.train import checkpoint
 
 
@@ -101,7 +102,7 @@ def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, 
               log_every: int, eval_every: int, save_every: int,
               record: Callable[[int, dict], dict], evaluate: Callable[[Any, int], Any],
               save: Callable[[Any, int], None], log, diverged: Callable[[int, float], Exception],
-              progress: bool = True, tokens_per_step: int | None = None):
+              progress: bool = True, tokens_per_step: int | None = None, run_dir=None):
     """Run steps `start` to `end`; returns (state, Timing, the step-0 evaluation or None).
 
     `record(step, metrics)` turns one step's host metrics into its
@@ -113,6 +114,10 @@ def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, 
     bar shows tokens/s over the steps since the last fetch. The bar is drawn
     only on a terminal; into a log or a pipe, `progress` is one plain line
     per evaluation instead (`progress_line`).
+
+    SIGINT or SIGTERM (`jaxllm.interrupt`, in the `jaxllm` command) stops the
+    steps at the next step boundary: the state is saved there unless it just
+    was, and `interrupt.Stopped` is raised, naming the checkpoint in `run_dir`.
     """
     timing = Timing()
     pending: list[tuple[int, dict]] = []
@@ -146,35 +151,55 @@ def run_steps(state, train_step, batch_at: Callable[[int], Any], *, start: int, 
         seg_steps = 0
 
     first_eval = None
+    saved, stop = start, None
     try:
-        if start == 0:
-            first_eval = evaluate(state.params, 0)
-        seg_start = time.perf_counter()
-        for step in range(start, end):
-            state, metrics = train_step(state, batch_at(step))
-            done = step + 1
-            pending.append((done, metrics))
-            bar.update(1)
-            if timing.compile_s is None:
-                jax.block_until_ready(metrics)
-                timing.compile_s = time.perf_counter() - seg_start
-                seg_start = time.perf_counter()
-            else:
-                timing.timed_steps += 1
-                seg_steps += 1
-            at_eval = done % eval_every == 0 or done == end
-            at_save = done % save_every == 0 or done == end
-            if done % log_every == 0 or at_eval or at_save:
-                flush()
-                if at_eval and progress and not live:
-                    print(progress_line(done, start, end, time.perf_counter() - began, shown),
-                          file=sys.stderr, flush=True)
-                if at_eval:
-                    evaluate(state.params, done)
-                if at_save:
-                    save(state, done)
-                seg_start = time.perf_counter()
-        flush()
+        with interrupt.deferred():
+            if start == 0:
+                first_eval = evaluate(state.params, 0)
+            seg_start = time.perf_counter()
+            for step in range(start, end):
+                state, metrics = train_step(state, batch_at(step))
+                done = step + 1
+                pending.append((done, metrics))
+                bar.update(1)
+                if timing.compile_s is None:
+                    jax.block_until_ready(metrics)
+                    timing.compile_s = time.perf_counter() - seg_start
+                    seg_start = time.perf_counter()
+                else:
+                    timing.timed_steps += 1
+                    seg_steps += 1
+                at_eval = done % eval_every == 0 or done == end
+                at_save = done % save_every == 0 or done == end
+                if done % log_every == 0 or at_eval or at_save:
+                    flush()
+                    if at_eval and progress and not live:
+                        print(progress_line(done, start, end, time.perf_counter() - began, shown),
+                              file=sys.stderr, flush=True)
+                    if at_eval:
+                        evaluate(state.params, done)
+                    if at_save:
+                        save(state, done)
+                        saved = done
+                    seg_start = time.perf_counter()
+                if interrupt.stop_due(done):  # every process, every step (see stop_due)
+                    stop = done
+                    break
+            flush()
+            if stop is None and interrupt.requested() and end > start:
+                stop = end  # the stop came during the last evaluation or save
+            if stop is not None and saved != stop:
+                save(state, stop)
+                saved = stop
     finally:
         bar.close()
+    if stop is not None:
+        raise interrupt.Stopped(_stopped(stop, saved, run_dir), interrupt.stop_signal())
     return state, timing, first_eval
+
+
+def _stopped(step: int, saved: int, run_dir) -> str:
+    """The line a stopped training run ends with."""
+    where = f" in {checkpoint.checkpoint_dir(run_dir)}" if run_dir is not None else ""
+    return (f"stopped by {interrupt.signal_name(interrupt.stop_signal())} at step {step}; "
+            f"saved checkpoint {saved}{where} (continue with --resume)")
