@@ -283,7 +283,8 @@ def _run(run_dir, config, tc, dc, tokenizer, entries, params, resume, progress, 
         state, timing, first_eval = run_steps(
             state, train_step, batches.batch_at, start=start, end=end, log_every=dc.log_every,
             eval_every=dc.eval_every, save_every=dc.save_every, record=record,
-            evaluate=evaluate, save=save, log=log, diverged=diverged, progress=progress)
+            evaluate=evaluate, save=save, log=log, diverged=diverged, progress=progress,
+            run_dir=run_dir)
     finally:
         manager.close()
         records = log.read()
