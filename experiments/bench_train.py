@@ -6,6 +6,7 @@
     python -m experiments.bench_train --threads 1     # both pinned to one core
     python -m experiments.bench_train --profile       # and a per-op profile of jaxllm's step
     python -m experiments.bench_train --torch-compile-cpu   # CPU: the compiled peers too (slow)
+    python -m experiments.bench_train --case llama    # CPU: the Llama-style case alone
 
 Both sides train the same model from the same weights on the same batch:
 jaxllm through `make_train_step` (AdamW from `make_optimizer`, global-norm
@@ -14,7 +15,9 @@ PyTorch users run it: the module returns its loss (cross-entropy on float32
 logits inside the module, so under torch.compile the logits stay in the
 compiled graph), the vocabulary is padded and the head tied exactly as
 jaxllm's, AdamW is `fused=True` on CUDA, clipping is `clip_grad_norm_` with
-foreach on CUDA. The peer variants (PEER_VARIANTS) differ in what is compiled:
+foreach on CUDA. A Llama-family case (RMSNorm, RoPE, SwiGLU, grouped-query
+attention) meets transformers' own `LlamaForCausalLM` (`Qwen3ForCausalLM` with
+q/k norm) with the same weights and SDPA attention (`TorchHF`). The peer variants (PEER_VARIANTS) differ in what is compiled:
 nothing, the module, the whole step, the module with max-autotune. On CPU the
 peer runs eagerly in float32 (the compiled variants with --torch-compile-cpu);
 on GPU with bf16 autocast. The fastest variant is the ratio's denominator; the
@@ -66,6 +69,12 @@ DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12}
 
 ISSUE_CPU = GPTConfig(vocab_size=2048, context_length=256, emb_dim=256, n_heads=4, n_layers=4,
                       drop_rate=0.0)
+# The same size as a Llama-family model: 2 key/value heads, SwiGLU of width 704 (~8/3 d).
+LLAMA_CPU = GPTConfig(vocab_size=2048, context_length=256, emb_dim=256, n_heads=4, n_kv_heads=2,
+                      n_layers=4, ffn_dim=704, norm="rmsnorm", positions="rope", mlp="swiglu",
+                      out_bias=False, mlp_bias=False, drop_rate=0.0, rope_theta=500000.0)
+# The native CPU kernels for attention and LayerNorm compute GPT-2's operations only.
+LLAMA_RECIPE = {"attn_impl": "blockwise", "norm_impl": "xla"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +105,9 @@ def cpu_cases(overrides: dict, grad_accum: int | None = None) -> list[Case]:
     return [Case("issue-cpu (L4 d256 h4 T256 V2048)", ISSUE_CPU.replace(**over), 8, 256,
                  grad_accum=accum),
             Case("small preset (L4 d128 h4 T128 V257)", small.replace(**over), 16, 128,
+                 grad_accum=accum),
+            Case("llama-style (L4 d256 h4 kv2 T256 V2048)",
+                 LLAMA_CPU.replace(**{**over, **LLAMA_RECIPE, **overrides}), 8, 256,
                  grad_accum=accum)]
 
 
@@ -231,6 +243,41 @@ class TorchGPT(nn.Module):
         return self
 
 
+class TorchHF(nn.Module):
+    """A Llama-family model as transformers runs it: `LlamaForCausalLM` (or
+    `Qwen3ForCausalLM`) built from `jaxllm.hf.hf_config_dict`, SDPA attention,
+    with the same weights (`to_hf_state_dict`) and the same loss contract as
+    `TorchGPT`. The vocabulary is not padded (jaxllm's is not either here)."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        import transformers
+
+        from jaxllm.hf import hf_config_dict
+
+        if c.padded_vocab_size != c.vocab_size:
+            raise ValueError("the transformers peer has no padded vocabulary: vocab_multiple=1")
+        d = hf_config_dict(c.replace(param_dtype="float32"))
+        cls = getattr(transformers, d["architectures"][0])
+        hf = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+        hf._attn_implementation = "sdpa"
+        self.model = cls(hf)
+
+    def forward(self, tokens, targets=None):
+        logits = self.model(tokens).logits
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    @torch.no_grad()
+    def load_jaxllm(self, params, c: GPTConfig) -> "TorchHF":
+        from jaxllm.hf import to_hf_state_dict
+
+        sd = {k: torch.from_numpy(v.copy()) for k, v in to_hf_state_dict(params, c).items()}
+        self.model.load_state_dict(sd, strict=not c.tie_embeddings)
+        return self
+
+
 def torch_optimizer(model: nn.Module, tc: TrainConfig, fused: bool):
     """AdamW with decay on matrices only (not embeddings), like `make_optimizer`;
     `fused=True` is the one-kernel CUDA AdamW."""
@@ -268,7 +315,7 @@ def make_peer(variant: str, c: GPTConfig, params, tc: TrainConfig, device: str, 
     """A fresh peer of `variant` (see PEER_VARIANTS) from jaxllm's `params`: its step function."""
     if variant not in PEER_VARIANTS:
         raise ValueError(f"unknown peer variant {variant!r}; choose from {PEER_VARIANTS}")
-    model = TorchGPT(c).load_jaxllm(params, c).to(device)
+    model = (TorchGPT if c.family == "gpt2" else TorchHF)(c).load_jaxllm(params, c).to(device)
     opt = torch_optimizer(model, tc, fused=device == "cuda" and variant != "compile-step")
     autocast = device if bf16 else None
     if variant == "eager":
@@ -288,7 +335,9 @@ def loss_tolerance(case: Case) -> float:
 def flops_per_token(c: GPTConfig, seq: int) -> float:
     """6N + 12*L*H*Q*T, N counting the weights that enter matrix products."""
     real = c.replace(vocab_multiple=1)
-    n = count_params(real) - c.context_length * c.emb_dim  # position table: a lookup
+    n = count_params(real)
+    if c.positions == "learned":
+        n -= c.context_length * c.emb_dim  # position table: a lookup
     if not c.tie_embeddings:
         n -= c.vocab_size * c.emb_dim  # the token table is a lookup; the head is separate
     return 6.0 * n + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq

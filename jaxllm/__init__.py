@@ -9,6 +9,8 @@ The functional API::
     hidden = jaxllm.apply(params, tokens, config, return_hidden=True)  # after the final LayerNorm
     logits = jaxllm.lm_head(params, hidden, config)  # the head a task may replace
     out = jaxllm.generate(params, config, prompt_ids, max_new_tokens)  # KV-cached decoding
+    params, config = jaxllm.load_hf("Qwen/Qwen3-0.6B")  # GPT-2, Llama 3 or Qwen3 weights
+    jaxllm.save_hf("out/", params, config)    # a folder transformers loads
 """
 
 from jaxllm import interrupt as _interrupt
@@ -26,14 +28,14 @@ from jaxllm.config import (
 )
 from jaxllm.generate import Generation, generate
 from jaxllm.host_memory import reuse_host_memory
-from jaxllm.hf import from_hf_state_dict, save_safetensors, to_hf_state_dict
+from jaxllm.hf import from_hf_state_dict, load_hf, save_hf, save_safetensors, to_hf_state_dict
 from jaxllm.checks import IGNORE_INDEX
 from jaxllm.loss import cross_entropy, lm_loss, perplexity, token_loss_sum, token_nll
 from jaxllm.model import apply, forward, init_params, lm_head
 
 __all__ = [
     "GPT_CONFIG_124M", "PRESETS", "GPTConfig", "count_params", "get_preset", "param_bytes",
-    "param_shapes", "from_hf_state_dict", "save_safetensors", "to_hf_state_dict",
+    "param_shapes", "from_hf_state_dict", "load_hf", "save_hf", "save_safetensors", "to_hf_state_dict",
     "cross_entropy", "lm_loss", "perplexity", "token_loss_sum", "token_nll", "IGNORE_INDEX",
     "apply", "forward", "init_params", "lm_head",
     "Generation", "generate", "reuse_host_memory", "__version__",

@@ -1,18 +1,23 @@
 """Causal multi-head self-attention kernels.
 
-All take q, k, v of shape (batch, seq, heads, head_dim) and return the same
-shape. They compute one function and are tested equal; they differ in speed:
+All take q of shape (batch, seq, heads, head_dim) and k, v of shape (batch,
+seq, kv_heads, head_dim), and return q's shape. With fewer key/value heads
+than query heads (grouped-query attention) query head i reads key/value head
+i // (heads / kv_heads), as in Hugging Face's `repeat_kv`. They compute one
+function and are tested equal; they differ in speed:
 
 - `reference`: the textbook einsum, explicit causal mask, softmax in float32.
   It is the only one that applies dropout to the attention weights.
 - `blockwise`: causal attention over query blocks, each attending only to the
   keys at or before it, so the masked upper triangle is mostly never computed.
   The fastest XLA path on CPU.
-- `xla` / `cudnn`: `jax.nn.dot_product_attention` with that implementation.
+- `xla` / `cudnn`: `jax.nn.dot_product_attention` with that implementation,
+  which takes fewer key/value heads natively.
 - `mkl`: a native CPU kernel (`jaxllm.kernels.mkl.attention`), float32, that
   reads q, k and v straight from the qkv projection's output; fastest on x86
   CPUs. `packed_causal_attention` takes that packed input, which is how the
-  model calls every implementation.
+  model calls every implementation. It has no grouped-query form: a config
+  with fewer key/value heads, or RoPE, refuses it (`GPTConfig` validation).
 """
 
 from __future__ import annotations
@@ -83,6 +88,12 @@ def _attend(qh, kh, vh, *, q_offset: int):
     return jnp.matmul(weights, vh)
 
 
+def repeat_kv(x, groups: int):
+    """(batch, seq, kv_heads, head_dim) -> (batch, seq, kv_heads * groups, head_dim),
+    each key/value head repeated for the `groups` query heads that read it."""
+    return jnp.repeat(x, groups, axis=2) if groups > 1 else x
+
+
 def split_qkv(qkv, n_heads: int):
     """The qkv projection's output (batch, seq, 3 * emb) as q, k, v of shape
     (batch, seq, heads, head_dim)."""
@@ -111,14 +122,22 @@ def causal_attention(q, k, v, impl: str, *, dropout_rate: float = 0.0, rng=None)
     """Dispatch to the kernel named by `impl` (see the module docstring).
 
     Dropout on the attention weights needs the weights themselves, so when it
-    is active every implementation falls back to `reference`.
+    is active every implementation falls back to `reference`. The XLA and
+    cuDNN kernels read shared key/value heads in place; the others are given
+    each group's key/value head repeated.
     """
+    if impl in ("xla", "cudnn") and dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        if impl == "mkl":
+            raise ValueError("attn_impl='mkl' has no grouped-query attention (fewer key/value "
+                             "heads than query heads); use attn_impl='blockwise' or 'xla'")
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     if impl == "reference" or dropout_rate > 0.0:
         return reference_attention(q, k, v, dropout_rate=dropout_rate, rng=rng)
     if impl == "blockwise":
         return blockwise_attention(q, k, v)
-    if impl in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     if impl == "mkl":
         b, t, h, d = q.shape
         qkv = jnp.concatenate([x.reshape(b, t, h * d) for x in (q, k, v)], axis=-1)

@@ -46,8 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import GPTConfig
-from jaxllm.attention import split_qkv
-from jaxllm.model import Params, apply, block, cast_params, embed, layer_norm, lm_head
+from jaxllm.model import Params, apply, block, cast_params, embed, lm_head, norm
 
 MIN_BUCKET = 16
 _MASK_VALUE = -1e30  # finite, so a fully masked row cannot produce NaN
@@ -78,9 +77,14 @@ class Generation(NamedTuple):
 class KVCache(NamedTuple):
     """Keys and values of every layer, one array per layer.
 
-    keys (batch, heads, head_dim, context_length) are stored transposed and
-    values (batch, heads, context_length, head_dim) as they are, so that both
+    keys (batch, kv_heads, head_dim, context_length) are stored transposed and
+    values (batch, kv_heads, context_length, head_dim) as they are, so that both
     attention products read the cache in its stored layout, with no copy.
+    Only the `kv_heads` key/value heads are kept (grouped-query attention
+    shares each among n_heads / kv_heads query heads), and keys are cached
+    after RoPE, at their absolute positions. Bytes per token:
+    `cache_bytes_per_token`, 2 * n_layers * kv_heads * head_dim * itemsize;
+    Llama-3.2-1B in bf16: 2 x 16 x 8 x 64 x 2 bytes = 32 KiB.
     """
 
     keys: list
@@ -168,28 +172,33 @@ def _sampler(temperature: float, top_k, top_p) -> tuple[Sampler | None, tuple[bo
 def cached_attention(q, k, v, cache_k, cache_v, start):
     """Attention of the new tokens' queries over the cached past and themselves.
 
-    q, k, v (batch, seq, heads, head_dim) are the new tokens, which sit at
-    positions start.. (`start` () or (batch,)); they see the cache slots
-    before `start` (keys (batch, heads, head_dim, slots), values (batch,
-    heads, slots, head_dim)) and, causally, each other. Reading the cache
-    as it was before this step's write lets XLA update it in place. With
-    `start` the int 0 (a prefill) there is no past and the cache is not read.
+    q (batch, seq, heads, head_dim) and k, v (batch, seq, kv_heads,
+    head_dim) are the new tokens, which sit at positions start.. (`start` ()
+    or (batch,)); they see the cache slots before `start` (keys (batch,
+    kv_heads, head_dim, slots), values (batch, kv_heads, slots, head_dim))
+    and, causally, each other. Query head i reads key/value head i // groups
+    (the group axis g below; 1 without grouped-query attention). Reading the
+    cache as it was before this step's write lets XLA update it in place.
+    With `start` the int 0 (a prefill) there is no past and the cache is
+    not read.
     """
-    t, d = q.shape[1], q.shape[-1]
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
     scale = 1.0 / math.sqrt(d)
-    new = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
+    new = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
     new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), new, _MASK_VALUE)
     if isinstance(start, int) and start == 0:  # a prefill: no past to read
         weights = jax.nn.softmax(new, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhts,bshd->bthd", weights, v)
-    past = jnp.einsum("bthd,bhdc->bhtc", q, cache_k).astype(jnp.float32) * scale
-    start = jnp.broadcast_to(start, (q.shape[0],))
+        return jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, h, d)
+    past = jnp.einsum("btkgd,bkdc->bkgtc", q, cache_k).astype(jnp.float32) * scale
+    start = jnp.broadcast_to(start, (b,))
     before = jnp.arange(cache_k.shape[3])[None, :] < start[:, None]  # (batch, slots)
-    past = jnp.where(before[:, None, None, :], past, _MASK_VALUE)
+    past = jnp.where(before[:, None, None, None, :], past, _MASK_VALUE)
     weights = jax.nn.softmax(jnp.concatenate([past, new], axis=-1), axis=-1)
     w_past, w_new = weights[..., :-t].astype(v.dtype), weights[..., -t:].astype(v.dtype)
-    return (jnp.einsum("bhtc,bhcd->bthd", w_past, cache_v)
-            + jnp.einsum("bhts,bshd->bthd", w_new, v))
+    return (jnp.einsum("bkgtc,bkcd->btkgd", w_past, cache_v)
+            + jnp.einsum("bkgts,bskd->btkgd", w_new, v)).reshape(b, t, h, d)
 
 
 def _write(cache_layer, new, start, slot_axis: int):
@@ -227,27 +236,25 @@ def _forward_cached(p: Params, tokens, positions, start, cache: KVCache, config:
     """The model on tokens (batch, seq) at `positions` (batch, seq), which run
     consecutively from `start` (one () for all rows, or (batch,)): writes
     their keys and values into the cache and attends over it. Returns the
-    final hidden states (batch, seq, emb), before the final LayerNorm, and
+    final hidden states (batch, seq, emb), before the final norm, and
     the new cache."""
-    b, t = tokens.shape
     x = embed(p, tokens, config, positions=positions).astype(jnp.dtype(config.compute_dtype))
     keys, values = [], []
     for blk, ck, cv in zip(p["blocks"], cache.keys, cache.values):
-        def attend(qkv, ck=ck, cv=cv):
-            q, k, v = split_qkv(qkv, config.n_heads)
+        def attend(q, k, v, ck=ck, cv=cv):
             a = cached_attention(q, k, v, ck, cv, start)
             k, v = _after(k, a), _after(v, a)
             keys.append(_write(ck, k.transpose(0, 2, 3, 1), start, slot_axis=3))
             values.append(_write(cv, v.transpose(0, 2, 1, 3), start, slot_axis=2))
-            return a.reshape(b, t, config.emb_dim)
+            return a
 
-        x = block(blk, x, config, attend=attend)
+        x = block(blk, x, config, attend=attend, positions=positions)
     return x, KVCache(keys, values)
 
 
 def _logits_at(p: Params, hidden, index, config: GPTConfig):
     """Logits (batch, vocab_size) of the hidden state at `index` (batch,) in each row."""
-    h = layer_norm(p["final_norm"], hidden[jnp.arange(hidden.shape[0]), index][:, None], config)
+    h = norm(p["final_norm"], hidden[jnp.arange(hidden.shape[0]), index][:, None], config)
     return lm_head(p, h, config)[:, 0, : config.vocab_size]
 
 
@@ -259,8 +266,15 @@ def _prefill_into(p: Params, tokens, length, cache: KVCache, config: GPTConfig):
     return cache, _logits_at(p, hidden, length - 1, config)
 
 
+def cache_bytes_per_token(config: GPTConfig) -> int:
+    """Bytes the KV cache holds per token of one sequence: a key and a value of
+    `kv_heads` heads of `head_dim` in every layer, in the compute dtype."""
+    itemsize = jnp.dtype(config.compute_dtype).itemsize
+    return 2 * config.n_layers * config.kv_heads * config.head_dim * itemsize
+
+
 def empty_cache(config: GPTConfig, batch: int) -> KVCache:
-    h, c, d = config.n_heads, config.context_length, config.head_dim
+    h, c, d = config.kv_heads, config.context_length, config.head_dim
     dtype = jnp.dtype(config.compute_dtype)
     return KVCache([jnp.zeros((batch, h, d, c), dtype) for _ in range(config.n_layers)],
                    [jnp.zeros((batch, h, c, d), dtype) for _ in range(config.n_layers)])

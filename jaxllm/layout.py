@@ -1,4 +1,4 @@
-"""The parameter layout: one table naming every parameter of the GPT tree.
+"""The parameter layout: one table per family naming every parameter of its tree.
 
 `init_params` decides which parameters exist and their shapes; `PARAMS` adds
 what the rest of the library needs to know about each of them: its Hugging
@@ -9,7 +9,11 @@ restore targets (`abstract_params`) are all read from here, so a new
 parameter is added in `init_params` and in one row below.
 
 Paths are the tree's keys joined by "/"; in block rows ``*`` stands for the
-block index, in our paths as in the Hugging Face names.
+block index, in our paths as in the Hugging Face names. `PARAMS` is GPT-2's
+table (`GPT2LMHeadModel`'s names), `LLAMA_PARAMS` that of Llama 3 and Qwen3
+(`LlamaForCausalLM` / `Qwen3ForCausalLM`); `table(config)` picks one.
+This module sits above `jaxllm.models` (whose `init_params` it reads) and
+below `jaxllm.model`.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from typing import Any
 import jax
 
 from jaxllm.config import GPTConfig
-from jaxllm.model import init_params
-from jaxllm.train.task import path_str
+from jaxllm.models import family
+from jaxllm.tree import path_str
 
 MATRIX, VECTOR = "matrix", "vector"
 
@@ -36,9 +40,9 @@ class Param:
     holds `padded_vocab_size` rows here and `vocab_size` in Hugging Face's
     file. `transposed`: Hugging Face stores the transpose of our array.
     `only_if=(field, value)`: the parameter exists only when the config field
-    has that value. Hugging Face's GPT-2 always has it; `hf_absent` says what
-    stands in its place there: "zeros", or the path of the parameter it is
-    tied to.
+    has that value. `hf_absent` says what Hugging Face keeps in its place when
+    our tree lacks it: "zeros" (GPT-2 always has `c_attn.bias`), the path of
+    the parameter it is tied to, or None: Hugging Face lacks it too.
     """
 
     path: str
@@ -82,11 +86,47 @@ PARAMS: tuple[Param, ...] = (
 )
 
 
+# Llama 3 and Qwen3. Hugging Face's nn.Linear weights are (out, in): transposed.
+LLAMA_PARAMS: tuple[Param, ...] = (
+    Param("tok_emb/embedding", "model.embed_tokens.weight", MATRIX, vocab_axis=0),
+    Param("blocks/*/norm1/scale", "model.layers.*.input_layernorm.weight", VECTOR),
+    Param("blocks/*/attn/q/kernel", "model.layers.*.self_attn.q_proj.weight", MATRIX,
+          transposed=True),
+    Param("blocks/*/attn/k/kernel", "model.layers.*.self_attn.k_proj.weight", MATRIX,
+          transposed=True),
+    Param("blocks/*/attn/v/kernel", "model.layers.*.self_attn.v_proj.weight", MATRIX,
+          transposed=True),
+    Param("blocks/*/attn/o/kernel", "model.layers.*.self_attn.o_proj.weight", MATRIX,
+          transposed=True),
+    Param("blocks/*/attn/q_norm/scale", "model.layers.*.self_attn.q_norm.weight", VECTOR,
+          only_if=("qk_norm", True)),
+    Param("blocks/*/attn/k_norm/scale", "model.layers.*.self_attn.k_norm.weight", VECTOR,
+          only_if=("qk_norm", True)),
+    Param("blocks/*/norm2/scale", "model.layers.*.post_attention_layernorm.weight", VECTOR),
+    Param("blocks/*/ffn/gate/kernel", "model.layers.*.mlp.gate_proj.weight", MATRIX,
+          transposed=True),
+    Param("blocks/*/ffn/up/kernel", "model.layers.*.mlp.up_proj.weight", MATRIX,
+          transposed=True),
+    Param("blocks/*/ffn/down/kernel", "model.layers.*.mlp.down_proj.weight", MATRIX,
+          transposed=True),
+    Param("final_norm/scale", "model.norm.weight", VECTOR),
+    Param("out_head/kernel", "lm_head.weight", MATRIX, vocab_axis=1, transposed=True,
+          only_if=("tie_embeddings", False), hf_absent="tok_emb/embedding"),
+)
+
+
+def table(config: GPTConfig) -> tuple[Param, ...]:
+    """The rows of the config's family."""
+    return PARAMS if config.family == "gpt2" else LLAMA_PARAMS
+
+
 def rows(config: GPTConfig, *, every: bool = False) -> list[Param]:
     """The table expanded over the config's blocks, in tree order: the rows
-    present in the config's tree, or with `every` all of them (Hugging Face's
-    layout, which has the optional ones too)."""
-    chosen = [p for p in PARAMS if every or p.present(config)]
+    present in the config's tree, or with `every` also those Hugging Face
+    keeps where ours are absent (`hf_absent`: GPT-2's zero qkv bias, a tied
+    head's `lm_head.weight`)."""
+    chosen = [p for p in table(config)
+              if p.present(config) or (every and p.hf_absent is not None)]
     block = [p for p in chosen if "*" in p.path]  # contiguous in PARAMS
     start = chosen.index(block[0])
     return (chosen[:start] + [p.at(i) for i in range(config.n_layers) for p in block]
@@ -97,12 +137,12 @@ def rows(config: GPTConfig, *, every: bool = False) -> list[Param]:
 @functools.lru_cache(maxsize=64)
 def _abstract(config: GPTConfig):
     key = jax.eval_shape(jax.random.key, 0)
-    tree = jax.eval_shape(functools.partial(init_params, config), key)
+    tree = jax.eval_shape(functools.partial(family(config).init_params, config), key)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     leaves = tuple((path_str(path), leaf) for path, leaf in leaves)
     named, built = {p.path for p in rows(config)}, {name for name, _ in leaves}
     if named != built:  # a parameter was added to init_params or PARAMS but not both
-        raise AssertionError(f"jaxllm.layout.PARAMS and init_params disagree: not in the table "
+        raise AssertionError(f"jaxllm.layout.{'PARAMS' if config.family == 'gpt2' else 'LLAMA_PARAMS'} and init_params disagree: not in the table "
                              f"{sorted(built - named)}, not built {sorted(named - built)}")
     return leaves, treedef
 
@@ -144,22 +184,26 @@ def unflatten(config: GPTConfig, values: dict[str, Any]):
 
 
 def hf_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Hugging Face key -> shape: every row (their GPT-2 has the optional ones
-    too), unpadded vocabulary, in their orientation."""
-    full = config.replace(qkv_bias=True, tie_embeddings=False, vocab_multiple=1)
+    """Hugging Face key -> shape: every row their model has (`rows(every=True)`),
+    unpadded vocabulary, in their orientation."""
+    kept = {p.only_if for p in rows(config, every=True) if not p.present(config)}
+    full = config.replace(vocab_multiple=1, **dict(kept))
     shapes = param_shapes(full)
     return {p.hf: shapes[p.path][::-1] if p.transposed else shapes[p.path]
-            for p in rows(full)}
+            for p in rows(config, every=True)}
 
 
 # -- partition rules ---------------------------------------------------------------
 def rule_patterns() -> list[tuple[str, str]]:
     """(regex over paths, kind) for the default partition rules: one per matrix
-    in table order, then one for every vector by its leaf name (so the biases
-    of a new head are replicated too)."""
+    in table order (GPT-2's, then the Llama family's not already named), then
+    one for every vector by its leaf name (so the biases of a new head are
+    replicated too)."""
     def regex(path: str) -> str:
         return r"\d+".join(re.escape(part) for part in path.split("*"))
 
-    matrices = [(regex(p.path), MATRIX) for p in PARAMS if p.kind == MATRIX]
-    names = sorted({p.path.rsplit("/", 1)[1] for p in PARAMS if p.kind == VECTOR})
+    every = PARAMS + LLAMA_PARAMS
+    matrices = list(dict.fromkeys(regex(p.path) for p in every if p.kind == MATRIX))
+    names = sorted({p.path.rsplit("/", 1)[1] for p in every if p.kind == VECTOR})
+    matrices = [(m, MATRIX) for m in matrices]
     return matrices + [(f".*/({'|'.join(names)})", VECTOR)]

@@ -81,3 +81,28 @@ def test_padding_columns_take_no_probability_and_no_gradient():
     grad = model.tok_emb.weight.grad
     assert grad[c.vocab_size:].abs().max() == 0  # padding rows: never read, never predicted
     assert grad[: c.vocab_size].abs().max() > 0
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_transformers_peer_of_a_llama_family_model_matches_jaxllm(qk_norm):
+    """The Llama-style case's peer (LlamaForCausalLM, or Qwen3ForCausalLM with q/k
+    norm), from jaxllm's weights: its loss before and after one AdamW step."""
+    c = GPTConfig(vocab_size=100, context_length=32, emb_dim=32, n_heads=4, n_kv_heads=2,
+                  head_size=12 if qk_norm else None, n_layers=2, ffn_dim=40, norm="rmsnorm",
+                  positions="rope", mlp="swiglu", out_bias=False, mlp_bias=False, drop_rate=0.0,
+                  qk_norm=qk_norm, tie_embeddings=qk_norm, attn_impl="reference")
+    params = random_params(c)
+    x, y = batch(c)
+    tc = TrainConfig(lr=1e-2, warmup_steps=0, total_steps=100, grad_clip=0.5, weight_decay=0.1)
+    step = make_peer("eager", c, params, tc, "cpu", bf16=False)
+    optimizer = make_optimizer(tc)
+    jstep = make_train_step(c, tc, optimizer)
+    state = init_train_state(params, tc, optimizer)
+    jbatch = {"tokens": jnp.asarray(x), "targets": jnp.asarray(y)}
+    state, m0 = jstep(state, jbatch)
+    _, m1 = jstep(state, jbatch)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    t0, t1 = float(step(tx, ty)), float(step(tx, ty))
+    assert t0 == pytest.approx(float(m0["loss"]), abs=TOL)
+    assert t1 == pytest.approx(float(m1["loss"]), abs=TOL)
+    assert t1 < t0 - 1e-2

@@ -178,7 +178,7 @@ def test_param_bytes_124m_float32_and_bfloat16():
     assert param_bytes(bf16) * 2 == param_bytes(GPT_CONFIG_124M)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(n for n, c in PRESETS.items() if c.family == "gpt2"))
 @pytest.mark.parametrize("qkv_bias", [False, True])
 @pytest.mark.parametrize("tied", [False, True])
 def test_count_params_matches_closed_form(name, qkv_bias, tied):
@@ -186,6 +186,15 @@ def test_count_params_matches_closed_form(name, qkv_bias, tied):
     expected = closed_form_count(c.vocab_size, c.context_length, c.emb_dim, c.n_layers,
                                  qkv_bias=qkv_bias, tied=tied)
     assert count_params(c) == expected
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in PRESETS.items() if c.family == "llama"))
+def test_llama_family_count_matches_closed_form(name):
+    c = PRESETS[name]
+    d, f, h, kv, hd = c.emb_dim, c.hidden_dim, c.n_heads, c.kv_heads, c.head_dim
+    block = 2 * d * h * hd + 2 * d * kv * hd + 3 * d * f + 2 * d + (2 * hd if c.qk_norm else 0)
+    head = 0 if c.tie_embeddings else c.vocab_size * d
+    assert count_params(c) == c.vocab_size * d + c.n_layers * block + d + head
 
 
 # Sizes of the released GPT-2 checkpoints (qkv bias on, output head tied to the

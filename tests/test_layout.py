@@ -28,6 +28,11 @@ CONFIGS = {
     "padded_tied": BASE.replace(vocab_multiple=64, tie_embeddings=True),
     "scan_layers": BASE.replace(scan_layers=True, ffn_dim=48),
     "bfloat16": BASE.replace(param_dtype="bfloat16", qkv_bias=True),
+    "llama": BASE.replace(norm="rmsnorm", positions="rope", mlp="swiglu", out_bias=False,
+                          mlp_bias=False, n_kv_heads=2, rope_scaling="llama3", ffn_dim=48),
+    "qwen3_tied_padded": BASE.replace(norm="rmsnorm", positions="rope", mlp="swiglu",
+                                      out_bias=False, mlp_bias=False, n_kv_heads=2, head_size=12,
+                                      qk_norm=True, tie_embeddings=True, vocab_multiple=64),
 }
 configs = pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
 
@@ -133,6 +138,13 @@ def test_default_rules_are_the_layout_matrices_then_vectors():
         (r"blocks/\d+/ffn/fc/kernel", sh.FSDP_MATRIX),
         (r"blocks/\d+/ffn/proj/kernel", sh.FSDP_MATRIX),
         (r"out_head/kernel", sh.FSDP_MATRIX),
+        (r"blocks/\d+/attn/q/kernel", sh.FSDP_MATRIX),
+        (r"blocks/\d+/attn/k/kernel", sh.FSDP_MATRIX),
+        (r"blocks/\d+/attn/v/kernel", sh.FSDP_MATRIX),
+        (r"blocks/\d+/attn/o/kernel", sh.FSDP_MATRIX),
+        (r"blocks/\d+/ffn/gate/kernel", sh.FSDP_MATRIX),
+        (r"blocks/\d+/ffn/up/kernel", sh.FSDP_MATRIX),
+        (r"blocks/\d+/ffn/down/kernel", sh.FSDP_MATRIX),
         (r".*/(bias|scale)", jax.sharding.PartitionSpec()),
     )
     assert sh.path_str is path_str

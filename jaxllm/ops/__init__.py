@@ -1,7 +1,7 @@
 """The operations the model is written in, resolved once from its config.
 
 `ops_for(config)` returns an `Ops`: dense layers, LayerNorm, causal attention
-from the packed qkv projection, the position-embedding add and the per-token
+(from the packed qkv projection, or from q, k and v heads), the position-embedding add and the per-token
 loss, each the implementation that the config's `*_impl` fields name. They
 compute one function and are tested equal; they differ in speed:
 
@@ -27,7 +27,7 @@ from typing import Callable
 
 import jax
 
-from jaxllm.attention import packed_causal_attention
+from jaxllm.attention import causal_attention, packed_causal_attention
 from jaxllm.config import GPTConfig
 from jaxllm.ops import xla
 
@@ -41,6 +41,7 @@ class Ops:
     dense_gelu: Callable  # (x, w, b) -> gelu(x @ w + b), 2-D x
     layer_norm: Callable  # (x, scale, bias, eps) -> y
     attention: Callable  # (qkv, n_heads, *, dropout_rate, rng) -> (batch, seq, emb)
+    causal_attention: Callable  # (q, k, v, *, dropout_rate, rng) -> (batch, seq, heads, head_dim)
     token_nll: Callable  # (logits, targets) -> per-position loss, float32
     add_positions: Callable  # (tok (batch, seq, emb), pos (seq, emb)) -> tok + pos
     remat: Callable  # block -> block, rematerialised in the backward per `GPTConfig.remat`
@@ -97,6 +98,9 @@ def ops_for(config: GPTConfig) -> Ops:
         return packed_causal_attention(qkv, n_heads, config.attn_impl,
                                        dropout_rate=dropout_rate, rng=rng)
 
+    def split_attention(q, k, v, *, dropout_rate=0.0, rng=None):
+        return causal_attention(q, k, v, config.attn_impl, dropout_rate=dropout_rate, rng=rng)
+
     return Ops(
         matmul=(lambda x, w, transpose_w=False: _native().matmul(x, w, transpose_w)) if mkl
         else xla.matmul,
@@ -105,6 +109,7 @@ def ops_for(config: GPTConfig) -> Ops:
         layer_norm=(lambda x, s, b, eps: _native().layer_norm(x, s, b, eps)) if rowwise
         else xla.layer_norm,
         attention=attention,
+        causal_attention=split_attention,
         token_nll=token_nll_op(config.loss_impl),
         add_positions=_native_add_positions if rowwise else (lambda tok, pos: tok + pos),
         remat=_remat(config.remat),

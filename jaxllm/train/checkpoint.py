@@ -44,7 +44,8 @@ from jaxllm.config import GPTConfig
 from jaxllm.model import init_params
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.step import TrainState, init_train_state
-from jaxllm.train.task import Trainable, path_str
+from jaxllm.train.task import Trainable
+from jaxllm.tree import path_str
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "damaged"

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxllm.config import GPTConfig
 from jaxllm.loss import token_loss_sum
 from jaxllm.model import apply
+from jaxllm.tree import path_str  # noqa: F401  (re-exported: callers import it from here)
 
 Batch = dict[str, Any]
 Task = Callable[[Any, Batch, GPTConfig, Any], tuple[Any, Any, dict]]
@@ -76,13 +77,6 @@ def lm_batch(tokens, targets, mask=None) -> Batch:
     if mask is not None:
         batch["mask"] = mask
     return batch
-
-
-def path_str(path) -> str:
-    """A pytree key path as "a/b/0/c": the one spelling of parameter paths that
-    trainable regexes, partition rules (`jaxllm.sharding`) and `jaxllm.layout` share."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                    for k in path)
 
 
 # A LoRA adapter's scale (alpha / rank) is a setting carried in the tree, not a weight:
