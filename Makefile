@@ -94,6 +94,27 @@ finetune-instruct: $(STAMP)  ## instruction fine-tuning on the shared data (INST
 		--data $(INSTRUCT_DATA) $(if $(INSTRUCT_VOCAB),--tokenizer-dir $(INSTRUCT_VOCAB)) \
 		--out $(INSTRUCT_OUT) $(INSTRUCT_ARGS)
 
+# Preference tuning (DPO, the book's chapter 7 bonus) on the shared preference data (or
+# DPO_DATA=FILE). With GPT-2 weights (DPO_HF=DIR, or GPT2_DIR as for finetune-instruct) it first
+# runs instruction tuning (finetune-instruct) and then DPO from that run with the book's
+# protocol; without, a short DPO run of a small random model (a trial, not the result).
+.PHONY: finetune-dpo
+comma := ,
+DPO_DATA ?= $(firstword $(wildcard ../shared/data/instruction-data-with-preference.json ../../shared/data/instruction-data-with-preference.json))
+DPO_HF ?= $(INSTRUCT_HF)
+DPO_OUT ?= runs/dpo
+DPO_SMALL ?= --init random --preset small --tokenizer gpt2 --set context_length=512 \
+	--steps 40 --set lr=1e-4 --eval-every 10 --max-new-tokens 64
+DPO_ARGS ?=
+finetune-dpo: $(STAMP)  ## preference tuning (DPO) on the shared data: instruct then DPO from GPT-2 weights, else a small random model
+	@test -n "$(DPO_DATA)" || { echo "no preference data found beside the checkout: make finetune-dpo DPO_DATA=FILE"; exit 2; }
+	@echo "finetune-dpo: $(if $(DPO_HF),GPT-2 weights from $(DPO_HF): instruction tuning into $(INSTRUCT_OUT)$(comma) then DPO from it (the book's protocol),no GPT-2 weights given (DPO_HF=DIR): a small random model$(comma) a short DPO run)"
+	$(if $(DPO_HF),$(MAKE) finetune-instruct INSTRUCT_HF=$(DPO_HF))
+	rm -rf $(DPO_OUT)
+	$(RUN) -m jaxllm finetune dpo $(if $(DPO_HF),--run-dir $(INSTRUCT_OUT) --protocol book,$(DPO_SMALL)) \
+		--data $(DPO_DATA) $(if $(INSTRUCT_VOCAB),--tokenizer-dir $(INSTRUCT_VOCAB)) \
+		--out $(DPO_OUT) $(DPO_ARGS)
+
 # Classification fine-tuning (the book's chapter 6: spam or not) on the shared SMS Spam
 # Collection (or CLASSIFY_DATA=FILE). With GPT-2 weights (CLASSIFY_HF=DIR, or GPT2_DIR holding
 # model.safetensors or pytorch_model.bin) it runs the classic protocol; with CLASSIFY_RUN=DIR

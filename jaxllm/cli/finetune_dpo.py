@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a sequence's log-probability: the mean over the answer's tokens "
                              "(the book; rewards without beta) or the sum (TRL; rewards with "
                              "beta); default mean")
-    parser.add_argument("--style", choices=("alpaca", "chat"), help="prompt format (default alpaca)")
+    parser.add_argument("--style", choices=("alpaca", "chat"),
+                        help="prompt format (default: the --run-dir run's own, else alpaca)")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="default",
                         help="book: the book's notebook in every setting")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training split")
@@ -82,6 +83,11 @@ def build(args):
                       ("max_new_tokens", "response_tokens")):
         if getattr(args, flag) is not None:
             fields[key] = getattr(args, flag)
+    if args.style is None and args.run_dir is not None and "style" not in overrides["dpo"] \
+            and not fields.get("book_collate"):
+        from jaxllm.finetune.instruct_loop import prompt_style_of
+
+        fields["style"] = prompt_style_of(args.run_dir)  # the format the run was tuned in
     if args.no_responses:
         fields["responses"] = False
     fields.update(overrides["dpo"])

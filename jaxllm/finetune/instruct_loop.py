@@ -340,10 +340,10 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def prompt_style_of(run_dir) -> str:
-    """The prompt style a run was fine-tuned with ("alpaca" for runs that are not
-    instruction runs, a pretraining run say)."""
+    """The prompt style a run was fine-tuned with, by instructions or preferences
+    ("alpaca" for other runs, a pretraining run say)."""
     meta = checkpoint.read_meta(run_dir)
-    return (meta.get("instruct") or {}).get("style", "alpaca")
+    return (meta.get("instruct") or meta.get("dpo") or {}).get("style", "alpaca")
 
 
 __all__ = ["InstructConfig", "finetune_instruct", "format_summary", "prompt_style_of",
