@@ -255,7 +255,8 @@ def test_cli_dpo_trains_resumes_plots_and_answers(shared_data, tmp_path, capsys)
     argv = ["--init", "random", "--config", str(config), "--data", str(data), "--limit", "40",
             "--steps", "4", "--eval-every", "2", "--max-new-tokens", "4", "--logprob", "sum",
             "--style", "chat",
-            "--set", "lr=3e-3", "--set", "batch_size=4", "--set", "sample_count=0", "--set", "pad_multiple=128", "--set", "response_batch=2",
+            "--set", "lr=3e-3", "--set", "batch_size=4", "--set", "sample_count=0",
+            "--set", "pad_multiple=128", "--set", "response_batch=2",
             "--set", "eval_batches=1", "--out", str(out), "--quiet"]
     assert run_dpo(argv) == 0
     captured = capsys.readouterr()
