@@ -1,0 +1,135 @@
+"""The serving scheduler without a socket: continuous batching over a tiny
+model, each greedy answer equal to `jaxllm.generate` for its prompt alone."""
+
+import jax
+import numpy as np
+import pytest
+
+import jaxllm
+from jaxllm.cli.generate import token_bytes
+from jaxllm.generate import TRACE_COUNTS, generate
+from jaxllm.serve.engine import SlotEngine
+from jaxllm.serve.scheduler import Request, Scheduler
+from jaxllm.tokenizer import ByteTokenizer
+
+CFG = jaxllm.GPTConfig(vocab_size=257, context_length=64, emb_dim=32, n_heads=4, n_layers=2,
+                       drop_rate=0.0, qkv_bias=True)
+TOK = ByteTokenizer()
+PROMPTS = ["Hi", "Every effort moves you", "a", "The quick brown fox jumps", "xyz",
+           "Hello, world", "0123456789", "q"]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return jaxllm.init_params(CFG, jax.random.PRNGKey(0))
+
+
+@pytest.fixture
+def scheduler(params):
+    engine = SlotEngine(params, CFG, slots=3)
+    return Scheduler(engine, lambda t: token_bytes(TOK, t), TOK.stop_ids)
+
+
+def alone(params, prompt, n, **kwargs):
+    """The ids `generate` gives this prompt by itself, without the end-of-text."""
+    out = generate(params, CFG, TOK.encode(prompt), n, eos_id=TOK.eot_id, **kwargs)
+    return [t for t in out.tokens[0, : out.lengths[0]].tolist() if t != TOK.eot_id]
+
+
+def drain(scheduler, limit=500):
+    for _ in range(limit):
+        if not scheduler.waiting and not scheduler.busy:
+            return
+        scheduler.step()
+    raise AssertionError("the scheduler did not finish its requests")
+
+
+def test_slots_are_reused_and_greedy_answers_equal_generate(scheduler, params):
+    """8 requests of different lengths through 3 slots: each answer is the
+    prompt's own, a finished request's slot goes to the next at once, and
+    nothing recompiles once every bucket has been seen."""
+    lengths = [5, 17, 9, 3, 12, 7, 20, 4]
+    requests = [scheduler.submit(Request(TOK.encode(p), n)) for p, n in zip(PROMPTS, lengths)]
+    seen_busy = []
+    traces = None
+    for _ in range(300):
+        if not scheduler.waiting and not scheduler.busy:
+            break
+        scheduler.step()
+        seen_busy.append(scheduler.busy)
+        if scheduler.steps == 3:
+            traces = dict(TRACE_COUNTS)
+    for r, p, n in zip(requests, PROMPTS, lengths):
+        assert r.done.is_set() and r.finish_reason in ("length", "stop")
+        assert r.tokens == alone(params, p, n), p
+        assert r.text == TOK.decode(r.tokens)
+    # continuous batching: never more than the slots, and the slots stay full
+    # while requests wait
+    assert max(seen_busy) == 3
+    assert scheduler.steps < sum(lengths)  # shared steps, not one request after another
+    assert scheduler.steps <= max(lengths) + sum(sorted(lengths)[:-3]) + len(lengths)
+    assert TRACE_COUNTS["serve_decode"] == traces["serve_decode"]  # no recompiling
+
+
+def test_a_freed_slot_is_taken_at_the_next_step(scheduler):
+    short = scheduler.submit(Request(TOK.encode("a"), 2))
+    others = [scheduler.submit(Request(TOK.encode("b"), 30)) for _ in range(2)]
+    waiting = scheduler.submit(Request(TOK.encode("c"), 4))
+    for _ in range(3):  # three admissions, one per step
+        scheduler.step()
+    while not short.done.is_set():
+        scheduler.step()
+    assert scheduler.busy == 2 and list(scheduler.waiting) == [waiting]
+    scheduler.step()  # the waiting request takes the free slot and gets a token
+    assert scheduler.running.count(waiting) == 1 and len(waiting.tokens) == 1
+    assert not any(o.done.is_set() for o in others)
+
+
+def test_cancel_frees_the_slot_and_keeps_the_others_right(scheduler, params):
+    keep = scheduler.submit(Request(TOK.encode(PROMPTS[1]), 25))
+    gone = scheduler.submit(Request(TOK.encode(PROMPTS[3]), 25))
+    queued = scheduler.submit(Request(TOK.encode(PROMPTS[2]), 25))
+    never = scheduler.submit(Request(TOK.encode(PROMPTS[4]), 25))
+    for _ in range(5):
+        scheduler.step()
+    scheduler.cancel(gone)
+    scheduler.cancel(never)
+    scheduler.step()
+    assert gone.finish_reason == "cancelled" and gone not in scheduler.running
+    assert never.finish_reason == "cancelled" and never.tokens == []
+    drain(scheduler)
+    assert keep.tokens == alone(params, PROMPTS[1], 25)
+    assert queued.tokens == alone(params, PROMPTS[2], 25)
+
+
+def test_stop_strings_cut_the_text_and_are_never_streamed(scheduler, params):
+    full = TOK.decode(alone(params, PROMPTS[5], 30))
+    assert len(full) >= 12
+    stop = full[6:9]  # a stop string the greedy answer is sure to contain
+    pieces, ends = [], []
+    r = scheduler.submit(Request(TOK.encode(PROMPTS[5]), 30, stop=["never there", stop],
+                                 listener=lambda d, reason: (pieces.append(d), ends.append(reason))))
+    drain(scheduler)
+    assert r.finish_reason == "stop"
+    assert r.text == full[: full.find(stop)]
+    assert "".join(pieces) == r.text and ends[-1] == "stop" and ends[:-1] == [None] * (len(ends) - 1)
+
+
+def test_sampling_with_a_seed_equals_generate_alone(scheduler, params):
+    """A sampled request beside greedy ones draws what `generate` draws for it
+    alone with rng=PRNGKey(seed), and the greedy ones are unchanged."""
+    sampled = scheduler.submit(Request(TOK.encode(PROMPTS[6]), 15, temperature=0.9, top_p=0.8,
+                                       seed=7))
+    greedy = scheduler.submit(Request(TOK.encode(PROMPTS[7]), 15))
+    drain(scheduler)
+    assert sampled.tokens == alone(params, PROMPTS[6], 15, rng=jax.random.PRNGKey(7),
+                                   temperature=0.9, top_p=0.8)
+    assert greedy.tokens == alone(params, PROMPTS[7], 15)
+
+
+def test_requests_that_do_not_fit_are_refused(scheduler):
+    with pytest.raises(ValueError, match=r"65 tokens; it must have 1 to 64 \(the context length\)"):
+        scheduler.submit(Request(list(range(65)), 1))
+    with pytest.raises(ValueError, match=r"max_tokens 60 .* 10 tokens.*from 1 to 54"):
+        scheduler.submit(Request(list(range(10)), 60))
+    assert not scheduler.waiting
