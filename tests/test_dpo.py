@@ -319,3 +319,35 @@ def test_cli_dpo_trains_resumes_plots_and_answers(shared_data, tmp_path, capsys)
     assert summary["book_collate"] and summary["trainable_params"] < summary["total_params"] / 5
     assert summary["initial"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert json.loads((lora_out / "config.json").read_text())["dpo"]["decay_all"]
+
+
+def test_dpo_runs_on_the_llama_family():
+    """The log-probabilities are those of the family's own logits, and DPO steps start at
+    ln 2 and learn, with grouped-query attention, RoPE and SwiGLU."""
+    from jaxllm.config import GPTConfig
+    from jaxllm.model import forward, init_params
+    from jaxllm.train import init_train_state, make_train_step
+
+    config = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
+                       ffn_dim=48, norm="rmsnorm", positions="rope", mlp="swiglu",
+                       qkv_bias=False, out_bias=False, mlp_bias=False, drop_rate=0.0,
+                       n_kv_heads=2)
+    params = init_params(config, jax.random.key(3))
+    pairs = tiny_pairs(8, seed=41)
+    cache = reference_logprobs(params, config, pairs, 4, reduction="sum", collate_kwargs=COLLATE)
+    batches = PreferenceBatches(pairs, 4, seed=42, collate_kwargs=COLLATE, reference=cache)
+    batch = batches.batch_at(0)
+    logp = jax.nn.log_softmax(forward(params, batch["chosen"], config)[:, :-1])
+    picked = np.take_along_axis(np.asarray(logp), batch["chosen"][:, 1:, None], -1)[..., 0]
+    mask = batch["chosen_mask"][:, 1:]
+    np.testing.assert_allclose(batch["ref_chosen"], (picked * mask).sum(1), rtol=1e-5,
+                               atol=1e-5)
+    tc = TrainConfig(lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, grad_clip=None, batch_size=4,
+                     total_steps=3)
+    step = make_train_step(config, tc, task=dpo_task(0.1, "sum"))
+    state = init_train_state(params, tc)
+    losses = []
+    for k in range(3):
+        state, m = step(state, batches.batch_at(k % 2))
+        losses.append(float(m["loss"]))
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[2] < losses[0] - 1e-3
