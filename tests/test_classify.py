@@ -10,7 +10,6 @@ import json
 
 import huggingface_hub
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
