@@ -283,7 +283,11 @@ def test_cli_dpo_trains_resumes_plots_and_answers(shared_data, tmp_path, capsys)
     assert json.loads((out / "config.json").read_text())["dpo"]["logprob"] == "sum"
     from jaxllm.finetune.instruct_loop import prompt_style_of
 
-    assert prompt_style_of(out) == "chat"  # what chat, and a DPO run from this one, read
+    assert prompt_style_of(out) == "chat"  # what a DPO run from this one reads
+    from jaxllm.cli.chat import prompt_style
+    from jaxllm.train.checkpoint import read_meta
+
+    assert prompt_style(read_meta(out), get_tokenizer("byte")) == "chat"  # and chat
 
     assert run_dpo(argv) == 2  # a second start on the same folder is refused
     assert "already holds checkpoints" in capsys.readouterr().err
