@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import warnings
 
 import huggingface_hub
 import jax
@@ -98,10 +99,14 @@ def test_head_replacement_and_trainable_presets():
 # -- the data pipeline ---------------------------------------------------------------
 def test_the_spam_collection_counts(shared_data):
     path = shared_data / "sms_spam_collection.tsv"
-    texts, labels = read_labeled(path)
+    texts, labels = read_labeled(path)  # every line a row: a quote is text
+    assert (len(texts), labels.count("spam"), labels.count("ham")) == (5574, 747, 4827)
+    with pytest.warns(UserWarning, match="line 5082: a quoted field runs on to line 5084"):
+        texts, labels = read_labeled(path, quotes=True)  # as the book's pandas call reads it
     assert (len(texts), labels.count("spam"), labels.count("ham")) == (5572, 747, 4825)
     tok = get_tokenizer("gpt2", shared_data)
-    data = prepare_classification(path, tok, context_length=1024)
+    with pytest.warns(UserWarning, match="line 5082"):
+        data = prepare_classification(path, tok, context_length=1024, quotes=True)
     assert data.classes == ["ham", "spam"]
     assert (data.info["balanced"], len(data.train), len(data.validation), len(data.test)) == \
         (1494, 1045, 149, 300)
@@ -111,9 +116,11 @@ def test_the_spam_collection_counts(shared_data):
                + data.test.labels.sum()) == 747  # balanced: every spam row kept
     row = int(np.argmin(data.train.lengths))
     assert (data.train.tokens[row, data.train.lengths[row]:] == 50256).all()
-    again = prepare_classification(path, tok, context_length=1024)
+    with pytest.warns(UserWarning, match="line 5082"):
+        again = prepare_classification(path, tok, context_length=1024, quotes=True)
     assert np.array_equal(again.test.tokens, data.test.tokens)  # seeded: the same rows
-    other = prepare_classification(path, tok, context_length=1024, seed=7)
+    with pytest.warns(UserWarning, match="line 5082"):
+        other = prepare_classification(path, tok, context_length=1024, seed=7, quotes=True)
     assert not np.array_equal(other.test.tokens, data.test.tokens)
 
 
@@ -177,6 +184,31 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.warns(UserWarning, match=r"text\(s\) longer than 16 tokens were truncated"):
         data = prepare_classification(texts, ByteTokenizer(), context_length=16)
     assert data.max_length == 16 and sum(data.info["truncated"].values()) > 0
+
+
+def test_a_stray_quote_or_a_byte_order_mark_loses_no_row(tmp_path):
+    rows = ['ham\t"He said hi'] + [f"{'spam' if i % 2 else 'ham'}\tmessage {i}" for i in range(35)]
+    tsv = tmp_path / "quote.tsv"
+    tsv.write_text("\n".join(rows) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn of: a quote in a TSV is text
+        texts, labels = read_labeled(tsv)
+    assert len(texts) == 36 and texts[0] == '"He said hi' and texts[-1] == "message 34"
+    with pytest.warns(UserWarning, match=r"quote.tsv, line 1: a quoted field runs on to line "
+                                         r"36, making 36 lines one row"):
+        assert len(read_labeled(tsv, quotes=True)[0]) == 1  # what quoting on would make of it
+
+    csv_file = tmp_path / "quote.csv"
+    csv_file.write_text('label,text\nham,"fine\nspam,win now\nham,see you\n')
+    with pytest.warns(UserWarning, match=r"quote.csv, line 2: a quoted field runs on to line 4"):
+        texts, labels = read_labeled(csv_file)
+    assert labels == ["ham"] and texts == ["fine\nspam,win now\nham,see you\n"]
+
+    bom = "\ufeff".encode()
+    (tmp_path / "bom.tsv").write_bytes(bom + b"ham\thello\nspam\tbuy\n")
+    assert read_labeled(tmp_path / "bom.tsv") == (["hello", "buy"], ["ham", "spam"])
+    (tmp_path / "bom.csv").write_bytes(bom + b"label,text\nham,hello\nspam,buy\n")
+    assert read_labeled(tmp_path / "bom.csv") == (["hello", "buy"], ["ham", "spam"])
 
 
 # -- the loop and the command line ---------------------------------------------------
@@ -320,6 +352,15 @@ def test_cli_names_a_file_it_cannot_read(tmp_path, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert [x.split("\t")[2] for x in lines] == ["café au lait", "free cash"]
     assert all(x.split("\t")[0] in ("ham", "spam") for x in lines)
+    # a text longer than the classifier's 32-token rows: labelled on its start, said so
+    long = "win " * 10
+    assert run_cli(classify_cli, ["--run-dir", str(run), "--text", long, "--text", "short",
+                                  "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(x)["truncated"] for x in captured.out.splitlines()] == [True, False]
+    assert captured.err == (f"warning: text 1 ({long[:40]!r}...) is longer than the 32 tokens "
+                            "the classifier reads (its training rows' width); it was labelled "
+                            "on its first 32 tokens only\n")
 
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\n\ncaf\xe9\n")

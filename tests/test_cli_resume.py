@@ -109,3 +109,11 @@ def test_a_classifier_resumed_with_another_data_seed_is_refused(tmp_path, capsys
     assert main([*argv, "--steps", "2"]) == 0
     assert main([*argv, "--steps", "4", "--resume", "--data-seed", "7"]) == 2
     assert "data.seed: checkpoint 123, now 7" in capsys.readouterr().err
+    other = tmp_path / "other.tsv"  # another --data file of as many rows: refused too
+    other.write_text("".join(f"spam\tFREE prize {i}\n" if i % 2 else f"ham\tdinner {i}\n"
+                             for i in range(60)))
+    data = argv.index("--data") + 1
+    assert main([*argv[:data], str(other), *argv[data + 1:], "--steps", "4", "--resume"]) == 2
+    assert "data.sha256: checkpoint" in capsys.readouterr().err
+    # another save cadence is no other run: accepted (the finished run has nothing left to do)
+    assert main([*argv, "--steps", "2", "--resume", "--save-every", "1"]) == 0

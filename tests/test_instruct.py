@@ -434,3 +434,89 @@ def test_judge_speaks_ollama_and_openai_and_survives_bad_answers(judge_server):
         judge_responses(ANSWERED, "localhost:11434", "good")
     assert [parse_score(t) for t in ("85", "Score: 7", "150 then 40", "3.5", "none")] == \
         [85, 7, 40, None, None]
+
+
+class RawReply(threading.Thread):
+    """A TCP server that answers every connection with `reply` bytes, `every`
+    seconds apart when `every` is set (a server that trickles), then closes."""
+
+    def __init__(self, reply: bytes, every: float | None = None):
+        super().__init__(daemon=True)
+        self.reply, self.every = reply, every
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.start()
+
+    def run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    def answer(self, conn):
+        with conn:
+            try:
+                conn.recv(65536)
+                if self.every is None:
+                    conn.sendall(self.reply)
+                for byte in ([] if self.every is None else self.reply):
+                    conn.sendall(bytes([byte]))
+                    time.sleep(self.every)
+            except OSError:  # the client gave up
+                pass
+
+
+def test_a_trickling_or_non_http_judge_costs_each_entry_one_line(tmp_path, capsys):
+    from jaxllm.finetune.instruct_loop import _judge
+
+    trickle = RawReply(b"HTTP/1.0 200 OK\r\nContent-Length: 100\r\n\r\n" + b"7" * 100, every=0.1)
+    start = time.perf_counter()
+    result = judge_responses(ANSWERED, trickle.url, "good", timeout=0.5)
+    assert time.perf_counter() - start < 2.5  # a deadline per request, not per read
+    assert result["failed"] == 2 and all("did not answer within 0.5 s" in s["error"]
+                                         for s in result["scores"])
+    ssh = RawReply(b"SSH-2.0-OpenSSH_9.6\r\n")
+    out = [dict(e) for e in ANSWERED]
+    judged = _judge(out, {"url": ssh.url, "model": "good", "timeout": 5}, "alpaca", tmp_path)
+    assert judged["failed"] == 2 and judged["mean"] is None
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"judge: test entry {i}: the judge at ")
+                                   and "answered something that is not HTTP" in line
+                                   for i, line in enumerate(lines))
+    saved = json.loads((tmp_path / "responses.json").read_text())
+    assert [r["judge_score"] for r in saved] == [None, None] and "not HTTP" in \
+        saved[0]["judge_error"]
+    for server in (trickle, ssh):
+        server.sock.close()
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan"])
+def test_a_bad_judge_timeout_is_refused_before_training(tmp_path, capsys, timeout):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)}
+                                for i in range(24)]))
+    argv = ["--init", "random", "--preset", "small", "--tokenizer", "byte", "--data", str(data),
+            "--judge-url", "http://127.0.0.1:11434", "--judge-timeout", timeout,
+            "--out", str(tmp_path / "run")]
+    assert run_cli(cli, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the judge's timeout must be a positive number of seconds" \
+        in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_entries_longer_than_the_context_are_warned_of(tmp_path):
+    entries = [{"instruction": f"Say {i}.", "input": "", "output": "ab" * (100 if i < 3 else 1)}
+               for i in range(20)]
+    config = TINY.replace(vocab_size=257, context_length=256)
+    tc = TrainConfig(batch_size=32, total_steps=1)  # more than the 17 training entries: the
+    ic = InstructConfig(responses=False)              # run stops right after the data's checks
+    with pytest.warns(UserWarning, match=r"data: 3 entries longer than 256 tokens were "
+                                         r"truncated \(train 3, validation 0, test 0\)"):
+        with pytest.raises(ValueError, match="fewer than one batch"):
+            finetune_instruct(tmp_path / "run", config, tc, ic, get_tokenizer("byte"), entries,
+                              progress=False, data_name="data")

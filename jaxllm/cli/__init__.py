@@ -12,8 +12,11 @@ code 130 or 143, a training run saving a checkpoint first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
+import warnings
 
 from jaxllm import interrupt
 
@@ -75,6 +78,37 @@ def add_tokenizer_arguments(parser: argparse.ArgumentParser, *, default: str) ->
                              "shared/data folder above the checkout)")
 
 
+def utf8_text(value: str) -> str:
+    """An argparse `type` for text flags: an argument whose bytes are not UTF-8
+    (Python holds them as surrogate escapes) is a usage error naming the byte,
+    rather than a codec traceback where the text is first encoded."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raw = os.fsencode(value)
+        start = len(os.fsencode(value[:err.start]))
+        raise argparse.ArgumentTypeError(
+            f"not valid UTF-8 text: byte {start} is {raw[start:start + 1]!r} (give the text in "
+            "UTF-8, the encoding jaxllm reads)") from None
+    return value
+
+
+@contextlib.contextmanager
+def warnings_as_lines():
+    """Warnings printed as they come, one line each (`warning: ...`), without
+    the source file and line a user has no use for."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -104,3 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except interrupt.Stopped as stop:  # a training loop saved and stopped (jaxllm.interrupt)
         print(f"{prog}: {stop}", file=sys.stderr)
         return stop.exit_code
+    except OSError as err:  # a file or folder the system refuses: a sentence, not a traceback
+        where = f" {err.filename}" if err.filename else ""
+        print(f"{prog}: error:{where}: {err.strerror or err}", file=sys.stderr)
+        return 2

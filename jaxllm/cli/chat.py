@@ -22,7 +22,7 @@ import argparse
 import codecs
 import sys
 
-from jaxllm.cli import add_fallback_argument, add_tokenizer_arguments, hf_source
+from jaxllm.cli import add_fallback_argument, add_tokenizer_arguments, hf_source, utf8_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a jaxllm run (instruction fine-tuned, preferably)")
     hf_source.add_hf_argument(source)
     add_fallback_argument(parser)
-    parser.add_argument("--prompt", default=None,
+    parser.add_argument("--prompt", default=None, type=utf8_text,
                         help="answer this one instruction and exit (no prompt loop)")
     parser.add_argument("--style", choices=("alpaca", "chat", "template"), default=None,
                         help="prompt format; template: the tokenizer's chat template (default: "

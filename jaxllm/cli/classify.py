@@ -5,7 +5,10 @@
     cat messages.txt | jaxllm classify --run-dir runs/classify --file -
 
 Each text gives one line: the label, its probability, and the text (tab
-separated); `--json` prints every class's probability as JSON lines instead.
+separated); `--json` prints every class's probability as JSON lines instead,
+and whether the text was cut (`truncated`). A text longer than the rows the
+classifier was trained on (at most its context) is labelled on its first
+tokens, with a warning.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import os
 import sys
 
-from jaxllm.cli import add_fallback_argument
+from jaxllm.cli import add_fallback_argument, utf8_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run of jaxllm finetune classify")
     add_fallback_argument(parser)
     parser.add_argument("--text", action="append", default=[], metavar="TEXT",
+                        type=utf8_text,
                         help="a text to classify (repeatable)")
     parser.add_argument("--file", metavar="PATH",
                         help="texts, one per line ('-' reads standard input)")
@@ -80,6 +84,12 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"jaxllm classify: error: {err}", file=sys.stderr)
         return 2
+    width = min(classifier["meta"]["max_length"], classifier["config"].context_length)
+    for number, (text, r) in enumerate(zip(texts, results), 1):
+        if r["truncated"]:
+            print(f"warning: text {number} ({text[:40]!r}...) is longer than the {width} tokens "
+                  f"the classifier reads (its training rows' width); it was labelled on its "
+                  f"first {width} tokens only", file=sys.stderr)
     for text, r in zip(texts, results):
         if args.json:
             print(json.dumps({"text": text, **r}))

@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "endpoint (a URL with /v1)")
     parser.add_argument("--judge-model", default="llama3", help="the judge's model name")
     parser.add_argument("--judge-timeout", type=float, default=60.0,
-                        help="seconds to wait for each judge answer")
+                        help="seconds each judge request may take in all, answer included "
+                             "(default 60)")
     add_run_arguments(parser, default_out=DEFAULT_OUT, task_config="InstructConfig")
 
 
@@ -70,8 +71,17 @@ def build(args):
     from jaxllm.data.instructions import read_instructions, split_instructions
     from jaxllm.finetune.instruct_loop import InstructConfig
     from jaxllm.train.optim import TrainConfig
+    from jaxllm.train.runner import check_run_folder
 
     overrides = parse_overrides(args.overrides, "instruct", InstructConfig)
+    check_run_folder(args.out, resume=args.resume, kind="instruct")  # before any work
+    if args.judge_url is not None:
+        from jaxllm.finetune.judge import check_judge
+
+        try:
+            check_judge(args.judge_url, args.judge_timeout)
+        except ValueError as err:
+            raise ValueError(f"--judge-url / --judge-timeout: {err}") from None
     if not os.path.exists(args.data):  # before any weights are read
         raise FileNotFoundError(f"--data {args.data}: no such file")
     params, config, tokenizer, source, kind = load_start(args, overrides["model"])
@@ -119,6 +129,13 @@ def _lora(args, config, tc, params):
 
 
 def run(args) -> int:
+    from jaxllm.cli import warnings_as_lines
+
+    with warnings_as_lines():  # a truncation warning is a line, when it happens
+        return _run(args)
+
+
+def _run(args) -> int:
     from jaxllm.config import count_params
     from jaxllm.finetune.instruct_loop import finetune_instruct, format_summary
     from jaxllm.train.lock import RunFolderBusy

@@ -140,6 +140,9 @@ def load_start(args, model_overrides: dict[str, Any]) -> Start:
 def total_steps(args, train_fields: dict[str, Any], n_train: int, unit: str) -> int:
     """Optimizer steps: --steps, a `total_steps` --set, or --epochs passes over
     the `n_train` training `unit`s in whole batches."""
+    from jaxllm.train.optim import TrainConfig
+
+    TrainConfig(**train_fields)  # every field checked (batch_size >= 1) before it divides
     batch = train_fields["batch_size"]
     if n_train // batch == 0:
         raise ValueError(f"the training split has {n_train} {unit}, fewer than one batch of "

@@ -25,7 +25,7 @@ import argparse
 import codecs
 import sys
 
-from jaxllm.cli import add_fallback_argument, add_tokenizer_arguments, hf_source
+from jaxllm.cli import add_fallback_argument, add_tokenizer_arguments, hf_source, utf8_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hf_source.add_hf_argument(source)
     source.add_argument("--run-dir", metavar="DIR", help="a jaxllm training run (checkpoint)")
     add_fallback_argument(parser)
-    parser.add_argument("--prompt", default="",
+    parser.add_argument("--prompt", default="", type=utf8_text,
                         help="text to continue (empty: start from the end-of-text token)")
     parser.add_argument("--max-new-tokens", type=int, default=50,
                         help="tokens to generate (fewer when end-of-text comes first)")

@@ -214,7 +214,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run trained with --lora-rank (its latest checkpoint)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--out", required=True, metavar="PATH",
-                        help="merge: output folder; export: output .safetensors file")
+                        help="merge: a new or empty output folder; export: a new output "
+                             ".safetensors file")
 
 
 def run(args) -> int:
@@ -223,11 +224,14 @@ def run(args) -> int:
     from jaxllm.train.checkpoint import load_params, read_meta
 
     try:
+        out = Path(args.out)
+        if args.action == "export" and out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists; export writes a new file (nothing is "
+                             "overwritten)")
         params, config, tokenizer = load_params(args.run_dir, args.step)
         adapters, scales = lora.adapters_of(params)
         if not adapters:
             raise ValueError(f"{args.run_dir} holds no adapters (was it trained with --lora-rank?)")
-        out = Path(args.out)
         if args.action == "merge" and out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; merge writes a folder (model.safetensors "
                              "and config.json)")

@@ -341,8 +341,10 @@ def run(args) -> int:
     from jaxllm.tokenizer import get_tokenizer, recorded_places
     from jaxllm.train.lock import RunFolderBusy
     from jaxllm.train.loop import TrainingDiverged, format_summary, train
+    from jaxllm.train.runner import check_run_folder
 
     try:
+        check_run_folder(args.out, resume=args.resume)  # before any work
         mesh = rules = None
         if args.partition_rules and not (args.distributed or args.mesh):
             raise ValueError("--partition-rules needs --mesh (or --distributed)")

@@ -28,6 +28,7 @@ per width instead of once per batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -117,6 +118,12 @@ def read_instructions(path: str | os.PathLike, *, check=_check_entry,
     if not data:
         raise ValueError(f"{path} holds an empty list")
     return [check(item, f"{path} entry {i}") for i, item in enumerate(data)]
+
+
+def entries_digest(entries: Sequence[dict[str, str]]) -> str:
+    """sha256 of the entries in order: the data's identity, whatever the file's
+    name or layout."""
+    return hashlib.sha256(json.dumps(list(entries), sort_keys=True).encode()).hexdigest()
 
 
 def split_instructions(entries: Sequence[Any], train: float = SPLIT[0], test: float = SPLIT[1]

@@ -151,14 +151,16 @@ def accuracy(params, batches, config: GPTConfig, *, pooling: str = "last_token",
 def predict(params, config: GPTConfig, tokenizer, texts: Sequence[str], *, max_length: int,
             classes: Sequence[str], pooling: str = "last_token", pad_id: int = 50256,
             batch_size: int = 32) -> list[dict[str, Any]]:
-    """{"label", "probability", "probabilities"} for each text, tokenised and
-    padded as in training (cut to `max_length`)."""
+    """{"label", "probability", "probabilities", "truncated"} for each text,
+    tokenised and padded as in training (cut to `max_length`, and to the
+    context; "truncated" says whether the text had more tokens than that)."""
     from jaxllm.data.classification import encode_texts, pad_rows
 
     if not texts:
         return []
     max_length = min(max_length, config.context_length)
-    tokens, lengths, _ = pad_rows(encode_texts(texts, tokenizer), max_length, pad_id)
+    ids = encode_texts(texts, tokenizer)
+    tokens, lengths, _ = pad_rows(ids, max_length, pad_id)
     fn = _logits_fn(config, pooling)
     out = []
     for start in range(0, len(texts), batch_size):
@@ -168,10 +170,11 @@ def predict(params, config: GPTConfig, tokenizer, texts: Sequence[str], *, max_l
             tb = np.concatenate([tb, np.repeat(tb[:1], batch_size - n, 0)])
             lb = np.concatenate([lb, np.repeat(lb[:1], batch_size - n, 0)])
         probs = np.asarray(jax.nn.softmax(fn(params, {"tokens": tb, "lengths": lb}), -1))[:n]
-        for p in probs:
+        for i, p in enumerate(probs, start):
             k = int(p.argmax())
             out.append({"label": classes[k], "probability": float(p[k]),
-                        "probabilities": {c: float(q) for c, q in zip(classes, p)}})
+                        "probabilities": {c: float(q) for c, q in zip(classes, p)},
+                        "truncated": len(ids[i]) > max_length})
     return out
 
 

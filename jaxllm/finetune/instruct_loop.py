@@ -36,6 +36,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,8 +44,8 @@ import jax
 from tqdm.auto import tqdm
 
 from jaxllm.config import GPTConfig
-from jaxllm.data.instructions import (InstructionBatches, fixed_batches, split_instructions,
-                                      tokenize_entries)
+from jaxllm.data.instructions import (InstructionBatches, entries_digest, fixed_batches,
+                                      split_instructions, tokenize_entries)
 from jaxllm.finetune.instruct import PROMPT_STYLES, format_prompt, generate_responses
 from jaxllm.model import init_params
 from jaxllm.train import checkpoint
@@ -54,7 +55,7 @@ from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.plot import common_batch_count, plot_losses
 from jaxllm.layout import check_params
-from jaxllm.train.runner import run_steps, start_or_resume
+from jaxllm.train.runner import check_run_folder, run_steps, start_or_resume
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
 from jaxllm.train.task import Trainable, count_trainable
 
@@ -142,9 +143,10 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
     """
     run_dir = Path(run_dir)
     if judge is not None:
-        from jaxllm.finetune.judge import endpoint
+        from jaxllm.finetune.judge import check_judge
 
-        endpoint(judge["url"])  # a malformed URL fails before training, not after
+        check_judge(judge["url"], judge.get("timeout", 60.0))  # before training, not after
+    check_run_folder(run_dir, resume=resume, kind=META_KIND)
     with run_lock(run_dir):
         return _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress,
                     data_name, source, stop_at, judge, fallback, trainable)
@@ -164,6 +166,12 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
                       pad_id=tokenizer.eot_id)
     train_ex, val_ex, test_ex = (tokenize_entries(e, tokenizer, ic.style)
                                  for e in (train_entries, val_entries, test_entries))
+    cut = {name: sum(len(e.tokens) > collate_kw["allowed_max_length"] for e in examples)
+           for name, examples in (("train", train_ex), ("validation", val_ex), ("test", test_ex))}
+    if sum(cut.values()):  # as classification data says it
+        warnings.warn(f"{data_name}: {sum(cut.values())} entries longer than "
+                      f"{collate_kw['allowed_max_length']} tokens were truncated "
+                      f"({', '.join(f'{k} {v}' for k, v in cut.items())})", stacklevel=3)
     batches = InstructionBatches(train_ex, tc.batch_size, seed=tc.seed, bucket=ic.bucket,
                                  collate_kwargs=collate_kw)
     train_eval = fixed_batches(train_ex, tc.batch_size, ic.eval_batches, **collate_kw)
@@ -175,7 +183,7 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
         "model": config.to_dict(), "train": dataclasses.asdict(tc), "tokenizer": tokenizer.name,
         "instruct": dataclasses.asdict(ic),
         "data": {"train": len(train_entries), "test": len(test_entries),
-                 "validation": len(val_entries)},
+                 "validation": len(val_entries), "sha256": entries_digest(entries)},
     }
     if trainable is not None:  # a subset trains (adapters, say): part of what the run is
         identity["trainable"] = trainable if isinstance(trainable, str) else repr(trainable)
@@ -298,8 +306,8 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
 
 
 def _judge(out: list[dict], judge: dict[str, Any], style: str, run_dir: Path) -> dict[str, Any]:
-    """Scores into responses.json and a summary; an unavailable judge is a
-    message, not a failed run."""
+    """Scores into responses.json and a summary; an entry the judge failed is
+    one line, an unavailable judge a message, neither a failed run."""
     from jaxllm.finetune.judge import JudgeUnavailable, judge_responses
 
     try:
@@ -308,10 +316,11 @@ def _judge(out: list[dict], judge: dict[str, Any], style: str, run_dir: Path) ->
     except JudgeUnavailable as err:
         print(f"judge: {err}; the responses and every other result are kept", file=sys.stderr)
         return {"url": judge["url"], "model": judge["model"], "error": str(err)}
-    for entry, s in zip(out, result["scores"]):
+    for number, (entry, s) in enumerate(zip(out, result["scores"])):
         entry["judge_score"] = s["score"]
         if s["error"]:
             entry["judge_error"] = s["error"]
+            print(f"judge: test entry {number}: {s['error']}", file=sys.stderr)
     (run_dir / "responses.json").write_text(json.dumps(out, indent=2) + "\n")
     return {k: v for k, v in result.items() if k != "scores"}
 

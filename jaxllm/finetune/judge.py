@@ -12,21 +12,26 @@ chosen by the URL's path:
   `{"model", "messages", "temperature": 0}` in, `{"choices": [{"message":
   {"content"}}]}` out.
 
-A judge that cannot be reached (refused connection, unknown host) raises
-`JudgeUnavailable` at the first entry, so a training run can say so and keep
-its other results; a slow or malformed answer costs only that entry its
-score (its `error` says why), and after `max_failures` such entries in a row
-the judge is given up as unavailable.
+Every request has a total deadline (`timeout` seconds for connecting, sending
+and the whole answer), so a server that trickles its reply one byte at a
+time is cut off like one that says nothing. A judge that cannot be reached
+(refused connection, unknown host) raises `JudgeUnavailable` at the first
+entry, so a training run can say so and keep its other results; a slow,
+broken or malformed answer (not HTTP, an HTTP error, not the protocol's
+JSON) costs only that entry its score (its `error` says why, in one line),
+and after `max_failures` such entries in a row the judge is given up as
+unavailable.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
 import re
 import socket
-import urllib.error
+import threading
 import urllib.parse
-import urllib.request
 from typing import Any, Mapping, Sequence
 
 from jaxllm.finetune.instruct import format_prompt
@@ -56,6 +61,68 @@ def endpoint(url: str) -> tuple[str, str]:
     return protocol, urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
+def check_judge(url: str, timeout: float) -> None:
+    """Refuse a malformed URL or a timeout that is not a positive number of
+    seconds, before any request (and before the training a judge follows)."""
+    endpoint(url)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not (timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(f"the judge's timeout must be a positive number of seconds, "
+                         f"got {timeout!r}")
+
+
+def _post(full: str, body: bytes, timeout: float) -> tuple[int, str, bytes]:
+    """(status, reason, body) of one POST, all of it within `timeout` seconds.
+
+    A timer shuts the socket down at the deadline, which ends whatever read or
+    write is waiting (a socket timeout alone bounds each read, not their sum).
+    Raises `JudgeUnavailable` when no connection can be made, `TimeoutError`
+    past the deadline, `ValueError` for a broken or non-HTTP answer."""
+    parts = urllib.parse.urlsplit(full)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = kind(parts.hostname, parts.port, timeout=timeout)
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        if conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    late = TimeoutError(f"the judge at {full} did not answer within {timeout:g} s")
+    timer = threading.Timer(timeout, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        try:
+            conn.connect()
+        except TimeoutError:
+            raise late from None
+        except OSError as err:
+            raise JudgeUnavailable(f"the judge at {full} cannot be reached: "
+                                   f"{err.strerror or err}") from None
+        if expired.is_set():
+            raise late
+        try:
+            conn.request("POST", parts.path, body=body,
+                         headers={"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            return reply.status, reply.reason, reply.read()
+        except (OSError, http.client.HTTPException) as err:
+            if expired.is_set() or isinstance(err, TimeoutError):
+                raise late from None
+            if isinstance(err, http.client.BadStatusLine):
+                raise ValueError(f"the judge at {full} answered something that is not HTTP: "
+                                 f"{str(err)[:80]!r}") from None
+            raise ValueError(f"the judge at {full} broke off its answer "
+                             f"({type(err).__name__}: {str(err)[:80]})") from None
+    finally:
+        timer.cancel()
+        conn.close()
+
+
 def parse_score(text: str) -> int | None:
     """The first integer in `text` that lies in [0, 100], or None."""
     for match in re.finditer(r"(?<![\d.])\d+(?![\d.])", text):
@@ -66,30 +133,18 @@ def parse_score(text: str) -> int | None:
 
 
 def ask(url: str, model: str, prompt: str, *, timeout: float = 60.0) -> str:
-    """The judge's answer to one user message (its text). Raises
-    `JudgeUnavailable` when the server cannot be reached, `TimeoutError` when
-    it is too slow, `ValueError` when the answer is not the protocol's JSON."""
+    """The judge's answer to one user message (its text), within `timeout`
+    seconds in all. Raises `JudgeUnavailable` when the server cannot be
+    reached, `TimeoutError` when it is too slow, `ValueError` when the answer
+    is not HTTP, an HTTP error, or not the protocol's JSON."""
     protocol, full = endpoint(url)
     messages = [{"role": "user", "content": prompt}]
     body = ({"model": model, "messages": messages, "stream": False,
              "options": {"temperature": 0, "seed": 123}} if protocol == "ollama" else
             {"model": model, "messages": messages, "temperature": 0})
-    request = urllib.request.Request(full, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            raw = reply.read()
-    except (socket.timeout, TimeoutError):
-        raise TimeoutError(f"the judge at {full} did not answer within {timeout:g} s") from None
-    except urllib.error.HTTPError as err:
-        raise ValueError(f"the judge at {full} answered HTTP {err.code} {err.reason}") from None
-    except urllib.error.URLError as err:
-        if isinstance(err.reason, (socket.timeout, TimeoutError)):
-            raise TimeoutError(f"the judge at {full} did not answer within {timeout:g} s") \
-                from None
-        raise JudgeUnavailable(f"the judge at {full} cannot be reached: {err.reason}") from None
-    except ConnectionError as err:
-        raise JudgeUnavailable(f"the judge at {full} cannot be reached: {err}") from None
+    status, reason, raw = _post(full, json.dumps(body).encode(), timeout)
+    if status >= 300:
+        raise ValueError(f"the judge at {full} answered HTTP {status} {reason}")
     try:
         data = json.loads(raw)
         content = (data["message"]["content"] if protocol == "ollama"
@@ -108,7 +163,7 @@ def judge_responses(entries: Sequence[Mapping[str, Any]], url: str, model: str, 
     """Score every entry's response; returns {"scores": [{"score", "error"}...],
     "mean" (over the scored entries, None if none), "scored", "failed",
     "model", "url"}. Raises `JudgeUnavailable` as the module docstring says."""
-    endpoint(url)  # a malformed URL fails before any request
+    check_judge(url, timeout)  # a malformed URL or timeout fails before any request
     scores, failures_in_a_row = [], 0
     for entry in entries:
         prompt = JUDGE_PROMPT.format(prompt=format_prompt(entry, style).rstrip(),

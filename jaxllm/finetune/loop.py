@@ -53,7 +53,7 @@ from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
 from jaxllm.train.plot import common_batch_count, plot_metric
 from jaxllm.train.step import TrainState, init_train_state, make_eval_step, make_train_step
-from jaxllm.train.runner import run_steps, start_or_resume
+from jaxllm.train.runner import check_run_folder, run_steps, start_or_resume
 from jaxllm.train.task import count_trainable
 
 META_KIND = "classify"
@@ -155,6 +155,7 @@ def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyC
     saving there.
     """
     run_dir = Path(run_dir)
+    check_run_folder(run_dir, resume=resume, kind=META_KIND)
     with run_lock(run_dir):
         return _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress,
                     data_name, source, stop_at, fallback, tokenizer_dir)
@@ -176,7 +177,8 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
     identity = {"model": config.to_dict(), "train": dataclasses.asdict(tc),
                 "tokenizer": tokenizer_name, "classify": dataclasses.asdict(cc),
                 "classes": list(data.classes), "max_length": data.max_length,
-                "data": {k: data.info.get(k) for k in ("train", "validation", "test", "seed")}}
+                "data": {k: data.info.get(k)
+                         for k in ("train", "validation", "test", "seed", "sha256")}}
     meta = dict(identity, kind=META_KIND, data_name=data_name, source=source,
                 tokenizer_dir=tokenizer_dir, pad_id=data.info.get("pad_id", 50256),
                 batches_per_epoch=batches.batches_per_epoch)

@@ -53,7 +53,8 @@ from jaxllm.train.metrics import MetricsLog, write_samples
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.plot import common_batch_count, plot_losses
 from jaxllm.train.sampling import sample_text
-from jaxllm.train.runner import check_resumable, run_steps
+from jaxllm.train.runner import (check_resumable, check_run_folder, run_steps,
+                                 say_nothing_to_resume)
 from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
 from jaxllm.train.task import Task, Trainable, lm_batch, lm_task
 
@@ -183,9 +184,11 @@ def _fixed_batches(tokens, length: int, batch_size: int, count: int, name: str,
 
 def _one_writer(fn):
     """Run `fn(run_dir, ...)` holding the run folder's lock (process 0 of a
-    multi-host run takes it for all of them)."""
+    multi-host run takes it for all of them), once the folder is checked
+    (`check_run_folder`: a file, another run's results, ...)."""
     @functools.wraps(fn)
     def locked(run_dir, *args, **kwargs):
+        check_run_folder(run_dir, resume=kwargs.get("resume", False))
         with run_lock(run_dir) if _is_writer() else contextlib.nullcontext():
             return fn(run_dir, *args, **kwargs)
 
@@ -299,6 +302,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
                              f"but step {start}")
         log.truncate_after(start)
     else:
+        if resume and writer:
+            say_nothing_to_resume(run_dir)
         # Placed on the devices explicitly, like a restored state, so that fresh
         # and resumed runs hit the same compiled step; sharded, no device ever
         # holds the whole state.

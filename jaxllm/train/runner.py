@@ -1,4 +1,5 @@
-"""What the training loops share: the resume checks (`check_resumable`, all
+"""What the training loops share: the run folder's check (`check_run_folder`,
+every training command and loop), the resume checks (`check_resumable`, all
 three loops), starting or resuming a single-device state (`start_or_resume`,
 the fine-tuning loops) and the step loop (steps, logging, evaluation, saves).
 
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -29,12 +32,86 @@ class Timing:
     timed_steps: int = 0  # steps after the first
 
 
+RESULT_FILES = ("metrics.jsonl", "summary.json")  # what a run leaves beside its checkpoints
+KIND_NAMES = {None: "a pretraining run", "classify": "a classifier",
+              "instruct": "an instruction-tuned run"}  # a checkpoint's "kind", in words
+# How often a run logs, evaluates and saves (and how many checkpoints it keeps):
+# no step depends on them, so a resumed run may change them in any section.
+CADENCE_FIELDS = ("save_every", "keep", "log_every", "eval_every")
+
+
+def _without_cadence(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: ({f: x for f, x in v.items() if f not in CADENCE_FIELDS}
+                if isinstance(v, dict) else v) for k, v in meta.items()}
+
+
+def has_checkpoints(run_dir) -> bool:
+    """Whether a run folder holds a saved step (an Orbax step folder: its name
+    is the step number)."""
+    where = checkpoint.checkpoint_dir(run_dir)
+    return where.is_dir() and any(p.name.isdigit() for p in where.iterdir())
+
+
+def check_run_folder(run_dir, *, resume: bool, kind: str | None = None,
+                     flag: str = "--out") -> None:
+    """Refuse, with a sentence, a run folder a training run cannot use: a file,
+    a path under a file, a folder that cannot be written, a folder holding
+    another run's results (`RESULT_FILES`) but no checkpoint (a new run
+    would overwrite them, resumed or not), or on `resume` checkpoints of
+    another `kind` of run ("classify", "instruct"; None: pretraining).
+    `flag` names the option the folder came from. Creates nothing."""
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder; give a folder for the run")
+    existing = path
+    while not existing.exists():  # the nearest existing folder above: where mkdir starts
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, so no folder can be made "
+                         "under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} cannot be written: no write permission on "
+                         f"{'it' if existing == path else existing}")
+    if not path.is_dir():
+        return
+    if not has_checkpoints(path):
+        results = [name for name in RESULT_FILES if (path / name).exists()]
+        if results:
+            raise ValueError(f"{flag} {path} holds the {' and '.join(results)} of a run but no "
+                             "checkpoint to resume, and a new run would overwrite them; choose "
+                             "another folder (or move those files away to start over here)")
+        return
+    if resume:
+        try:
+            saved = checkpoint.read_meta(path)
+        except (OSError, ValueError):  # a damaged newest checkpoint: the resume reports it
+            return
+        if saved.get("kind") != kind:
+            have = KIND_NAMES.get(saved.get("kind"), f"a {saved.get('kind')!r} run")
+            raise ValueError(f"{flag} {path} is {have}, not {KIND_NAMES.get(kind, kind)} to "
+                             f"resume; give this run another {flag} folder")
+
+
+def say_nothing_to_resume(run_dir) -> None:
+    """What --resume says of a folder without a checkpoint: the run starts afresh."""
+    print(f"--resume: {run_dir} holds no checkpoint; starting a new run there at step 0",
+          file=sys.stderr)
+
+
 def check_resumable(run_dir, saved: dict[str, Any], identity: dict[str, Any],
                     step: int) -> list[dict[str, Any]]:
     """The run's schedule changes, with this resume's: the checkpoint `step`'s
-    metadata `saved` must agree with `identity` in every setting but the total
-    step count, which may grow (or shrink to no less than `step`): the
-    schedule is then recomputed for the new total from `step` on."""
+    metadata `saved` must agree with `identity` in every setting but the
+    cadence (`CADENCE_FIELDS`) and the total step count, which may grow (or
+    shrink to no less than `step`): the schedule is then recomputed for the
+    new total from `step` on."""
+    saved, identity = _without_cadence(saved), _without_cadence(identity)
+    if "sha256" not in (saved.get("data") or {}) and isinstance(identity.get("data"), dict):
+        # a run saved before its data's digest was recorded: the counts still compare
+        identity = dict(identity, data={k: v for k, v in identity["data"].items()
+                                        if k != "sha256"})
     total = identity.get("train", {}).get("total_steps")
     saved_total = saved.get("train", {}).get("total_steps", total)
     if total is None or saved_total == total:
@@ -68,6 +145,8 @@ def start_or_resume(run_dir, manager, identity: dict[str, Any], init: Callable, 
     if latest is not None:  # a damaged newest checkpoint: the newest intact one
         latest = checkpoint.newest_intact(run_dir, fallback=fallback, manager=manager)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if latest is None and resume:
+        say_nothing_to_resume(run_dir)
     if latest is None:
         return jax.device_put(init(jax.random.key(seed), params), device), None, {}, []
     saved = checkpoint.read_meta(run_dir, latest)
