@@ -64,8 +64,10 @@ def build(args):
     from jaxllm.data.preferences import read_preferences, split_preferences
     from jaxllm.finetune.dpo_loop import DPOConfig
     from jaxllm.train.optim import TrainConfig
+    from jaxllm.train.runner import check_run_folder
 
     overrides = parse_overrides(args.overrides, "dpo", DPOConfig)
+    check_run_folder(args.out, resume=args.resume, kind="dpo")  # before any work
     if not os.path.exists(args.data):  # before any weights are read
         raise FileNotFoundError(f"--data {args.data}: no such file")
     params, config, tokenizer, source, kind = load_start(args, overrides["model"])

@@ -52,7 +52,7 @@ from jaxllm.train.lock import run_lock
 from jaxllm.train.loop import TrainingDiverged, _init_fn
 from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig
-from jaxllm.train.runner import run_steps, start_or_resume
+from jaxllm.train.runner import check_run_folder, run_steps, start_or_resume
 from jaxllm.train.step import make_eval_step, make_train_step
 from jaxllm.train.task import Trainable, count_trainable
 
@@ -147,6 +147,7 @@ def finetune_dpo(run_dir, config: GPTConfig, tc: TrainConfig, dc: DPOConfig, tok
     `fallback=False` refuses a damaged latest checkpoint on resume.
     """
     run_dir = Path(run_dir)
+    check_run_folder(run_dir, resume=resume, kind=META_KIND)
     with run_lock(run_dir):
         return _run(run_dir, config, tc, dc, tokenizer, entries, params, resume, progress,
                     data_name, source, stop_at, fallback, trainable)

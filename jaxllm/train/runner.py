@@ -34,7 +34,7 @@ class Timing:
 
 RESULT_FILES = ("metrics.jsonl", "summary.json")  # what a run leaves beside its checkpoints
 KIND_NAMES = {None: "a pretraining run", "classify": "a classifier",
-              "instruct": "an instruction-tuned run"}  # a checkpoint's "kind", in words
+              "instruct": "an instruction-tuned run", "dpo": "a DPO run"}  # a checkpoint's "kind", in words
 # How often a run logs, evaluates and saves (and how many checkpoints it keeps):
 # no step depends on them, so a resumed run may change them in any section.
 CADENCE_FIELDS = ("save_every", "keep", "log_every", "eval_every")
