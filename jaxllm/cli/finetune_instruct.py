@@ -61,8 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "endpoint (a URL with /v1)")
     parser.add_argument("--judge-model", default="llama3", help="the judge's model name")
     parser.add_argument("--judge-timeout", type=float, default=60.0,
-                        help="seconds each judge request may take in all, answer included "
-                             "(default 60)")
+                        help="seconds each judge request may take in all, answer included")
     add_run_arguments(parser, default_out=DEFAULT_OUT, task_config="InstructConfig")
 
 
