@@ -80,15 +80,15 @@ def test_both_finetune_commands_take_a_folder(gpt2_folders, tmp_path, capsys):
     instructions.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "",
                                          "output": str(i)} for i in range(24)]))
     common = ["--tokenizer", "byte", "--steps", "1", "--set", "batch_size=4", "--quiet"]
-    for task, data, extra in (("classify", tsv, ["--eval-batches", "1"]),
-                              ("instruct", instructions,
-                               ["--no-responses", "--set", "sample_count=0",
-                                "--set", "eval_batches=1"])):
-        for where in (safe, pickled):
-            out = tmp_path / f"{task}-{where.name}"
-            assert main(["finetune", task, "--hf", str(where), "--data", str(data),
-                         "--out", str(out), *common, *extra]) == 0, capsys.readouterr().err
-            assert json.loads((out / "summary.json").read_text())["source"] == f"hf:{where}"
+    # one folder kind each (both kinds load alike: test_both_weight_files_load_the_same_model)
+    for task, data, where, extra in (("classify", tsv, safe, ["--eval-batches", "1"]),
+                                     ("instruct", instructions, pickled,
+                                      ["--no-responses", "--set", "sample_count=0",
+                                       "--set", "eval_batches=1"])):
+        out = tmp_path / task
+        assert main(["finetune", task, "--hf", str(where), "--data", str(data),
+                     "--out", str(out), *common, *extra]) == 0, capsys.readouterr().err
+        assert json.loads((out / "summary.json").read_text())["source"] == f"hf:{where}"
     capsys.readouterr()
 
 
