@@ -271,3 +271,14 @@ def test_sigterm_to_launch_stops_every_process_after_a_checkpoint(corpus, tmp_pa
     assert checkpoint.newest_intact(run, fallback=False) == stops[0]
     params, config, _ = checkpoint.load_params(run)
     assert config.emb_dim == 16 and params["blocks"]
+
+
+def test_importing_jaxllm_as_a_library_leaves_signals_alone():
+    """Only the `jaxllm` command takes SIGINT and SIGTERM over; this pytest process
+    imported jaxllm and keeps Python's own handling (KeyboardInterrupt)."""
+    from jaxllm import interrupt
+
+    assert not interrupt.is_command() and not interrupt._installed
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert main(["generate", "--hf", "/nonexistent", "--tokenizer", "byte"]) == 2  # main too
+    assert not interrupt._installed
