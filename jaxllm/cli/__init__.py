@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "lora": "Merge a LoRA run's adapters into its weights (Hugging Face format), or export them.",
     "finetune": "Fine-tune a model for a task: finetune classify | finetune instruct.",
     "classify": "Label texts with a classification run (probabilities too).",
+    "serve": "Serve a run or Hugging Face weights over the OpenAI API (continuous batching).",
     "parity": "Check jaxllm against PyTorch and transformers; write the report (results/parity).",
 }
 

@@ -49,6 +49,7 @@ class Request:
     tokens: list = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    drawn: int = 0  # tokens drawn, counting a final stop id (the usage count)
     sent: int = 0  # characters of `text` given to the listener
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -70,6 +71,7 @@ class Scheduler:
         self.running: list[Request | None] = [None] * engine.slots
         self.lock = threading.Condition()
         self.steps = 0  # decode steps run (for tests and measurements)
+        self.finished = collections.Counter()  # requests ended, by finish reason
         self._closed = False
 
     # -- called from any thread ------------------------------------------------
@@ -150,6 +152,7 @@ class Scheduler:
                     self._advance(slot, r, int(tokens[slot]))
 
     def _advance(self, slot: int, r: Request, token: int) -> None:
+        r.drawn += 1
         if token in self.stop_ids:
             return self._finish(slot, "stop")
         r.tokens.append(token)
@@ -174,6 +177,7 @@ class Scheduler:
 
     def _end(self, r: Request, reason: str) -> None:
         r.finish_reason = reason
+        self.finished[reason] += 1
         self._send(r, len(r.text), reason)
         r.done.set()
 
