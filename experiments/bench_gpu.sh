@@ -4,6 +4,7 @@
 #   bash experiments/bench_gpu.sh                  # MODE=main, the default: ~7 minutes
 #   MODE=autotune bash experiments/bench_gpu.sh    # the max-autotune peer: ~5-7 minutes
 #   MODE=flags bash experiments/bench_gpu.sh       # XLA flags one by one, jaxllm alone: ~6 minutes
+#   MODE=qwen3 bash experiments/bench_gpu.sh       # Qwen3-0.6B training throughput: ~6-8 minutes
 #
 # Each mode fits in one device call of at most 8 minutes: every stage runs under
 # `timeout` with what is left of DEADLINE_S (default 470 s) from the start, so a
@@ -28,6 +29,13 @@
 #   the tied case against compile and max-autotune (torch.compile mode="max-autotune":
 #   Triton GEMM autotuning and CUDA graphs, several minutes to compile). Off by
 #   default because its compile does not fit beside MODE=main's in 8 minutes.
+# MODE=qwen3
+#   Qwen3-0.6B as published (tied head, GQA 16/8 heads of 128, q/k norm, vocabulary
+#   151936), bf16 compute, float32 master weights, context 1024, batch 4: jaxllm
+#   (cuDNN attention) against transformers' Qwen3ForCausalLM with the same weights,
+#   SDPA (flash) attention under bf16 autocast and fused AdamW, eager, compiled
+#   (torch.compile of the model) and with the whole step compiled; first two losses
+#   checked within 2e-2, then timed interleaved.
 # MODE=flags
 #   jaxllm alone on the tied case, with XLA_FLAGS empty and then with each flag below
 #   on its own (the single-device ones from the JAX GPU performance tips and NVIDIA's
@@ -85,7 +93,7 @@ main)
         "$PY" -m experiments.bench_train --device-check --steps 2 --repeats 2 --peers eager \
         | grep -E "^(  |LOSSES|PEER|==)" || echo "EQUALITY CHECKS FAILED (device check)"
     log=/tmp/bench-gpu-main.log
-    stage 600 "GPT-2 124M tied and untied" "${BENCH[@]}" --profile > "$log" 2>&1
+    stage 600 "GPT-2 124M tied and untied" "${BENCH[@]}" --case gpt2-124m --profile > "$log" 2>&1
     rc=$?
     # progress (first losses, compile times, tokens/s per case), then the profiles' top ops
     sed '/^# Training throughput/,$d' "$log" | grep -v "^machine" | tail -60
@@ -99,6 +107,16 @@ autotune)
     stage 600 "GPT-2 124M tied: compile and max-autotune" \
         "${BENCH[@]}" --case tied --peers compile,max-autotune --out bench-gpu-autotune > "$log" 2>&1
     sed '/^# Training throughput/,$d' "$log" | grep -v "^machine" | tail -40
+    echo "== total $((SECONDS - START)) s; the table:"
+    sed -n '/^# Training throughput/,$p' "$log" | grep -vE "^(==|wrote)"
+    ;;
+qwen3)
+    log=/tmp/bench-gpu-qwen3.log
+    stage 600 "Qwen3-0.6B: eager, compile and compile-step peers" \
+        "${BENCH[@]}" --case qwen3 --out bench-gpu-qwen3 > "$log" 2>&1
+    rc=$?
+    sed '/^# Training throughput/,$d' "$log" | grep -v "^machine" | tail -40
+    [ $rc -eq 0 ] || echo "QWEN3 RUN: exit $rc (LOSSES DIFFER / PEER FAILED / CUT: see above)"
     echo "== total $((SECONDS - START)) s; the table:"
     sed -n '/^# Training throughput/,$p' "$log" | grep -vE "^(==|wrote)"
     ;;
@@ -138,7 +156,7 @@ for flags, tps, mfu in rows:
 EOF
     ;;
 *)
-    echo "MODE must be main, autotune or flags, got '$MODE'" >&2
+    echo "MODE must be main, autotune, flags or qwen3, got '$MODE'" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,8 @@
 """Training throughput: jaxllm's train step against PyTorch peers of the same model.
 
     python -m experiments.bench_train                 # CPU: the issue's config and the small preset
-    python -m experiments.bench_train --gpu           # GPU: GPT-2 124M tied and untied, bf16, T1024, B16
+    python -m experiments.bench_train --gpu           # GPU: GPT-2 124M tied and untied, bf16, T1024, B16,
+                                                      # and Qwen3-0.6B (--case qwen3), bf16, T1024, B4
     python -m experiments.bench_train --device-check  # every peer on a tiny config; losses must agree
     python -m experiments.bench_train --threads 1     # both pinned to one core
     python -m experiments.bench_train --profile       # and a per-op profile of jaxllm's step
@@ -123,7 +124,14 @@ def gpu_cases(overrides: dict) -> list[Case]:
                  base.replace(tie_embeddings=True, **overrides), 16, 1024, gpu_recipe=True),
             Case("gpt2-124m untied bf16 T1024 B16 V50304",
                  base.replace(tie_embeddings=False, **overrides), 16, 1024, gpu_recipe=True,
-                 peers=("compile",))]
+                 peers=("compile",)),
+            # Qwen3-0.6B as published (its vocabulary is a multiple of 128 already), against
+            # transformers' Qwen3ForCausalLM with SDPA (flash) attention, fused AdamW and
+            # torch.compile: `bash experiments/bench_gpu.sh` with MODE=qwen3.
+            Case("qwen3-0.6b bf16 T1024 B4 V151936",
+                 get_preset("qwen3-0.6b").replace(compute_dtype="bfloat16", param_dtype="float32",
+                                                  attn_impl="cudnn", **overrides),
+                 4, 1024, gpu_recipe=True, peers=("eager", "compile", "compile-step"))]
 
 
 def device_check_cases(overrides: dict, on_gpu: bool) -> list[Case]:

@@ -381,8 +381,6 @@ def open_weights(folder: str) -> _Tensors:
     shards listed in `model.safetensors.index.json`, or `pytorch_model.bin`
     (memory-mapped). GPT-2 files saved from `GPT2Model` get the `transformer.`
     prefix that `GPT2LMHeadModel` names carry."""
-    from safetensors import safe_open
-
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
     if os.path.exists(index):
@@ -402,19 +400,34 @@ def open_weights(folder: str) -> _Tensors:
     else:
         raise FileNotFoundError(f"{folder} holds no model.safetensors, "
                                 "model.safetensors.index.json or pytorch_model.bin")
-    handles = {}
-    try:
-        for name in files:
-            handles[name] = safe_open(os.path.join(folder, name), framework="numpy")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{folder}: the index lists {name}, which is not there") from None
-    except Exception as err:
-        raise ValueError(f"{folder}/{name}: not a readable safetensors file "
-                         f"({type(err).__name__}: {str(err)[:120]})") from None
+    paths = [os.path.join(folder, name) for name in files]
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{folder}: the index lists {os.path.basename(path)}, "
+                                    "which is not there")
     if weight_map is None:
-        weight_map = {k: files[0] for k in handles[files[0]].keys()}
-    return _prefixed(_Tensors(weight_map, lambda k: handles[weight_map[k]].get_tensor(k),
-                              lambda k: handles[weight_map[k]].get_slice(k).get_shape()))
+        with _opened(paths[0]) as f:
+            weight_map = {k: files[0] for k in f.keys()}
+
+    def read(key, what):
+        # Each read opens its file and closes it again: the file's mapped pages are
+        # released with the tensor read, so the host holds the weights once (a
+        # handle kept open would keep every page read so far resident beside them).
+        with _opened(os.path.join(folder, weight_map[key])) as f:
+            return f.get_tensor(key) if what == "tensor" else tuple(f.get_slice(key).get_shape())
+
+    return _prefixed(_Tensors(weight_map, lambda k: read(k, "tensor"),
+                              lambda k: read(k, "shape")))
+
+
+def _opened(path: str):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable safetensors file "
+                         f"({type(err).__name__}: {str(err)[:120]})") from None
 
 
 def _prefixed(t: _Tensors) -> _Tensors:
