@@ -2,7 +2,8 @@
 and parity with `transformers` on tiny random float32 models (logits, loss,
 every gradient, KV-cached greedy decoding, save_hf read back, bf16 compute).
 
-The Llama model has Llama 3's RoPE scaling with a short original context (16)
+The tiny models and the parity checks come from `jaxllm.parity.families`. The
+Llama model has Llama 3's RoPE scaling with a short original context (16)
 that decoding runs past; the Qwen3 model has head_dim * heads != hidden size,
 grouped-query attention and a tied head. Norm scales are re-randomised so no
 comparison passes on ones.
@@ -18,57 +19,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
-import jaxllm
 from jaxllm import layout
 from jaxllm.config import GPTConfig, count_params, get_preset
 from jaxllm.generate import cache_bytes_per_token, empty_cache
-from jaxllm.hf import config_from_hf, from_hf_state_dict, load_hf, save_hf, to_hf_state_dict
-from jaxllm.loss import lm_loss
+from jaxllm.hf import config_from_hf, load_hf, to_hf_state_dict
 from jaxllm.model import apply, init_params
+from jaxllm.parity import assert_passed, families as family_parity
+from jaxllm.parity.families import QWEN3, TOKENS, hf_model as _hf_model
 
-LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-             rms_norm_eps=1e-5, tie_word_embeddings=False,
-             rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
-                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 16},
-             bos_token_id=None, eos_token_id=None, pad_token_id=None)
-QWEN3 = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-             max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True,
-             rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
-             bos_token_id=None, eos_token_id=None, pad_token_id=None)
 TINY = GPTConfig(vocab_size=96, context_length=64, emb_dim=32, n_heads=4, n_layers=2,
                  ffn_dim=48, norm="rmsnorm", positions="rope", mlp="swiglu", out_bias=False,
                  mlp_bias=False, drop_rate=0.0, n_kv_heads=2)
 
 
-def _hf_model(kind: str):
-    torch.manual_seed(0)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
-    else:
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3))
-    model.config._attn_implementation = "eager"
-    with torch.no_grad():  # norm scales away from 1, so a missed norm cannot pass
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-    return model.float().eval()
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def pair(request):
     """(transformers model, jaxllm params, config) of one tiny random model."""
-    model = _hf_model(request.param)
-    config = config_from_hf(model.config.to_dict())
-    params = from_hf_state_dict(model.state_dict(), config)
-    return model, params, config
-
-
-TOKENS = np.random.default_rng(0).integers(0, 96, size=(2, 24))
+    return family_parity.pair(request.param)
 
 
 # -- configs ---------------------------------------------------------------------
@@ -121,46 +89,23 @@ def test_grouped_query_attention_is_one_function_in_every_implementation():
 
 
 # -- parity with transformers ------------------------------------------------------
-def test_logits_loss_and_every_gradient_match_transformers(pair):
-    model, params, config = pair
-    ids = torch.tensor(TOKENS)
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    np.testing.assert_allclose(apply(params, TOKENS, config), out.logits.detach().numpy(),
-                               rtol=1e-5, atol=1e-5)
-    loss, grads = jax.value_and_grad(
-        lambda p: lm_loss(p, TOKENS[:, :-1], TOKENS[:, 1:], config))(params)
-    np.testing.assert_allclose(loss, out.loss.item(), rtol=1e-5, atol=1e-5)
-    ours = to_hf_state_dict(grads, config)
-    named = dict(model.named_parameters())
-    assert set(named) <= set(ours)
-    for name, p in named.items():
-        np.testing.assert_allclose(ours[name], p.grad.numpy(), rtol=1e-5, atol=1e-5,
-                                   err_msg=name)
-    model.zero_grad()
+# The checks are the parity module's (`jaxllm parity` reports the same figures).
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_logits_loss_and_every_gradient_match_transformers(kind):
+    logits, loss, grads = assert_passed(family_parity.logits_loss_gradients(kind))
+    assert all(c.tolerance == c.rtol == 1e-5 for c in (logits, loss, grads))
 
 
-def test_kv_cached_greedy_decoding_matches_transformers_generate(pair):
-    model, params, config = pair
-    prompt = TOKENS[:, :8]
-    theirs = model.generate(torch.tensor(prompt), max_new_tokens=30, min_new_tokens=30,
-                            do_sample=False, attention_mask=torch.ones_like(torch.tensor(prompt)))
-    ours = jaxllm.generate(params, config, prompt, 30)
-    np.testing.assert_array_equal(ours.tokens, theirs[:, 8:].numpy())  # past position 16
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_kv_cached_greedy_decoding_matches_transformers_generate(kind):
+    (tokens,) = assert_passed(family_parity.greedy_tokens(kind))  # past position 16
+    assert tokens.tolerance == 0
 
 
-def test_save_hf_then_transformers_gives_the_same_logits(pair, tmp_path):
-    model, params, config = pair
-    save_hf(tmp_path, params, config)
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
-    assert type(back) is type(model)
-    with torch.no_grad():
-        logits = back.float()(torch.tensor(TOKENS)).logits.numpy()
-    np.testing.assert_allclose(logits, apply(params, TOKENS, config), rtol=1e-5, atol=1e-5)
-    params2, config2 = load_hf(tmp_path)
-    assert config2 == config
-    for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(a, b)
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_save_hf_then_transformers_gives_the_same_logits(kind, tmp_path):
+    logits, weights = assert_passed(family_parity.save_hf_round_trip(kind, tmp_path))
+    assert logits.tolerance == logits.rtol == 1e-5 and weights.tolerance == 0
 
 
 def test_bf16_compute_is_within_bf16_tolerance_of_float32(pair):

@@ -155,7 +155,7 @@ def test_report_counts_failures_and_crashes(tmp_path):
 def test_every_registered_check_is_named_once_and_selectable():
     checks = parity.load_checks()
     areas = list(dict.fromkeys(c.area for c in checks.values()))  # in the report's order
-    assert areas[:2] == ["basics", "gpt2"] and {"finetune", "lora", "dpo"} <= set(areas)
+    assert areas[:3] == ["basics", "gpt2", "families"] and {"finetune", "lora", "dpo"} <= set(areas)
     assert "gpt2: greedy tokens vs generate()" in checks
     assert [c.name for c in parity.select(["greedy"])] == ["gpt2: greedy tokens vs generate()"]
     assert {c.area for c in parity.select(["basics"])} == {"basics"}

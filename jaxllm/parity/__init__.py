@@ -13,6 +13,8 @@ One file per area, each imported by `load_checks()`:
 * `basics.py`: the seed's examples (tensors, one neuron's gradients, SimpleNet's SGD steps);
 * `gpt2.py`: GPT-2 against `transformers.GPT2LMHeadModel`: logits, loss, every
   gradient, AdamW steps, greedy tokens, the weight conversion;
+* `families.py`: Llama 3 and Qwen3 against transformers: logits, loss, every gradient,
+  greedy tokens, save_hf read back;
 * `finetune.py`: classifier AdamW steps, masked instruction loss, gradients and steps;
 * `lora.py`: LoRA against an independent PyTorch LoRA (logits, adapter gradients, AdamW steps);
 * `dpo.py`: the DPO loss against its formula in torch, AdamW steps against a torch DPO;
@@ -203,7 +205,7 @@ def register(name: str, **kwargs: Any) -> Callable:
 
 
 # The report's order; an area not named here follows, alphabetically.
-AREA_ORDER = ("basics", "gpt2", "finetune", "lora", "dpo")
+AREA_ORDER = ("basics", "gpt2", "families", "finetune", "lora", "dpo")
 
 
 def load_checks() -> dict[str, Check]:
