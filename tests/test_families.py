@@ -181,3 +181,18 @@ def test_layout_rows_carry_the_hugging_face_names(pair):
     model, _, config = pair
     names = {p.hf for p in layout.rows(config, every=True)}
     assert names == set(model.state_dict())
+
+
+def test_a_checkpoint_saved_before_the_family_fields_resumes():
+    """A run's saved model dict from before these fields existed lacks them; they take
+    GPT-2's defaults, so the run is the same run."""
+    from jaxllm.train.checkpoint import config_differences
+
+    config = GPTConfig(vocab_size=100, context_length=16, emb_dim=32, n_heads=4, n_layers=2)
+    old = {k: v for k, v in config.to_dict().items()
+           if k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
+                    "drop_rate", "qkv_bias", "ffn_dim", "tie_embeddings", "ln_eps")}
+    assert config_differences({"model": old}, {"model": config.to_dict()}) == []
+    assert config_differences({"model": old}, {"model": config.replace(
+        norm="rmsnorm", positions="rope", mlp="swiglu", out_bias=False, mlp_bias=False
+    ).to_dict()}) != []

@@ -462,12 +462,18 @@ def _reading(run_dir, step: int, read: Callable[[], Any]):
         raise _damage(checkpoint_dir(run_dir) / str(step), err) from None
 
 
+_MODEL_DEFAULTS = GPTConfig().to_dict()
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'section.field: checkpoint X, now Y' for every field that would make
     resuming a different run (implementation-only model fields excepted)."""
     diffs = []
     for section in sorted(set(saved) | set(current)):
         a, b = saved.get(section), current.get(section)
+        if section == "model" and isinstance(a, dict) and isinstance(b, dict):
+            # a field added to GPTConfig since the checkpoint was saved has its default there
+            a, b = {**_MODEL_DEFAULTS, **a}, {**_MODEL_DEFAULTS, **b}
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 if section == "model" and key in IMPLEMENTATION_FIELDS:
