@@ -133,3 +133,38 @@ def test_requests_that_do_not_fit_are_refused(scheduler):
     with pytest.raises(ValueError, match=r"max_tokens 60 .* 10 tokens.*from 1 to 54"):
         scheduler.submit(Request(list(range(10)), 60))
     assert not scheduler.waiting
+
+
+LLAMA = jaxllm.GPTConfig(vocab_size=257, context_length=64, emb_dim=32, n_heads=4, n_kv_heads=2,
+                         n_layers=2, norm="rmsnorm", positions="rope", mlp="swiglu",
+                         qkv_bias=False, out_bias=False, mlp_bias=False, drop_rate=0.0,
+                         qk_norm=True)
+
+
+def lora_params(params):
+    """GPT-2 with unmerged LoRA adapters whose B is not zero (so they count)."""
+    from jaxllm.lora import init_lora, with_adapters
+
+    adapters = init_lora(params, CFG, jax.random.PRNGKey(3), rank=2)
+    adapters = {path: {**ab, "b": 0.5 * jax.random.normal(jax.random.PRNGKey(i), ab["b"].shape)}
+                for i, (path, ab) in enumerate(adapters.items())}
+    return with_adapters(params, adapters, alpha=4.0)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_qknorm", "gpt2_unmerged_lora"])
+def test_other_families_and_unmerged_lora_equal_generate(variant, params):
+    config = LLAMA if variant.startswith("llama") else CFG
+    p = (jaxllm.init_params(LLAMA, jax.random.PRNGKey(1)) if config is LLAMA
+         else lora_params(params))
+    scheduler = Scheduler(SlotEngine(p, config, slots=2), lambda t: token_bytes(TOK, t),
+                          TOK.stop_ids)
+    lengths = [9, 14, 6]
+    requests = [scheduler.submit(Request(TOK.encode(q), n)) for q, n in zip(PROMPTS, lengths)]
+    drain(scheduler)
+    for r, q, n in zip(requests, PROMPTS, lengths):
+        out = generate(p, config, TOK.encode(q), n, eos_id=TOK.eot_id)
+        assert r.tokens == [t for t in out.tokens[0, : out.lengths[0]].tolist()
+                            if t != TOK.eot_id], (variant, q)
+    if variant.endswith("lora"):  # the adapters change the answer
+        plain = generate(params, CFG, TOK.encode(PROMPTS[1]), 14).tokens[0].tolist()
+        assert requests[1].tokens != plain
