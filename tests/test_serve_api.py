@@ -220,3 +220,40 @@ def test_64_requests_from_16_clients_each_get_their_own_answer(client, params):
     assert sorted(answers) == list(range(64))
     for i in range(64):
         assert answers[i] == alone(params, TOK.encode(prompts[i]), lengths[i])[0], i
+
+
+def test_chat_messages_in_the_chat_template_or_the_prompt_format(tmp_path):
+    """Without a server: a folder's chat template renders whole conversations
+    as transformers does; a run's prompt format takes one user message."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from jaxllm.hf_tokenizer import HFTokenizer
+    from jaxllm.serve.app import APIError, ServedModel, read_request
+    from test_hf_tokenizer import LLAMA_TEMPLATE, _byte_level_bpe, _save
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    folder = _save(tmp_path / "llama", _byte_level_bpe(specials, bos="<|begin_of_text|>"),
+                   {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                    "chat_template": LLAMA_TEMPLATE})
+    engine = SimpleNamespace(config=SimpleNamespace(context_length=512, vocab_size=420))
+    scheduler = SimpleNamespace(engine=engine)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Name a colour."}]
+    templated = ServedModel("m", scheduler, HFTokenizer(folder), "template")
+    req, stream, _ = read_request(templated, {"model": "m", "messages": messages,
+                                              "max_tokens": 5}, chat=True)
+    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(req.prompt) == list(expected) and req.max_tokens == 5 and not stream
+
+    alpaca = ServedModel("m", scheduler, TOK, "alpaca")
+    with pytest.raises(APIError, match=r"single user message.*\['system', 'user', 'assistant'"):
+        read_request(alpaca, {"model": "m", "messages": messages}, chat=True)
+    req, _, _ = read_request(alpaca, {"model": "m", "messages": messages[3:]}, chat=True)
+    assert TOK.decode(req.prompt) == format_prompt({"instruction": "Name a colour.",
+                                                    "input": ""}, "alpaca")
+    assert req.max_tokens == 512 - len(req.prompt)  # chat: the rest of the context
