@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "finetune": "Fine-tune a model for a task: finetune classify | finetune instruct.",
     "classify": "Label texts with a classification run (probabilities too).",
     "serve": "Serve a run or Hugging Face weights over the OpenAI API (continuous batching).",
+    "eval": "Evaluate a model: eval perplexity (sliding window over held-out text).",
     "parity": "Check jaxllm against PyTorch and transformers; write the report (results/parity).",
 }
 

@@ -1,0 +1,1 @@
+"""Evaluation: the sliding-window perplexity of held-out text (`perplexity.py`)."""
