@@ -21,8 +21,13 @@ from jaxllm.cli import add_fallback_argument, add_tokenizer_arguments, hf_source
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
-    ppl = sub.add_parser("perplexity", help="sliding-window perplexity of held-out text")
+    from jaxllm.cli import HelpFormatter
+
+    sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True,
+                                help="perplexity: the sliding-window perplexity of held-out text "
+                                     "(jaxllm eval perplexity --help)")
+    ppl = sub.add_parser("perplexity", help="sliding-window perplexity of held-out text",
+                         formatter_class=HelpFormatter)
     source = ppl.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", metavar="DIR", help="a jaxllm run (its latest checkpoint)")
     hf_source.add_hf_argument(source)
