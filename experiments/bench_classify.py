@@ -32,9 +32,8 @@ import numpy as np
 from experiments.common import markdown_table, write_report
 from jaxllm.config import GPTConfig, get_preset
 from jaxllm.finetune.classify import add_class_head, classify_task, trainable_for
-from jaxllm.finetune.loop import make_classify_optimizer
 from jaxllm.model import init_params
-from jaxllm.train import TrainConfig, init_train_state, make_train_step
+from jaxllm.train import TrainConfig, init_train_state, make_optimizer, make_train_step
 from jaxllm.train.task import count_trainable
 
 CHOICES = ("head", "last_block", "all")
@@ -72,9 +71,9 @@ def main(argv=None) -> int:
     base = (get_preset(args.preset) if args.preset else
             GPTConfig(vocab_size=50257, context_length=1024, emb_dim=384, n_heads=6, n_layers=6))
     config = base.replace(qkv_bias=True, drop_rate=0.0)
-    tc = TrainConfig(lr=5e-5, weight_decay=0.1, batch_size=args.batch, warmup_steps=0,
-                     min_lr_ratio=1.0, beta2=0.999, grad_clip=None, total_steps=10**6)
-    optimizer = make_classify_optimizer(tc, decay_all=True)
+    tc = TrainConfig.torch_adamw(5e-5, weight_decay=0.1, batch_size=args.batch,
+                                 total_steps=10**6)
+    optimizer = make_optimizer(tc)
     task = classify_task("last_token")
     key = jax.random.key(0)
     params = add_class_head(init_params(config, key), config, 2, key)

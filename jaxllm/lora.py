@@ -6,12 +6,31 @@ layers, two small matrices A (in, r) and B (r, out), so that the layer computes
 from the unchanged model; far fewer parameters are trained and far less
 optimizer state is kept.
 
+Two conventions differ between the sources, and each is a choice here:
+
+- the scale (`SCALES`): "peft" is alpha / r (the LoRA paper, PEFT and the
+  appendix-E notebook of the book's repository); "book" is alpha itself,
+  no division (the book's printed appendix E and its packaged
+  `llms_from_scratch/appendix_e.py`, `self.alpha * (x @ self.A @ self.B)`);
+  a number is an explicit scale;
+- A's initialisation (`INITS`): "peft" draws U(+-1/sqrt(in)) (PEFT's
+  `kaiming_uniform_(a=sqrt(5))` on lora_A.weight of shape (r, in)); "book"
+  draws U(+-1/sqrt(r)) (the book's `kaiming_uniform_(a=sqrt(5))` on A of
+  shape (in, r), whose fan-in torch takes to be r).
+
+The book's appendix-E run (rank 16, alpha 16 on every linear layer of GPT-2
+124M and its 768 x 2 class head, 2,666,528 parameters) is scale "book" and
+init "book"; PEFT's LoraConfig is "peft" for both (the defaults). The scale
+trains as a constant leaf of the tree, so a checkpoint holds it; adapter
+files record both conventions (`save_adapters`).
+
 Adapters are data, not a second model::
 
-    adapters = init_lora(params, config, key, rank=16, targets="all")
+    adapters = init_lora(params, config, key, rank=16, targets="all")   # init="peft"
     #  {"blocks/0/attn/qkv": {"a": (3, 768, 16), "b": (3, 16, 768)},   # q, k, v split
     #   "blocks/0/ffn/fc":   {"a": (768, 16),    "b": (16, 3072)}, ...}
-    p = with_adapters(params, adapters, alpha=32)   # each targeted dense dict gets "lora"
+    p = with_adapters(params, adapters, alpha=32)   # scale="peft": alpha / r; each targeted
+                                                    # dense dict gets "lora"
     state = init_train_state(p, tc, trainable=TRAINABLE)   # only the lora a/b leaves train
     merged = merge(p)                                 # plain GPT-2 parameters, W + (alpha/r) A B
 
@@ -55,6 +74,7 @@ import json
 import math
 import os
 import re
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -102,6 +122,39 @@ BASE_FIELDS = ("vocab_size", "vocab_multiple", "context_length", "emb_dim", "n_h
                "n_layers", "ffn_dim", "qkv_bias", "tie_embeddings")
 MODEL_FIELDS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "ffn_dim")
 FILE_FORMAT = "jaxllm-lora/1"
+
+SCALES = {
+    "peft": "alpha / rank: the LoRA paper, PEFT, the book's appendix-E notebook",
+    "book": "alpha, no division: the book's printed appendix E and llms_from_scratch/appendix_e.py",
+}
+INITS = {
+    "peft": "A ~ U(+-1/sqrt(in)): PEFT (kaiming_uniform_ on lora_A.weight, (r, in))",
+    "book": "A ~ U(+-1/sqrt(rank)): the book (kaiming_uniform_ on A, (in, r))",
+}
+
+
+def check_scale(scale) -> None:
+    """Refuse a scale that is neither a convention of `SCALES` nor a finite number > 0."""
+    if isinstance(scale, str):
+        if scale not in SCALES:
+            raise ValueError(f"LoRA scale must be one of {sorted(SCALES)} or a number > 0, "
+                             f"got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)) \
+            or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"an explicit LoRA scale must be a finite number > 0, got {scale!r}")
+
+
+def lora_scale(alpha: float | None, rank: int, scale: str | float = "peft") -> float:
+    """The factor on x @ A @ B: alpha / rank ("peft"), alpha ("book"), or
+    `scale` itself when it is a number (alpha is then not used)."""
+    check_scale(scale)
+    if not isinstance(scale, str):
+        return float(scale)
+    if not (isinstance(alpha, (int, float, np.floating, np.integer))
+            and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"LoRA alpha must be a finite number > 0 (the adapters' scale is "
+                         f"{'alpha / rank' if scale == 'peft' else 'alpha'}), got {alpha!r}")
+    return float(alpha) / rank if scale == "peft" else float(alpha)
 
 
 # -- the tree ------------------------------------------------------------------
@@ -216,28 +269,31 @@ def select_targets(params, targets: str = "all", *, tied_head: bool = False) -> 
 
 
 def _kaiming_uniform(key, shape, fan_in: int, dtype):
-    # torch.nn.init.kaiming_uniform_(w, a=sqrt(5)) on a Linear weight: gain
-    # sqrt(2 / (1 + 5)), bound gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in).
+    # torch.nn.init.kaiming_uniform_(w, a=sqrt(5)): gain sqrt(2 / (1 + 5)),
+    # bound gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in).
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 
 def init_lora(params, config: GPTConfig, key: jax.Array, *, rank: int, targets: str = "all",
               qkv: str = "split", allow_rank_above_dim: bool = False,
-              tied_head: bool = True) -> Adapters:
+              tied_head: bool = True, init: str = "peft") -> Adapters:
     """Fresh adapters {path: {"a", "b"}} for the dense layers `targets` selects
-    (see `target_regex`): A Kaiming-uniform like a PyTorch Linear weight, B
-    zeros, in `config.param_dtype`. `qkv` is "split" (default: one adapter each
-    for q, k and v, A (3, in, r), B (3, r, emb)) or "fused" (one on the whole
+    (see `target_regex`): A Kaiming-uniform by the `init` convention ("peft":
+    U(+-1/sqrt(in)), "book": U(+-1/sqrt(rank)); see `INITS`), B zeros, in
+    `config.param_dtype`. `qkv` is "split" (default: one adapter each for q, k
+    and v, A (3, in, r), B (3, r, emb)) or "fused" (one on the whole
     projection); the module docstring says why. A rank above a layer's smaller
-    dimension is refused, since that adapter costs more than training the layer
-    itself, unless `allow_rank_above_dim` (a small task head under a uniform
-    rank, say). With `config.tie_embeddings` the LM head is a target ("out_head",
+    dimension gives a warning, since that adapter costs more than training the
+    layer itself, unless `allow_rank_above_dim` (the book's rank 16 on a 2-class
+    head, say). With `config.tie_embeddings` the LM head is a target ("out_head",
     in the presets "head" and "all") unless `tied_head=False` (a model that
     replaces the LM head). `params` may be `jax.ShapeDtypeStruct`s (only shapes
     are read)."""
     if qkv not in QKV_MODES:
         raise ValueError(f"qkv must be one of {QKV_MODES}, got {qkv!r}")
+    if init not in INITS:
+        raise ValueError(f"LoRA init must be one of {sorted(INITS)}, got {init!r}")
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     rank = int(rank)
@@ -253,14 +309,15 @@ def init_lora(params, config: GPTConfig, key: jax.Array, *, rank: int, targets: 
             raise ValueError(f"{path}: {d_out} output columns do not split into q, k and v")
         width = d_out // slices
         if rank > min(d_in, width) and not allow_rank_above_dim:
-            raise ValueError(f"LoRA rank {rank} exceeds the smaller dimension of {path} "
-                             f"({d_in} x {width}{' per q/k/v slice' if slices > 1 else ''}); "
-                             "lower the rank (--lora-rank) or leave the layer out of the "
-                             "targets (--lora-targets); in Python, allow_rank_above_dim=True "
-                             "permits it")
+            warnings.warn(f"LoRA rank {rank} exceeds the smaller dimension of {path} "
+                          f"({d_in} x {width}{' per q/k/v slice' if slices > 1 else ''}): its "
+                          "adapter has more parameters than the layer; lower the rank "
+                          "(--lora-rank) or leave the layer out of the targets (--lora-targets)",
+                          stacklevel=2)
         k = jax.random.fold_in(key, i)
         lead = (slices,) if slices > 1 else ()
-        adapters[path] = {"a": _kaiming_uniform(k, (*lead, d_in, rank), d_in, dtype),
+        fan_in = d_in if init == "peft" else rank
+        adapters[path] = {"a": _kaiming_uniform(k, (*lead, d_in, rank), fan_in, dtype),
                           "b": jnp.zeros((*lead, rank, width), dtype)}
     if config.scan_layers:
         _check_same_in_every_block(adapters, config)
@@ -300,14 +357,13 @@ def _check_fits(path: str, ab, kernel_shape) -> None:
                          f"the kernel {tuple(kernel_shape)}")
 
 
-def with_adapters(params, adapters: Adapters, alpha: float):
+def with_adapters(params, adapters: Adapters, alpha: float | None,
+                  scale: str | float = "peft"):
     """`params` with each adapted dense dict carrying "lora": {"a", "b", "scale"},
-    scale = alpha / rank (a float32 scalar); a tied head's adapter becomes
-    "out_head": {"lora"}. The base leaves are shared, not copied."""
-    if not (isinstance(alpha, (int, float, np.floating, np.integer)) and math.isfinite(alpha)
-            and alpha > 0):
-        raise ValueError(f"LoRA alpha must be a finite number > 0 (the adapters' scale is "
-                         f"alpha / rank), got {alpha!r}")
+    the scale a float32 scalar: alpha / rank ("peft", default), alpha ("book")
+    or `scale` itself when it is a number (see `SCALES`); a tied head's adapter
+    becomes "out_head": {"lora"}. The base leaves are shared, not copied."""
+    lora_scale(alpha, 1, scale)  # a bad alpha or scale is named before any layer
     layers = _layers(params, tied_head=True)
     out = params
     for path, ab in adapters.items():
@@ -316,7 +372,8 @@ def with_adapters(params, adapters: Adapters, alpha: float):
                              f"(dense layers: {', '.join(list(layers)[:6])}, ...)")
         _check_fits(path, ab, layers[path])
         rank = ab["a"].shape[-1]
-        lora = {"a": ab["a"], "b": ab["b"], "scale": jnp.asarray(alpha / rank, jnp.float32)}
+        lora = {"a": ab["a"], "b": ab["b"],
+                "scale": jnp.asarray(lora_scale(alpha, rank, scale), jnp.float32)}
         if _is_tied_head(out, path):
             out = {**out, HEAD_PATH: {"lora": lora}}
         else:
@@ -407,32 +464,36 @@ def _fold(params, adapters: Adapters, scales: Mapping[str, float], sign: float,
     return out
 
 
-def _scales(adapters: Adapters, alpha: float) -> dict[str, float]:
-    return {p: alpha / ab["a"].shape[-1] for p, ab in adapters.items()}
+def _scales(adapters: Adapters, alpha: float | None, scale: str | float = "peft"
+            ) -> dict[str, float]:
+    return {p: lora_scale(alpha, ab["a"].shape[-1], scale) for p, ab in adapters.items()}
 
 
-def _merged(params, adapters, alpha, untie: bool):
+def _merged(params, adapters, alpha, untie: bool, scale: str | float = "peft"):
     if adapters is None:
         adapters, scales = adapters_of(params)
         if not adapters:
             raise ValueError("merge: the parameters carry no adapters; pass adapters and alpha")
         return _fold(params, adapters, scales, 1.0, untie)
-    if alpha is None:
-        raise ValueError("merge: alpha is needed with separate adapters")
-    return _fold(params, adapters, _scales(adapters, alpha), 1.0, untie)
+    if alpha is None and isinstance(scale, str):
+        raise ValueError("merge: alpha (or a numeric scale) is needed with separate adapters")
+    return _fold(params, adapters, _scales(adapters, alpha, scale), 1.0, untie)
 
 
-def merge(params, adapters: Adapters | None = None, alpha: float | None = None):
-    """Plain parameters with the adapters folded in: W + (alpha / r) A B (in
-    float32, stored in W's dtype). Either `params` carries them (a tree from
-    `with_adapters`; they are removed), or pass the base with `adapters` and
-    `alpha` (the rank is read from A's shape). An adapter on a tied head is
-    refused: it unties the head, see `merge_model`."""
-    return _merged(params, adapters, alpha, untie=False)
+def merge(params, adapters: Adapters | None = None, alpha: float | None = None,
+          scale: str | float = "peft"):
+    """Plain parameters with the adapters folded in: W + s A B (in float32,
+    stored in W's dtype). Either `params` carries them (a tree from
+    `with_adapters`, with each adapter's own scale; they are removed), or pass
+    the base with `adapters`, `alpha` and the `scale` convention (s = alpha / r
+    for "peft", the rank read from A's shape; see `lora_scale`). An adapter on
+    a tied head is refused: it unties the head, see `merge_model`."""
+    return _merged(params, adapters, alpha, untie=False, scale=scale)
 
 
 def merge_model(params, config: GPTConfig, adapters: Adapters | None = None,
-                alpha: float | None = None) -> tuple[Any, GPTConfig]:
+                alpha: float | None = None, scale: str | float = "peft"
+                ) -> tuple[Any, GPTConfig]:
     """(params, config) with the adapters folded in, as `merge`; an adapter on a
     tied head unties it: "out_head" gets the kernel E.T + (alpha / r) A B, the
     token embedding E stays the input embedding, and the config comes back with
@@ -440,14 +501,14 @@ def merge_model(params, config: GPTConfig, adapters: Adapters | None = None,
     lm_head.weight)."""
     tied = config.tie_embeddings and _tied_head_shape(params) is not None and (
         HEAD_PATH in (adapters if adapters is not None else adapters_of(params)[0]))
-    merged = _merged(params, adapters, alpha, untie=tied)
+    merged = _merged(params, adapters, alpha, untie=tied, scale=scale)
     return merged, config.replace(tie_embeddings=False) if tied else config
 
 
-def unmerge(params, adapters: Adapters, alpha: float):
-    """The inverse of `merge`: W - (alpha / r) A B (exact up to rounding). A
-    head that `merge_model` untied stays untied (its kernel goes back to E.T)."""
-    return _fold(params, adapters, _scales(adapters, alpha), -1.0)
+def unmerge(params, adapters: Adapters, alpha: float | None, scale: str | float = "peft"):
+    """The inverse of `merge`: W - s A B (exact up to rounding). A head that
+    `merge_model` untied stays untied (its kernel goes back to E.T)."""
+    return _fold(params, adapters, _scales(adapters, alpha, scale), -1.0)
 
 
 def untie_head(params, config: GPTConfig):
@@ -463,12 +524,13 @@ def untie_head(params, config: GPTConfig):
 
 def lora_params(params, config: GPTConfig, key: jax.Array, *, rank: int, alpha: float | None = None,
                 targets: str = "all", qkv: str = "split", allow_rank_above_dim: bool = False,
-                tied_head: bool = True):
-    """`with_adapters(params, init_lora(...), alpha)`; alpha defaults to the rank
-    (scale 1)."""
+                tied_head: bool = True, scale: str | float = "peft", init: str = "peft"):
+    """`with_adapters(params, init_lora(...), alpha, scale)`; alpha defaults to
+    the rank."""
     adapters = init_lora(params, config, key, rank=rank, targets=targets, qkv=qkv,
-                         allow_rank_above_dim=allow_rank_above_dim, tied_head=tied_head)
-    return with_adapters(params, adapters, float(rank if alpha is None else alpha))
+                         allow_rank_above_dim=allow_rank_above_dim, tied_head=tied_head,
+                         init=init)
+    return with_adapters(params, adapters, float(rank if alpha is None else alpha), scale)
 
 
 def sharding_rules(rules=None):
@@ -485,26 +547,36 @@ def sharding_rules(rules=None):
 
 
 # -- files ---------------------------------------------------------------------
-def save_adapters(path: str | os.PathLike, adapters: Adapters, alpha: float, config: GPTConfig,
+def save_adapters(path: str | os.PathLike, adapters: Adapters, alpha: float | None,
+                  config: GPTConfig, *, scale: str | float = "peft", init: str | None = None,
                   **info) -> None:
     """An adapter-only safetensors file: "<layer>/a" and "<layer>/b" (float32),
-    with alpha, the base's shape-deciding config fields and each adapted
-    kernel's shape as metadata, so that `load_adapters` can check a base."""
+    with alpha, the scale convention (and each layer's scale), A's init
+    convention when known, the base's shape-deciding config fields and each
+    adapted kernel's shape as metadata, so that `load_adapters` can check a
+    base and rebuild the same layers."""
     from safetensors.numpy import save_file
 
+    if init is not None and init not in INITS:
+        raise ValueError(f"LoRA init must be one of {sorted(INITS)}, got {init!r}")
+    scales = _scales(adapters, alpha, scale)
     tensors = {f"{p}/{n}": np.ascontiguousarray(np.asarray(x, np.float32))
                for p, ab in adapters.items() for n, x in ab.items()}
     kernels = {p: [int(ab["a"].shape[-2]), int(ab["b"].shape[-1]) *
                    (int(ab["a"].shape[0]) if ab["a"].ndim == 3 else 1)]
                for p, ab in adapters.items()}
-    meta = {"format": FILE_FORMAT, "alpha": repr(float(alpha)),
+    meta = {"format": FILE_FORMAT, "alpha": json.dumps(None if alpha is None else float(alpha)),
+            "scale": json.dumps(scale if isinstance(scale, str) else float(scale)),
+            "scales": json.dumps(scales), "init": json.dumps(init),
             "base": json.dumps({f: getattr(config, f) for f in BASE_FIELDS}),
             "kernels": json.dumps(kernels), "info": json.dumps(info)}
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
-def read_adapters(path: str | os.PathLike) -> tuple[Adapters, float, dict[str, Any]]:
-    """(adapters, alpha, metadata) of a `save_adapters` file, unchecked."""
+def read_adapters(path: str | os.PathLike) -> tuple[Adapters, float | None, dict[str, Any]]:
+    """(adapters, alpha, metadata) of a `save_adapters` file, unchecked; the
+    metadata's "scale" and "init" are the conventions (a file from before they
+    were recorded: "peft" scale, init unknown), "scales" each layer's scale."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -523,13 +595,23 @@ def read_adapters(path: str | os.PathLike) -> tuple[Adapters, float, dict[str, A
             for name in f.keys():
                 layer, _, part = name.rpartition("/")
                 adapters.setdefault(layer, {})[part] = jnp.asarray(f.get_tensor(name))
-        meta = {"alpha": float(meta["alpha"]), "base": json.loads(meta["base"]),
+        alpha = json.loads(meta["alpha"])
+        scale = json.loads(meta.get("scale", '"peft"'))
+        meta = {"alpha": None if alpha is None else float(alpha), "scale": scale,
+                "scales": json.loads(meta["scales"]) if "scales" in meta
+                else _scales(adapters, alpha, scale),
+                "init": json.loads(meta.get("init", "null")), "base": json.loads(meta["base"]),
                 "kernels": json.loads(meta["kernels"]),
                 "info": json.loads(meta.get("info", "{}"))}
+        if set(meta["scales"]) != set(adapters):
+            raise ValueError(f"adapter file {path}: its scales name other layers than its "
+                             "tensors")
     except json.JSONDecodeError as err:
         raise ValueError(f"adapter file {path}: its metadata is not JSON ({err})") from None
     except ValueError:
         raise
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"adapter file {path}: its metadata lacks or garbles {err}") from None
     except Exception as err:  # safetensors' own errors: a truncated or foreign file
         raise ValueError(f"adapter file {path} is damaged or not a safetensors file "
                          f"({type(err).__name__}: {str(err)[:120]})") from None
@@ -538,8 +620,8 @@ def read_adapters(path: str | os.PathLike) -> tuple[Adapters, float, dict[str, A
 
 def load_adapters(path: str | os.PathLike, params, config: GPTConfig):
     """`params` with the adapters of a `save_adapters` file inserted (in the
-    base's parameter dtype). A base of another shape is refused, naming the
-    config fields and layers that differ."""
+    base's parameter dtype), each with the scale the file records. A base of
+    another shape is refused, naming the config fields and layers that differ."""
     adapters, alpha, meta = read_adapters(path)
     diffs = [f"{f}: adapters {meta['base'].get(f)!r}, base {getattr(config, f)!r}"
              for f in MODEL_FIELDS if meta["base"].get(f) != getattr(config, f)]
@@ -556,5 +638,8 @@ def load_adapters(path: str | os.PathLike, params, config: GPTConfig):
     if config.scan_layers:
         _check_same_in_every_block(adapters, config)
     dtype = jnp.dtype(config.param_dtype)
-    adapters = {p: {n: x.astype(dtype) for n, x in ab.items()} for p, ab in adapters.items()}
-    return with_adapters(params, adapters, alpha)
+    out = params
+    for p, ab in adapters.items():
+        out = with_adapters(out, {p: {n: x.astype(dtype) for n, x in ab.items()}}, None,
+                            float(meta["scales"][p]))
+    return out

@@ -232,7 +232,8 @@ def test_cli_fine_tunes_answers_resumes_and_chats(shared_data, tmp_path, capsys)
     tiny = GPTConfig.from_json(config)
     ic = InstructConfig(mask_prompt=True, bucket=True, eval_every=2, sample_count=0,
                         responses=False, pad_multiple=512)
-    tc = TrainConfig(**{**cli.PROTOCOL, "lr": 3e-3, "batch_size": 4, "total_steps": 4})
+    tc = TrainConfig.torch_adamw(**{**cli.PROTOCOLS["default"], "lr": 3e-3, "batch_size": 4,
+                                    "total_steps": 4})
     part = tmp_path / "part"
     finetune_instruct(part, tiny, tc, ic, tok, entries[:80], progress=False, stop_at=2)
     finetune_instruct(part, tiny, tc, ic, tok, entries[:80], progress=False, resume=True)

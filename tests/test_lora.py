@@ -4,8 +4,10 @@ every path (scan, bf16, MKL, KV-cached generation, sharded step), files, CLI."""
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +19,9 @@ import torch.nn as nn
 
 from jaxllm import GPT_CONFIG_124M, GPTConfig, apply, from_hf_state_dict, generate, init_params
 from jaxllm import lora
+from jaxllm.finetune.classify import HEAD, add_class_head, class_logits, classify_task, pool
 from jaxllm.hf import save_safetensors
-from jaxllm.train import TrainConfig, init_train_state, make_train_step
+from jaxllm.train import TrainConfig, init_train_state, make_optimizer, make_train_step
 from jaxllm.train.task import combine, count_trainable, lm_batch, lm_task, partition, trainable_mask
 
 CONFIG = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
@@ -78,12 +81,35 @@ def test_parameter_counts_of_gpt2_124m_rank_16():
             jax.random.key(0)))
 
     assert count(shapes) == 3_470_608  # with the LM head
-    classifier = dict(shapes, out_head={"kernel": jax.ShapeDtypeStruct((768, 2), jnp.float32)})
-    assert count(classifier) == 2_666_528  # with a 2-class head
+    # the book's appendix E: every linear layer and the 768 x 2 class head (weights and bias)
+    classifier = jax.eval_shape(lambda k: add_class_head(init_params(c, k), c, 2, k),
+                                jax.random.key(0))
+    assert count(classifier) == 2_666_528
+    adapted = jax.eval_shape(lambda k: lora.with_adapters(classifier, lora.init_lora(
+        classifier, c, k, rank=16, tied_head=False, allow_rank_above_dim=True), 16.0, "book"),
+        jax.random.key(0))
+    assert count_trainable(adapted, lora.TRAINABLE) == 2_666_528  # what trains, head included
+    assert adapted[HEAD]["lora"]["b"].shape == (16, 2)
     fused = jax.eval_shape(lambda k: lora.init_lora(shapes, c, k, rank=16, qkv="fused",
                                                     targets="attn"), jax.random.key(0))
     assert fused["blocks/0/attn/qkv"]["a"].shape == (768, 16)
     assert fused["blocks/0/attn/qkv"]["b"].shape == (16, 2304)
+
+
+@pytest.mark.parametrize("init,torch_shape", [("peft", (RANK, 128)),   # PEFT's lora_A.weight
+                                              ("book", (128, RANK))])  # the book's A
+def test_init_conventions_draw_a_as_their_sources_do(init, torch_shape):
+    """A's bound is what torch's kaiming_uniform_(a=sqrt(5)) gives the source's
+    tensor: U(+-1/sqrt(in)) for PEFT's (r, in) weight, U(+-1/sqrt(r)) for the
+    book's (in, r) A; measured off torch's own draws."""
+    adapters = lora.init_lora(random_params(), CONFIG, jax.random.key(0), rank=RANK,
+                              targets="ffn", init=init)
+    ours = np.abs(np.asarray(adapters["blocks/0/ffn/proj"]["a"]))  # (128, RANK)
+    torch.manual_seed(0)
+    theirs = torch.stack([nn.init.kaiming_uniform_(torch.empty(torch_shape), a=math.sqrt(5))
+                          for _ in range(20)]).abs().max().item()
+    assert 0.97 * theirs <= ours.max() <= 1.001 * theirs
+    assert all(not np.any(ab["b"]) for ab in adapters.values())
 
 
 def test_init_is_kaiming_uniform_and_b_is_zero():
@@ -98,11 +124,14 @@ def test_init_is_kaiming_uniform_and_b_is_zero():
 
 # -- against an independent PyTorch LoRA --------------------------------------
 class LoRALayer(nn.Module):
-    def __init__(self, a, b, alpha):
+    """The book's LoRALayer: alpha * (x @ A @ B) with scale "book", PEFT's
+    (alpha / rank) * (x @ A @ B) with "peft"."""
+
+    def __init__(self, a, b, alpha, scale="peft"):
         super().__init__()
         self.A = nn.Parameter(torch.tensor(np.asarray(a)))
         self.B = nn.Parameter(torch.tensor(np.asarray(b)))
-        self.scale = alpha / self.A.shape[1]
+        self.scale = alpha / self.A.shape[1] if scale == "peft" else alpha
 
     def forward(self, x):
         return self.scale * (x @ self.A @ self.B)
@@ -127,12 +156,12 @@ def frozen_linear(dense):
     return layer
 
 
-def adapted_linear(dense, ab, alpha, cols=slice(None), index=None):
+def adapted_linear(dense, ab, alpha, cols=slice(None), index=None, scale="peft"):
     d = {"kernel": np.asarray(dense["kernel"])[:, cols]}
     if "bias" in dense:
         d["bias"] = np.asarray(dense["bias"])[cols]
     a, b = (ab["a"], ab["b"]) if index is None else (ab["a"][index], ab["b"][index])
-    return LinearWithLoRA(frozen_linear(d), LoRALayer(a, b, alpha))
+    return LinearWithLoRA(frozen_linear(d), LoRALayer(a, b, alpha, scale))
 
 
 def frozen_norm(p):
@@ -146,20 +175,21 @@ class TorchBlock(nn.Module):
     """A GPT-2 block built from nn.Linear layers, each with a LoRA beside it;
     q, k and v as three layers (split) or one (fused)."""
 
-    def __init__(self, p, ad, prefix, qkv, alpha):
+    def __init__(self, p, ad, prefix, qkv, alpha, scale="peft"):
         super().__init__()
         e = p["attn"]["qkv"]["kernel"].shape[0]
         self.n_heads, self.split = CONFIG.n_heads, qkv == "split"
         name = f"{prefix}/attn/qkv"
         if self.split:
             self.q, self.k, self.v = (adapted_linear(p["attn"]["qkv"], ad[name], alpha,
-                                                     slice(i * e, (i + 1) * e), i)
+                                                     slice(i * e, (i + 1) * e), i, scale)
                                       for i in range(3))
         else:
-            self.qkv = adapted_linear(p["attn"]["qkv"], ad[name], alpha)
-        self.out = adapted_linear(p["attn"]["out"], ad[f"{prefix}/attn/out"], alpha)
-        self.fc = adapted_linear(p["ffn"]["fc"], ad[f"{prefix}/ffn/fc"], alpha)
-        self.proj = adapted_linear(p["ffn"]["proj"], ad[f"{prefix}/ffn/proj"], alpha)
+            self.qkv = adapted_linear(p["attn"]["qkv"], ad[name], alpha, scale=scale)
+        self.out = adapted_linear(p["attn"]["out"], ad[f"{prefix}/attn/out"], alpha, scale=scale)
+        self.fc = adapted_linear(p["ffn"]["fc"], ad[f"{prefix}/ffn/fc"], alpha, scale=scale)
+        self.proj = adapted_linear(p["ffn"]["proj"], ad[f"{prefix}/ffn/proj"], alpha,
+                                   scale=scale)
         self.norm1, self.norm2 = frozen_norm(p["norm1"]), frozen_norm(p["norm2"])
 
     def forward(self, x):
@@ -175,16 +205,20 @@ class TorchBlock(nn.Module):
 
 
 class TorchGPT(nn.Module):
-    def __init__(self, params, adapters, qkv, alpha=ALPHA):
+    """The book's GPT with `replace_linear_with_lora` applied: every linear
+    layer, the head (`head`: "out_head", or a classifier's "class_head") too."""
+
+    def __init__(self, params, adapters, qkv, alpha=ALPHA, scale="peft", head="out_head"):
         super().__init__()
         self.tok = nn.Parameter(torch.tensor(np.asarray(params["tok_emb"]["embedding"])),
                                 requires_grad=False)
         self.pos = nn.Parameter(torch.tensor(np.asarray(params["pos_emb"]["embedding"])),
                                 requires_grad=False)
-        self.blocks = nn.ModuleList(TorchBlock(p, adapters, f"blocks/{i}", qkv, alpha)
+        self.blocks = nn.ModuleList(TorchBlock(p, adapters, f"blocks/{i}", qkv, alpha, scale)
                                     for i, p in enumerate(params["blocks"]))
         self.norm = frozen_norm(params["final_norm"])
-        self.head = adapted_linear(params["out_head"], adapters["out_head"], alpha)
+        self.head_name = head
+        self.head = adapted_linear(params[head], adapters[head], alpha, scale=scale)
 
     def forward(self, idx):
         x = self.tok[idx] + self.pos[: idx.shape[1]]
@@ -205,8 +239,33 @@ class TorchGPT(nn.Module):
                 out[f"{pre}/attn/qkv"] = (blk.qkv.lora.A.grad.numpy(), blk.qkv.lora.B.grad.numpy())
             for name, layer in (("attn/out", blk.out), ("ffn/fc", blk.fc), ("ffn/proj", blk.proj)):
                 out[f"{pre}/{name}"] = (layer.lora.A.grad.numpy(), layer.lora.B.grad.numpy())
-        out["out_head"] = (self.head.lora.A.grad.numpy(), self.head.lora.B.grad.numpy())
+        out[self.head_name] = (self.head.lora.A.grad.numpy(), self.head.lora.B.grad.numpy())
         return out
+
+    def adapters(self):
+        """{jaxllm adapter path: {"a", "b"}} of the current values, stacked like jaxllm's."""
+        out = {}
+        for i, blk in enumerate(self.blocks):
+            pre = f"blocks/{i}"
+            layers = (("attn/out", blk.out), ("ffn/fc", blk.fc), ("ffn/proj", blk.proj))
+            if blk.split:
+                out[f"{pre}/attn/qkv"] = {n.lower(): np.stack([getattr(l.lora, n).detach().numpy()
+                                                               for l in (blk.q, blk.k, blk.v)])
+                                          for n in ("A", "B")}
+            else:
+                layers = (("attn/qkv", blk.qkv), *layers)
+            for name, layer in layers:
+                out[f"{pre}/{name}"] = {"a": layer.lora.A.detach().numpy(),
+                                        "b": layer.lora.B.detach().numpy()}
+        out[self.head_name] = {"a": self.head.lora.A.detach().numpy(),
+                               "b": self.head.lora.B.detach().numpy()}
+        return out
+
+    def hidden(self, idx):
+        x = self.tok[idx] + self.pos[: idx.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
 
 
 def _torch_loss(model, x, y):
@@ -275,6 +334,121 @@ def test_five_adamw_steps_match_torch_and_frozen_weights_stay_bitwise():
     trained = lora.strip_adapters(state.params)
     for got, want in zip(jax.tree.leaves(trained), jax.tree.leaves(base)):
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+# -- a classifier: the class head is a dense layer like the others -----------------
+def random_classifier(seed=0):
+    return add_class_head(random_params(seed=seed), CONFIG, 2, jax.random.key(seed + 7))
+
+
+def class_batch(seed=3, shape=(3, 12)):
+    rng = np.random.default_rng(seed)
+    return {"tokens": rng.integers(0, CONFIG.vocab_size, shape).astype(np.int32),
+            "lengths": rng.integers(1, shape[1] + 1, shape[0]).astype(np.int32),
+            "labels": rng.integers(0, 2, shape[0]).astype(np.int32)}
+
+
+clf_logits = jax.jit(class_logits, static_argnames=("config", "pooling"))
+
+
+def every_layer_adapters(params, init="peft", seed=1):
+    """Adapters on every dense layer, the class head included, B random too."""
+    adapters = lora.init_lora(params, CONFIG, jax.random.key(seed), rank=RANK, targets="all",
+                              tied_head=False, init=init, allow_rank_above_dim=True)
+    keys = iter(jax.random.split(jax.random.key(seed + 50), len(adapters)))
+    return {p: {"a": ab["a"], "b": 0.2 * jax.random.normal(next(keys), ab["b"].shape)}
+            for p, ab in adapters.items()}
+
+
+def test_class_head_adapter_moves_the_logits_and_gets_a_gradient():
+    clf, batch = random_classifier(), class_batch()
+    head = lora.init_lora(clf, CONFIG, jax.random.key(0), rank=RANK, targets=HEAD,
+                          tied_head=False, allow_rank_above_dim=True)
+    assert list(head) == [HEAD] and head[HEAD]["b"].shape == (RANK, 2)
+    plain = np.asarray(clf_logits(clf, batch, CONFIG))
+    np.testing.assert_allclose(np.asarray(clf_logits(lora.with_adapters(clf, head, ALPHA), batch,
+                                                     CONFIG)), plain, atol=1e-6)  # B = 0
+    ones = {HEAD: {"a": head[HEAD]["a"], "b": jnp.ones((RANK, 2))}}
+    moved = lora.with_adapters(clf, ones, ALPHA)
+    # the logits move by exactly the low-rank path on the pooled hidden state
+    hidden = apply(clf, batch["tokens"], CONFIG, return_hidden=True)
+    pooled = np.asarray(pool(hidden, batch), np.float64)
+    want = (ALPHA / RANK) * pooled @ np.asarray(head[HEAD]["a"], np.float64) @ np.ones((RANK, 2))
+    got = np.asarray(clf_logits(moved, batch, CONFIG)) - plain
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # and the head's adapter trains
+    task = classify_task()
+    train, frozen = partition(moved, trainable_mask(moved, lora.TRAINABLE))
+    grads = jax.jit(jax.grad(lambda t: task(combine(t, frozen), batch, CONFIG)[0]))(train)
+    g = lora.adapters_of(grads)[0][HEAD]
+    assert np.abs(np.asarray(g["a"])).max() > 0 and np.abs(np.asarray(g["b"])).max() > 0
+
+
+@pytest.mark.parametrize("scale", ["peft", "book"])
+def test_merged_classifier_equals_the_adapted_one(scale):
+    clf, batch = random_classifier(), class_batch()
+    adapted = lora.with_adapters(clf, every_layer_adapters(clf), 2.0, scale)
+    merged = lora.merge(adapted)
+    assert lora.adapters_of(merged)[0] == {}
+    assert not np.array_equal(np.asarray(merged[HEAD]["kernel"]), np.asarray(clf[HEAD]["kernel"]))
+    want = np.asarray(clf_logits(adapted, batch, CONFIG))
+    assert np.abs(want - np.asarray(clf_logits(clf, batch, CONFIG))).max() > 0.05
+    np.testing.assert_allclose(np.asarray(clf_logits(merged, batch, CONFIG)), want, atol=1e-5)
+
+
+def test_five_adamw_steps_of_a_classifier_adapted_everywhere_match_torch():
+    """The book's appendix E in small: its LoRALayer (alpha * x A B, A drawn as
+    the book draws it) on every linear layer of the book's GPT and on the class
+    head, everything else frozen, torch.optim.AdamW over the adapters; against
+    jaxllm's "book" conventions and `TrainConfig.torch_adamw`."""
+    clf = random_classifier(seed=4)
+    adapters = every_layer_adapters(clf, init="book")
+    assert len(adapters) == 4 * CONFIG.n_layers + 1 and HEAD in adapters
+    alpha = 2.0
+    adapted = lora.with_adapters(clf, adapters, alpha, "book")
+    tc = TrainConfig.torch_adamw(2e-3, weight_decay=0.1, batch_size=3, total_steps=5)
+    opt = make_optimizer(tc)
+    state = init_train_state(jax.tree.map(jnp.copy, adapted), tc, opt,  # the step donates it
+                             trainable=lora.TRAINABLE)
+    step = make_train_step(CONFIG, tc, opt, task=classify_task("last_token"),
+                           trainable=lora.TRAINABLE)
+    model = TorchGPT(clf, adapters, "split", alpha, scale="book", head=HEAD)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trained) == lora.count_lora_params(adapters) == \
+        count_trainable(adapted, lora.TRAINABLE)
+    t_opt = torch.optim.AdamW(trained, lr=2e-3, weight_decay=0.1)  # torch's defaults otherwise
+
+    def torch_logits(batch):
+        h = model.hidden(torch.from_numpy(batch["tokens"]).long())
+        return model.head(h[torch.arange(h.shape[0]), torch.from_numpy(batch["lengths"]) - 1])
+
+    ours, theirs = [], []
+    for k in range(5):
+        batch = class_batch(seed=20 + k)
+        state, metrics = step(state, batch)
+        ours.append(float(metrics["loss"]))
+        t_opt.zero_grad()
+        loss = nn.functional.cross_entropy(torch_logits(batch),
+                                           torch.from_numpy(batch["labels"]).long())
+        loss.backward()
+        t_opt.step()
+        theirs.append(loss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    got, want = lora.adapters_of(state.params)[0], model.adapters()
+    assert set(got) == set(want)
+    for path, ab in want.items():
+        for n in ("a", "b"):
+            assert not np.allclose(ab[n], np.asarray(adapters[path][n])), path  # it moved
+            np.testing.assert_allclose(np.asarray(got[path][n]), ab[n], rtol=0, atol=1e-5,
+                                       err_msg=f"{path}/{n}")
+    batch = class_batch(seed=30)
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(clf_logits(state.params, batch, CONFIG)),
+                                   torch_logits(batch).numpy(), rtol=0, atol=1e-5)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(lora.strip_adapters(state.params)),
+                                   jax.tree.leaves(clf)):  # the frozen weights, bit for bit
+        np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf))
 
 
 # -- the function ---------------------------------------------------------------
@@ -486,6 +660,55 @@ def test_adapter_file_round_trip_and_another_base_is_refused(tmp_path):
         lora.read_adapters(tmp_path / "model.safetensors")
 
 
+@pytest.mark.parametrize("scale,want_scale", [("book", ALPHA), (0.5, 0.5), ("peft", ALPHA / RANK)])
+def test_adapter_files_record_the_conventions_and_reload_with_their_scale(tmp_path, scale,
+                                                                        want_scale):
+    params = random_params()
+    adapters = random_adapters(params)
+    path = tmp_path / "adapters.safetensors"
+    lora.save_adapters(path, adapters, ALPHA, CONFIG, scale=scale, init="book")
+    _, alpha, meta = lora.read_adapters(path)
+    assert (alpha, meta["scale"], meta["init"]) == (ALPHA, scale, "book")
+    assert set(meta["scales"].values()) == {want_scale}
+    adapted = lora.load_adapters(path, params, CONFIG)
+    assert set(lora.adapters_of(adapted)[1].values()) == {want_scale}
+    x = tokens()[:, :-1]
+    np.testing.assert_allclose(np.asarray(logits(adapted, x, CONFIG)), np.asarray(logits(
+        lora.with_adapters(params, adapters, ALPHA, scale), x, CONFIG)), atol=1e-6)
+    # merge and unmerge of separate adapters follow the same convention
+    merged = lora.merge(params, adapters, ALPHA, scale=scale)
+    np.testing.assert_allclose(np.asarray(logits(merged, x, CONFIG)),
+                               np.asarray(logits(adapted, x, CONFIG)), atol=2e-5)
+    back = lora.unmerge(merged, adapters, ALPHA, scale=scale)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_an_adapter_file_without_conventions_reads_as_peft(tmp_path):
+    """Files written before the conventions were recorded: alpha / rank."""
+    from safetensors.numpy import save_file
+
+    params = random_params()
+    adapters = random_adapters(params, targets="ffn")
+    path = tmp_path / "old.safetensors"
+    lora.save_adapters(path, adapters, ALPHA, CONFIG)
+    _, _, meta = lora.read_adapters(path)
+    tensors = {f"{p}/{n}": np.asarray(x, np.float32) for p, ab in adapters.items()
+               for n, x in ab.items()}
+    save_file(tensors, str(path), metadata={
+        "format": lora.FILE_FORMAT, "alpha": repr(ALPHA), "base": json.dumps(meta["base"]),
+        "kernels": json.dumps(meta["kernels"]), "info": "{}"})
+    _, _, old = lora.read_adapters(path)
+    assert (old["scale"], old["init"]) == ("peft", None)
+    assert set(lora.adapters_of(lora.load_adapters(path, params, CONFIG))[1].values()) == \
+        {ALPHA / RANK}
+    with pytest.raises(ValueError, match=r"LoRA scale must be one of \['book', 'peft'\] or a "
+                                         r"number > 0, got 'paper'"):
+        lora.with_adapters(params, adapters, ALPHA, "paper")
+    with pytest.raises(ValueError, match="an explicit LoRA scale must be a finite number > 0"):
+        lora.with_adapters(params, adapters, None, -1.0)
+
+
 def test_merged_model_exports_to_hugging_face_and_loads_back(tmp_path):
     params = random_params()
     adapted = lora.with_adapters(params, random_adapters(params), ALPHA)
@@ -505,9 +728,16 @@ def test_bad_input_is_named():
         lora.init_lora(params, CONFIG, key, rank=2, targets=r"blocks/\d+/attn/nothing")
     with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
         lora.init_lora(params, CONFIG, key, rank=0)
-    with pytest.raises(ValueError, match=r"rank 33 exceeds the smaller dimension of "
+    # a rank above a layer's size is a warning (the book puts rank 16 on a 2-class head)
+    with pytest.warns(UserWarning, match=r"rank 33 exceeds the smaller dimension of "
                                          r"blocks/0/attn/qkv \(32 x 32 per q/k/v slice\)"):
-        lora.init_lora(params, CONFIG, key, rank=33, targets=r".*/qkv")
+        wide = lora.init_lora(params, CONFIG, key, rank=33, targets=r".*/qkv")
+    assert wide["blocks/0/attn/qkv"]["a"].shape == (3, 32, 33)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora.init_lora(params, CONFIG, key, rank=33, targets=r".*/qkv", allow_rank_above_dim=True)
+    with pytest.raises(ValueError, match=r"LoRA init must be one of \['book', 'peft'\]"):
+        lora.init_lora(params, CONFIG, key, rank=2, init="kaiming")
     with pytest.raises(ValueError, match="qkv must be one of"):
         lora.init_lora(params, CONFIG, key, rank=2, qkv="separate")
     tied = CONFIG.replace(tie_embeddings=True)
@@ -592,15 +822,17 @@ def test_pretrain_lora_flags_then_merge_and_export(tmp_path, capsys):
     args = parser.parse_args([*tiny, "--lora-rank", "2", "--lora-alpha", "4",
                               "--lora-targets", "attn,head"])
     config, tc, _, _ = pretrain.build_configs(args)
-    params, trainable = pretrain._lora_start(args, config, tc)
+    params, trainable, record = pretrain._lora_start(args, config, tc)
     assert trainable == lora.TRAINABLE
+    assert record == {"rank": 2, "alpha": 4.0, "scale": "peft", "init": "peft",
+                      "targets": "attn,head", "qkv": "split", "layers": 3, "parameters": 802}
     assert "LoRA: 3 adapted dense layers, 802 trainable parameters" in capsys.readouterr().err
     adapters, scales = lora.adapters_of(params)
     assert sorted(adapters) == ["blocks/0/attn/out", "blocks/0/attn/qkv", "out_head"]
     assert set(scales.values()) == {2.0}
     assert count_trainable(params, lora.trainable(r"out_head/kernel")) == 802 + 16 * 257
     plain = pretrain.build_configs(parser.parse_args(tiny))
-    assert pretrain._lora_start(parser.parse_args(tiny), plain[0], plain[1]) == (None, None)
+    assert pretrain._lora_start(parser.parse_args(tiny), plain[0], plain[1]) == (None, None, None)
     with pytest.raises(ValueError, match="--lora-alpha needs --lora-rank"):
         pretrain._lora_start(parser.parse_args([*tiny, "--lora-alpha", "4"]), config, tc)
 

@@ -115,7 +115,7 @@ def test_finetune_classify_with_lora_trains_adapters_and_head_only(tmp_path, cap
             "byte", "--data", str(spam_file(tmp_path / "spam.tsv")), "--steps", "3",
             "--eval-every", "3", "--eval-batches", "1", "--save-every", "1", "--set", "batch_size=4",
             "--set", "lr=1e-2", "--out", str(run), "--quiet"]
-    assert main([*argv, "--lora-rank", "2", "--lora-targets", "all"]) == 0
+    assert main([*argv, "--lora-rank", "2"]) == 0  # the blocks, by default
     assert "LoRA: 8 adapted dense layers" in capsys.readouterr().err
     clf = load_classifier(run)
     config, trained = clf["config"], leaves(clf["params"])
@@ -153,7 +153,7 @@ def test_finetune_classify_with_lora_trains_adapters_and_head_only(tmp_path, cap
     # from step 2 to the same weights
     shutil.rmtree(run / "checkpoints" / "3")
     assert main([*argv, "--resume"]) == 0
-    assert "resuming the run's LoRA adapters (targets all, rank 2" in capsys.readouterr().err
+    assert "resuming the run's LoRA adapters (targets attn,ffn, rank 2" in capsys.readouterr().err
     for name, x in leaves(load_classifier(run)["params"]).items():
         np.testing.assert_array_equal(x, trained[name], err_msg=name)
     assert main([*argv, "--out", str(tmp_path / "x"), "--lora-rank", "2",
@@ -171,6 +171,76 @@ def test_finetune_classify_with_lora_trains_adapters_and_head_only(tmp_path, cap
     assert main(["finetune", "classify", *new[:steps], "5", *new[steps + 1:], "--resume"]) == 0
     assert main(["lora", "merge", "--run-dir", str(run), "--out", str(tmp_path / "next")]) == 2
     assert "is not empty; merge writes a new folder" in capsys.readouterr().err
+
+
+def test_finetune_classify_book_protocol_is_appendix_e(tmp_path, capsys):
+    """--protocol book with LoRA: adapters on every linear layer and the class
+    head (a rank above the head's 2 columns, as the book has it, without a
+    warning), the head's own weights frozen, the book's scale and init, lr
+    8e-4 and the rest of chapter 6's settings; recorded, resumed, exported."""
+    from jaxllm.finetune.classify import HEAD, add_class_head
+    from jaxllm.finetune.loop import load_classifier
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(FT_CONFIG))
+    run = tmp_path / "book"
+    argv = ["finetune", "classify", "--init", "random", "--config", str(cfg), "--tokenizer",
+            "byte", "--data", str(spam_file(tmp_path / "spam.tsv")), "--steps", "2",
+            "--eval-every", "2", "--eval-batches", "1", "--save-every", "1", "--out", str(run),
+            "--quiet", "--protocol", "book"]
+    assert main([*argv, "--lora-rank", "4", "--lora-alpha", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "LoRA: 9 adapted dense layers" in err and "scale book: alpha, init book" in err
+    assert "exceeds the smaller dimension" not in err
+    meta = json.loads((run / "config.json").read_text())
+    train = meta["train"]
+    assert (train["lr"], train["weight_decay"], train["weight_decay_on"], train["batch_size"],
+            train["beta1"], train["beta2"], train["eps"], train["warmup_steps"],
+            train["min_lr_ratio"], train["grad_clip"], train["seed"]) == \
+        (8e-4, 0.1, "all", 8, 0.9, 0.999, 1e-8, 0, 1.0, None, 123)
+    assert meta["classify"]["pooling"] == "last_position"
+    assert meta["classify"]["trainable"] == lora.TRAINABLE  # the adapters alone
+    assert {k: meta["lora"][k] for k in ("rank", "alpha", "scale", "init", "targets")} == \
+        {"rank": 4, "alpha": 4.0, "scale": "book", "init": "book", "targets": "all"}
+    clf = load_classifier(run)
+    adapters, scales = lora.adapters_of(clf["params"])
+    assert HEAD in adapters and len(adapters) == 9 and set(scales.values()) == {4.0}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trainable_params"] == lora.count_lora_params(adapters)
+    # the class head's own weights: the loop's draw, untouched
+    k_model, k_head = jax.random.split(jax.random.key(123))
+    drawn = add_class_head(init_params(clf["config"], k_model), clf["config"], 2, k_head)[HEAD]
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(np.asarray(clf["params"][HEAD][name]),
+                                      np.asarray(drawn[name]))
+    assert np.abs(np.asarray(adapters[HEAD]["b"])).max() > 0  # its adapter trained
+
+    # resumed without the LoRA flags: the run's own adapters, lr and conventions
+    shutil.rmtree(run / "checkpoints" / "2")
+    assert main([*argv, "--resume"]) == 0
+    assert "scale book: alpha" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--lora-scale", "peft"]) == 2
+    assert "--lora-scale peft: " in capsys.readouterr().err
+    assert main([*argv, "--resume", "--lora-init", "peft"]) == 2
+    assert "was trained with --lora-init book" in capsys.readouterr().err
+
+    # exported with its conventions; the file reloads with the run's scale
+    out = tmp_path / "adapters.safetensors"
+    assert main(["lora", "export", "--run-dir", str(run), "--out", str(out)]) == 0
+    _, alpha, file_meta = lora.read_adapters(out)
+    assert (alpha, file_meta["scale"], file_meta["init"]) == (4.0, "book", "book")
+    reloaded = lora.load_adapters(out, lora.strip_adapters(clf["params"]), clf["config"])
+    assert set(lora.adapters_of(reloaded)[1].values()) == {4.0}
+
+    # outside the book protocol, the same rank on the head is a warning, not a refusal
+    default = [a for a in argv if a not in ("--protocol", "book")]
+    assert main([*default, "--out", str(tmp_path / "warned"), "--steps", "1",
+                 "--lora-rank", "4", "--lora-targets", "all"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: LoRA rank 4 exceeds the smaller dimension of class_head (32 x 2)" in err
+    meta = json.loads((tmp_path / "warned" / "config.json").read_text())
+    assert (meta["train"]["lr"], meta["train"]["weight_decay_on"], meta["lora"]["scale"]) == \
+        (5e-5, "matrices", "peft")
 
 
 def test_finetune_instruct_with_lora_freezes_the_base_and_merges(tmp_path, capsys):

@@ -19,21 +19,28 @@ balanced (every class undersampled to the smallest), shuffled and split
 70 / 10 / 20 with `--data-seed` (default 123), padded with <|endoftext|> to
 the longest training text.
 
-Defaults are the book's protocol (AdamW at a constant 5e-5, weight decay
-0.1, betas 0.9 / 0.999, no clipping, batches of 8, 5 epochs, the last block,
-the final LayerNorm and the head trained, an evaluation every 50 steps on 5
-batches) except two choices: the logits are read at the last real token of
-each row (`--pooling last_token`) and weight decay skips biases and LayerNorm
-parameters. `--protocol book` restores both (`last_position`, decay on every
-trained leaf). `--set key=value` reaches any field of GPTConfig, TrainConfig
-or ClassifyConfig.
+Defaults are the book's chapter-6 protocol (torch's AdamW at a constant
+5e-5, weight decay 0.1, betas 0.9 / 0.999, no warm-up, no clipping, batches
+of 8, seed 123, 5 epochs, the last block, the final LayerNorm and the head
+trained, an evaluation every 50 steps on 5 batches) except two choices: the
+logits are read at the last real token of each row (`--pooling last_token`)
+and weight decay skips biases and LayerNorm parameters. `--protocol book`
+restores both (`last_position`, decay on every trained parameter). `--set
+key=value` reaches any field of GPTConfig, TrainConfig or ClassifyConfig.
 
-With `--lora-rank` (and `--lora-alpha`, `--lora-targets`, `--lora-qkv`) the
-blocks' dense layers take LoRA adapters (`jaxllm.lora`) and every pretrained
-weight stays frozen; the new class head trains in full beside them, with
-whatever `--trainable` adds (default: the head alone; `all` is refused). The
-LM head is replaced, so it takes no adapter: `--lora-targets all` is the
-blocks. `--resume` continues with the run's own adapters.
+With `--lora-rank` (and `--lora-alpha`, `--lora-scale`, `--lora-init`,
+`--lora-targets`, `--lora-qkv`) dense layers take LoRA adapters
+(`jaxllm.lora`) and every pretrained weight stays frozen. By default the
+blocks' layers are adapted and the new class head trains in full beside
+them, with whatever `--trainable` adds (`all` is refused). Targets that
+select the class head (`all`, `head`, a regex) put an adapter on it too, and
+then the adapters alone train unless `--trainable` names more. With
+`--protocol book` the LoRA flags reproduce the book's appendix E
+(`--lora-rank 16 --lora-alpha 16`: 2,666,528 trained parameters on GPT-2
+124M): adapters on every linear layer, the 768 x 2 class head included (a
+rank above a layer's size is the book's choice there, elsewhere a warning),
+the head's own weights frozen, scale alpha and A's init the book's (`--lora-scale book
+--lora-init book`), lr 8e-4. `--resume` continues with the run's own adapters.
 """
 
 from __future__ import annotations
@@ -47,10 +54,26 @@ from jaxllm.cli.finetune_start import (add_run_arguments, add_start_arguments, l
                                        parse_overrides, total_steps)
 
 DEFAULT_OUT = "runs/classify"
-# The book's settings, where they differ from TrainConfig's pretraining defaults.
-TRAIN_PROTOCOL = dict(lr=5e-5, weight_decay=0.1, batch_size=8, warmup_steps=0, min_lr_ratio=1.0,
-                      beta2=0.999, grad_clip=None, seed=123)
-PROTOCOLS = {"default": {}, "book": dict(pooling="last_position", decay_all=True)}
+# Each protocol: TrainConfig fields over `TrainConfig.torch_adamw` (betas 0.9 / 0.999, no
+# warm-up, a constant lr, no clipping, decay on every parameter), ClassifyConfig fields, and
+# with --lora-rank the train fields and LoRA defaults that replace them. The book's
+# chapter 6 is torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1), batches of
+# 8, torch.manual_seed(123), 5 epochs, logits at [:, -1, :]; its appendix E is
+# lr=8e-4 with rank-16 adapters (alpha 16, no division) on every linear layer, the
+# class head's too, and nothing else trained.
+PROTOCOLS = {
+    "default": {"train": dict(lr=5e-5, weight_decay=0.1, batch_size=8, seed=123,
+                              weight_decay_on="matrices"),
+                "classify": {}, "lora_train": {}, "lora": dict(targets="attn,ffn")},
+    "book": {"train": dict(lr=5e-5, weight_decay=0.1, batch_size=8, seed=123,
+                           weight_decay_on="all"),
+             "classify": dict(pooling="last_position", trainable="last_block", eval_every=50,
+                              eval_batches=5),
+             "lora_train": dict(lr=8e-4),
+             "lora": dict(targets="all", scale="book", init="book", allow_rank_above_dim=True,
+                          trainable=None)},
+}
+EPOCHS = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,15 +98,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, metavar="N",
                         help="tokens per row (default: the longest training text)")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="default",
-                        help="book: the chapter-6 replay (last_position pooling, decay on "
-                             "every trained leaf)")
+                        help="book: the book's settings in every hyperparameter: chapter 6 "
+                             "(last_position pooling, decay on every trained parameter), and "
+                             "with --lora-rank appendix E (adapters on every linear layer and "
+                             "the class head, the book's scale and init, lr 8e-4)")
     parser.add_argument("--trainable", metavar="WHICH",
                         help="head, last_block (default: the head, last block and final "
                              "LayerNorm), all, or a regex over parameter paths")
     parser.add_argument("--pooling", choices=("last_token", "last_position", "mean"),
                         help="where the class logits are read (default last_token)")
-    parser.add_argument("--epochs", type=float, default=5.0,
-                        help="passes over the training split")
+    parser.add_argument("--epochs", type=float, default=EPOCHS,
+                        help="passes over the training split (default 5, the book's)")
     parser.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default 50)")
     parser.add_argument("--eval-batches", type=int, help="batches per evaluation (default 5)")
@@ -115,7 +140,8 @@ def build(args):
     if not os.path.exists(args.data):  # before any weights are read
         raise FileNotFoundError(f"--data {args.data}: no such file")
     params, config, tokenizer, source, _ = load_start(args, overrides["model"])
-    cc_fields = dict(PROTOCOLS[args.protocol])
+    protocol = PROTOCOLS[args.protocol]
+    cc_fields = dict(protocol["classify"])
     for flag, key in (("trainable", "trainable"), ("pooling", "pooling"),
                       ("eval_every", "eval_every"), ("eval_batches", "eval_batches"),
                       ("save_every", "save_every")):
@@ -146,42 +172,70 @@ def build(args):
                                       else None)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    train_fields = {**TRAIN_PROTOCOL, **overrides["train"]}
+    lora = args.lora_rank is not None or _resumes_lora(args)
+    train_fields = {**protocol["train"], **(protocol["lora_train"] if lora else {}),
+                    **overrides["train"]}
     train_fields["total_steps"] = total_steps(args, train_fields, len(data.train), "rows")
-    tc = TrainConfig(**train_fields)
-    params, cc = _lora(args, config, tc, cc, params, cc_fields.get("trainable"))
-    return config, tc, cc, data, tokenizer, params, source
+    tc = TrainConfig.torch_adamw(**train_fields)
+    asked = args.trainable if args.trainable is not None else overrides["classify"].get(
+        "trainable")
+    params, cc, record = _lora(args, config, tc, cc, params, asked, len(data.classes),
+                               protocol["lora"])
+    return config, tc, cc, data, tokenizer, params, source, record
 
 
-def _lora(args, config, tc, cc, params, trainable: str | None):
-    """(params, cc) for LoRA: the starting weights with adapters on the blocks,
-    and `cc.trainable` the adapters plus the leaves `trainable` names (default
-    the class head); (params, cc) unchanged without LoRA."""
+def _resumes_lora(args) -> bool:
+    """Whether --resume continues a LoRA run (its metadata records adapters)."""
+    from jaxllm.train.checkpoint import read_meta
+
+    if not args.resume:
+        return False
+    try:
+        return bool(read_meta(args.out).get("lora"))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def _lora(args, config, tc, cc, params, trainable: str | None, n_classes: int,
+          defaults: dict):
+    """(params, cc, record) for LoRA: the starting weights with adapters (on
+    the layers the targets select; the class head among them when they select
+    it, drawn here as the loop would), `cc.trainable` the adapters plus the
+    leaves `trainable` names (default: the class head, unless it has an adapter
+    or the protocol trains the adapters alone), and the record of the LoRA
+    choices; (params, cc, None) without LoRA."""
     import dataclasses
 
     import jax
 
+    from jaxllm import lora
     from jaxllm.cli.lora import lora_start
-    from jaxllm.finetune.classify import HEAD, trainable_for
+    from jaxllm.finetune.classify import HEAD, add_class_head, trainable_for
     from jaxllm.model import init_params
 
-    def base():
-        if params is not None:
-            return params
-        k_model = jax.random.split(jax.random.key(tc.seed))[0]  # the loop's own draw
-        return init_params(config, k_model, scheme=tc.init)
+    k_model, k_head = jax.random.split(jax.random.key(tc.seed))  # the loop's own draws
 
-    also = trainable_for(trainable or "head", config)
-    adapted, lora_trainable = lora_start(
-        base, config, args, jax.random.fold_in(jax.random.key(tc.seed), 1), run_dir=args.out,
-        resume=args.resume, tied_head=False, also=also, exclude=("out_head", HEAD))
-    if lora_trainable is None:
-        return params, cc
-    if also is None:
-        raise ValueError("--trainable all trains every weight, adapters or not: drop the LoRA "
-                         "flags, or name what trains beside the adapters (head, last_block, a "
-                         "regex)")
-    return adapted, dataclasses.replace(cc, trainable=lora_trainable)
+    def base():
+        model = init_params(config, k_model, scheme=tc.init) if params is None else params
+        return model if HEAD in model else add_class_head(model, config, n_classes, k_head)
+
+    start = lora_start(base, config, args, jax.random.fold_in(jax.random.key(tc.seed), 1),
+                       run_dir=args.out, resume=args.resume, tied_head=False,
+                       exclude=("out_head",), defaults=defaults)
+    if start.trainable is None:
+        return params, cc, None
+    if trainable is not None:
+        also = trainable_for(trainable, config)
+        if also is None:
+            raise ValueError("--trainable all trains every weight, adapters or not: drop the "
+                             "LoRA flags, or name what trains beside the adapters (head, "
+                             "last_block, a regex)")
+    elif defaults.get("trainable", "head") and HEAD not in lora.adapters_of(start.params)[0]:
+        also = trainable_for("head", config)  # a new head without an adapter trains in full
+    else:
+        also = None
+    return (start.params, dataclasses.replace(cc, trainable=lora.trainable(also)),
+            start.record)
 
 
 def run(args) -> int:
@@ -190,7 +244,7 @@ def run(args) -> int:
     from jaxllm.train.loop import TrainingDiverged
 
     try:
-        config, tc, cc, data, tokenizer, params, source = build(args)
+        config, tc, cc, data, tokenizer, params, source, lora = build(args)
         from jaxllm.finetune.loop import finetune_classify, format_summary
 
         info = data.info
@@ -205,7 +259,8 @@ def run(args) -> int:
                                     tokenizer_dir=tokenizer.directory,
                                     fallback=not args.no_fallback,
                                     params=params, resume=args.resume, progress=not args.quiet,
-                                    data_name=os.path.basename(args.data), source=source)
+                                    data_name=os.path.basename(args.data), source=source,
+                                    lora=lora)
     except TrainingDiverged as err:
         print(f"jaxllm finetune classify: {err}", file=sys.stderr)
         return 1

@@ -9,10 +9,14 @@
     jaxllm finetune instruct ... --out runs/instruct --resume
     jaxllm finetune instruct --hf gpt2 --data my.json --lora-rank 16 --lora-alpha 32   # adapters only
 
-The defaults are the published protocol: AdamW at a constant 5e-5 (betas
-0.9 / 0.999, weight decay 0.1 on the weight matrices, no clipping), batches
-of 8, 2 epochs, an evaluation every 5 steps on 5 batches. `--set key=value`
-reaches any field of GPTConfig, TrainConfig or InstructConfig.
+The defaults are the book's chapter-7 protocol (torch's AdamW at a constant
+5e-5, betas 0.9 / 0.999, no warm-up, no clipping, weight decay 0.1, batches
+of 8, 2 epochs, an evaluation every 5 steps on 5 batches, the Alpaca
+prompt, no prompt masking, rows cut to 1,024 tokens) except one choice:
+weight decay falls on the weight matrices only. `--protocol book` decays
+every parameter, as the book's `torch.optim.AdamW(model.parameters(),
+weight_decay=0.1)` does, and seeds the batch order with the book's 123. `--set key=value` reaches any field of GPTConfig,
+TrainConfig or InstructConfig.
 
 With `--lora-rank` (and `--lora-alpha`, `--lora-targets`, `--lora-qkv`) only
 LoRA adapters train (`jaxllm.lora`), the LM head (tied or not) among the
@@ -30,9 +34,15 @@ from jaxllm.cli.finetune_start import (add_run_arguments, add_start_arguments, l
                                        parse_overrides, total_steps)
 
 DEFAULT_OUT = "runs/instruct"
-# The published protocol, where it differs from TrainConfig's pretraining defaults.
-PROTOCOL = dict(lr=5e-5, weight_decay=0.1, batch_size=8, warmup_steps=0, min_lr_ratio=1.0,
-                beta2=0.999, grad_clip=None)
+# Each protocol's TrainConfig fields over `TrainConfig.torch_adamw` (betas 0.9 / 0.999, no
+# warm-up, a constant lr, no clipping, decay on every parameter). The book's chapter 7 is
+# torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1), batches of 8,
+# torch.manual_seed(123), 2 epochs; InstructConfig's defaults are its other settings.
+PROTOCOLS = {
+    "default": dict(lr=5e-5, weight_decay=0.1, batch_size=8, weight_decay_on="matrices"),
+    "book": dict(lr=5e-5, weight_decay=0.1, batch_size=8, seed=123, weight_decay_on="all"),
+}
+EPOCHS = 2.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train on the response tokens only (prompt targets -100)")
     parser.add_argument("--bucket", action="store_true",
                         help="batch examples of similar length together (less padding)")
-    parser.add_argument("--epochs", type=float, default=2.0,
-                        help="passes over the training split")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="default",
+                        help="book: the book's chapter-7 settings in every hyperparameter "
+                             "(weight decay on every parameter)")
+    parser.add_argument("--epochs", type=float, default=EPOCHS,
+                        help="passes over the training split (default 2, the book's)")
     parser.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default 5)")
     parser.add_argument("--save-every", type=int, help="steps between checkpoints (default 100)")
@@ -104,27 +117,28 @@ def build(args):
     if args.no_responses:
         ic_fields["responses"] = False
     ic = InstructConfig(**ic_fields)
-    train_fields = {**PROTOCOL, **overrides["train"]}
+    train_fields = {**PROTOCOLS[args.protocol], **overrides["train"]}
     train_fields["total_steps"] = total_steps(args, train_fields,
                                               len(split_instructions(entries)[0]), "entries")
-    tc = TrainConfig(**train_fields)
+    tc = TrainConfig.torch_adamw(**train_fields)
     return config, tc, ic, tokenizer, entries, params, source
 
 
 def _lora(args, config, tc, params):
-    """(params, trainable) for LoRA: the starting weights (the loop's own random
-    draw for --init random) with adapters, and the adapters as the trainable set;
-    (params, None) without LoRA."""
+    """(params, trainable, record) for LoRA: the starting weights (the loop's
+    own random draw for --init random) with adapters, the adapters as the
+    trainable set and the record of the LoRA choices; (params, None, None)
+    without LoRA."""
     import jax
 
     from jaxllm.cli.lora import lora_start
     from jaxllm.model import init_params
 
     key = jax.random.key(tc.seed)
-    adapted, trainable = lora_start(
+    start = lora_start(
         lambda: init_params(config, key, scheme=tc.init) if params is None else params, config,
         args, jax.random.fold_in(key, 1), run_dir=args.out, resume=args.resume)
-    return (params, None) if trainable is None else (adapted, trainable)
+    return (params, None, None) if start.trainable is None else start
 
 
 def run(args) -> int:
@@ -146,11 +160,11 @@ def _run(args) -> int:
               f"{config.emb_dim} ({count_params(config):,} parameters) from {source}; "
               f"{tc.total_steps} steps of {tc.batch_size}; run folder {args.out}",
               file=sys.stderr)
-        params, trainable = _lora(args, config, tc, params)
+        params, trainable, lora = _lora(args, config, tc, params)
         summary = finetune_instruct(args.out, config, tc, ic, tokenizer, entries, params=params,
                                     fallback=not args.no_fallback,
                                     resume=args.resume, progress=not args.quiet,
-                                    trainable=trainable,
+                                    trainable=trainable, lora=lora,
                                     data_name=os.path.basename(args.data), source=source,
                                     judge=None if args.judge_url is None else {
                                         "url": args.judge_url, "model": args.judge_model,

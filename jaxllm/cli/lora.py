@@ -16,9 +16,12 @@ adapters alone: a classification run's head is not in it).
 
 Training commands (`jaxllm pretrain`, `jaxllm finetune classify`, `jaxllm
 finetune instruct`) take LoRA through `add_lora_arguments(parser)` (the
-`--lora-rank`, `--lora-alpha`, `--lora-targets`, `--lora-qkv` flags) and
-`lora_start(...)`, which returns the parameters with adapters (fresh, or on
---resume the run's own) and the `trainable` regex to train them alone.
+`--lora-rank`, `--lora-alpha`, `--lora-scale`, `--lora-init`,
+`--lora-targets`, `--lora-qkv` flags) and `lora_start(...)`, which returns
+the parameters with adapters (fresh, or on --resume the run's own), the
+`trainable` regex to train them alone, and the record of the choices that the
+run keeps in its metadata (`meta["lora"]`): rank, alpha, the scale and init
+conventions (`jaxllm.lora.SCALES`, `INITS`), targets and qkv mode.
 """
 
 from __future__ import annotations
@@ -27,10 +30,40 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
+from typing import Any, NamedTuple
 
 ACTIONS = ("merge", "export")
 QKV_MODES = ("split", "fused")
+FLAGS = ("rank", "alpha", "scale", "init", "targets", "qkv")
+
+
+class LoraStart(NamedTuple):
+    """What `lora_start` gives a training command."""
+
+    params: Any  # the parameters with adapters; None without LoRA
+    trainable: str | None  # the trainable regex; None without LoRA
+    record: dict | None  # the run's LoRA choices, for its metadata; None without LoRA
+
+
+def scale_arg(text: str):
+    """--lora-scale: a convention name of `jaxllm.lora.SCALES`, or a number."""
+    from jaxllm import lora
+
+    if text in lora.SCALES:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a convention ({', '.join(sorted(lora.SCALES))}) nor a "
+            "number") from None
+    try:
+        lora.check_scale(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +74,15 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
                        help="train rank-R adapters on frozen weights instead of every weight; "
                             "--resume continues a LoRA run without the flags")
     group.add_argument("--lora-alpha", type=float, default=None,
-                       help="adapter scale alpha (the path is multiplied by alpha / rank); "
-                            "default: the rank")
+                       help="adapter alpha (default: the rank); the adapter path is multiplied "
+                            "by alpha / rank, or by alpha with --lora-scale book")
+    group.add_argument("--lora-scale", type=scale_arg, default=None, metavar="CONVENTION",
+                       help="peft (default: alpha / rank, as PEFT and the appendix-E notebook), "
+                            "book (alpha, no division: the book's appendix_e.py), or a number "
+                            "(the scale itself)")
+    group.add_argument("--lora-init", default=None, choices=("peft", "book"),
+                       help="A's initial draw: peft (default: U(+-1/sqrt(in)), as PEFT) or book "
+                            "(U(+-1/sqrt(rank)): the book's kaiming_uniform_ on A (in, rank))")
     group.add_argument("--lora-targets", default=None, metavar="WHICH",
                        help="dense layers to adapt: attn, ffn, head (the LM head, tied or not), "
                             "all (default), presets joined by commas, or a regex over paths "
@@ -53,29 +93,46 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_lora_args(params, config, args, key=None, *, tied_head: bool = True,
-                    also: str | None = None, exclude: tuple[str, ...] = ()):
-    """(params, trainable): with --lora-rank, the parameters with fresh adapters
-    and `jaxllm.lora.trainable(also)` (the adapters, plus the leaves `also`
-    matches: a new task head); without it, `params` as they are and None
-    (train everything). `key` (default: key 0) draws the adapters' A;
-    `tied_head=False` leaves a tied LM head out and `exclude` the top-level
-    entries named (a model that replaces its LM head: "out_head", a task head)."""
+                    also: str | None = None, exclude: tuple[str, ...] = (),
+                    defaults: dict | None = None):
+    """(params, trainable, record): with --lora-rank, the parameters with fresh
+    adapters, `jaxllm.lora.trainable(also)` (the adapters, plus the leaves `also`
+    matches: a new task head) and the record of the choices; without it,
+    `params` as they are and None, None (train everything). `key` (default:
+    key 0) draws the adapters' A; `tied_head=False` leaves a tied LM head out
+    and `exclude` the top-level entries named (a model that replaces its LM
+    head: "out_head", a task head). `defaults` holds the values a protocol
+    gives the flags left out ({"scale": "book", "targets": ..., "init": ...},
+    and "allow_rank_above_dim": True to adapt a layer narrower than the rank
+    without a warning)."""
     rank = getattr(args, "lora_rank", None)
     if rank is None:
-        for flag in ("alpha", "targets", "qkv"):
-            if getattr(args, f"lora_{flag}", None) is not None:
+        for flag in FLAGS[1:]:
+            if getattr(args, f"lora_{flag.replace('-', '_')}", None) is not None:
                 raise ValueError(f"--lora-{flag} needs --lora-rank")
-        return params, None
+        return params, None, None
     import jax
 
     from jaxllm import lora
 
+    defaults = defaults or {}
+    choice = {f: getattr(args, f"lora_{f}", None) for f in FLAGS[1:]}
+    choice = {f: defaults.get(f) if v is None else v for f, v in choice.items()}
+    targets, qkv = choice["targets"] or "all", choice["qkv"] or "split"
+    scale, init = choice["scale"] or "peft", choice["init"] or "peft"
+    alpha = float(rank if choice["alpha"] is None else choice["alpha"])
     key = jax.random.key(0) if key is None else key
-    adapters = lora.init_lora(_without(params, exclude), config, key, rank=rank,
-                              targets=args.lora_targets or "all", qkv=args.lora_qkv or "split",
-                              tied_head=tied_head)
-    alpha = float(rank if args.lora_alpha is None else args.lora_alpha)
-    return lora.with_adapters(params, adapters, alpha), lora.trainable(also)
+    with warnings.catch_warnings(record=True) as caught:  # a rank above a layer's size
+        warnings.simplefilter("always")
+        adapters = lora.init_lora(_without(params, exclude), config, key, rank=rank,
+                                  targets=targets, qkv=qkv, tied_head=tied_head, init=init,
+                                  allow_rank_above_dim=bool(defaults.get("allow_rank_above_dim")))
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    record = {"rank": rank, "alpha": alpha, "scale": scale, "init": init,
+              "targets": targets, "qkv": qkv,
+              "layers": len(adapters), "parameters": lora.count_lora_params(adapters)}
+    return lora.with_adapters(params, adapters, alpha, scale), lora.trainable(also), record
 
 
 def _without(params, exclude):
@@ -84,10 +141,12 @@ def _without(params, exclude):
 
 def saved_lora(run_dir) -> dict | None:
     """What the latest checkpoint of a run folder holds of LoRA: None when there
-    is no checkpoint; else {"adapters": {path: {"a", "b"}}, "alpha", "rank",
-    "scales", "qkv"} (alpha and rank None when they differ between layers, qkv None
-    without a qkv adapter; "adapters" empty for a run that trained every weight).
-    The parameters are read to get the adapters' scale (alpha / rank)."""
+    is no checkpoint; else {"adapters": {path: {"a", "b"}}, "scales", "rank",
+    "alpha", "scale", "init", "qkv"}: rank and alpha None when they differ
+    between layers, qkv None without a qkv adapter, "adapters" empty for a run
+    that trained every weight. The scale and init conventions are the run's
+    record (`meta["lora"]`); a run from before it was kept has scale "peft" and
+    init None (unknown). The parameters are read to get each adapter's scale."""
     from jaxllm import lora
     from jaxllm.train import checkpoint
 
@@ -101,15 +160,21 @@ def saved_lora(run_dir) -> dict | None:
     finally:
         manager.close()
     # Quietly: the resume that follows reports (or refuses) a damaged checkpoint itself.
-    params, _ = checkpoint.load_params_and_meta(run_dir, report=lambda line: None)
+    params, meta = checkpoint.load_params_and_meta(run_dir, report=lambda line: None)
+    record = meta.get("lora") or {}
     adapters, scales = lora.adapters_of(params)
+    convention = record.get("scale", "peft")
     ranks = {int(ab["a"].shape[-1]) for ab in adapters.values()}
-    alphas = {round(scales[p] * ab["a"].shape[-1], 6) for p, ab in adapters.items()}
+    if isinstance(convention, str):
+        alphas = {round(scales[p] * (ab["a"].shape[-1] if convention == "peft" else 1), 6)
+                  for p, ab in adapters.items()}
+    else:  # an explicit scale: the run's alpha is what it recorded
+        alphas = {record.get("alpha")}
     modes = {"split" if ab["a"].ndim == 3 else "fused" for p, ab in adapters.items()
              if p.rsplit("/", 1)[-1] == "qkv"}
     one = (lambda xs: next(iter(xs)) if len(xs) == 1 else None)
     return {"adapters": adapters, "scales": scales, "alpha": one(alphas), "rank": one(ranks),
-            "qkv": one(modes)}
+            "qkv": one(modes), "scale": convention, "init": record.get("init")}
 
 
 def _targets_name(params, layers, tied_head: bool) -> str:
@@ -128,18 +193,21 @@ def _targets_name(params, layers, tied_head: bool) -> str:
 
 
 def lora_start(make_base, config, args, key=None, *, run_dir=None, resume: bool = False,
-               tied_head: bool = True, also: str | None = None, exclude: tuple[str, ...] = ()):
-    """(params, trainable) of a training command's LoRA flags, or (None, None)
-    when the run does not use LoRA (the command keeps its own parameters).
-    `make_base()` gives the starting parameters, called only when needed;
-    `tied_head`, `also` and `exclude` as in `apply_lora_args`.
+               tied_head: bool = True, also: str | None = None, exclude: tuple[str, ...] = (),
+               defaults: dict | None = None) -> LoraStart:
+    """`LoraStart(params, trainable, record)` of a training command's LoRA flags,
+    or (None, None, None) when the run does not use LoRA (the command keeps its
+    own parameters). `make_base()` gives the starting parameters, called only
+    when needed; `tied_head`, `also`, `exclude` and `defaults` as in
+    `apply_lora_args`.
 
     A fresh run: `apply_lora_args`. On `resume` of a folder with a checkpoint,
-    the run's own adapters are rebuilt (layers, rank, alpha, qkv mode as saved;
-    the checkpoint then restores their values), so the LoRA flags may be left
-    out; a flag that is given must agree with the saved value, else a
-    ValueError names the flag and the saved value. LoRA flags on a resumed run
-    that trained every weight are refused too. What it does goes to stderr."""
+    the run's own adapters are rebuilt (layers, rank, each layer's scale, qkv
+    mode as saved; the checkpoint then restores their values), so the LoRA
+    flags may be left out; a flag that is given must agree with the saved
+    value (alpha and --lora-scale by the scale they give), else a ValueError
+    names the flag and the saved value. LoRA flags on a resumed run that
+    trained every weight are refused too. What it does goes to stderr."""
     import sys
 
     from jaxllm import lora
@@ -148,18 +216,20 @@ def lora_start(make_base, config, args, key=None, *, run_dir=None, resume: bool 
     if saved is None:
         if getattr(args, "lora_rank", None) is None:
             apply_lora_args(None, config, args)  # refuses --lora-alpha & co. without a rank
-            return None, None
-        params, trainable = apply_lora_args(make_base(), config, args, key,
-                                            tied_head=tied_head, also=also, exclude=exclude)
-        print(describe(params), file=sys.stderr)
-        return params, trainable
-    given = [f for f in ("rank", "alpha", "targets", "qkv")
-             if getattr(args, f"lora_{f}", None) is not None]
+            return LoraStart(None, None, None)
+        params, trainable, record = apply_lora_args(
+            make_base(), config, args, key, tied_head=tied_head, also=also, exclude=exclude,
+            defaults=defaults)
+        print(f"{describe(params)} (scale {_scale_text(record)}, init {record['init']})",
+              file=sys.stderr)
+        return LoraStart(params, trainable, record)
+    asked = {f: getattr(args, f"lora_{f}", None) for f in FLAGS}
+    given = [f for f in FLAGS if asked[f] is not None]
     if not saved["adapters"]:
         if given:
             raise ValueError(f"--lora-{given[0]}: {run_dir} was trained without adapters (every "
                              "weight); resume it without the LoRA flags, or start a new --out")
-        return None, None
+        return LoraStart(None, None, None)
     base = make_base()
     tied = bool(tied_head and config.tie_embeddings)
     layers = list(saved["adapters"])
@@ -170,31 +240,52 @@ def lora_start(make_base, config, args, key=None, *, run_dir=None, resume: bool 
                          f"{saved_value}; drop the flag to resume with the run's own adapters, "
                          "or start a new --out")
 
-    if args.lora_rank is not None and args.lora_rank != saved["rank"]:
-        refuse("rank", args.lora_rank, saved["rank"] or "(ranks differing per layer)")
-    if args.lora_alpha is not None and (saved["alpha"] is None
-                                        or abs(args.lora_alpha - saved["alpha"]) > 1e-6):
-        refuse("alpha", f"{args.lora_alpha:g}",
-               "(alphas differing per layer)" if saved["alpha"] is None else f"{saved['alpha']:g}")
-    if args.lora_targets is not None:
+    if asked["rank"] is not None and asked["rank"] != saved["rank"]:
+        refuse("rank", asked["rank"], saved["rank"] or "(ranks differing per layer)")
+    if asked["alpha"] is not None or asked["scale"] is not None:
+        scale = saved["scale"] if asked["scale"] is None else asked["scale"]
+        alpha = asked["alpha"] if asked["alpha"] is not None else (
+            saved["alpha"] if saved["alpha"] is not None else saved["rank"])
+        wanted = {p: lora.lora_scale(alpha, ab["a"].shape[-1], scale)
+                  for p, ab in saved["adapters"].items()}
+        if any(abs(wanted[p] - saved["scales"][p]) > 1e-6 * max(1.0, abs(wanted[p]))
+               for p in wanted):
+            if asked["scale"] is not None and asked["scale"] != saved["scale"]:
+                refuse("scale", asked["scale"], saved["scale"])
+            refuse("alpha", f"{asked['alpha']:g}", "(alphas differing per layer)"
+                   if saved["alpha"] is None else f"{saved['alpha']:g}")
+    if asked["init"] is not None and saved["init"] is not None \
+            and asked["init"] != saved["init"]:
+        refuse("init", asked["init"], saved["init"])
+    if asked["targets"] is not None:
         try:
-            chosen = lora.select_targets(_without(base, exclude), args.lora_targets,
+            chosen = lora.select_targets(_without(base, exclude), asked["targets"],
                                          tied_head=tied)
         except ValueError:
             chosen = []
         if set(chosen) != set(layers):
-            refuse("targets", args.lora_targets, saved_targets)
-    if args.lora_qkv is not None and saved["qkv"] is not None and args.lora_qkv != saved["qkv"]:
-        refuse("qkv", args.lora_qkv, saved["qkv"])
+            refuse("targets", asked["targets"], saved_targets)
+    if asked["qkv"] is not None and saved["qkv"] is not None and asked["qkv"] != saved["qkv"]:
+        refuse("qkv", asked["qkv"], saved["qkv"])
     params = base
-    for path, ab in saved["adapters"].items():  # each layer's own alpha, as saved
-        params = lora.with_adapters(params, {path: ab}, saved["scales"][path] * ab["a"].shape[-1])
+    for path, ab in saved["adapters"].items():  # each layer's own scale, as saved
+        params = lora.with_adapters(params, {path: ab}, None, saved["scales"][path])
+    record = {"rank": saved["rank"], "alpha": saved["alpha"], "scale": saved["scale"],
+              "init": saved["init"], "targets": saved_targets, "qkv": saved["qkv"],
+              "layers": len(layers), "parameters": lora.count_lora_params(saved["adapters"])}
     alpha = "per layer" if saved["alpha"] is None else f"{saved['alpha']:g}"
     print(f"resuming the run's LoRA adapters (targets {saved_targets}, rank "
-          f"{saved['rank'] or 'per layer'}, alpha {alpha}"
+          f"{saved['rank'] or 'per layer'}, alpha {alpha}, scale {_scale_text(record)}"
           + (f", qkv {saved['qkv']}" if saved["qkv"] else "") + f"); {describe(params)}",
           file=sys.stderr)
-    return params, lora.trainable(also)
+    return LoraStart(params, lora.trainable(also), record)
+
+
+def _scale_text(record) -> str:
+    scale = record["scale"]
+    if not isinstance(scale, str):
+        return f"{scale:g}"
+    return f"{scale}: {'alpha / rank' if scale == 'peft' else 'alpha'}"
 
 
 def describe(params) -> str:
@@ -257,13 +348,20 @@ def run(args) -> int:
             (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
             print(f"merged {len(adapters)} adapters into {out / 'model.safetensors'}")
         else:
-            alphas = {round(scales[p] * ab["a"].shape[-1], 6) for p, ab in adapters.items()}
+            record = read_meta(args.run_dir, args.step).get("lora") or {}
+            scale, init = record.get("scale", "peft"), record.get("init")
+            per = {p: 1 if scale == "book" else ab["a"].shape[-1] for p, ab in adapters.items()}
+            if isinstance(scale, str):
+                alphas = {round(scales[p] * per[p], 6) for p in adapters}
+            else:  # an explicit scale: every layer has it
+                alphas = {record.get("alpha")} if len(set(scales.values())) == 1 else set()
             if len(alphas) != 1:
-                raise ValueError(f"the adapters of {args.run_dir} have different alphas {alphas}")
+                raise ValueError(f"the adapters of {args.run_dir} have different scales "
+                                 f"{sorted(set(scales.values()))}")
             if out.parent:
                 os.makedirs(out.parent, exist_ok=True)
-            lora.save_adapters(out, adapters, alphas.pop(), config, tokenizer=tokenizer,
-                               run_dir=str(args.run_dir))
+            lora.save_adapters(out, adapters, alphas.pop(), config, scale=scale, init=init,
+                               tokenizer=tokenizer, run_dir=str(args.run_dir))
             print(f"wrote {len(adapters)} adapters ({lora.count_lora_params(adapters):,} "
                   f"parameters, {out.stat().st_size / 1e6:.1f} MB) to {out}")
     except (ValueError, FileNotFoundError) as err:

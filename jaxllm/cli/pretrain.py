@@ -369,7 +369,7 @@ def run(args) -> int:
         print(f"{data_name}: {len(tokens):,} {tokenizer.name} tokens; model "
               f"{model.n_layers} layers x {model.emb_dim} ({_count(model):,} parameters); "
               f"run folder {args.out}", file=sys.stderr)
-        params, trainable = _lora_start(args, model, tc)
+        params, trainable, lora_record = _lora_start(args, model, tc)
         if trainable is not None and rules is not None:
             from jaxllm import lora
 
@@ -377,7 +377,8 @@ def run(args) -> int:
         summary = train(args.out, model, tc, lc, tokenizer, tokens, data_name=data_name,
                         resume=args.resume, fallback=not args.no_fallback,
                         progress=not args.quiet, mesh=mesh,
-                        partition_rules=rules, params=params, trainable=trainable)
+                        partition_rules=rules, params=params, trainable=trainable,
+                        lora=lora_record)
     except TrainingDiverged as err:
         print(f"jaxllm pretrain: {err}", file=sys.stderr)
         return 1
@@ -389,10 +390,10 @@ def run(args) -> int:
 
 
 def _lora_start(args, model: GPTConfig, tc):
-    """(params, trainable) for LoRA: the run's own initial weights, frozen, with
-    fresh adapters for --lora-rank, or on --resume the adapters the run was
+    """(params, trainable, record) for LoRA: the run's own initial weights, frozen,
+    with fresh adapters for --lora-rank, or on --resume the adapters the run was
     saved with (`jaxllm.cli.lora.lora_start`: LoRA flags that disagree with them
-    are refused); (None, None) without LoRA (the loop initialises)."""
+    are refused); (None, None, None) without LoRA (the loop initialises)."""
     import jax
 
     from jaxllm.cli.lora import lora_start

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import GPTConfig
-from jaxllm.model import apply
+from jaxllm.model import apply, dense
 
 HEAD = "class_head"
 POOLINGS = ("last_token", "last_position", "mean")
@@ -101,15 +101,17 @@ def pool(hidden, batch, pooling: str = "last_token"):
 
 
 def class_logits(params, batch, config: GPTConfig, *, pooling: str = "last_token", rng=None):
-    """float32 logits (batch, n_classes) for batch["tokens"] (batch, seq)."""
+    """float32 logits (batch, n_classes) for batch["tokens"] (batch, seq). The
+    head is a dense layer like every other (`jaxllm.model.dense`, in float32),
+    so a LoRA adapter on it is applied, trained and merged as theirs are."""
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
     if pooling != "last_position":
         _lengths(batch, 0)  # fails before the model runs when the batch cannot say
     hidden = apply(params, batch["tokens"], config, rng=rng, return_hidden=True)
     pooled = pool(hidden, batch, pooling).astype(jnp.float32)
-    head = params[HEAD]
-    return pooled @ head["kernel"].astype(jnp.float32) + head["bias"].astype(jnp.float32)
+    head = jax.tree.map(lambda a: a.astype(jnp.float32), params[HEAD])
+    return dense(head, pooled)
 
 
 def classify_task(pooling: str = "last_token"):

@@ -45,13 +45,12 @@ from jaxllm.data.preferences import (PreferenceBatches, fixed_pair_batches, spli
                                      tokenize_pairs)
 from jaxllm.finetune.dpo import REDUCTIONS, dpo_task, reference_logprobs
 from jaxllm.finetune.instruct import PROMPT_STYLES, generate_responses
-from jaxllm.finetune.loop import make_classify_optimizer
 from jaxllm.layout import check_params
 from jaxllm.train import checkpoint
 from jaxllm.train.lock import run_lock
 from jaxllm.train.loop import TrainingDiverged, _init_fn
 from jaxllm.train.metrics import MetricsLog
-from jaxllm.train.optim import TrainConfig
+from jaxllm.train.optim import TrainConfig, make_optimizer
 from jaxllm.train.runner import check_run_folder, run_steps, start_or_resume
 from jaxllm.train.step import make_eval_step, make_train_step
 from jaxllm.train.task import Trainable, count_trainable
@@ -107,7 +106,7 @@ def _programs(config: GPTConfig, tc: TrainConfig, beta: float, logprob: str, dec
     """(init, train step, eval step) with one optimizer, compiled once per
     configuration (a resume in the same process reuses them)."""
     task = dpo_task(beta, logprob)
-    optimizer = make_classify_optimizer(tc, decay_all)
+    optimizer = make_optimizer(tc.replace(weight_decay_on="all") if decay_all else tc)
     return (_init_fn(config, tc, optimizer, trainable),
             make_train_step(config, tc, optimizer, task=task, trainable=trainable),
             make_eval_step(config, task=task))

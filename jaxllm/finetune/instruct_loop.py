@@ -129,7 +129,7 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
                       progress: bool = True, data_name: str = "instructions",
                       source: str = "random", stop_at: int | None = None,
                       judge: dict[str, Any] | None = None, fallback: bool = True,
-                      trainable: Trainable = None) -> dict[str, Any]:
+                      trainable: Trainable = None, lora: dict | None = None) -> dict[str, Any]:
     """Fine-tune (or resume) the run in `run_dir` on `entries`; returns the summary.
 
     `entries` are split 85 / 10 / 5 (train / test / validation, in order).
@@ -138,7 +138,8 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
     the record). `stop_at` ends the run early at that step, saving there.
     `judge` is {"url", "model", "timeout"} of a judge endpoint for the test
     responses (see `jaxllm.finetune.judge`). `trainable` selects the leaves
-    that train (default all; `jaxllm.lora.TRAINABLE` for adapters).
+    that train (default all; `jaxllm.lora.TRAINABLE` for adapters), and
+    `lora` records the adapters' settings in the run's metadata.
     `fallback=False` refuses a damaged latest checkpoint on resume.
     """
     run_dir = Path(run_dir)
@@ -149,11 +150,11 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
     check_run_folder(run_dir, resume=resume, kind=META_KIND)
     with run_lock(run_dir):
         return _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress,
-                    data_name, source, stop_at, judge, fallback, trainable)
+                    data_name, source, stop_at, judge, fallback, trainable, lora)
 
 
 def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, data_name,
-         source, stop_at, judge, fallback, trainable):
+         source, stop_at, judge, fallback, trainable, lora=None):
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the "
                          f"model's vocab_size is {config.vocab_size}")
@@ -189,6 +190,8 @@ def _run(run_dir, config, tc, ic, tokenizer, entries, params, resume, progress, 
         identity["trainable"] = trainable if isinstance(trainable, str) else repr(trainable)
     meta = dict(identity, kind=META_KIND, data_name=data_name, source=source,
                 tokenizer_dir=tokenizer.directory, batches_per_epoch=batches.batches_per_epoch)
+    if lora is not None:
+        meta["lora"] = lora
     manager = checkpoint.open_manager(run_dir, keep=ic.keep, create=True)
     log = MetricsLog(run_dir)
     if params is not None:

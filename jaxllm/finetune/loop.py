@@ -36,7 +36,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from tqdm.auto import tqdm
 
 from jaxllm.config import GPTConfig
@@ -50,7 +49,7 @@ from jaxllm.train import checkpoint
 from jaxllm.train.lock import run_lock
 from jaxllm.train.loop import TrainingDiverged
 from jaxllm.train.metrics import MetricsLog
-from jaxllm.train.optim import TrainConfig, lr_schedule, make_optimizer
+from jaxllm.train.optim import TrainConfig, make_optimizer
 from jaxllm.train.plot import common_batch_count, plot_metric
 from jaxllm.train.step import TrainState, init_train_state, make_eval_step, make_train_step
 from jaxllm.train.runner import check_run_folder, run_steps, start_or_resume
@@ -66,7 +65,6 @@ class ClassifyConfig:
 
     pooling: str = "last_token"  # see jaxllm.finetune.classify
     trainable: str = "last_block"  # head / last_block / all, or a regex over parameter paths
-    decay_all: bool = False  # weight decay on every trainable leaf (torch's AdamW default)
     eval_every: int = 50
     eval_batches: int = 5  # batches of each split per evaluation
     log_every: int = 10
@@ -87,23 +85,11 @@ class ClassifyConfig:
                 raise ValueError(f"ClassifyConfig.{name} must be a positive int, got {v!r}")
 
 
-def make_classify_optimizer(tc: TrainConfig, decay_all: bool = False
-                            ) -> optax.GradientTransformation:
-    """The engine's optimizer, or with `decay_all` AdamW decaying every leaf (as
-    `torch.optim.AdamW(model.parameters())` does in the book's protocol)."""
-    if not decay_all:
-        return make_optimizer(tc)
-    adamw = optax.adamw(lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
-                        weight_decay=tc.weight_decay)
-    return adamw if tc.grad_clip is None else optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip), adamw)
-
-
 @functools.lru_cache(maxsize=4)
 def _programs(config: GPTConfig, tc: TrainConfig, cc: ClassifyConfig, n_classes: int):
     """(optimizer, trainable regex, init, train step, eval step), compiled once per
     configuration: a resumed run in the same process reuses them."""
-    optimizer = make_classify_optimizer(tc, cc.decay_all)
+    optimizer = make_optimizer(tc)
     trainable = trainable_for(cc.trainable, config)
     task = classify_task(cc.pooling)
 
@@ -144,7 +130,7 @@ def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyC
                       tokenizer_dir: str | None = None, params=None,
                       resume: bool = False, progress: bool = True, data_name: str = "data",
                       source: str = "random", stop_at: int | None = None,
-                      fallback: bool = True) -> dict[str, Any]:
+                      fallback: bool = True, lora: dict | None = None) -> dict[str, Any]:
     """Fine-tune (or resume) the classifier in `run_dir`; returns the summary.
 
     `params` are the starting weights: a model tree (its LM head is replaced),
@@ -152,17 +138,18 @@ def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyC
     donated to the train step. `source` says where they came from (for the
     record), `tokenizer_dir` the folder of the tokenizer's files (later commands
     on the run find them there); `stop_at` ends the run early at that step,
-    saving there.
+    saving there. `lora` records the settings of the adapters `params` carry
+    in the run's metadata.
     """
     run_dir = Path(run_dir)
     check_run_folder(run_dir, resume=resume, kind=META_KIND)
     with run_lock(run_dir):
         return _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress,
-                    data_name, source, stop_at, fallback, tokenizer_dir)
+                    data_name, source, stop_at, fallback, tokenizer_dir, lora)
 
 
 def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress, data_name,
-         source, stop_at, fallback, tokenizer_dir=None):
+         source, stop_at, fallback, tokenizer_dir=None, lora=None):
     n_classes = len(data.classes)
     if params is not None and HEAD in params and params[HEAD]["bias"].shape[0] != n_classes:
         raise ValueError(f"the starting classifier has {params[HEAD]['bias'].shape[0]} classes "
@@ -182,6 +169,8 @@ def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress
     meta = dict(identity, kind=META_KIND, data_name=data_name, source=source,
                 tokenizer_dir=tokenizer_dir, pad_id=data.info.get("pad_id", 50256),
                 batches_per_epoch=batches.batches_per_epoch)
+    if lora is not None:
+        meta["lora"] = lora
     manager = checkpoint.open_manager(run_dir, keep=cc.keep, create=True)
     log = MetricsLog(run_dir)
     if params is not None:
@@ -358,4 +347,4 @@ def classify_texts(run_dir: str | os.PathLike, texts, *, tokenizer_dir=None,
 
 
 __all__ = ["ClassifyConfig", "finetune_classify", "format_summary", "load_classifier",
-           "classify_texts", "make_classify_optimizer", "plot_curves"]
+           "classify_texts", "plot_curves"]

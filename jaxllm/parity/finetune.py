@@ -17,12 +17,11 @@ import transformers
 from jaxllm.config import GPTConfig
 from jaxllm.data.instructions import Example, InstructionBatches, collate
 from jaxllm.finetune.classify import HEAD, add_class_head, class_logits, classify_task, trainable_for
-from jaxllm.finetune.loop import make_classify_optimizer
 from jaxllm.hf import to_hf_state_dict
 from jaxllm.model import init_params
 from jaxllm.parity import Comparison, close, exact, register, require, within
 from jaxllm.parity.reference import DECAYED, hf_config, hf_model, random_params
-from jaxllm.train import TrainConfig, init_train_state, make_train_step
+from jaxllm.train import TrainConfig, init_train_state, make_optimizer, make_train_step
 from jaxllm.train.task import trainable_mask
 
 # -- the classifier ------------------------------------------------------------------
@@ -116,11 +115,12 @@ def classifier_steps(pooling: str, decay_all: bool) -> list[Comparison]:
     """The last block, ln_f and a class head trained by 6 AdamW steps in jaxllm and in
     torch: every loss, the logits after training, every trained weight, and the
     frozen leaves bit for bit as they started."""
-    config, tc = CLASSIFY_CONFIG, CLASSIFY_TC
+    config = CLASSIFY_CONFIG
+    tc = CLASSIFY_TC.replace(weight_decay_on="all" if decay_all else "matrices")
     params = random_classifier(seed=1)
     batches = classify_batches(2, seed=2) * 3  # each batch seen three times: the loss must fall
     trainable = trainable_for("last_block", config)
-    optimizer = make_classify_optimizer(tc, decay_all)
+    optimizer = make_optimizer(tc)
     step = make_train_step(config, tc, optimizer, task=classify_task(pooling), trainable=trainable)
     state = init_train_state(jax.tree.map(jnp.copy, params), tc, optimizer, trainable=trainable)
 

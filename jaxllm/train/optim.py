@@ -1,4 +1,12 @@
-"""The optimizer: AdamW (decay on matrices only), warmup + cosine, gradient clipping."""
+"""The optimizer: AdamW, warmup + cosine, gradient clipping.
+
+Weight decay falls on the weight matrices only (GPT-2's and nanoGPT's
+choice; `weight_decay_on="matrices"`) or on every trained parameter
+(`weight_decay_on="all"`: what `torch.optim.AdamW(model.parameters())` does,
+and so the book's). `TrainConfig.torch_adamw(lr, weight_decay)` is torch's
+AdamW in one line: betas (0.9, 0.999), eps 1e-8, no warm-up, a constant
+learning rate, no clipping, decay on every parameter.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +26,8 @@ class TrainConfig:
     warmup_steps: int = 10
     total_steps: int = 1000
     weight_decay: float = 0.1
-    decay_embeddings: bool = False  # apply weight decay to the embedding tables too
+    weight_decay_on: str = "matrices"  # "matrices" (dense kernels) or "all" (every trained leaf)
+    decay_embeddings: bool = False  # with "matrices": the embedding tables decay too
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -45,6 +54,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.weight_decay < 0:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.weight_decay_on not in DECAY_ON:
+            raise ValueError(f"TrainConfig.weight_decay_on must be one of {DECAY_ON}, "
+                             f"got {self.weight_decay_on!r}")
         if self.init not in ("gpt2", "torch"):
             raise ValueError(f"TrainConfig.init must be 'gpt2' or 'torch', got {self.init!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -52,6 +64,20 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def torch_adamw(cls, lr: float = 1e-3, weight_decay: float = 0.01, **changes
+                    ) -> "TrainConfig":
+        """The settings of `torch.optim.AdamW(model.parameters(), lr, weight_decay=...)`
+        stepped without a scheduler or clipping (torch's defaults: lr 1e-3,
+        weight decay 0.01), with any other field in `changes`."""
+        return cls(**{**TORCH_ADAMW, "lr": lr, "weight_decay": weight_decay, **changes})
+
+
+DECAY_ON = ("matrices", "all")
+TORCH_ADAMW = dict(beta1=0.9, beta2=0.999, eps=1e-8, warmup_steps=0, min_lr_ratio=1.0,
+                   grad_clip=None, weight_decay_on="all")
+"""The TrainConfig fields of torch's AdamW without a scheduler or clipping."""
 
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -75,11 +101,12 @@ def weight_decay_mask(params, *, decay_embeddings: bool = False):
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """optax AdamW with the schedule, decay mask and (optional) global-norm clipping."""
-    adamw = optax.adamw(
-        learning_rate=lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
-        weight_decay=tc.weight_decay,
-        mask=lambda p: weight_decay_mask(p, decay_embeddings=tc.decay_embeddings))
+    """optax AdamW with the schedule, the decay of `tc.weight_decay_on` and
+    (optional) global-norm clipping."""
+    mask = None if tc.weight_decay_on == "all" else (
+        lambda p: weight_decay_mask(p, decay_embeddings=tc.decay_embeddings))
+    adamw = optax.adamw(learning_rate=lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
+                        weight_decay=tc.weight_decay, mask=mask)
     if tc.grad_clip is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
