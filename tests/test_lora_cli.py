@@ -38,7 +38,12 @@ def test_pretrain_lora_run_resumes_as_saved_and_refuses_other_flags(tmp_path, ca
     # no LoRA flags: the run goes on with its own adapters, and says so
     assert main(["pretrain", *TINY, "--steps", "4", "--out", run, "--resume"]) == 0
     err = capsys.readouterr().err
-    assert "resuming the run's LoRA adapters (targets attn,head, rank 4, alpha 8, qkv split)" in err
+    assert ("resuming the run's LoRA adapters (targets attn,head, rank 4, alpha 8, scale peft: "
+            "alpha / rank, qkv split)") in err
+    record = json.loads((tmp_path / "run" / "config.json").read_text())["lora"]
+    assert {k: record[k] for k in ("rank", "alpha", "scale", "init", "targets", "qkv")} == \
+        {"rank": 4, "alpha": 8.0, "scale": "peft", "init": "peft", "targets": "attn,head",
+         "qkv": "split"}
     second = checkpoint.load_params(run)[0]
     adapters, scales = lora.adapters_of(second)
     assert set(scales.values()) == {2.0}  # alpha 8 / rank 4, as saved

@@ -404,6 +404,8 @@ def _merge_classifier(run_dir, step, params, out: Path) -> None:
     meta = checkpoint.read_meta(run_dir, step)
     merged = lora.merge(params)
     meta = dict(meta, merged_from=str(run_dir))
+    if "lora" in meta:  # no adapters left: their record stays, as what was merged
+        meta["merged_lora"] = meta.pop("lora")
     saved_step = int(meta.pop("step", meta.get("data_position", 0)))
     state = TrainState(step=jnp.asarray(saved_step, jnp.int32), params=merged,
                        opt_state={}, rng=jax.random.key_data(jax.random.key(0)))

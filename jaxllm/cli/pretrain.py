@@ -378,7 +378,7 @@ def run(args) -> int:
                         resume=args.resume, fallback=not args.no_fallback,
                         progress=not args.quiet, mesh=mesh,
                         partition_rules=rules, params=params, trainable=trainable,
-                        lora=lora_record)
+                        lora_record=lora_record)
     except TrainingDiverged as err:
         print(f"jaxllm pretrain: {err}", file=sys.stderr)
         return 1

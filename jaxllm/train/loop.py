@@ -203,7 +203,7 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
           partition_rules: sharding.Rules | None = None, params=None, task: Task = lm_task,
           trainable: Trainable = None, optimizer=None, fallback: bool = True,
           make_batch: Callable[[np.ndarray, np.ndarray], dict] = lm_batch,
-          lora: dict | None = None) -> dict[str, Any]:
+          lora_record: dict | None = None) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; returns the summary dict.
 
     `params` are the starting parameters (a pretrained model, say; default: a
@@ -212,7 +212,7 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
     `lm_batch`: {"tokens", "targets"}; a task of your own adds its keys there,
     a mask say), `trainable` the leaves to train (default all) and `optimizer`
     an optax transformation (default `make_optimizer(tc)`); a resumed run must
-    pass the same. `lora` is the record of the adapters' settings that
+    pass the same. `lora_record` is the record of the adapters' settings that
     `params` carry (`jaxllm.cli.lora.lora_start`), kept in the run's metadata.
 
     `tokens` is the token stream; unless `val_tokens` is given, its first
@@ -323,8 +323,8 @@ def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer
                 batches_per_epoch=batches.batches_per_epoch,
                 mesh=None if mesh is None else sharding.mesh_description(mesh),
                 partition_rules=sharding.rules_as_data(rules) if custom_rules else None)
-    if lora is not None:
-        meta["lora"] = lora
+    if lora_record is not None:
+        meta["lora"] = lora_record
     if writer:
         (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
