@@ -114,7 +114,7 @@ def run(args) -> int:
               f"{config.emb_dim} ({count_params(config):,} parameters) from {source}; "
               f"{tc.total_steps} steps of {tc.batch_size}; beta {dc.beta}, {dc.logprob} "
               f"log-probabilities; run folder {args.out}", file=sys.stderr)
-        params, trainable = _lora(args, config, tc, params)
+        params, trainable, _ = _lora(args, config, tc, params)  # finetune_dpo keeps no LoRA record
         summary = finetune_dpo(args.out, config, tc, dc, tokenizer, entries, params=params,
                                fallback=not args.no_fallback, resume=args.resume,
                                progress=not args.quiet, trainable=trainable,
