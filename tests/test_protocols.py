@@ -139,3 +139,16 @@ def test_instruct_book_protocol_is_chapter_7(tmp_path):
     _, tc, *_ = cli.build(args)
     assert tc.weight_decay_on == "matrices"
     assert train_fields(tc, CHAPTER_7) == dict(CHAPTER_7, weight_decay_on="matrices", seed=0)
+
+
+def test_a_checkpoint_from_before_weight_decay_on_resumes_as_matrices():
+    """Runs saved before the field existed decayed the matrices: they resume so."""
+    import dataclasses
+
+    from jaxllm.train.checkpoint import config_differences
+
+    now = dataclasses.asdict(TrainConfig())
+    saved = {k: v for k, v in now.items() if k != "weight_decay_on"}
+    assert config_differences({"train": saved}, {"train": now}) == []
+    assert config_differences({"train": saved}, {"train": dict(now, weight_decay_on="all")}) == \
+        ["train.weight_decay_on: checkpoint 'matrices', now 'all'"]

@@ -463,6 +463,7 @@ def _reading(run_dir, step: int, read: Callable[[], Any]):
 
 
 _MODEL_DEFAULTS = GPTConfig().to_dict()
+_TRAIN_ADDED = {"weight_decay_on": TrainConfig().weight_decay_on}  # TrainConfig fields added
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -474,6 +475,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
         if section == "model" and isinstance(a, dict) and isinstance(b, dict):
             # a field added to GPTConfig since the checkpoint was saved has its default there
             a, b = {**_MODEL_DEFAULTS, **a}, {**_MODEL_DEFAULTS, **b}
+        if section == "train" and isinstance(a, dict) and isinstance(b, dict):
+            a, b = {**_TRAIN_ADDED, **a}, {**_TRAIN_ADDED, **b}  # the same for TrainConfig
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 if section == "model" and key in IMPLEMENTATION_FIELDS:
