@@ -212,7 +212,7 @@ _BOOKKEEPING = {
     "tie_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size",
     "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id", "pruned_heads",
     "torchscript", "use_bfloat16", "is_decoder", "num_labels", "_attn_implementation",
-    "quantization_config_unused",
+    "quantization_config_unused", "jaxllm_tokenizer",  # where `jaxllm lora merge` found it
 }
 
 

@@ -86,11 +86,18 @@ from jaxllm.config import GPTConfig
 Adapters = dict[str, dict[str, Any]]
 
 # Target presets: regexes over dense-layer paths ("blocks/3/attn/qkv", "out_head").
+# "attn" and "ffn" cover every family; a layer's own name ("q", "gate", "qkv") selects
+# it in every block: GPT-2's qkv, out, fc, proj; Llama's and Qwen3's q, k, v, o, gate,
+# up, down (jaxllm.models).
+ATTN_LAYERS = {"gpt2": ("qkv", "out"), "llama": ("q", "k", "v", "o")}
+FFN_LAYERS = {"gpt2": ("fc", "proj"), "llama": ("gate", "up", "down")}
 TARGET_PRESETS = {
-    "attn": r"blocks/\d+/attn/(qkv|out)",
-    "ffn": r"blocks/\d+/ffn/(fc|proj)",
+    "attn": rf"blocks/\d+/attn/({'|'.join(n for f in ATTN_LAYERS.values() for n in f)})",
+    "ffn": rf"blocks/\d+/ffn/({'|'.join(n for f in FFN_LAYERS.values() for n in f)})",
     "head": r"(?!blocks/).+",  # every dense layer outside the blocks: out_head or a task's head
     "all": r".+",
+    **{name: rf"blocks/\d+/attn/{name}" for f in ATTN_LAYERS.values() for name in f},
+    **{name: rf"blocks/\d+/ffn/{name}" for f in FFN_LAYERS.values() for name in f},
 }
 QKV_MODES = ("split", "fused")
 TRAINABLE = r"(.+/)?lora/(a|b)"
@@ -238,7 +245,8 @@ def _is_qkv(path: str) -> bool:
 # -- targets and initialisation ------------------------------------------------
 def target_regex(targets: str) -> str:
     """The regex a target selection stands for: a preset name ("attn", "ffn",
-    "head", "all"), presets joined by "," ("attn,ffn"), or a regex itself."""
+    "head", "all") or a layer's name ("q", "v", "gate", "qkv", ...), several
+    joined by "," ("q,v" or "attn,ffn"), or a regex itself."""
     if not isinstance(targets, str) or not targets:
         raise ValueError(f"LoRA targets must be a preset {sorted(TARGET_PRESETS)} or a regex, "
                          f"got {targets!r}")

@@ -317,7 +317,7 @@ def test_cli_errors_name_what_is_wrong(shared_data, tmp_path, capsys, monkeypatc
 
 
 def test_hf_folders_with_either_weights_file(tmp_path):
-    from jaxllm.cli.hf_source import state_dict as hf_state_dict
+    from jaxllm.hf import open_weights
 
     params = random_classifier(5)
     params = {k: v for k, v in params.items() if k != HEAD}
@@ -328,9 +328,9 @@ def test_hf_folders_with_either_weights_file(tmp_path):
     torch.save({k.removeprefix("transformer."): torch.from_numpy(v.copy())
                 for k, v in sd.items() if k.startswith("transformer.")},
                folder / "pytorch_model.bin")
-    read = hf_state_dict(str(folder))
-    assert set(read) == {k for k in sd if k.startswith("transformer.")}
-    assert all(np.array_equal(read[k], sd[k]) for k in read)
+    read = open_weights(str(folder))
+    assert set(read.names) == {k for k in sd if k.startswith("transformer.")}
+    assert all(np.array_equal(read.get(k), sd[k]) for k in read.names)
 
 
 def test_cli_names_a_file_it_cannot_read(tmp_path, capsys, monkeypatch):

@@ -51,12 +51,16 @@ def test_streams_the_same_text_as_generate(model_dir, capsys):
     assert len(printed) > len(PROMPT) + 1
 
 
-def test_sampling_options_and_a_bare_safetensors_file(model_dir, capsys):
+def test_sampling_options_and_a_weights_file(model_dir, capsys, tmp_path):
     d, params = model_dir
-    # without config.json beside it the architecture is read off the shapes
+    # the weights file names its folder; without config.json beside it, one line says so
+    bare = tmp_path / "model.safetensors"
+    bare.write_bytes((d / "model.safetensors").read_bytes())
+    assert main(["generate", "--hf", str(bare), "--tokenizer", "byte"]) == 2
+    assert "no config.json beside the weights" in capsys.readouterr().err
     rc = main(["generate", "--hf", str(d / "model.safetensors"), "--prompt", PROMPT,
                "--max-new-tokens", "12", "--tokenizer", "byte", "--temperature", "0.8",
-               "--top-k", "50", "--top-p", "0.9", "--seed", "3", "--n-heads", "4"])
+               "--top-k", "50", "--top-p", "0.9", "--seed", "3"])
     assert rc == 0
     assert capsys.readouterr().out == expected_text(
         params, 12, rng=jax.random.PRNGKey(3), temperature=0.8, top_k=50, top_p=0.9,

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from jaxllm import from_hf_state_dict
+from jaxllm import from_hf_state_dict, load_hf
 from jaxllm.cli import hf_source, main
 
 HF = transformers.GPT2Config(vocab_size=257, n_positions=256, n_embd=32, n_layer=2, n_head=4,
@@ -34,7 +34,7 @@ def gpt2_folders(tmp_path_factory):
 
 def test_both_weight_files_load_the_same_model(gpt2_folders):
     model, safe, pickled = gpt2_folders
-    expected = from_hf_state_dict(model.state_dict(), hf_source.config_of(str(safe)))
+    expected = from_hf_state_dict(model.state_dict(), load_hf(str(safe))[1])
     for where in (safe, pickled, safe / "model.safetensors", pickled / "pytorch_model.bin"):
         loaded = hf_source.load(str(where))
         assert loaded.config.n_heads == 4 and loaded.config.context_length == 256

@@ -92,13 +92,9 @@ def _weights(args, model_overrides: dict[str, Any]):
         raise ValueError("--preset and --config are for --init random; --hf and --run-dir bring "
                          "their own architecture")
     if args.hf is not None:
-        import os
-
         model = hf_source.load(args.hf, overrides=model_overrides)
-        folder = model.path if os.path.isdir(model.path) else os.path.dirname(
-            os.path.abspath(model.path))
         return (model.params, model.config, None, f"hf:{args.hf}", None,
-                [(folder, f"--hf {args.hf}")])
+                [(model.path, f"--hf {args.hf}")])
     if args.run_dir is not None:
         from jaxllm.tokenizer import recorded_places
         from jaxllm.train.checkpoint import load_params_and_meta

@@ -4,10 +4,9 @@
     jaxllm generate --run-dir runs/small --prompt "ROMEO:" --temperature 0.8 --top-k 40
 
 `--hf` takes what every command's `--hf` takes (`jaxllm.cli.hf_source`): a
-folder with `model.safetensors` or `pytorch_model.bin`, one of those files, or a
-hub name. The architecture comes from the Hugging Face `config.json` beside
-the weights; a safetensors file without one is read off the tensor shapes,
-with `--n-heads` (default: emb_dim / 64, as in every GPT-2 size).
+GPT-2, Llama 3 or Qwen3 folder (`config.json` and `model.safetensors`, its
+shards or `pytorch_model.bin`), a weights file in one, or a hub name; the
+architecture is the folder's `config.json`'s (`jaxllm.load_hf`).
 
 The tokenizer is the run's own, found where the run found it, or the
 `--hf` folder's own (its `tokenizer.json`, or GPT-2's `vocab.json` +
@@ -47,9 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_tokenizer_arguments(parser, default="the --hf folder's own (its tokenizer.json, or "
                                     "GPT-2's); --run-dir takes the run's own (another is "
                                     "refused)")
-    parser.add_argument("--n-heads", type=int, default=None,
-                        help="attention heads, for a safetensors file without config.json "
-                             "(default: emb_dim / 64, as in every GPT-2 size)")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="keep going after the end-of-text (or end-of-turn) tokens")
     parser.add_argument("--no-slide", action="store_true",
@@ -62,16 +58,12 @@ def load_model(args, verb: str = "generate"):
     """(params, config, tokenizer, the run's metadata or {}) from --hf or
     --run-dir, the tokenizer checked against the model; `generate` and `chat`
     share it (`verb`: what the command does, for the messages)."""
-    import os
-
     from jaxllm.tokenizer import check_vocab, get_tokenizer, recorded_places
 
     if args.hf is not None:
-        model = hf_source.load(args.hf, n_heads=getattr(args, "n_heads", None))
+        model = hf_source.load(args.hf)
         params, config, default_tokenizer, meta = model.params, model.config, None, {}
-        folder = model.path if os.path.isdir(model.path) else os.path.dirname(
-            os.path.abspath(model.path))
-        places = [(folder, f"--hf {args.hf}")]  # the folder's own tokenizer files
+        places = [(model.path, f"--hf {args.hf}")]  # the folder's own tokenizer files
     else:
         from jaxllm.cli.pretrain import check_run_tokenizer
 

@@ -3,8 +3,9 @@
     jaxllm lora merge  --run-dir runs/lora --out exported/   # model.safetensors + config.json
     jaxllm lora export --run-dir runs/lora --out adapters.safetensors   # the adapters only
 
-`merge` writes the merged model in the Hugging Face GPT-2 format (`jaxllm
-generate --hf exported/` reads it, and so does `transformers`); an adapter on
+`merge` writes the merged model as a Hugging Face folder of its family
+(`jaxllm.save_hf`: GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM;
+`jaxllm generate --hf exported/` reads it, and so does `transformers`); an adapter on
 a tied head unties it there (`jaxllm.lora.merge_model`: the folder gets its
 own lm_head.weight and tie_word_embeddings false). A `jaxllm finetune
 classify` run has a class head, which no GPT-2 LM head folder can hold: its
@@ -85,8 +86,9 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
                             "(U(+-1/sqrt(rank)): the book's kaiming_uniform_ on A (in, rank))")
     group.add_argument("--lora-targets", default=None, metavar="WHICH",
                        help="dense layers to adapt: attn, ffn, head (the LM head, tied or not), "
-                            "all (default), presets joined by commas, or a regex over paths "
-                            "such as blocks/0/attn/qkv")
+                            "all (default), a layer's name in every block (GPT-2: qkv, out, fc, "
+                            "proj; Llama and Qwen3: q, k, v, o, gate, up, down), several joined "
+                            "by commas, or a regex over paths such as blocks/0/attn/qkv")
     group.add_argument("--lora-qkv", default=None, choices=QKV_MODES,
                        help="q, k and v as three adapters (split, default) or one on the fused "
                             "projection (fused, as PEFT on GPT-2's c_attn)")
@@ -300,7 +302,7 @@ def describe(params) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=ACTIONS,
                         help="merge: the run's adapters folded into its weights, as a Hugging "
-                             "Face GPT-2 folder; export: the adapters alone, one safetensors file")
+                             "Face folder of the model's family; export: the adapters alone, one safetensors file")
     parser.add_argument("--run-dir", required=True, metavar="RUN",
                         help="a run trained with --lora-rank (its latest checkpoint)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -311,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from jaxllm import lora
-    from jaxllm.hf import hf_config_kwargs, save_safetensors
+    from jaxllm.hf import save_hf
     from jaxllm.train.checkpoint import load_params, read_meta
 
     try:
@@ -341,9 +343,8 @@ def run(args) -> int:
         elif args.action == "merge":
             merged, config = lora.merge_model(params, config)  # a tied head's adapter unties it
             out.mkdir(parents=True, exist_ok=True)
-            save_safetensors(merged, config, out / "model.safetensors")
-            hf = dict(hf_config_kwargs(config), model_type="gpt2",
-                      architectures=["GPT2LMHeadModel"])
+            save_hf(out, merged, config)  # GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM
+            hf = json.loads((out / "config.json").read_text())
             hf.update(export_tokenizer(out, tokenizer, meta.get("tokenizer_dir")))
             (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
             print(f"merged {len(adapters)} adapters into {out / 'model.safetensors'}")
