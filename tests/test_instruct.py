@@ -24,7 +24,7 @@ from jaxllm.data.instructions import (Example, InstructionBatches, collate, read
 from jaxllm.finetune.instruct import format_prompt
 from jaxllm.finetune.instruct_loop import InstructConfig, finetune_instruct
 from jaxllm.finetune.judge import JudgeUnavailable, judge_responses, parse_score
-from jaxllm.hf import hf_config_kwargs, to_hf_state_dict
+from jaxllm.hf import hf_config_dict, to_hf_state_dict
 from jaxllm.parity import assert_passed
 from jaxllm.parity.finetune import instruct_gradients, instruct_steps
 from jaxllm.parity.reference import random_params
@@ -361,7 +361,7 @@ def test_cli_starts_from_a_pytorch_bin_folder_and_refuses_a_classifier(tmp_path,
     hf.mkdir()
     torch.save({k: torch.from_numpy(v.copy()) for k, v in to_hf_state_dict(params, config).items()},
                hf / "pytorch_model.bin")
-    (hf / "config.json").write_text(json.dumps(hf_config_kwargs(config)))
+    (hf / "config.json").write_text(json.dumps(hf_config_dict(config)))
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)}
                                 for i in range(24)]))
@@ -379,7 +379,7 @@ def test_cli_starts_from_a_pytorch_bin_folder_and_refuses_a_classifier(tmp_path,
     assert "do not match the model config: no blocks/2/norm1/scale" in capsys.readouterr().err
     (hf / "config.json").unlink()
     assert run_cli(cli, ["--hf", str(hf / "pytorch_model.bin"), *common]) == 2
-    assert "pytorch_model.bin needs its config.json" in capsys.readouterr().err
+    assert "no config.json beside the weights" in capsys.readouterr().err
 
     clf = tmp_path / "clf"  # a classification run's checkpoint: its LM head is gone
     checkpoint.save(checkpoint.open_manager(clf, create=True),

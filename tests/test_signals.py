@@ -20,7 +20,7 @@ import pytest
 
 import jaxllm
 from jaxllm.cli import main
-from jaxllm.hf import hf_config_kwargs, save_safetensors
+from jaxllm.hf import hf_config_dict, save_safetensors
 from jaxllm.train import checkpoint
 from jaxllm.train.optim import TrainConfig
 from jaxllm.train.step import init_train_state
@@ -108,7 +108,7 @@ def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_gpt2")
     save_safetensors(jaxllm.init_params(TINY, jax.random.PRNGKey(0)), TINY,
                      d / "model.safetensors")
-    (d / "config.json").write_text(json.dumps(hf_config_kwargs(TINY)))  # the keys it reads
+    (d / "config.json").write_text(json.dumps(hf_config_dict(TINY)))  # as save_hf writes it
     return d
 
 

@@ -302,7 +302,8 @@ def describe(params) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=ACTIONS,
                         help="merge: the run's adapters folded into its weights, as a Hugging "
-                             "Face folder of the model's family; export: the adapters alone, one safetensors file")
+                             "Face folder of the model's family; export: the adapters alone, "
+                             "one safetensors file")
     parser.add_argument("--run-dir", required=True, metavar="RUN",
                         help="a run trained with --lora-rank (its latest checkpoint)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
