@@ -22,7 +22,7 @@ from jaxllm import interrupt
 
 SUBCOMMANDS = {
     "pretrain": "Train a model on text (a preset or config file, local data, checkpoints).",
-    "generate": "Generate text from a checkpoint or Hugging Face GPT-2 weights.",
+    "generate": "Generate text from a checkpoint or Hugging Face GPT-2, Llama or Qwen3 weights.",
     "launch": "Run a command as several processes on this machine (jax.distributed trials).",
     "chat": "Talk to an instruction-tuned run: prompts in the terminal, tokens streamed back.",
     "lora": "Merge a LoRA run's adapters into its weights (Hugging Face format), or export them.",

@@ -21,7 +21,7 @@ TrainConfig or InstructConfig.
 With `--lora-rank` (and `--lora-alpha`, `--lora-targets`, `--lora-qkv`) only
 LoRA adapters train (`jaxllm.lora`), the LM head (tied or not) among the
 targets of `all` and `head`; `--resume` continues with the run's own adapters,
-and `jaxllm lora merge` folds them into a Hugging Face GPT-2 folder.
+and `jaxllm lora merge` folds them into a Hugging Face folder of the model's family.
 """
 
 from __future__ import annotations

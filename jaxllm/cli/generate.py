@@ -1,4 +1,4 @@
-"""`jaxllm generate`: text from Hugging Face GPT-2 weights or a training run.
+"""`jaxllm generate`: text from Hugging Face weights (GPT-2, Llama 3, Qwen3) or a training run.
 
     jaxllm generate --hf path/to/gpt2 --prompt "Every effort moves you"
     jaxllm generate --run-dir runs/small --prompt "ROMEO:" --temperature 0.8 --top-k 40
