@@ -1,7 +1,8 @@
 """LoRA against an independent PyTorch LoRA: the book's `LoRALayer` and
 `LinearWithLoRA` beside every `nn.Linear` of a GPT-2 written in torch (q, k
 and v as three layers or one, the head adapted too), frozen base weights,
-`torch.optim.AdamW` over the adapters."""
+`torch.optim.AdamW` over the adapters; and a classifier adapted on every
+linear layer and its class head, as the book's appendix E does."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ import torch.nn as nn
 
 from jaxllm import lora
 from jaxllm.config import GPTConfig
+from jaxllm.finetune.classify import HEAD, add_class_head, class_logits, classify_task
 from jaxllm.model import apply, init_params
 from jaxllm.parity import Comparison, close, exact, register, require
-from jaxllm.train import TrainConfig, init_train_state, make_train_step
-from jaxllm.train.task import combine, lm_batch, lm_task, partition, trainable_mask
+from jaxllm.train import TrainConfig, init_train_state, make_optimizer, make_train_step
+from jaxllm.train.task import (combine, count_trainable, lm_batch, lm_task, partition,
+                               trainable_mask)
 
 CONFIG = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
                    drop_rate=0.0, qkv_bias=True, attn_impl="reference")
@@ -54,6 +57,30 @@ def tokens(config=CONFIG, shape=(3, 12), seed=2):
 @functools.partial(jax.jit, static_argnums=2)
 def logits(params, x, config=CONFIG):
     return apply(params, x, config)
+
+
+def random_classifier(seed=0):
+    """`random_params` with a 2-class head."""
+    return add_class_head(random_params(seed=seed), CONFIG, 2, jax.random.key(seed + 7))
+
+
+def class_batch(seed=3, shape=(3, 12)):
+    rng = np.random.default_rng(seed)
+    return {"tokens": rng.integers(0, CONFIG.vocab_size, shape).astype(np.int32),
+            "lengths": rng.integers(1, shape[1] + 1, shape[0]).astype(np.int32),
+            "labels": rng.integers(0, 2, shape[0]).astype(np.int32)}
+
+
+clf_logits = jax.jit(class_logits, static_argnames=("config", "pooling"))
+
+
+def every_layer_adapters(params, init="peft", seed=1):
+    """Adapters on every dense layer, the class head included, B random too."""
+    adapters = lora.init_lora(params, CONFIG, jax.random.key(seed), rank=RANK, targets="all",
+                              tied_head=False, init=init, allow_rank_above_dim=True)
+    keys = iter(jax.random.split(jax.random.key(seed + 50), len(adapters)))
+    return {p: {"a": ab["a"], "b": 0.2 * jax.random.normal(next(keys), ab["b"].shape)}
+            for p, ab in adapters.items()}
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -276,3 +303,64 @@ def adamw_steps() -> list[Comparison]:
             exact("every base weight, before and after",
                   {jax.tree_util.keystr(p): (np.asarray(got), want) for (p, got), want in zip(
                       jax.tree_util.tree_leaves_with_path(trained), jax.tree.leaves(base))})]
+
+
+@register("LoRA: classifier adapted on every layer and its head, 5 AdamW steps (appendix E)")
+def classifier_steps() -> list[Comparison]:
+    """The book's appendix E in small: its LoRALayer (alpha * x A B, A drawn as
+    the book draws it) on every linear layer of the book's GPT and on the class
+    head, everything else frozen, torch.optim.AdamW over the adapters; against
+    jaxllm's "book" conventions and `TrainConfig.torch_adamw`: the loss at every
+    step, every adapter and the logits after, the base weights bit for bit."""
+    clf = random_classifier(seed=4)
+    adapters = every_layer_adapters(clf, init="book")
+    require(len(adapters) == 4 * CONFIG.n_layers + 1 and HEAD in adapters,
+            f"adapters on {sorted(adapters)}")
+    alpha = 2.0
+    adapted = lora.with_adapters(clf, adapters, alpha, "book")
+    tc = TrainConfig.torch_adamw(2e-3, weight_decay=0.1, batch_size=3, total_steps=5)
+    opt = make_optimizer(tc)
+    state = init_train_state(jax.tree.map(jnp.copy, adapted), tc, opt,  # the step donates it
+                             trainable=lora.TRAINABLE)
+    step = make_train_step(CONFIG, tc, opt, task=classify_task("last_token"),
+                           trainable=lora.TRAINABLE)
+    model = TorchGPT(clf, adapters, "split", alpha, scale="book", head=HEAD)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    require(sum(p.numel() for p in trained) == lora.count_lora_params(adapters)
+            == count_trainable(adapted, lora.TRAINABLE), "torch trains another number of values")
+    t_opt = torch.optim.AdamW(trained, lr=2e-3, weight_decay=0.1)  # torch's defaults otherwise
+
+    def torch_logits(batch):
+        h = model.hidden(torch.from_numpy(batch["tokens"]).long())
+        return model.head(h[torch.arange(h.shape[0]), torch.from_numpy(batch["lengths"]) - 1])
+
+    ours, theirs = [], []
+    for k in range(5):
+        batch = class_batch(seed=20 + k)
+        state, metrics = step(state, batch)
+        ours.append(float(metrics["loss"]))
+        t_opt.zero_grad()
+        loss = nn.functional.cross_entropy(torch_logits(batch),
+                                           torch.from_numpy(batch["labels"]).long())
+        loss.backward()
+        t_opt.step()
+        theirs.append(loss.item())
+    got, want = lora.adapters_of(state.params)[0], model.adapters()
+    require(set(got) == set(want), "the adapted layers differ")
+    for path, ab in want.items():
+        for n in ("a", "b"):
+            require(not np.allclose(ab[n], np.asarray(adapters[path][n])), f"{path}/{n} did not move")
+    batch = class_batch(seed=30)
+    with torch.no_grad():
+        t_logits = torch_logits(batch).numpy()
+    return [close("loss at each step", {f"step {k}": (a, b) for k, (a, b)
+                                        in enumerate(zip(ours, theirs))}, atol=1e-5),
+            close("every adapter after the steps",
+                  {f"{path}/{n}": (np.asarray(got[path][n]), ab[n])
+                   for path, ab in want.items() for n in ("a", "b")}, atol=1e-5),
+            close("class logits after the steps",
+                  (np.asarray(clf_logits(state.params, batch, CONFIG)), t_logits), atol=1e-5),
+            exact("every base weight, before and after",
+                  {jax.tree_util.keystr(p): (np.asarray(g), np.asarray(w)) for (p, g), w in zip(
+                      jax.tree_util.tree_leaves_with_path(lora.strip_adapters(state.params)),
+                      jax.tree.leaves(clf))})]
