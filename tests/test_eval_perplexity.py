@@ -10,7 +10,8 @@ import torch
 from jaxllm import GPTConfig
 from jaxllm.cli import main
 from jaxllm.eval.perplexity import sliding_window_perplexity
-from jaxllm.hf import save_safetensors
+from jaxllm.eval.score import Scored, score
+from jaxllm.hf import load_hf, save_safetensors
 from jaxllm.parity.reference import hf_config, hf_model, random_params
 from jaxllm.tokenizer import ByteTokenizer
 
@@ -78,3 +79,28 @@ def test_cli_writes_eval_json_and_refuses_a_bad_stride(tmp_path, capsys):
     assert f"over {expected.tokens} tokens" in capsys.readouterr().out
     assert main(argv[:-4] + ["--stride", "33"]) == 2
     assert "stride must be an int from 1 to the context length 32" in capsys.readouterr().err
+
+
+def test_equals_the_guide_on_a_llama_folder(tmp_path):
+    """The same on a Llama 3 folder (GQA, RoPE, RMSNorm) read by load_hf; the
+    four windows batched three at a time (two batches, widths 64 and 32)."""
+    from jaxllm.parity.families import hf_model as family_model
+
+    model = family_model("llama")
+    model.save_pretrained(tmp_path)
+    params, config = load_hf(tmp_path)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, size=150)
+    ours = sliding_window_perplexity(params, config, ids, stride=40, batch_size=3)
+    loss, tokens = guide(model, ids.tolist(), config.context_length, 40)
+    assert ours.tokens == tokens == len(ids) - 1 and ours.windows == 4
+    np.testing.assert_allclose(ours.loss, loss, rtol=0, atol=1e-5)
+
+
+def test_score_refuses_rows_it_cannot_score():
+    params = random_params(CFG, seed=3)
+    with pytest.raises(ValueError, match="row 0: 34 tokens"):
+        score(params, CFG, [Scored(list(range(34)), 3)])
+    with pytest.raises(ValueError, match="row 1: 5 tokens to score of 5"):
+        score(params, CFG, [Scored([1, 2], 1), Scored([1, 2, 3, 4, 5], 5)])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        score(params, CFG, [Scored([1, 2], 1)], batch_size=0)

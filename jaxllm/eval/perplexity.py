@@ -9,23 +9,21 @@ negative log-likelihood is summed over the scored tokens and divided by their
 number (the guide's own tally subtracts one token per window, which
 undercounts overlapping windows, whose first scored token has context). With
 stride = context_length the windows do not overlap (fast, less
-context per token); a smaller stride gives every token more context. Every
-window is padded to the context length so the model compiles once.
+context per token); a smaller stride gives every token more context. The
+windows are independent, so they are scored `batch_size` at a time by
+`jaxllm.eval.score` (the full-width ones in one compiled shape).
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import GPTConfig
-from jaxllm.loss import token_loss_sum
-from jaxllm.model import Params, apply
+from jaxllm.eval.score import Scored, score
+from jaxllm.model import Params
 
 
 class Perplexity(NamedTuple):
@@ -43,17 +41,8 @@ class Perplexity(NamedTuple):
         return math.exp(self.loss)
 
 
-@partial(jax.jit, static_argnames=("config",))
-def _window_nll(params: Params, tokens, first_scored, length, *, config: GPTConfig):
-    """(sum, count) of the NLL of tokens[j + 1] for first_scored <= j + 1 < length."""
-    logits = apply(params, tokens[None, :-1], config)[0, :, : config.vocab_size]
-    j = jnp.arange(1, tokens.shape[0])
-    mask = (j >= first_scored) & (j < length)
-    return token_loss_sum(logits, tokens[1:], mask)
-
-
 def sliding_window_perplexity(params: Params, config: GPTConfig, ids, *,
-                              stride: int | None = None) -> Perplexity:
+                              stride: int | None = None, batch_size: int = 8) -> Perplexity:
     """The sliding-window perplexity of the token ids `ids` (see the module
     docstring); `stride` defaults to the context length."""
     ids = np.asarray(ids, np.int32).reshape(-1)
@@ -64,15 +53,14 @@ def sliding_window_perplexity(params: Params, config: GPTConfig, ids, *,
                          f"got {stride!r}")
     if ids.size < 2:
         raise ValueError(f"the text has {ids.size} token(s); perplexity needs at least 2")
-    total, count, windows, prev_end = 0.0, 0, 0, 0
+    rows, prev_end = [], 0
     for begin in range(0, ids.size, stride):
         end = min(begin + ctx, ids.size)
-        window = np.zeros(ctx + 1, np.int32)  # + 1: the input is window[:-1]
-        window[: end - begin] = ids[begin:end]
-        first = max(end - begin - (end - prev_end), 1)  # the window's first scored position
-        s, n = _window_nll(params, jnp.asarray(window), first, end - begin, config=config)
-        total, count, windows = total + float(s), count + int(n), windows + 1
+        # the tokens past the previous window, each given the window before it
+        rows.append(Scored(ids[begin:end], min(end - prev_end, end - begin - 1)))
         prev_end = end
         if end == ids.size:
             break
-    return Perplexity(total, count, windows)
+    scores = score(params, config, rows, batch_size=batch_size)
+    return Perplexity(-math.fsum(s.logprob for s in scores), sum(s.count for s in scores),
+                      len(rows))
