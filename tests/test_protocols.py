@@ -152,3 +152,24 @@ def test_a_checkpoint_from_before_weight_decay_on_resumes_as_matrices():
     assert config_differences({"train": saved}, {"train": now}) == []
     assert config_differences({"train": saved}, {"train": dict(now, weight_decay_on="all")}) == \
         ["train.weight_decay_on: checkpoint 'matrices', now 'all'"]
+
+
+def test_a_classifier_saved_with_decay_all_resumes_with_the_decay_it_had():
+    """`classify.decay_all` (older runs) is read as `train.weight_decay_on`, and
+    `keep_best` may change on resume: it decides what is kept, not what trains."""
+    import dataclasses
+
+    from jaxllm.train.checkpoint import config_differences
+    from jaxllm.train.runner import CADENCE_FIELDS
+
+    now = dataclasses.asdict(TrainConfig())
+    old_train = {k: v for k, v in now.items() if k != "weight_decay_on"}
+    for decay_all, decay_on in ((True, "all"), (False, "matrices")):
+        saved = {"train": old_train, "classify": {"pooling": "last_token", "decay_all": decay_all}}
+        current = {"train": dict(now, weight_decay_on=decay_on),
+                   "classify": {"pooling": "last_token"}}
+        assert config_differences(saved, current) == []
+        other = "matrices" if decay_on == "all" else "all"
+        assert config_differences(saved, dict(current, train=dict(now, weight_decay_on=other))) \
+            == [f"train.weight_decay_on: checkpoint {decay_on!r}, now {other!r}"]
+    assert "keep_best" in CADENCE_FIELDS

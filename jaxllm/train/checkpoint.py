@@ -466,9 +466,22 @@ _MODEL_DEFAULTS = GPTConfig().to_dict()
 _TRAIN_ADDED = {"weight_decay_on": TrainConfig().weight_decay_on}  # TrainConfig fields added
 
 
+def _upgraded(saved: dict[str, Any]) -> dict[str, Any]:
+    """Metadata of an older checkpoint in today's terms: `classify.decay_all`
+    became `train.weight_decay_on` ("all" when it was true)."""
+    classify, train = saved.get("classify"), saved.get("train")
+    if not (isinstance(classify, dict) and "decay_all" in classify):
+        return saved
+    classify = {k: v for k, v in classify.items() if k != "decay_all"}
+    if isinstance(train, dict) and "weight_decay_on" not in train:
+        train = dict(train, weight_decay_on="all" if saved["classify"]["decay_all"] else "matrices")
+    return dict(saved, classify=classify, train=train)
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'section.field: checkpoint X, now Y' for every field that would make
     resuming a different run (implementation-only model fields excepted)."""
+    saved = _upgraded(saved)
     diffs = []
     for section in sorted(set(saved) | set(current)):
         a, b = saved.get(section), current.get(section)

@@ -37,7 +37,8 @@ KIND_NAMES = {None: "a pretraining run", "classify": "a classifier",
               "instruct": "an instruction-tuned run", "dpo": "a DPO run"}  # a checkpoint's "kind", in words
 # How often a run logs, evaluates and saves (and how many checkpoints it keeps):
 # no step depends on them, so a resumed run may change them in any section.
-CADENCE_FIELDS = ("save_every", "keep", "log_every", "eval_every")
+# What a resume may change: how often the run logs, evaluates and saves, and what it keeps.
+CADENCE_FIELDS = ("save_every", "keep", "log_every", "eval_every", "keep_best")
 
 
 def _without_cadence(meta: dict[str, Any]) -> dict[str, Any]:
