@@ -158,13 +158,42 @@ def test_other_families_and_unmerged_lora_equal_generate(variant, params):
          else lora_params(params))
     scheduler = Scheduler(SlotEngine(p, config, slots=2), lambda t: token_bytes(TOK, t),
                           TOK.stop_ids)
-    lengths = [9, 14, 6]
-    requests = [scheduler.submit(Request(TOK.encode(q), n)) for q, n in zip(PROMPTS, lengths)]
+    prompts, lengths = ["Hi", "xyz", "Hello, world"], [9, 14, 6]  # one bucket: few compilations
+    requests = [scheduler.submit(Request(TOK.encode(q), n)) for q, n in zip(prompts, lengths)]
     drain(scheduler)
-    for r, q, n in zip(requests, PROMPTS, lengths):
+    for r, q, n in zip(requests, prompts, lengths):
         out = generate(p, config, TOK.encode(q), n, eos_id=TOK.eot_id)
         assert r.tokens == [t for t in out.tokens[0, : out.lengths[0]].tolist()
                             if t != TOK.eot_id], (variant, q)
     if variant.endswith("lora"):  # the adapters change the answer
-        plain = generate(params, CFG, TOK.encode(PROMPTS[1]), 14).tokens[0].tolist()
+        plain = generate(params, CFG, TOK.encode(prompts[1]), 14).tokens[0].tolist()
         assert requests[1].tokens != plain
+
+
+def test_a_failing_step_ends_every_request_with_an_error(scheduler):
+    """The loop survives a model that raises: the requests under way end with
+    finish reason "error" (and why), and later ones are served."""
+    import threading
+
+    real = scheduler.engine.decode
+    calls = []
+
+    def decode(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(*args)
+
+    scheduler.engine.decode = decode
+    thread = threading.Thread(target=scheduler.run, daemon=True)
+    thread.start()
+    try:
+        first = [scheduler.submit(Request(TOK.encode(p), 20)) for p in PROMPTS[:4]]
+        assert all(r.done.wait(30) for r in first)
+        assert {r.finish_reason for r in first} == {"error"}
+        assert scheduler.error == "RuntimeError: out of memory" and scheduler.busy == 0
+        later = scheduler.submit(Request(TOK.encode("ok"), 3))
+        assert later.done.wait(30) and later.finish_reason == "length"
+    finally:
+        scheduler.close()
+        thread.join(10)

@@ -271,6 +271,10 @@ def create_app(model: ServedModel, *, api_key: str | None = None):
         except ValueError as err:  # read_request checked; kept for safety
             raise APIError(400, str(err), code="context_length_exceeded") from None
 
+        def failed() -> APIError:
+            return APIError(500, f"the model failed while answering: {model.scheduler.error}",
+                            type="server_error")
+
         def usage():
             return {"prompt_tokens": len(req.prompt), "completion_tokens": req.drawn,
                     "total_tokens": len(req.prompt) + req.drawn}
@@ -303,6 +307,9 @@ def create_app(model: ServedModel, *, api_key: str | None = None):
                         delta, reason = await queue.get()
                         if delta:
                             yield chunk([choice(delta, None)])
+                        if reason == "error":
+                            yield f"data: {json.dumps(failed().body())}\n\n"
+                            return
                         if reason is not None:
                             yield chunk([choice(None, reason)])
                             if include_usage:
@@ -327,6 +334,8 @@ def create_app(model: ServedModel, *, api_key: str | None = None):
         finally:
             if not req.done.is_set():
                 model.scheduler.cancel(req)
+        if req.finish_reason == "error":
+            raise failed()
         return {"id": ident, "object": "chat.completion" if chat else "text_completion",
                 "created": created, "model": model.name,
                 "choices": [choice(req.text, req.finish_reason)], "usage": usage()}

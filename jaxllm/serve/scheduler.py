@@ -32,7 +32,8 @@ class Request:
 
     What it produced is filled in as it runs: `tokens` (the ids drawn,
     without a final stop id), `text` (their text, cut before a stop string),
-    `finish_reason` ("stop", "length" or "cancelled") once done.
+    `finish_reason` ("stop", "length", "cancelled", or "error" when the model
+    failed) once done.
     `listener(delta, finish_reason)` is called from the scheduler's thread
     with each new piece of text (held back while it might still become a stop
     string) and once more at the end with the finish reason.
@@ -73,6 +74,7 @@ class Scheduler:
         self.steps = 0  # decode steps run (for tests and measurements)
         self.finished = collections.Counter()  # requests ended, by finish reason
         self._closed = False
+        self.error: str | None = None  # why the last failed step failed
 
     # -- called from any thread ------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -109,14 +111,30 @@ class Scheduler:
 
     # -- the loop --------------------------------------------------------------
     def run(self) -> None:
-        """Step until `close()`, sleeping while there is nothing to do."""
+        """Step until `close()`, sleeping while there is nothing to do. A step
+        that raises ends every request under way with finish reason "error"
+        (`error` says why) rather than leaving them waiting forever; the loop
+        goes on for the next ones."""
         while True:
             with self.lock:
                 while not self._closed and not self.waiting and not self.busy:
                     self.lock.wait()
                 if self._closed:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as err:  # noqa: BLE001 - reported to every request it stopped
+                self.fail(f"{type(err).__name__}: {err}")
+
+    def fail(self, message: str) -> None:
+        """End every running and waiting request with finish reason "error"."""
+        with self.lock:
+            self.error = message
+            for slot, r in enumerate(self.running):
+                if r is not None:
+                    self._finish(slot, "error")
+            while self.waiting:
+                self._end(self.waiting.popleft(), "error")
 
     def step(self) -> None:
         """Drop cancelled requests, admit one waiting request, decode one token
