@@ -44,8 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-warmup", action="store_true",
                         help="compile on the first requests instead of before listening")
     add_tokenizer_arguments(parser, default="the run's own, or the --hf folder's")
-    parser.add_argument("--n-heads", type=int, default=None,
-                        help="attention heads, for a safetensors file without config.json")
 
 
 def build(args: argparse.Namespace):
