@@ -5,8 +5,10 @@
 
 The one scorer that both the sliding-window perplexity (`perplexity.py`) and
 the lm-evaluation-harness model (`harness.py`) call: each row is a token
-sequence whose last `n` tokens are scored given everything before them. Rows are sorted by length, padded to a few bucket widths and
-run in fixed-size batches, so a whole evaluation compiles a handful of times.
+sequence whose last `n` tokens are scored given everything before them.
+Rows are sorted by length, padded to a few bucket widths (powers of two) and
+run in fixed-size batches, so a whole evaluation compiles a handful of times;
+only the scored positions go through the LM head.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import GPTConfig
-from jaxllm.model import apply
+from jaxllm.model import apply, cast_params, lm_head
 
 
 class Scored(NamedTuple):
@@ -37,19 +39,24 @@ class Score(NamedTuple):
 
 
 @partial(jax.jit, static_argnames="config")
-def _score_batch(params, inputs, targets, mask, *, config: GPTConfig):
-    """Per row: the masked sum of log p(target), and whether every masked target
-    was the argmax."""
-    logits = apply(params, inputs, config)[..., : config.vocab_size].astype(jnp.float32)
+def _score_batch(params, inputs, positions, targets, mask, *, config: GPTConfig):
+    """Per row: the masked sum of log p(target) over the hidden states at
+    `positions`, and whether every masked target was the argmax. Only the
+    scored positions go through the head (its vocabulary-wide product
+    dominates a small model's cost)."""
+    hidden = apply(params, inputs, config, return_hidden=True)
+    hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    logits = lm_head(cast_params(params, config), hidden, config)
+    logits = logits[..., : config.vocab_size].astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     greedy = (jnp.argmax(logits, axis=-1) == targets) | ~mask
     return jnp.sum(jnp.where(mask, picked, 0.0), axis=-1), jnp.all(greedy, axis=-1)
 
 
-def _bucket(width: int, context_length: int) -> int:
-    """A padded width: the next power of two from 16, capped at the context."""
-    return min(context_length, max(16, 1 << (width - 1).bit_length()))
+def _bucket(width: int, limit: int, smallest: int = 16) -> int:
+    """A padded width: the next power of two from `smallest`, capped at `limit`."""
+    return min(limit, max(smallest, 1 << (max(width, 1) - 1).bit_length()))
 
 
 def score(params, config: GPTConfig, rows: Sequence[Scored], *, batch_size: int = 8,
@@ -70,15 +77,20 @@ def score(params, config: GPTConfig, rows: Sequence[Scored], *, batch_size: int 
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = _bucket(len(rows[chunk[0]].tokens) - 1, config.context_length)
+        k = _bucket(max(rows[i].n_scored for i in chunk), width, smallest=1)
         inputs = np.zeros((batch_size, width), np.int32)
-        targets = np.zeros((batch_size, width), np.int32)
-        mask = np.zeros((batch_size, width), bool)
-        for r, i in enumerate(chunk):
+        positions = np.zeros((batch_size, k), np.int32)
+        targets = np.zeros((batch_size, k), np.int32)
+        mask = np.zeros((batch_size, k), bool)
+        for r, i in enumerate(chunk):  # the scored positions at the right of the k slots
             tokens, n = np.asarray(rows[i].tokens, np.int32), rows[i].n_scored
             t = len(tokens) - 1
-            inputs[r, :t], targets[r, :t] = tokens[:-1], tokens[1:]
-            mask[r, t - n:t] = True
-        logprob, greedy = jax.device_get(_score_batch(params, inputs, targets, mask,
+            inputs[r, :t] = tokens[:-1]
+            if n:
+                positions[r, k - n:] = np.arange(t - n, t)
+                targets[r, k - n:] = tokens[t - n + 1:]
+                mask[r, k - n:] = True
+        logprob, greedy = jax.device_get(_score_batch(params, inputs, positions, targets, mask,
                                                       config=config))
         for r, i in enumerate(chunk):
             out[i] = Score(float(logprob[r]), bool(greedy[r]), rows[i].n_scored)
