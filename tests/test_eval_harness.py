@@ -78,15 +78,17 @@ def models(gpt2_folder):
             HFLM(pretrained=str(gpt2_folder), device="cpu", dtype="float32", batch_size=4))
 
 
-def _evaluate(model, task_dir):
-    return lm_eval.simple_evaluate(model=model, tasks=["tiny_mc"], log_samples=True,
+def _evaluate(model, task_dir, **kwargs):
+    return lm_eval.simple_evaluate(model=model, tasks=["tiny_mc"], log_samples=True, **kwargs,
                                    task_manager=TaskManager(include_path=str(task_dir),
                                                               include_defaults=False))
 
 
-def test_multiple_choice_equals_lm_evals_hf_model(models, task_dir):
-    """Per-choice log-likelihoods to 1e-4 and the same accuracy."""
-    ours, theirs = (_evaluate(m, task_dir) for m in models)
+def test_multiple_choice_equals_lm_evals_hf_model(gpt2_folder, models, task_dir):
+    """Per-choice log-likelihoods to 1e-4 and the same accuracy (jaxllm by its
+    registered name, as `lm_eval --model jaxllm` would make it)."""
+    ours = _evaluate("jaxllm", task_dir, model_args=f"hf={gpt2_folder}", batch_size=4)
+    theirs = _evaluate(models[1], task_dir)
 
     def loglikelihoods(result):
         samples = sorted(result["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
@@ -124,3 +126,16 @@ def test_cli_harness(gpt2_folder, task_dir, tmp_path, capsys):
     assert cli.main(["eval", "harness", "--hf", str(gpt2_folder), "--tasks", "no_such_task",
                      "--include-path", str(task_dir)]) == 2
     assert "unknown task(s) no_such_task" in capsys.readouterr().err
+
+
+def test_registered_as_lm_evals_jaxllm_model(gpt2_folder):
+    """`lm_eval --model jaxllm --model_args hf=...` resolves to JaxLLM; an
+    argument it does not take is named, not dropped."""
+    from lm_eval.api.registry import get_model
+
+    assert get_model("jaxllm") is JaxLLM
+    model = JaxLLM.create_from_arg_string(f"hf={gpt2_folder},max_gen_toks=5",
+                                          {"batch_size": 2, "device": "cpu"})
+    assert (model.batch_size, model.max_gen_toks, model.max_length) == (2, 5, 64)
+    with pytest.raises(ValueError, match="unknown model argument.s. pretrained"):
+        JaxLLM.create_from_arg_string(f"pretrained={gpt2_folder}")

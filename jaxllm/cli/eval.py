@@ -47,8 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--out", default=None, metavar="DIR",
                      help="where eval.json goes (default: the run folder, else .)")
     add_tokenizer_arguments(ppl, default="the run's own, or the --hf folder's")
-    ppl.add_argument("--n-heads", type=int, default=None,
-                     help="attention heads, for a safetensors file without config.json")
     ppl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     harness = sub.add_parser("harness", formatter_class=HelpFormatter,
                              help="lm-evaluation-harness tasks (pip install \"jaxllm[eval]\")")
@@ -68,8 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     harness.add_argument("--out", default=None, metavar="DIR",
                          help="where eval.json goes (default: the run folder, else .)")
     add_tokenizer_arguments(harness, default="the run's own, or the --hf folder's")
-    harness.add_argument("--n-heads", type=int, default=None,
-                         help="attention heads, for a safetensors file without config.json")
 
 
 def _write(args: argparse.Namespace, record: dict) -> str:
@@ -108,8 +104,7 @@ def _harness(args: argparse.Namespace) -> int:
                          f"task YAML files)")
     model = JaxLLM(run_dir=args.run_dir, hf=args.hf, batch_size=args.batch_size,
                    max_gen_toks=args.max_gen_toks, tokenizer=args.tokenizer,
-                   tokenizer_dir=args.tokenizer_dir, n_heads=args.n_heads,
-                   no_fallback=args.no_fallback)
+                   tokenizer_dir=args.tokenizer_dir, no_fallback=args.no_fallback)
     results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=args.num_fewshot,
                                       limit=args.limit, task_manager=manager)
     path = _write(args, {"task": "harness", "tasks": tasks, "model": args.run_dir or args.hf,

@@ -27,21 +27,27 @@ from jaxllm.eval.score import Scored, score
 @register_model("jaxllm")
 class JaxLLM(TemplateLM):
     """A jaxllm run (`run_dir=`) or Hugging Face folder (`hf=`), loaded as
-    `jaxllm generate` loads it, with the same tokenizer search."""
+    `jaxllm generate` loads it, with the same tokenizer search; or `model=`
+    (params, config, tokenizer) already loaded. lm_eval's `device` and
+    `max_batch_size` are taken and unused (JAX places the arrays)."""
 
     def __init__(self, run_dir: str | None = None, hf: str | None = None, *,
                  batch_size: int | str = 8, max_gen_toks: int = 256,
                  tokenizer: str | None = None, tokenizer_dir: str | None = None,
-                 n_heads: int | None = None, no_fallback: bool = False, model=None, **_):
+                 no_fallback: bool = False, model=None, device=None, max_batch_size=None,
+                 **unknown):
         super().__init__()
+        if unknown:
+            raise ValueError(f"jaxllm: unknown model argument(s) {', '.join(sorted(unknown))} "
+                             "(it takes run_dir, hf, batch_size, max_gen_toks, tokenizer, "
+                             "tokenizer_dir, no_fallback)")
         if model is None:
             from jaxllm.cli.generate import load_model
 
             if (run_dir is None) == (hf is None):
                 raise ValueError("jaxllm: give exactly one of run_dir= and hf=")
             args = argparse.Namespace(run_dir=run_dir, hf=hf, tokenizer=tokenizer,
-                                      tokenizer_dir=tokenizer_dir, n_heads=n_heads,
-                                      no_fallback=no_fallback)
+                                      tokenizer_dir=tokenizer_dir, no_fallback=no_fallback)
             model = load_model(args, "evaluate")[:3]
         self.params, self.config, self.tok = model
         self.batch_size = 8 if batch_size in ("auto", None) else int(batch_size)
