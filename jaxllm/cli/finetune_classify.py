@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling", choices=("last_token", "last_position", "mean"),
                         help="where the class logits are read (default last_token)")
     parser.add_argument("--epochs", type=float, default=EPOCHS,
-                        help="passes over the training split (default 5, the book's)")
+                        help="passes over the training split (the book's number)")
     parser.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default 50)")
     parser.add_argument("--eval-batches", type=int, help="batches per evaluation (default 5)")

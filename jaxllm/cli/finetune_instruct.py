@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="book: the book's chapter-7 settings in every hyperparameter "
                              "(weight decay on every parameter)")
     parser.add_argument("--epochs", type=float, default=EPOCHS,
-                        help="passes over the training split (default 2, the book's)")
+                        help="passes over the training split (the book's number)")
     parser.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default 5)")
     parser.add_argument("--save-every", type=int, help="steps between checkpoints (default 100)")
