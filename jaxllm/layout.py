@@ -194,16 +194,29 @@ def hf_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 
 # -- partition rules ---------------------------------------------------------------
+def _regex(path: str) -> str:
+    return r"\d+".join(re.escape(part) for part in path.split("*"))
+
+
 def rule_patterns() -> list[tuple[str, str]]:
     """(regex over paths, kind) for the default partition rules: one per matrix
     in table order (GPT-2's, then the Llama family's not already named), then
     one for every vector by its leaf name (so the biases of a new head are
     replicated too)."""
-    def regex(path: str) -> str:
-        return r"\d+".join(re.escape(part) for part in path.split("*"))
-
     every = PARAMS + LLAMA_PARAMS
-    matrices = list(dict.fromkeys(regex(p.path) for p in every if p.kind == MATRIX))
+    matrices = list(dict.fromkeys(_regex(p.path) for p in every if p.kind == MATRIX))
     names = sorted({p.path.rsplit("/", 1)[1] for p in every if p.kind == VECTOR})
     matrices = [(m, MATRIX) for m in matrices]
     return matrices + [(f".*/({'|'.join(names)})", VECTOR)]
+
+
+def rule_families() -> dict[str, frozenset[str]]:
+    """The regex of each default matrix rule -> the families whose table has
+    that parameter ("gpt2", "llama"): a rule of a family other than a tree's
+    is expected to match nothing in it."""
+    out: dict[str, set[str]] = {}
+    for family, rows_ in (("gpt2", PARAMS), ("llama", LLAMA_PARAMS)):
+        for p in rows_:
+            if p.kind == MATRIX:
+                out.setdefault(_regex(p.path), set()).add(family)
+    return {k: frozenset(v) for k, v in out.items()}

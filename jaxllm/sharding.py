@@ -20,7 +20,8 @@ the first rule whose regex matches the whole path gives its spec. A parameter
 that no rule matches (a new head, adapters) is replicated, with one warning
 that lists them all; with ``strict=True`` it is an error, and so is a rule that
 matches no parameter (the default rules name ``out_head`` and ``qkv`` biases,
-which some configs do not have). Optimizer state follows the parameters: a
+which some configs do not have; a rule of another family than the tree's is not
+counted). Optimizer state follows the parameters: a
 leaf of an optax state whose key path ends with a parameter's path and has
 its shape (Adam's ``mu`` and ``nu``, momentum traces, over all parameters or
 only the trainable ones) gets that parameter's sharding; other leaves (step
@@ -72,11 +73,13 @@ Rules = Sequence[tuple[str, "P | tuple[P, ...]"]]
 # `GPTConfig.vocab_multiple` pads it.
 FSDP_MATRIX = (P("fsdp", None), P(None, "fsdp"))
 
-# The default FSDP layout of the GPT parameters (see `param_specs`), one rule per
-# matrix of `jaxllm.layout.PARAMS` in tree order, then one for the vectors (biases,
-# LayerNorm scales: at most a few thousand numbers), which are replicated.
+# The default FSDP layout of every family's parameters (see `param_specs`), one rule
+# per matrix of `jaxllm.layout`'s tables in tree order (GPT-2's, then Llama's and
+# Qwen3's), then one for the vectors (biases, norm scales: at most a few thousand
+# numbers), which are replicated.
 DEFAULT_RULES: tuple[tuple[str, P | tuple[P, ...]], ...] = tuple(
     (regex, FSDP_MATRIX if kind == layout.MATRIX else P()) for regex, kind in layout.rule_patterns())
+_RULE_FAMILIES = layout.rule_families()
 
 
 # -- the mesh ------------------------------------------------------------------
@@ -301,7 +304,12 @@ def param_specs(params, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, strict: boo
         warnings.warn(f"{len(unmatched)} parameter(s) match no partition rule and are "
                       f"replicated: {', '.join(unmatched)}. Add a rule to shard them "
                       f"(strict=True makes this an error)", stacklevel=2)
-    unused = [c[0] for c, u in zip(compiled, used) if not u]
+    # a default rule of another family than the tree's (Llama's q/k/v/o on a GPT-2
+    # tree) is not unused: the families are the ones whose rules of their own matched
+    families = [_RULE_FAMILIES.get(c[0], frozenset()) for c in compiled]
+    present = {f for fams, u in zip(families, used) if u and len(fams) == 1 for f in fams}
+    unused = [c[0] for c, u, fams in zip(compiled, used, families)
+              if not u and not (fams and present and not fams & present)]
     if strict and unused:
         raise ValueError(f"partition rule(s) {unused} match no parameter (strict mode)")
     return specs

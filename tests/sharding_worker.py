@@ -41,6 +41,7 @@ sh.initialize_distributed(f"localhost:{free_port()}", 1, 0)
 import jax  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from jaxllm import layout  # noqa: E402
 from jaxllm.config import GPTConfig  # noqa: E402
 from jaxllm.model import init_params  # noqa: E402
 from jaxllm.train.task import lm_batch  # noqa: E402
@@ -51,6 +52,16 @@ from jaxllm.train.loop import LoopConfig, train  # noqa: E402
 
 CONFIG = GPTConfig(vocab_size=128, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
                    drop_rate=0.0)
+FAMILIES = {
+    "llama": GPTConfig(vocab_size=128, context_length=32, emb_dim=64, n_heads=4, n_kv_heads=2,
+                       n_layers=2, ffn_dim=128, norm="rmsnorm", positions="rope", mlp="swiglu",
+                       qkv_bias=False, out_bias=False, mlp_bias=False, drop_rate=0.0,
+                       rope_scaling="llama3", rope_factor=4.0, rope_original_context=16),
+    "qwen3": GPTConfig(vocab_size=128, context_length=32, emb_dim=64, n_heads=4, n_kv_heads=2,
+                       head_size=24, n_layers=2, ffn_dim=128, norm="rmsnorm", positions="rope",
+                       mlp="swiglu", qkv_bias=False, out_bias=False, mlp_bias=False,
+                       qk_norm=True, tie_embeddings=True, drop_rate=0.0),
+}
 TC = TrainConfig(lr=1e-3, warmup_steps=1, total_steps=10, batch_size=16)
 STEPS = 3
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=4")
@@ -215,6 +226,36 @@ def main(out_dir: str) -> dict:
         "meta_mesh": checkpoint.read_meta(os.path.join(out_dir, "loop_sharded"))["mesh"],
     }
     lap("loop")
+
+    # Llama 3 and Qwen3 (GQA, RoPE, SwiGLU; Qwen3's qk norms and tied head) on
+    # fsdp=8 and data=2,fsdp=4 under the default rules: equal to one device,
+    # every matrix in 8 shards, every vector replicated.
+    families = report["families"] = {}
+    for name, config in FAMILIES.items():
+        ref = init_state(config, TC)
+        ref_step = make_train_step(config, TC)
+        ref_losses = []
+        for x, y in data[:2]:
+            ref, m = ref_step(ref, lm_batch(x, y))
+            ref_losses.append(float(m["loss"]))
+        for spec in ("fsdp=8", "data=2,fsdp=4"):
+            mesh = sh.make_mesh(spec)
+            state = sh.init_sharded_train_state(config, TC, mesh)
+            step = sh.make_sharded_train_step(config, TC, mesh)
+            losses = []
+            for x, y in data[:2]:
+                state, m = step(state, lm_batch(x, y))
+                losses.append(float(m["loss"]))
+            shards = {sh.path_str(path): [len(leaf.addressable_shards),
+                                          sorted({int(np.prod(s.data.shape))
+                                                  for s in leaf.addressable_shards}),
+                                          int(leaf.size), leaf.ndim]
+                      for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+            families[f"{name} {spec}"] = {
+                "losses": losses, "ref_losses": ref_losses,
+                "params_diff": max_diff(state.params, ref.params), "shards": shards,
+                "family_tree": sorted(shards) == sorted(layout.param_shapes(config))}
+    lap("families")
 
     # Errors that name what does not fit.
     mesh8, step8 = states["data=8"][0], steps["data=8"]

@@ -77,9 +77,13 @@ def test_a_sharded_step_made_for_another_tree_says_to_pass_the_state():
 
 def test_default_rules_cover_every_parameter_and_pick_rows_first():
     mesh = sh.make_mesh("fsdp=1")
-    for config in (CONFIG, CONFIG.replace(tie_embeddings=True, qkv_bias=True)):
+    llama = CONFIG.replace(norm="rmsnorm", positions="rope", mlp="swiglu", n_kv_heads=2,
+                           out_bias=False, mlp_bias=False)
+    for config in (CONFIG, CONFIG.replace(tie_embeddings=True, qkv_bias=True), llama,
+                   llama.replace(qk_norm=True, head_size=24, tie_embeddings=True)):
         params = sh.abstract_train_state(config, TrainConfig()).params
-        specs = sh.param_specs(params, mesh)
+        # strict: every parameter has a rule; the other family's rules are not "unused"
+        specs = sh.param_specs(params, mesh, strict=not config.tie_embeddings)
         flat = {sh.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
             specs, is_leaf=lambda x: isinstance(x, P))[0]}
         shapes = {sh.path_str(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -173,6 +177,23 @@ def test_fsdp_splits_every_matrix_and_its_moments_eight_ways(eight_devices):
         assert n_shards == 8 and shard_sizes == [size // 8], name
     assert eight_devices["fsdp8_vectors_not_replicated"] == []
     assert eight_devices["fsdp8_count_sharding"] == "P()"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("spec", ["fsdp=8", "data=2,fsdp=4"])
+def test_llama_and_qwen3_shard_by_the_default_rules_and_train_as_one_device(
+        eight_devices, family, spec):
+    run = eight_devices["families"][f"{family} {spec}"]
+    np.testing.assert_allclose(run["losses"], run["ref_losses"], rtol=0, atol=1e-5)
+    assert run["params_diff"] < 1e-5
+    assert run["family_tree"]  # the family's own parameters (layout.param_shapes)
+    assert any("/ffn/gate/" in name for name in run["shards"])
+    for name, (n_shards, sizes, size, ndim) in run["shards"].items():
+        # a matrix split over the fsdp devices (copied over data); a vector (norm
+        # scale) whole on every device
+        fsdp = 8 if spec == "fsdp=8" else 4
+        expected = [size // fsdp] if ndim == 2 else [size]
+        assert n_shards == 8 and sizes == expected, name
 
 
 def test_checkpoint_saved_on_fsdp8_restores_onto_other_meshes(eight_devices):
