@@ -1,7 +1,7 @@
 """Llama 3 and Qwen3 downstream, from folders saved by `transformers`: `generate`
 and `chat --hf` with the folder's own tokenizer and chat template (end-of-turn
 tokens stop them), LoRA on q, k, v, o, gate, up and down with counts from the
-shapes, a LoRA `finetune instruct` run that resumes, merges and is read back
+shapes (merged, unmerged, saved alone), a LoRA `finetune instruct` run that resumes, merges and is read back
 by transformers, `finetune classify --hf`, and `pretrain --preset llama-3.2-1b`
 scaled down by --set. The models are random (2 layers, emb 32) and the
 tokenizers are trained here with the `tokenizers` library."""
@@ -117,7 +117,7 @@ def test_end_of_turn_tokens_stop_generate_and_chat(tmp_path, family, capsys):
     assert capsys.readouterr().out == "Hi" + tok.decode([eot] * 3) + "\n"
 
 
-def test_lora_targets_by_name_with_counts_from_the_shapes(folders):
+def test_lora_targets_by_name_with_counts_from_the_shapes(folders, tmp_path):
     params, config = load_hf(folders["llama"][0])
     shapes = layout.param_shapes(config)
     names = ("q", "k", "v", "o", "gate", "up", "down")
@@ -141,6 +141,13 @@ def test_lora_targets_by_name_with_counts_from_the_shapes(folders):
     back = lora.unmerge(merged, adapters, alpha=8)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    # an adapter-only file onto the same base gives the same model; onto Qwen3's, refused
+    lora.save_adapters(tmp_path / "adapters.safetensors", adapters, 8, config)
+    again = lora.load_adapters(tmp_path / "adapters.safetensors", params, config)
+    np.testing.assert_allclose(apply(again, x, config), apply(adapted, x, config), atol=1e-6)
+    qwen_params, qwen_config = load_hf(folders["qwen3"][0])
+    with pytest.raises(ValueError, match="made for another base model"):
+        lora.load_adapters(tmp_path / "adapters.safetensors", qwen_params, qwen_config)
 
 
 def _instructions(path):
