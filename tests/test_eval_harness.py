@@ -4,6 +4,7 @@ file (offline), rolling log-likelihoods and generations."""
 
 import json
 import os
+import shutil
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # before datasets loads: the task's data is local
 
@@ -12,10 +13,6 @@ import pytest  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
-
-import shutil  # noqa: E402
-
-import jax  # noqa: E402
 
 from jaxllm import cli  # noqa: E402
 from jaxllm.config import GPTConfig  # noqa: E402
@@ -61,6 +58,7 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {folder / 'tiny.jsonl'}
+  cache_dir: {folder / 'cache'}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
