@@ -46,6 +46,9 @@ def test_search_order(shared_data, tmp_path, monkeypatch):
     assert get_tokenizer("gpt2", places=places).directory == str(place)
     assert get_tokenizer("gpt2", places=places[:1]).directory == str(env)
     monkeypatch.delenv("JAXLLM_GPT2_DIR")
+    if not any(folder.is_dir() for folder in tokmod.shared_data_folders()):
+        # a clone with no shared/data above it (git clone . /tmp/x): found from the current directory
+        monkeypatch.chdir(shared_data.resolve().parents[1])
     found = get_tokenizer("gpt2", places=places[:1])  # shared/data above the checkout
     assert found.directory == str(shared_data.resolve())
     assert shared_data.resolve() in [d.resolve() for d in tokmod.shared_data_folders()]
