@@ -89,13 +89,19 @@ class Jaxllm:
         return lambda p: f"Compiling jit({name})".encode() in p.err
 
 
+# "Finished tracing ...", "Compiling jit(...)", bare or through `logging` ("WARNING:jax...:")
+JAX_COMPILE_LOG = re.compile(r"^(\w+:jax[\w.]*:)?(Finished |Compiling )")
+
+
 def stop_line(stopped, command, signum=signal.SIGINT) -> str:
     """The one line a stop ends with, checked: exit code, no traceback, no crash."""
     code, _, err = stopped
     assert code == 128 + signum, err[-3000:]
     for crash in ("Traceback", "Segmentation fault", "Fatal Python error", "KeyboardInterrupt"):
         assert crash not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.strip()]
+    # JAX_LOG_COMPILES lines come from XLA's threads and may land after the stop line
+    lines = [line for line in err.splitlines()
+             if line.strip() and not JAX_COMPILE_LOG.match(line)]
     name = signal.Signals(signum).name
     assert lines[-1].startswith(f"jaxllm {command}: stopped by {name}"), err[-3000:]
     assert sum(line.startswith(f"jaxllm {command}: stopped") for line in lines) == 1
