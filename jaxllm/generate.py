@@ -237,12 +237,15 @@ def _forward_cached(p: Params, tokens, positions, start, cache: KVCache, config:
     consecutively from `start` (one () for all rows, or (batch,)): writes
     their keys and values into the cache and attends over it. Returns the
     final hidden states (batch, seq, emb), before the final norm, and
-    the new cache."""
+    the new cache. The cache may hold more rows than the batch (a server's
+    idle slots): the tokens are its first rows, and the rows past them are
+    neither read nor written."""
     x = embed(p, tokens, config, positions=positions).astype(jnp.dtype(config.compute_dtype))
+    rows = tokens.shape[0]
     keys, values = [], []
     for blk, ck, cv in zip(p["blocks"], cache.keys, cache.values):
         def attend(q, k, v, ck=ck, cv=cv):
-            a = cached_attention(q, k, v, ck, cv, start)
+            a = cached_attention(q, k, v, ck[:rows], cv[:rows], start)
             k, v = _after(k, a), _after(v, a)
             keys.append(_write(ck, k.transpose(0, 2, 3, 1), start, slot_axis=3))
             values.append(_write(cv, v.transpose(0, 2, 1, 3), start, slot_axis=2))

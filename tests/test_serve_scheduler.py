@@ -197,3 +197,42 @@ def test_a_failing_step_ends_every_request_with_an_error(scheduler):
     finally:
         scheduler.close()
         thread.join(10)
+
+
+def test_a_decode_step_runs_on_the_occupied_slots_only(params):
+    """A lone request on a 4-slot engine decodes a batch of one; when slots
+    free in the middle (a hole before a busy slot), the step covers up to
+    the last busy slot and every answer is still its prompt's own; the
+    lowest free slot is taken first; each slot count compiles once."""
+    engine = SlotEngine(params, CFG, slots=4)
+    assert engine.buckets == (1, 2, 4)
+    scheduler = Scheduler(engine, lambda t: token_bytes(TOK, t), TOK.stop_ids)
+    lone = scheduler.submit(Request(TOK.encode(PROMPTS[1]), 6))
+    drain(scheduler)
+    assert engine.rows_decoded == {1: 6}
+    assert lone.tokens == alone(params, PROMPTS[1], 6)
+
+    def run():
+        engine.rows_decoded.clear()
+        lengths = [20, 2, 16, 4, 9]  # slot 1 frees early while 0 and 2 go on
+        requests = [scheduler.submit(Request(TOK.encode(p), n))
+                    for p, n in zip(PROMPTS, lengths)]
+        placed = {}
+        for _ in range(200):
+            if not scheduler.waiting and not scheduler.busy:
+                break
+            scheduler.step()
+            for slot, r in enumerate(scheduler.running):
+                placed.setdefault(r, slot)
+        assert [placed[r] for r in requests] == [0, 1, 2, 1, 3]  # lowest free slot first
+        for r, p, n in zip(requests, PROMPTS, lengths):
+            assert r.tokens == alone(params, p, n), p
+        return dict(engine.rows_decoded)
+
+    rows = run()
+    # one row at the first step and after the last but one ends, two at the
+    # second, four while a busy slot sits past a hole
+    assert rows == {1: 3, 2: 1, 4: 16}
+    traces = TRACE_COUNTS["serve_decode"]
+    assert run() == rows
+    assert TRACE_COUNTS["serve_decode"] == traces  # nothing recompiles

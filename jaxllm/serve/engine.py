@@ -4,12 +4,23 @@ jitted functions over it.
 `SlotEngine.prefill(slot, ids)` runs one prompt into one slot (a batch of one,
 padded to its power-of-two bucket, exactly `jaxllm.generate`'s prefill) and
 leaves that slot's next-token logits beside the cache. `SlotEngine.decode(...)`
-draws the next token of every slot from those logits (greedy or sampled, each
-slot with its own temperature, top-p and seed), feeds it to the model at that
-slot's own position and keeps the new logits. Both reuse generate.py's cached
-forward pass and the model's block; the cache's shape never changes, so after
-one compilation per prompt bucket (and the two decode variants, greedy and
-sampling) nothing recompiles while serving.
+draws the next token of every occupied slot from those logits (greedy or
+sampled, each slot with its own temperature, top-p and seed), feeds it to the
+model at that slot's own position and keeps the new logits.
+
+A decode step costs what the occupied slots need, not what `slots` allows: it
+runs on the first `rows` slots of the cache only, `rows` the smallest of a few
+compiled slot counts (`slot_buckets`: the powers of two below `slots`, and
+`slots`) that covers the last occupied slot. The scheduler puts each request in
+the lowest free slot, so the occupied slots stay near the front and one client
+on a 32-slot server decodes a batch of one. Slots past `rows` are neither read
+nor written; the cache is donated and each step writes its new keys and values
+into it in place. Both functions reuse generate.py's cached forward pass and
+the model's block; the cache's shape never changes, so after one compilation
+per prompt bucket, and per slot count and decode variant (greedy, sampling),
+nothing recompiles while serving. (Moving requests to keep the occupied slots
+a strict prefix would copy their cache rows; a hole left by a finished request
+is filled by the next one instead, and until then costs one idle row.)
 
 A request's prompt plus its new tokens must fit the context: the server
 refuses longer ones (no sliding window here).
@@ -17,6 +28,7 @@ refuses longer ones (no sliding window here).
 
 from __future__ import annotations
 
+import collections
 from functools import partial
 from typing import NamedTuple
 
@@ -56,18 +68,21 @@ def _prefill_slot(params: Params, state: SlotState, tokens, length, slot, *,
                      state.length.at[slot].set(length))
 
 
-@partial(jax.jit, donate_argnames=("state",), static_argnames=("config", "sampling"))
+@partial(jax.jit, donate_argnames=("state",), static_argnames=("config", "sampling", "rows"))
 def _decode_step(params: Params, state: SlotState, active, temperature, top_p, seed, step, *,
-                 config: GPTConfig, sampling: bool):
-    """One token for every active slot: drawn from the slot's logits (argmax
-    where its temperature is 0; else softmax(logits / temperature) within
-    the top-p nucleus, with the key `fold_in(PRNGKey(seed), step)`, as
-    `generate` draws a lone prompt's step), then fed to the model at the
-    slot's position. Inactive slots compute garbage that nobody reads.
-    Returns the new state and the tokens (slots,)."""
+                 config: GPTConfig, sampling: bool, rows: int):
+    """One token for each of the first `rows` slots (the other arguments
+    have `rows` entries): drawn from the slot's logits (argmax where its
+    temperature is 0; else softmax(logits / temperature) within the top-p
+    nucleus, with the key `fold_in(PRNGKey(seed), step)`, as `generate`
+    draws a lone prompt's step), then fed to the model at the slot's
+    position. Inactive slots among them compute garbage that nobody reads;
+    the slots past `rows` are untouched. Returns the new state and the
+    tokens (rows,)."""
     TRACE_COUNTS["serve_decode"] += 1
     p = cast_params(params, config)
-    nxt = jnp.argmax(state.logits, axis=-1).astype(jnp.int32)
+    logits, length = state.logits[:rows], state.length[:rows]
+    nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if sampling:
         def draw(logits, s, i, t, tp):
             key = jax.random.fold_in(jax.random.PRNGKey(s), i)
@@ -75,23 +90,33 @@ def _decode_step(params: Params, state: SlotState, active, temperature, top_p, s
                                filters=(False, True))[0]
 
         safe_t = jnp.where(temperature > 0, temperature, 1.0)
-        drawn = jax.vmap(draw)(state.logits, seed, step, safe_t, top_p)
+        drawn = jax.vmap(draw)(logits, seed, step, safe_t, top_p)
         nxt = jnp.where(temperature > 0, drawn, nxt)
-    pos = jnp.where(active, jnp.minimum(state.length, config.context_length - 1), 0)
+    pos = jnp.where(active, jnp.minimum(length, config.context_length - 1), 0)
     hidden, cache = _forward_cached(p, nxt[:, None], pos[:, None], pos, state.cache, config)
     logits = _logits_at(p, hidden, jnp.zeros_like(pos), config)
-    length = jnp.where(active, state.length + 1, state.length)
-    return SlotState(cache, logits, length), nxt
+    length = jnp.where(active, length + 1, length)
+    return SlotState(cache, jax.lax.dynamic_update_slice(state.logits, logits, (0, 0)),
+                     jax.lax.dynamic_update_slice(state.length, length, (0,))), nxt
+
+
+def slot_buckets(slots: int) -> tuple[int, ...]:
+    """The slot counts a decode step is compiled for: 1, 2, 4, ... below
+    `slots`, and `slots`."""
+    return tuple(1 << i for i in range((slots - 1).bit_length()) if 1 << i < slots) + (slots,)
 
 
 class SlotEngine:
     """`slots` sequences decoded together; which slot holds which request is
-    the scheduler's business, not this class's."""
+    the scheduler's business, not this class's. `rows_decoded` counts the
+    decode steps run at each slot count."""
 
     def __init__(self, params: Params, config: GPTConfig, slots: int):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.params, self.config, self.slots = params, config, slots
+        self.buckets = slot_buckets(slots)
+        self.rows_decoded: collections.Counter = collections.Counter()
         self.state = SlotState(empty_cache(config, slots),
                                jnp.zeros((slots, config.vocab_size), jnp.float32),
                                jnp.zeros((slots,), jnp.int32))
@@ -108,19 +133,36 @@ class SlotEngine:
                                    jnp.int32(slot), config=self.config)
 
     def decode(self, active, temperature, top_p, seed, step) -> np.ndarray:
-        """One step of every slot (arrays of length `slots`: which are active,
-        their temperature, top-p, seed and tokens drawn so far); the tokens."""
+        """One step of the occupied slots. The arguments have one entry per
+        slot, or per slot up to the last occupied one: which are active,
+        their temperature, top-p, seed and tokens drawn so far. Returns the
+        tokens of the first `rows` slots, `rows` the smallest of `buckets`
+        past the last active slot (its own and the idle slots' among them
+        mean nothing)."""
+        active = np.asarray(active, bool)
+        if len(active) > self.slots:
+            raise ValueError(f"{len(active)} slots given to an engine of {self.slots}")
+        used = int(np.flatnonzero(active)[-1]) + 1 if active.any() else 1
+        rows = next(b for b in self.buckets if b >= used)
+
+        def fit(values, dtype):
+            out = np.zeros(rows, dtype)
+            values = np.asarray(values, dtype)[:rows]
+            out[:len(values)] = values
+            return jnp.asarray(out)
+
         temperature = np.asarray(temperature, np.float32)
         self.state, tokens = _decode_step(
-            self.params, self.state, jnp.asarray(active, bool), jnp.asarray(temperature),
-            jnp.asarray(top_p, np.float32), jnp.asarray(seed, np.uint32),
-            jnp.asarray(step, np.int32), config=self.config,
-            sampling=bool((temperature[np.asarray(active, bool)] > 0).any()))
+            self.params, self.state, fit(active, bool), fit(temperature, np.float32),
+            fit(top_p, np.float32), fit(seed, np.uint32), fit(step, np.int32),
+            config=self.config, rows=rows,
+            sampling=bool((temperature[:len(active)][active] > 0).any()))
+        self.rows_decoded[rows] += 1
         return np.asarray(tokens)
 
     def warm_up(self) -> None:
-        """Compile every prompt bucket and both decode variants now, so the
-        first requests do not wait for XLA."""
+        """Compile every prompt bucket and both decode variants at every slot
+        count now, so the first requests do not wait for XLA."""
         ctx = self.config.context_length
         n = 1
         while True:
@@ -129,6 +171,8 @@ class SlotEngine:
             if bucket >= ctx:
                 break
             n = bucket + 1
-        zeros = np.zeros(self.slots)
-        for t in (0.0, 1.0):
-            self.decode(np.ones(self.slots, bool), zeros + t, zeros + 1.0, zeros, zeros)
+        for rows in self.buckets:
+            zeros = np.zeros(rows)
+            for t in (0.0, 1.0):
+                self.decode(np.ones(rows, bool), zeros + t, zeros + 1.0, zeros, zeros)
+        self.rows_decoded.clear()
