@@ -6,7 +6,7 @@ RUN := $(BIN)/python
 STAMP := $(VENV)/.installed
 RESULTS ?= results
 
-.PHONY: help install test experiments tensors autodiff backprop config model pretrain chapter5 bench bench-generate clean parity
+.PHONY: help install test experiments tensors autodiff backprop config model pretrain chapter5 bench bench-generate bench-serve clean parity
 .DEFAULT_GOAL := help
 
 help:  ## this list (the other targets create .venv on first use)
@@ -72,6 +72,11 @@ bench: $(STAMP)  ## train-step speed, jaxllm against PyTorch, on this CPU
 
 bench-generate: $(STAMP)  ## generation speed: KV cache, uncached loop, transformers
 	$(RUN) -m experiments.bench_generate
+
+# BENCH_SERVE_ARGS="--emb-dim 256 --layers 4 --heads 4 --context 256" for a smaller model.
+BENCH_SERVE_ARGS ?=
+bench-serve: $(STAMP)  ## jaxllm serve against transformers serve at 1, 8, 32 clients (results/bench_serve)
+	$(RUN) -m experiments.bench_serve $(BENCH_SERVE_ARGS)
 
 # Instruction fine-tuning on the shared instruction data (or INSTRUCT_DATA=FILE). With GPT-2
 # weights (INSTRUCT_HF=DIR, or GPT2_DIR holding model.safetensors or pytorch_model.bin) it
