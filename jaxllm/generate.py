@@ -232,27 +232,45 @@ def _after(x, dependency):
     return x + 0.0 * dependency.sum().astype(x.dtype)
 
 
-def _forward_cached(p: Params, tokens, positions, start, cache: KVCache, config: GPTConfig):
+def _forward_cached(p: Params, tokens, positions, start, cache, config: GPTConfig):
     """The model on tokens (batch, seq) at `positions` (batch, seq), which run
     consecutively from `start` (one () for all rows, or (batch,)): writes
     their keys and values into the cache and attends over it. Returns the
     final hidden states (batch, seq, emb), before the final norm, and
-    the new cache. The cache may hold more rows than the batch (a server's
-    idle slots): the tokens are its first rows, and the rows past them are
-    neither read nor written."""
+    the new cache.
+
+    `cache` is a KVCache of the batch's rows, or a list of KVCaches that
+    split a larger batch into consecutive groups of rows (a server's slots):
+    the tokens are then the rows of the first groups, exactly, and the later
+    groups are neither read nor written. Each group is attended and written
+    as it is stored, so running on the first rows copies nothing (a slice of
+    one large cache would be copied at every step)."""
+    groups = [cache] if isinstance(cache, KVCache) else list(cache)
+    batch, bounds = tokens.shape[0], []
+    while sum(n for _, n in bounds) < batch:
+        bounds.append((sum(n for _, n in bounds), groups[len(bounds)].keys[0].shape[0]))
+    if sum(n for _, n in bounds) != batch:
+        raise ValueError(f"a batch of {batch} rows does not fill the cache's first groups "
+                         f"({[n for _, n in bounds]} rows)")
     x = embed(p, tokens, config, positions=positions).astype(jnp.dtype(config.compute_dtype))
-    rows = tokens.shape[0]
-    keys, values = [], []
-    for blk, ck, cv in zip(p["blocks"], cache.keys, cache.values):
-        def attend(q, k, v, ck=ck, cv=cv):
-            a = cached_attention(q, k, v, ck[:rows], cv[:rows], start)
-            k, v = _after(k, a), _after(v, a)
-            keys.append(_write(ck, k.transpose(0, 2, 3, 1), start, slot_axis=3))
-            values.append(_write(cv, v.transpose(0, 2, 1, 3), start, slot_axis=2))
-            return a
+    keys, values = [[] for _ in bounds], [[] for _ in bounds]
+    for layer, blk in enumerate(p["blocks"]):
+        def attend(q, k, v, layer=layer):
+            out = []
+            for g, (lo, n) in enumerate(bounds):
+                ck, cv = groups[g].keys[layer], groups[g].values[layer]
+                at = start if jnp.ndim(start) == 0 else start[lo:lo + n]
+                rows = slice(lo, lo + n)
+                a = cached_attention(q[rows], k[rows], v[rows], ck, cv, at)
+                kg, vg = _after(k[rows], a), _after(v[rows], a)
+                keys[g].append(_write(ck, kg.transpose(0, 2, 3, 1), at, slot_axis=3))
+                values[g].append(_write(cv, vg.transpose(0, 2, 1, 3), at, slot_axis=2))
+                out.append(a)
+            return out[0] if len(out) == 1 else jnp.concatenate(out)
 
         x = block(blk, x, config, attend=attend, positions=positions)
-    return x, KVCache(keys, values)
+    new = [KVCache(k, v) for k, v in zip(keys, values)] + groups[len(bounds):]
+    return x, new[0] if isinstance(cache, KVCache) else new
 
 
 def _logits_at(p: Params, hidden, index, config: GPTConfig):

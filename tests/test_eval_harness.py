@@ -137,3 +137,18 @@ def test_registered_as_lm_evals_jaxllm_model(gpt2_folder):
     assert (model.batch_size, model.max_gen_toks, model.max_length) == (2, 5, 64)
     with pytest.raises(ValueError, match="unknown model argument.s. pretrained"):
         JaxLLM.create_from_arg_string(f"pretrained={gpt2_folder}")
+
+
+def test_lm_evals_own_command_line_with_jaxllm(gpt2_folder, task_dir, tmp_path):
+    """`python -m jaxllm.eval.lm_eval_cli` is lm_eval's command line with
+    `--model jaxllm` known: lm_eval's options pass through unchanged, and the
+    accuracy it writes is the one simple_evaluate gives."""
+    from jaxllm.eval.lm_eval_cli import main
+
+    main(["--model", "jaxllm", "--model_args", f"hf={gpt2_folder}", "--tasks", "tiny_mc",
+          "--include_path", str(task_dir), "--batch_size", "4", "--limit", "4",
+          "--output_path", str(tmp_path)])
+    written = json.loads(next(tmp_path.rglob("results_*.json")).read_text())
+    ours = _evaluate("jaxllm", task_dir, model_args=f"hf={gpt2_folder}", batch_size=4, limit=4)
+    assert written["config"]["model"] == "jaxllm" and written["config"]["limit"] == 4
+    assert written["results"]["tiny_mc"]["acc,none"] == ours["results"]["tiny_mc"]["acc,none"]

@@ -76,7 +76,7 @@ def server(tmp_path_factory, params):
     transformers.GPT2Config(**hf_config_kwargs(CFG)).save_pretrained(d)
     port = free_port()
     proc = start_server(["--hf", str(d), "--tokenizer", "byte", "--slots", "4",
-                         "--model-name", NAME, "--api-key", KEY], port)
+                         "--model-name", NAME, "--api-key", KEY, "--no-warmup"], port)
     yield f"http://127.0.0.1:{port}"
     stop_server(proc)
 

@@ -75,8 +75,8 @@ def test_a_freed_slot_is_taken_at_the_next_step(scheduler):
     short = scheduler.submit(Request(TOK.encode("a"), 2))
     others = [scheduler.submit(Request(TOK.encode("b"), 30)) for _ in range(2)]
     waiting = scheduler.submit(Request(TOK.encode("c"), 4))
-    for _ in range(3):  # three admissions, one per step
-        scheduler.step()
+    scheduler.step()  # three admitted together (one prefill), the fourth waits
+    assert scheduler.busy == 3 and list(scheduler.waiting) == [waiting]
     while not short.done.is_set():
         scheduler.step()
     assert scheduler.busy == 2 and list(scheduler.waiting) == [waiting]
@@ -200,12 +200,16 @@ def test_a_failing_step_ends_every_request_with_an_error(scheduler):
 
 
 def test_a_decode_step_runs_on_the_occupied_slots_only(params):
-    """A lone request on a 4-slot engine decodes a batch of one; when slots
-    free in the middle (a hole before a busy slot), the step covers up to
-    the last busy slot and every answer is still its prompt's own; the
-    lowest free slot is taken first; each slot count compiles once."""
+    """A lone request on a 4-slot engine decodes a batch of one; waiting
+    requests join as many at a step as one prefill of a context's worth of
+    padded tokens holds, in the lowest free slots; when a slot frees in the
+    middle (a hole before a busy slot), the step covers up to the last busy
+    slot and every answer is still its prompt's own; `warm_up` compiles
+    every program serving then runs."""
     engine = SlotEngine(params, CFG, slots=4)
     assert engine.buckets == (1, 2, 4)
+    engine.warm_up()
+    traces = TRACE_COUNTS["serve_decode"], TRACE_COUNTS["serve_prefill"]
     scheduler = Scheduler(engine, lambda t: token_bytes(TOK, t), TOK.stop_ids)
     lone = scheduler.submit(Request(TOK.encode(PROMPTS[1]), 6))
     drain(scheduler)
@@ -217,22 +221,26 @@ def test_a_decode_step_runs_on_the_occupied_slots_only(params):
         lengths = [20, 2, 16, 4, 9]  # slot 1 frees early while 0 and 2 go on
         requests = [scheduler.submit(Request(TOK.encode(p), n))
                     for p, n in zip(PROMPTS, lengths)]
-        placed = {}
+        placed, busy = {}, []
         for _ in range(200):
             if not scheduler.waiting and not scheduler.busy:
                 break
             scheduler.step()
+            busy.append(scheduler.busy)
             for slot, r in enumerate(scheduler.running):
                 placed.setdefault(r, slot)
-        assert [placed[r] for r in requests] == [0, 1, 2, 1, 3]  # lowest free slot first
+        # prompts of 2 and 22 bytes: two rows of the 32-token bucket fill the
+        # 64-token context, so two join at the first step and two at the
+        # second, which ends the 2-token request
+        assert busy[:3] == [2, 3, 4]
+        assert [placed[r] for r in requests] == [0, 1, 2, 3, 1]  # lowest free slot first
         for r, p, n in zip(requests, PROMPTS, lengths):
             assert r.tokens == alone(params, p, n), p
         return dict(engine.rows_decoded)
 
     rows = run()
-    # one row at the first step and after the last but one ends, two at the
-    # second, four while a busy slot sits past a hole
-    assert rows == {1: 3, 2: 1, 4: 16}
-    traces = TRACE_COUNTS["serve_decode"]
+    # two rows at the first step, four while a busy slot sits past the last
+    # free one (slot 2 until its 16th token, at step 17), one after
+    assert rows == {2: 1, 4: 16, 1: 3}
     assert run() == rows
-    assert TRACE_COUNTS["serve_decode"] == traces  # nothing recompiles
+    assert (TRACE_COUNTS["serve_decode"], TRACE_COUNTS["serve_prefill"]) == traces  # no recompiling

@@ -4,8 +4,8 @@
     lm_eval.simple_evaluate(model="jaxllm", model_args="hf=path/to/gpt2", tasks=[...])
 
 Importing this module registers the model as "jaxllm" (`lm_eval`'s registry
-has no plugin discovery, so `jaxllm eval harness` imports it before running
-lm_eval). Log-likelihoods come from `jaxllm.eval.score` (the batched
+has no plugin discovery, so `jaxllm eval harness` and `python -m
+jaxllm.eval.lm_eval_cli`, lm_eval's own command line, import it first). Log-likelihoods come from `jaxllm.eval.score` (the batched
 forward, requests sorted by length), generations from `jaxllm.generate`
 (requests with the same settings batched, longest first). Needs the eval
 extra: pip install "jaxllm[eval]".

@@ -1,25 +1,28 @@
 """The device side of `jaxllm serve`: a key-value cache of fixed slots, and two
 jitted functions over it.
 
-`SlotEngine.prefill(slot, ids)` runs one prompt into one slot (a batch of one,
-padded to its power-of-two bucket, exactly `jaxllm.generate`'s prefill) and
-leaves that slot's next-token logits beside the cache. `SlotEngine.decode(...)`
-draws the next token of every occupied slot from those logits (greedy or
-sampled, each slot with its own temperature, top-p and seed), feeds it to the
-model at that slot's own position and keeps the new logits.
+`SlotEngine.prefill(slots, prompts)` runs a few prompts into their slots (one
+right-padded batch, `jaxllm.generate`'s prefill) and leaves each slot's
+next-token logits beside the cache. `SlotEngine.decode(...)` draws the next
+token of every occupied slot from those logits (greedy or sampled, each slot
+with its own temperature, top-p and seed), feeds it to the model at that
+slot's own position and keeps the new logits.
 
 A decode step costs what the occupied slots need, not what `slots` allows: it
-runs on the first `rows` slots of the cache only, `rows` the smallest of a few
-compiled slot counts (`slot_buckets`: the powers of two below `slots`, and
-`slots`) that covers the last occupied slot. The scheduler puts each request in
-the lowest free slot, so the occupied slots stay near the front and one client
-on a 32-slot server decodes a batch of one. Slots past `rows` are neither read
-nor written; the cache is donated and each step writes its new keys and values
-into it in place. Both functions reuse generate.py's cached forward pass and
-the model's block; the cache's shape never changes, so after one compilation
-per prompt bucket, and per slot count and decode variant (greedy, sampling),
-nothing recompiles while serving. (Moving requests to keep the occupied slots
-a strict prefix would copy their cache rows; a hole left by a finished request
+runs on the first `rows` slots only, `rows` the smallest of a few compiled slot
+counts (`slot_buckets`: the powers of two below `slots`, and `slots`) that
+covers the last occupied slot. The scheduler puts each request in the lowest
+free slot, so the occupied slots stay near the front and one client on a
+32-slot server decodes a batch of one. The cache is stored in groups of slots
+that add up to those counts (1, 1, 2, 4, ... slots), and a step attends over
+and writes into its first groups as they are stored: the later groups are not
+touched, nothing is copied (a slice of one large cache would be, at every
+step), and the donated cache is updated in place. Both functions reuse
+generate.py's cached forward pass and the model's block; the cache's shapes
+never change, so after one compilation per prompt batch shape and per slot
+count and decode variant (greedy, sampling), nothing recompiles while serving
+(`warm_up` compiles them all). (Moving requests to keep the occupied slots a
+strict prefix would copy their cache rows; a hole left by a finished request
 is filled by the next one instead, and until then costs one idle row.)
 
 A request's prompt plus its new tokens must fit the context: the server
@@ -45,27 +48,37 @@ from jaxllm.model import Params, cast_params
 class SlotState(NamedTuple):
     """The cache of every slot and what each slot's next step needs."""
 
-    cache: KVCache
+    cache: list  # KVCaches of consecutive groups of slots, sized by `slot_buckets`' steps
     logits: jax.Array  # (slots, vocab_size) float32 logits of each slot's next token
     length: jax.Array  # (slots,) int32 tokens cached in each slot
 
 
 @partial(jax.jit, donate_argnames=("state",), static_argnames=("config",))
-def _prefill_slot(params: Params, state: SlotState, tokens, length, slot, *,
-                  config: GPTConfig) -> SlotState:
-    """The right-padded prompt tokens (1, bucket) of true `length` run into
-    `slot`: one compilation per bucket."""
+def _prefill_slots(params: Params, state: SlotState, tokens, length, slot, valid, *,
+                   config: GPTConfig) -> SlotState:
+    """The right-padded prompts `tokens` (k, bucket) of true `length` (k,) run
+    together into the slots `slot` (k,): one compilation per (k, bucket).
+    Rows where `valid` is False only pad k to a power of two and are
+    dropped."""
     TRACE_COUNTS["serve_prefill"] += 1
     p = cast_params(params, config)
-    one, logits = _prefill_into(p, tokens, length[None], empty_cache(config, 1), config)
-    at = (slot, 0, 0, 0)
-    cache = KVCache([jax.lax.dynamic_update_slice(big, small, at)
-                     for big, small in zip(state.cache.keys, one.keys)],
-                    [jax.lax.dynamic_update_slice(big, small, at)
-                     for big, small in zip(state.cache.values, one.values)])
-    return SlotState(cache,
-                     jax.lax.dynamic_update_slice(state.logits, logits, (slot, 0)),
-                     state.length.at[slot].set(length))
+    new, logits = _prefill_into(p, tokens, length, empty_cache(config, tokens.shape[0]), config)
+
+    def put(big, rows, first):
+        """Scatter `rows` into `big` (holding slots first..), dropping the
+        rows whose slot it does not hold: in place on the donated cache."""
+        local = slot - first
+        keep = valid & (local >= 0) & (local < big.shape[0])
+        return big.at[jnp.where(keep, local, big.shape[0])].set(rows.astype(big.dtype),
+                                                                mode="drop")
+
+    cache, first = [], 0
+    for group in state.cache:
+        cache.append(KVCache([put(big, rows, first) for big, rows in zip(group.keys, new.keys)],
+                             [put(big, rows, first)
+                              for big, rows in zip(group.values, new.values)]))
+        first += group.keys[0].shape[0]
+    return SlotState(cache, put(state.logits, logits, 0), put(state.length, length, 0))
 
 
 @partial(jax.jit, donate_argnames=("state",), static_argnames=("config", "sampling", "rows"))
@@ -117,20 +130,41 @@ class SlotEngine:
         self.params, self.config, self.slots = params, config, slots
         self.buckets = slot_buckets(slots)
         self.rows_decoded: collections.Counter = collections.Counter()
-        self.state = SlotState(empty_cache(config, slots),
+        sizes = np.diff((0,) + self.buckets)
+        self.state = SlotState([empty_cache(config, int(n)) for n in sizes],
                                jnp.zeros((slots, config.vocab_size), jnp.float32),
                                jnp.zeros((slots,), jnp.int32))
 
-    def prefill(self, slot: int, ids) -> None:
-        """Run the prompt `ids` (1 <= len <= context_length) into `slot`."""
-        n = len(ids)
-        if not 1 <= n <= self.config.context_length:
-            raise ValueError(f"a prompt of {n} tokens does not fit the context length "
-                             f"{self.config.context_length}")
-        padded = np.zeros((1, prompt_bucket(n, self.config.context_length)), np.int32)
-        padded[0, :n] = ids
-        self.state = _prefill_slot(self.params, self.state, jnp.asarray(padded), jnp.int32(n),
-                                   jnp.int32(slot), config=self.config)
+    def prefill(self, slots, prompts) -> None:
+        """Run the prompts (each 1 <= len <= context_length) into `slots`
+        (distinct), as one batch: `prefill_fits` says how many fit one."""
+        ctx = self.config.context_length
+        for ids in prompts:
+            if not 1 <= len(ids) <= ctx:
+                raise ValueError(f"a prompt of {len(ids)} tokens does not fit the context "
+                                 f"length {ctx}")
+        k = len(prompts)
+        rows = 1 << (k - 1).bit_length()
+        padded = np.zeros((rows, max(prompt_bucket(len(ids), ctx) for ids in prompts)), np.int32)
+        length, where = np.ones(rows, np.int32), np.zeros(rows, np.int32)
+        for i, (slot, ids) in enumerate(zip(slots, prompts)):
+            padded[i, :len(ids)], length[i], where[i] = ids, len(ids), slot
+        self.state = _prefill_slots(self.params, self.state, jnp.asarray(padded),
+                                    jnp.asarray(length), jnp.asarray(where),
+                                    jnp.asarray(np.arange(rows) < k), config=self.config)
+
+    def prefill_fits(self, lengths) -> bool:
+        """Whether prompts of these lengths run as one prefill: a lone prompt
+        always does; several do while their padded batch (rows rounded up to
+        a power of two, each to the longest one's bucket) holds at most
+        `context_length` tokens, the work of one context-long prompt. So a
+        step's prefill holds the running requests back no longer than one
+        prompt's could."""
+        if len(lengths) <= 1:
+            return True
+        ctx = self.config.context_length
+        rows = 1 << (len(lengths) - 1).bit_length()
+        return rows * max(prompt_bucket(n, ctx) for n in lengths) <= ctx
 
     def decode(self, active, temperature, top_p, seed, step) -> np.ndarray:
         """One step of the occupied slots. The arguments have one entry per
@@ -161,16 +195,19 @@ class SlotEngine:
         return np.asarray(tokens)
 
     def warm_up(self) -> None:
-        """Compile every prompt bucket and both decode variants at every slot
-        count now, so the first requests do not wait for XLA."""
+        """Compile every prompt batch the scheduler can ask for (`prefill_fits`)
+        and both decode variants at every slot count now, so the first
+        requests do not wait for XLA."""
         ctx = self.config.context_length
-        n = 1
-        while True:
-            self.prefill(0, [0] * n)
-            bucket = prompt_bucket(n, ctx)
-            if bucket >= ctx:
+        buckets = sorted({prompt_bucket(1 << i, ctx) for i in range(ctx.bit_length() + 1)})
+        k = 1
+        while k <= self.slots:
+            for bucket in buckets:
+                if self.prefill_fits([bucket] * k):
+                    self.prefill(list(range(k)), [[0] * bucket] * k)
+            if k == self.slots:
                 break
-            n = bucket + 1
+            k = min(2 * k, self.slots)
         for rows in self.buckets:
             zeros = np.zeros(rows)
             for t in (0.0, 1.0):

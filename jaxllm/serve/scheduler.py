@@ -1,10 +1,11 @@
 """Continuous batching: requests waiting, requests decoding in the engine's
 slots, and finished ones leaving, as a plain Python loop.
 
-Each `step()` admits at most one waiting request into a free slot (its
-prefill: so a new prompt holds the others back by one prefill at most), then
-runs one decode step over every slot and hands each running request its
-token. A request that ends (an end-of-text or end-of-turn id, a `stop`
+Each `step()` admits waiting requests, in order, into the lowest free slots,
+as many as one prefill holds (`SlotEngine.prefill_fits`: a padded batch of
+at most a context's worth of tokens, so new prompts hold the others back by
+one prefill's work at most), then runs one decode step over the occupied
+slots and hands each running request its token. A request that ends (an end-of-text or end-of-turn id, a `stop`
 string, `max_tokens`, or `cancel`) frees its slot at once, and the next
 waiting request takes it at the following step. The loop knows nothing of
 HTTP; `jaxllm.serve.app` runs it on a thread (`run`) and the tests call
@@ -137,21 +138,23 @@ class Scheduler:
                 self._end(self.waiting.popleft(), "error")
 
     def step(self) -> None:
-        """Drop cancelled requests, admit one waiting request, decode one token
-        for every running one."""
+        """Drop cancelled requests, admit the waiting ones one prefill holds,
+        decode one token for every running one."""
         with self.lock:
             for slot, r in enumerate(self.running):
                 if r is not None and r.cancelled:
                     self._finish(slot, "cancelled")
             while self.waiting and self.waiting[0].cancelled:
                 self._end(self.waiting.popleft(), "cancelled")
-            admit = None
-            if self.waiting and None in self.running:
-                admit = self.waiting.popleft()
-                slot = self.running.index(None)
-                self.running[slot] = admit
-        if admit is not None:
-            self.engine.prefill(slot, admit.prompt)
+            free = [slot for slot, r in enumerate(self.running) if r is None]
+            admit = []
+            while (self.waiting and len(admit) < len(free) and self.engine.prefill_fits(
+                    [len(r.prompt) for r in admit] + [len(self.waiting[0].prompt)])):
+                admit.append(self.waiting.popleft())
+            for slot, r in zip(free, admit):
+                self.running[slot] = r
+        if admit:
+            self.engine.prefill(free[:len(admit)], [r.prompt for r in admit])
         running = list(self.running)
         if not any(r is not None for r in running):
             return
