@@ -36,7 +36,7 @@ def measure(mode: str, batch: int, seq: int, steps: int, data: str) -> dict:
     from jaxllm.config import GPT_CONFIG_124M
     from jaxllm.data.preferences import PreferenceBatches, read_preferences, tokenize_pairs
     from jaxllm.finetune.dpo import dpo_task, reference_logprobs
-    from jaxllm.finetune.dpo_loop import peak_memory_bytes
+    from jaxllm.finetune.dpo_run import peak_memory_bytes
     from jaxllm.model import init_params
     from jaxllm.tokenizer import get_tokenizer
     from jaxllm.train import TrainConfig, init_train_state, make_train_step

@@ -35,7 +35,7 @@ from jaxllm.config import GPT_CONFIG_124M, count_params
 from jaxllm.data import (SlidingWindows, WindowBatches, read_documents, split_tokens,
                          tokenize_documents)
 from jaxllm.tokenizer import GPT2Tokenizer
-from jaxllm.train.loop import LoopConfig, train
+from jaxllm.train.pretrain import LoopConfig, train
 from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig, lr_schedule
 from jaxllm.train.plot import plot_losses

@@ -20,13 +20,13 @@ from jaxllm import lora
 from jaxllm.config import GPTConfig
 from jaxllm.data import default_corpus_documents, tokenize_documents
 from jaxllm.data.classification import prepare_classification
-from jaxllm.finetune.dpo_loop import DPOConfig, finetune_dpo
-from jaxllm.finetune.instruct_loop import InstructConfig, finetune_instruct
-from jaxllm.finetune.loop import ClassifyConfig, finetune_classify
+from jaxllm.finetune.dpo_run import DPOConfig, finetune_dpo
+from jaxllm.finetune.instruct_run import InstructConfig, finetune_instruct
+from jaxllm.finetune.classify_run import ClassifyConfig, finetune_classify
 from jaxllm.model import init_params
 from jaxllm.tokenizer import ByteTokenizer
 from jaxllm.train import TrainConfig
-from jaxllm.train.loop import LoopConfig, train
+from jaxllm.train.pretrain import LoopConfig, train
 
 GOLDEN = Path(__file__).parent / "data" / "loop_golden.json"
 TOK = ByteTokenizer()

@@ -48,7 +48,7 @@ from jaxllm.train.task import lm_batch  # noqa: E402
 from jaxllm.data import default_corpus_documents, tokenize_documents  # noqa: E402
 from jaxllm.tokenizer import ByteTokenizer  # noqa: E402
 from jaxllm.train import TrainConfig, checkpoint, init_train_state, make_eval_step, make_train_step  # noqa: E402
-from jaxllm.train.loop import LoopConfig, train  # noqa: E402
+from jaxllm.train.pretrain import LoopConfig, train  # noqa: E402
 
 CONFIG = GPTConfig(vocab_size=128, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
                    drop_rate=0.0)

@@ -21,7 +21,7 @@ from jaxllm.data.classification import (ClassificationBatches, LabeledTextError,
                                         read_labeled)
 from jaxllm.finetune.classify import (HEAD, add_class_head, class_logits, classify_task,
                                       trainable_for)
-from jaxllm.finetune.loop import ClassifyConfig, finetune_classify
+from jaxllm.finetune.classify_run import ClassifyConfig, finetune_classify
 from jaxllm.hf import to_hf_state_dict
 from jaxllm.model import init_params
 from jaxllm.parity import assert_passed

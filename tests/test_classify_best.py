@@ -12,7 +12,7 @@ import numpy as np
 from jaxllm.cli import main
 from jaxllm.config import GPTConfig
 from jaxllm.data.classification import prepare_classification
-from jaxllm.finetune.loop import ClassifyConfig, classify_texts, finetune_classify
+from jaxllm.finetune.classify_run import ClassifyConfig, classify_texts, finetune_classify
 from jaxllm.tokenizer import ByteTokenizer
 from jaxllm.train import TrainConfig, checkpoint
 

@@ -244,7 +244,7 @@ def run_dpo(argv) -> int:
 
 
 def test_cli_dpo_trains_resumes_plots_and_answers(shared_data, tmp_path, capsys):
-    from jaxllm.finetune.dpo_loop import DPOConfig, finetune_dpo
+    from jaxllm.finetune.dpo_run import DPOConfig, finetune_dpo
     from jaxllm.config import GPTConfig
 
     config = tmp_path / "tiny.json"
@@ -281,7 +281,7 @@ def test_cli_dpo_trains_resumes_plots_and_answers(shared_data, tmp_path, capsys)
         assert 0 <= r["reward_accuracy"] <= 1
     assert (out / "loss.png").stat().st_size > 0 and (out / "reference.npz").is_file()
     assert json.loads((out / "config.json").read_text())["dpo"]["logprob"] == "sum"
-    from jaxllm.finetune.instruct_loop import prompt_style_of
+    from jaxllm.finetune.instruct_run import prompt_style_of
 
     assert prompt_style_of(out) == "chat"  # what a DPO run from this one reads
     from jaxllm.cli.chat import prompt_style
@@ -293,12 +293,13 @@ def test_cli_dpo_trains_resumes_plots_and_answers(shared_data, tmp_path, capsys)
     assert "already holds checkpoints" in capsys.readouterr().err
 
     # interrupted at step 2 and resumed: the losses of the uninterrupted run
-    from jaxllm.cli.finetune_dpo import TRAIN_PROTOCOL
+    from jaxllm.cli.finetune_dpo import TRAIN_PROTOCOLS
 
     tok = get_tokenizer("byte")
     dc = DPOConfig(logprob="sum", style="chat", eval_every=2, sample_count=0, responses=False,
                    pad_multiple=128, eval_batches=1)
-    tc = TrainConfig(**{**TRAIN_PROTOCOL, "lr": 3e-3, "batch_size": 4, "total_steps": 4})
+    tc = TrainConfig.torch_adamw(**{**TRAIN_PROTOCOLS["default"], "lr": 3e-3, "batch_size": 4,
+                                    "total_steps": 4})
     part = tmp_path / "part"
     tiny = GPTConfig.from_json(config)
     finetune_dpo(part, tiny, tc, dc, tok, entries[:40], progress=False, stop_at=2)
@@ -322,7 +323,8 @@ def test_cli_dpo_trains_resumes_plots_and_answers(shared_data, tmp_path, capsys)
     summary = json.loads((lora_out / "summary.json").read_text())
     assert summary["book_collate"] and summary["trainable_params"] < summary["total_params"] / 5
     assert summary["initial"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert json.loads((lora_out / "config.json").read_text())["dpo"]["decay_all"]
+    saved = json.loads((lora_out / "config.json").read_text())
+    assert saved["train"]["weight_decay_on"] == "all" and saved["lora"]["rank"] == 2
 
 
 def test_dpo_runs_on_the_llama_family():

@@ -22,7 +22,7 @@ from jaxllm.config import GPTConfig
 from jaxllm.data.instructions import (Example, InstructionBatches, collate, read_instructions,
                                       split_instructions, tokenize_entries)
 from jaxllm.finetune.instruct import format_prompt
-from jaxllm.finetune.instruct_loop import InstructConfig, finetune_instruct
+from jaxllm.finetune.instruct_run import InstructConfig, finetune_instruct
 from jaxllm.finetune.judge import JudgeUnavailable, judge_responses, parse_score
 from jaxllm.hf import hf_config_dict, to_hf_state_dict
 from jaxllm.parity import assert_passed
@@ -472,7 +472,7 @@ class RawReply(threading.Thread):
 
 
 def test_a_trickling_or_non_http_judge_costs_each_entry_one_line(tmp_path, capsys):
-    from jaxllm.finetune.instruct_loop import _judge
+    from jaxllm.finetune.instruct_run import _judge
 
     trickle = RawReply(b"HTTP/1.0 200 OK\r\nContent-Length: 100\r\n\r\n" + b"7" * 100, every=0.1)
     start = time.perf_counter()

@@ -111,7 +111,7 @@ def spam_file(path):
 
 def test_finetune_classify_with_lora_trains_adapters_and_head_only(tmp_path, capsys):
     from jaxllm.finetune.classify import HEAD
-    from jaxllm.finetune.loop import classify_texts, load_classifier
+    from jaxllm.finetune.classify_run import classify_texts, load_classifier
 
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(FT_CONFIG))
@@ -184,7 +184,7 @@ def test_finetune_classify_book_protocol_is_appendix_e(tmp_path, capsys):
     warning), the head's own weights frozen, the book's scale and init, lr
     8e-4 and the rest of chapter 6's settings; recorded, resumed, exported."""
     from jaxllm.finetune.classify import HEAD, add_class_head
-    from jaxllm.finetune.loop import load_classifier
+    from jaxllm.finetune.classify_run import load_classifier
 
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(FT_CONFIG))

@@ -11,7 +11,7 @@ from jaxllm.cli import main
 from jaxllm.config import GPTConfig
 from jaxllm.model import init_params
 from jaxllm.train import TrainConfig, checkpoint, init_train_state
-from jaxllm.train.runner import check_resumable, check_run_folder, start_or_resume
+from jaxllm.train.runner import check_resumable, check_run_folder
 
 TINY = GPTConfig(vocab_size=257, context_length=16, emb_dim=16, n_heads=2, n_layers=1,
                  drop_rate=0.0)
@@ -103,12 +103,13 @@ def test_another_runs_results_without_checkpoints_are_not_overwritten(tmp_path, 
 
 
 def test_resume_on_an_empty_folder_says_it_starts_afresh(tmp_path, capsys):
+    from jaxllm.config import GPTConfig
+    from jaxllm.train.loop import open_run
+
     run = tmp_path / "new"
-    manager = checkpoint.open_manager(run, create=True)
-    state, latest, saved, _ = start_or_resume(run, manager, {}, lambda key, p: {"w": p}, 1.0,
-                                              seed=0, resume=True)
-    manager.close()
-    assert latest is None and saved == {} and float(state["w"]) == 1.0
+    config = GPTConfig(vocab_size=257, context_length=8, emb_dim=8, n_heads=2, n_layers=1)
+    with open_run(run, config, TrainConfig(total_steps=2), identity={}, resume=True) as r:
+        assert r.resumed_from is None and r.saved == {} and int(r.state.step) == 0
     assert f"--resume: {run} holds no checkpoint; starting a new run there at step 0" in \
         capsys.readouterr().err
 

@@ -12,7 +12,7 @@ from jaxllm.config import get_preset
 from jaxllm.tokenizer import ByteTokenizer
 from jaxllm.train import TrainConfig
 from jaxllm.train.lock import RunFolderBusy, run_lock
-from jaxllm.train.loop import LoopConfig, train
+from jaxllm.train.pretrain import LoopConfig, train
 
 HOLD = """
 import sys, time

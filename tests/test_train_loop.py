@@ -12,7 +12,7 @@ from jaxllm.config import GPTConfig
 from jaxllm.data import default_corpus_documents, tokenize_documents
 from jaxllm.tokenizer import ByteTokenizer
 from jaxllm.train import TrainConfig, checkpoint, loop
-from jaxllm.train.loop import LoopConfig, TrainingDiverged, train
+from jaxllm.train.pretrain import LoopConfig, TrainingDiverged, train
 
 TOK = ByteTokenizer()
 # Dropout on, so that resuming must also reproduce the dropout masks.

@@ -82,7 +82,7 @@ def answer(params, config, tokenizer, instruction: str, style: str, args, out) -
 
 
 def prompt_style(meta: dict, tokenizer) -> str:
-    """The run's own format (as `instruct_loop.prompt_style_of` reads it), else
+    """The run's own format (as `instruct_run.prompt_style_of` reads it), else
     the tokenizer's chat template (a Hugging Face folder's), else alpaca."""
     style = (meta.get("instruct") or meta.get("dpo") or {}).get("style")
     if style:

@@ -76,7 +76,7 @@ def run(args) -> int:
             texts += read_texts(args.file)
         if not texts:
             raise ValueError("no texts: give --text TEXT or --file PATH (or --file - for stdin)")
-        from jaxllm.finetune.loop import classify_texts, load_classifier
+        from jaxllm.finetune.classify_run import classify_texts, load_classifier
 
         classifier = load_classifier(args.run_dir, fallback=not args.no_fallback)
         results = classify_texts(args.run_dir, texts, tokenizer_dir=args.tokenizer_dir,

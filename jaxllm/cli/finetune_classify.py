@@ -131,7 +131,7 @@ def _classes(args) -> list[str] | None:
 def build(args):
     """Everything `run` needs, checked: (config, tc, cc, data, tokenizer, params, source)."""
     from jaxllm.data.classification import prepare_classification
-    from jaxllm.finetune.loop import ClassifyConfig
+    from jaxllm.finetune.classify_run import ClassifyConfig
     from jaxllm.train.optim import TrainConfig
     from jaxllm.train.runner import check_run_folder
 
@@ -245,7 +245,7 @@ def run(args) -> int:
 
     try:
         config, tc, cc, data, tokenizer, params, source, lora = build(args)
-        from jaxllm.finetune.loop import finetune_classify, format_summary
+        from jaxllm.finetune.classify_run import finetune_classify, format_summary
 
         info = data.info
         per_class = ", ".join(f"{c} {n:,}" for c, n in info["per_class"].items())

@@ -27,9 +27,14 @@ from jaxllm.cli.finetune_start import (add_run_arguments, add_start_arguments, l
                                        parse_overrides, total_steps)
 
 DEFAULT_OUT = "runs/dpo"
-TRAIN_PROTOCOL = dict(lr=5e-6, weight_decay=0.01, batch_size=8, warmup_steps=0,
-                      min_lr_ratio=1.0, beta2=0.999, grad_clip=None)
-PROTOCOLS = {"default": {}, "book": dict(book_collate=True, decay_all=True, beta=0.1,
+# Each protocol's TrainConfig fields over `TrainConfig.torch_adamw` (betas 0.9 / 0.999, no
+# warm-up, a constant lr, no clipping), and its DPOConfig fields. The book's notebook is
+# torch.optim.AdamW(model.parameters(), lr=5e-6, weight_decay=0.01), batches of 8, 1 epoch.
+TRAIN_PROTOCOLS = {
+    "default": dict(lr=5e-6, weight_decay=0.01, batch_size=8, weight_decay_on="matrices"),
+    "book": dict(lr=5e-6, weight_decay=0.01, batch_size=8, weight_decay_on="all"),
+}
+PROTOCOLS = {"default": {}, "book": dict(book_collate=True, beta=0.1,
                                          logprob="mean", eval_every=5, eval_batches=5)}
 
 
@@ -62,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build(args):
     """Everything `run` needs, checked: (config, tc, dc, tokenizer, entries, params, source)."""
     from jaxllm.data.preferences import read_preferences, split_preferences
-    from jaxllm.finetune.dpo_loop import DPOConfig
+    from jaxllm.finetune.dpo_run import DPOConfig
     from jaxllm.train.optim import TrainConfig
     from jaxllm.train.runner import check_run_folder
 
@@ -87,24 +92,24 @@ def build(args):
             fields[key] = getattr(args, flag)
     if args.style is None and args.run_dir is not None and "style" not in overrides["dpo"] \
             and not fields.get("book_collate"):
-        from jaxllm.finetune.instruct_loop import prompt_style_of
+        from jaxllm.finetune.instruct_run import prompt_style_of
 
         fields["style"] = prompt_style_of(args.run_dir)  # the format the run was tuned in
     if args.no_responses:
         fields["responses"] = False
     fields.update(overrides["dpo"])
     dc = DPOConfig(**fields)
-    train_fields = {**TRAIN_PROTOCOL, **overrides["train"]}
+    train_fields = {**TRAIN_PROTOCOLS[args.protocol], **overrides["train"]}
     train_fields["total_steps"] = total_steps(args, train_fields,
                                               len(split_preferences(entries)[0]), "pairs")
-    tc = TrainConfig(**train_fields)
+    tc = TrainConfig.torch_adamw(**train_fields)
     return config, tc, dc, tokenizer, entries, params, source
 
 
 def run(args) -> int:
     from jaxllm.cli.finetune_instruct import _lora
     from jaxllm.config import count_params
-    from jaxllm.finetune.dpo_loop import finetune_dpo, format_summary
+    from jaxllm.finetune.dpo_run import finetune_dpo, format_summary
     from jaxllm.train.lock import RunFolderBusy
     from jaxllm.train.loop import TrainingDiverged
 
@@ -114,10 +119,10 @@ def run(args) -> int:
               f"{config.emb_dim} ({count_params(config):,} parameters) from {source}; "
               f"{tc.total_steps} steps of {tc.batch_size}; beta {dc.beta}, {dc.logprob} "
               f"log-probabilities; run folder {args.out}", file=sys.stderr)
-        params, trainable, _ = _lora(args, config, tc, params)  # finetune_dpo keeps no LoRA record
+        params, trainable, lora = _lora(args, config, tc, params)
         summary = finetune_dpo(args.out, config, tc, dc, tokenizer, entries, params=params,
                                fallback=not args.no_fallback, resume=args.resume,
-                               progress=not args.quiet, trainable=trainable,
+                               progress=not args.quiet, trainable=trainable, lora=lora,
                                data_name=os.path.basename(args.data), source=source)
     except TrainingDiverged as err:
         print(f"jaxllm finetune dpo: {err}", file=sys.stderr)

@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build(args):
     """Everything `run` needs, checked: (config, tc, ic, tokenizer, entries, params, source)."""
     from jaxllm.data.instructions import read_instructions, split_instructions
-    from jaxllm.finetune.instruct_loop import InstructConfig
+    from jaxllm.finetune.instruct_run import InstructConfig
     from jaxllm.train.optim import TrainConfig
     from jaxllm.train.runner import check_run_folder
 
@@ -150,7 +150,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from jaxllm.config import count_params
-    from jaxllm.finetune.instruct_loop import finetune_instruct, format_summary
+    from jaxllm.finetune.instruct_run import finetune_instruct, format_summary
     from jaxllm.train.lock import RunFolderBusy
     from jaxllm.train.loop import TrainingDiverged
 

@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out (fresh start if none)")
     add_fallback_argument(parser, resuming=True)
-    from jaxllm.train.loop import LoopConfig
+    from jaxllm.train.pretrain import LoopConfig
     from jaxllm.train.optim import TrainConfig
 
     given = "default: the --config's, else"  # these shortcuts override a config file's fields
@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # -- configuration -------------------------------------------------------------
 def _config_classes():
-    from jaxllm.train.loop import LoopConfig
+    from jaxllm.train.pretrain import LoopConfig
     from jaxllm.train.optim import TrainConfig
 
     return {"model": GPTConfig, "train": TrainConfig, "loop": LoopConfig}
@@ -340,7 +340,7 @@ def run(args) -> int:
         host_memory.reuse_host_memory()
     from jaxllm.tokenizer import get_tokenizer, recorded_places
     from jaxllm.train.lock import RunFolderBusy
-    from jaxllm.train.loop import TrainingDiverged, format_summary, train
+    from jaxllm.train.pretrain import TrainingDiverged, format_summary, train
     from jaxllm.train.runner import check_run_folder
 
     try:

@@ -21,6 +21,7 @@ engine's `trainable` for the presets head / last_block / all, or a regex.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -114,10 +115,12 @@ def class_logits(params, batch, config: GPTConfig, *, pooling: str = "last_token
     return dense(head, pooled)
 
 
+@functools.lru_cache(maxsize=None)
 def classify_task(pooling: str = "last_token"):
     """A task for `make_train_step` / `make_eval_step` over batches
     {"tokens", "labels", "lengths" (or "mask"), "weight"?}: the summed
-    cross-entropy over rows, the rows' weight as the count, and "correct"."""
+    cross-entropy over rows, the rows' weight as the count, and "correct".
+    One function per pooling, so that compiled steps are found again."""
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
 

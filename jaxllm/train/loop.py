@@ -1,26 +1,39 @@
-"""The pretraining loop: batches in, a trained, saved, resumable model out.
+"""The one training loop: a task over a batch source, evaluated, logged, saved and resumable.
 
-`train(...)` runs `TrainConfig.total_steps` optimizer steps of the jitted,
-donated train step over sliding windows of a token stream (or random
-windows of a token file), and around them:
+Every training command runs on it: pretraining (`jaxllm.train.pretrain`),
+classification (`jaxllm.finetune.classify_run`), instruction tuning
+(`jaxllm.finetune.instruct_run`) and DPO (`jaxllm.finetune.dpo_run`). Each
+says what differs: its task (what `make_train_step` minimises), its batch
+source (the seeded, resumable order of batches: `batch_at(step)` and
+`batches_per_epoch`), its evaluations and the files it writes; this module
+does the rest, in two steps:
+
+    with open_run(run_dir, config, tc, identity=..., task=..., params=...) as run:
+        # run.state is fresh or resumed; run.resumed_from says which
+        done = run.fit(batches, evaluations={"train": Means(...), "val": Means(...)})
+
+`open_run` checks the folder, takes its lock, builds the jitted steps (on a
+device mesh if given: the batch split over its devices, the state sharded by
+partition rules) and starts the state afresh or restores the newest intact
+checkpoint, after checking that the settings that make the run (`identity`)
+are those it was saved with. `Run.fit` runs the steps to the end:
 
 - every `log_every` steps, one device->host transfer of the pending step
-  metrics, appended to `metrics.jsonl` and shown on a tqdm bar (loss,
-  tokens/s, ETA); non-finite loss stops the run, naming the step;
-- every `eval_every` steps (and at step 0 and at the end), the mean loss over a
-  fixed set of training and validation batches, the validation perplexity,
-  and a greedy and a temperature sample from a fixed prompt;
-- every `save_every` steps and at the end, an Orbax checkpoint (the last
-  `keep` are kept), written only after checking that the parameters are
+  metrics into `metrics.jsonl` and the progress bar; a non-finite loss
+  stops the run (`TrainingDiverged`), naming the step and the last good
+  checkpoint;
+- at step 0, every `eval_every` steps and at the end, the evaluations:
+  `Means` over fixed batches through the eval step, then the run's own
+  functions of the parameters (samples, say), into one record;
+- every `save_every` steps, at the end and on SIGINT/SIGTERM, an Orbax
+  checkpoint (the last `keep` kept), written only once the parameters are
   finite and give a finite loss on the next batch;
-- at the end, `loss.png` (loss against tokens seen), `samples.txt`,
-  `summary.json` and a printed summary;
-- throughout, a lock on the run folder (`jaxllm.train.lock`): a second run
-  started on the same folder is refused at once.
+- at the end, however the steps ended, `finish(records)`: the plots.
 
-The batch order is a function of the step (see `jaxllm.data.windows`) and the
-dropout keys of (seed, step), so a run resumed from a checkpoint writes the
-same losses, bit for bit, as one that was never interrupted.
+The batch order is a function of the step and the dropout keys of (seed,
+step), so a resumed run writes the losses an uninterrupted one would, bit for
+bit. In a multi-host run every process calls the same; all compute and
+checkpoint, and process 0 alone writes the run's files.
 """
 
 from __future__ import annotations
@@ -34,74 +47,26 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 from jaxllm import lora, sharding
 from jaxllm.config import GPTConfig
-from jaxllm.data.token_file import RandomWindowBatches
-from jaxllm.data.windows import SlidingWindows, WindowBatches, split_tokens
 from jaxllm.model import init_params
-from jaxllm.tokenizer import Tokenizer
 from jaxllm.train import checkpoint
 from jaxllm.train.lock import run_lock
-from jaxllm.train.metrics import MetricsLog, write_samples
+from jaxllm.train.metrics import MetricsLog
 from jaxllm.train.optim import TrainConfig
-from jaxllm.train.plot import common_batch_count, plot_losses
-from jaxllm.train.sampling import sample_text
-from jaxllm.train.runner import (check_resumable, check_run_folder, run_steps,
+from jaxllm.train.runner import (Timing, check_resumable, check_run_folder, run_steps,
                                  say_nothing_to_resume)
-from jaxllm.train.step import init_train_state, make_eval_step, make_train_step
-from jaxllm.train.task import Task, Trainable, lm_batch, lm_task
+from jaxllm.train.step import TrainState, init_train_state, make_eval_step, make_train_step
+from jaxllm.train.task import Task, Trainable, lm_task
 
-META_FORMAT = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-    """Data windows, evaluation, logging and checkpoint settings of a run."""
-
-    max_length: int | None = None  # tokens per training window; None: the context length
-    stride: int | None = None  # tokens between window starts; None: max_length
-    train_ratio: float = 0.9  # leading share of the token stream used for training
-    shuffle: bool = True  # shuffle the windows each epoch (by TrainConfig.seed)
-    random_windows: bool = False  # draw windows at random offsets instead (large corpora)
-    eval_every: int = 100
-    eval_batches: int = 10  # fixed batches per evaluation, from each split
-    log_every: int = 10  # steps between device->host metric transfers
-    save_every: int = 500
-    keep: int = 3  # checkpoints kept
-    sample_prompt: str = "Every effort moves you"
-    sample_tokens: int = 50
-    sample_every: int | None = None  # steps between text samples; None: at every evaluation
-    temperature: float = 0.8  # of the second sample (0: greedy sample only)
-
-    def __post_init__(self) -> None:
-        for name in ("eval_every", "eval_batches", "log_every", "save_every", "keep",
-                     "sample_tokens"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"LoopConfig.{name} must be a positive int, got {v!r}")
-        for name in ("max_length", "stride"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise ValueError(f"LoopConfig.{name} must be a positive int or None, got {v!r}")
-        if not 0.0 < self.train_ratio < 1.0:
-            raise ValueError(f"LoopConfig.train_ratio must be in (0, 1), got {self.train_ratio!r}")
-        if self.sample_every is not None and (isinstance(self.sample_every, bool) or not
-                                              isinstance(self.sample_every, int)
-                                              or self.sample_every <= 0):
-            raise ValueError(f"LoopConfig.sample_every must be a positive int or None, "
-                             f"got {self.sample_every!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"LoopConfig.temperature must be >= 0, got {self.temperature!r}")
-
-    def replace(self, **changes) -> "LoopConfig":
-        return dataclasses.replace(self, **changes)
+# Step metrics that are not a task's aux sums.
+STEP_FIELDS = ("loss", "count", "grad_norm", "lr")
 
 
 class TrainingDiverged(RuntimeError):
@@ -112,15 +77,54 @@ class TrainingDiverged(RuntimeError):
         self.step, self.last_checkpoint = step, last_checkpoint
 
 
+@dataclasses.dataclass(frozen=True)
+class Means:
+    """An evaluation: the mean loss over fixed `batches`, and the mean of each
+    of the task's aux sums (correct predictions, rewards), each over every
+    counted item of the batches; with `perplexity`, exp of the mean loss too."""
+
+    batches: Sequence[dict]
+    perplexity: bool = False
+
+
+# An evaluation is `Means` or a function (params, step, record) -> the fields it
+# adds, where `record` holds what the evaluations before it found (a text sample
+# may need a finite loss).
+Evaluation = Any
+
+
+@dataclasses.dataclass
+class Fitted:
+    """What `Run.fit` leaves: the final state and what the run recorded."""
+
+    state: TrainState
+    records: list[dict[str, Any]]  # metrics.jsonl, the resumed part included
+    first_eval: dict[str, Any] | None  # the step-0 evaluation
+    last_saved: int | None  # the newest checkpoint's step
+    seen: int  # what the run counted (tokens, examples, pairs) up to its last step
+    timing: Timing
+    wall_s: float  # the steps, evaluations and saves
+
+    @property
+    def last_eval(self) -> dict[str, Any]:
+        evals = [r for r in self.records if r["kind"] == "eval"]
+        return evals[-1] if evals else {}
+
+    @property
+    def steps_per_s(self) -> float | None:
+        t = self.timing
+        return t.timed_steps / t.train_s if t.train_s and t.timed_steps else None
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _is_writer() -> bool:
-    """Whether this process writes the run's metrics, plots, samples and summary:
-    only the first, so that the hosts of a multi-host run do not overwrite
-    each other's files in the shared run folder."""
+    """Whether this process writes the run's metrics, plots and summary: only
+    the first, so that the hosts of a multi-host run do not overwrite each
+    other's files in the shared run folder."""
     return jax.process_index() == 0
 
 
@@ -161,292 +165,285 @@ def _sharded_steps(config: GPTConfig, tc: TrainConfig, optimizer, task: Task,
                                                  task=task)
 
 
+@dataclasses.dataclass(frozen=True)
+class RandomInit:
+    """The starting parameters: the given ones, else `init_params` from the key."""
+
+    config: GPTConfig
+    scheme: str
+
+    def __call__(self, key, params):
+        return init_params(self.config, key, scheme=self.scheme) if params is None else params
+
+
 @_maybe_cached
-def _init_fn(config: GPTConfig, tc: TrainConfig, optimizer, trainable: Trainable, shardings=None):
+def _init_fn(tc: TrainConfig, optimizer, trainable: Trainable, start: Callable,
+             shardings=None):
     """A fresh TrainState from a key and optional starting parameters, as one
     compiled program (eagerly, every parameter shape would compile its own
     random-normal kernel)."""
     def init(key, params):
-        if params is None:
-            params = init_params(config, key, scheme=tc.init)
-        return init_train_state(params, tc, optimizer, trainable=trainable)
+        return init_train_state(start(key, params), tc, optimizer, trainable=trainable)
 
     return jax.jit(init, out_shardings=shardings)
 
 
-def _fixed_batches(tokens, length: int, batch_size: int, count: int, name: str,
-                   make_batch: Callable = lm_batch):
-    """The first `count` batches of non-overlapping windows, in order."""
-    windows = SlidingWindows(tokens, length, length, name=name)
-    batches = WindowBatches(windows, batch_size, shuffle=False, drop_last=False)
-    return [make_batch(*batches.batch_at(k)) for k in range(min(count, len(batches)))]
+def mean_metrics(eval_step, params, sets: Sequence[Sequence[dict]],
+                 names: Mapping[str, str] | None = None) -> list[dict[str, float]]:
+    """For each set of batches: {"loss", each aux sum under `names`' name for it,
+    "count"}, means over every counted item. Every batch is dispatched before
+    the one wait for their sums."""
+    names = names or {}
+    sums = jax.device_get([[eval_step(params, b) for b in batches] for batches in sets])
+    out = []
+    for split in sums:
+        count = float(sum(s["count"] for s in split))
+        means = {"loss": float(sum(s["loss_sum"] for s in split)) / max(count, 1e-30)}
+        for key in (split[0] if split else {}):
+            if key not in ("loss_sum", "count"):
+                means[names.get(key, key)] = float(sum(s[key] for s in split)) / max(count, 1e-30)
+        out.append(dict(means, count=count))
+    return out
 
 
-def _one_writer(fn):
-    """Run `fn(run_dir, ...)` holding the run folder's lock (process 0 of a
-    multi-host run takes it for all of them), once the folder is checked
-    (`check_run_folder`: a file, another run's results, ...)."""
-    @functools.wraps(fn)
-    def locked(run_dir, *args, **kwargs):
-        check_run_folder(run_dir, resume=kwargs.get("resume", False))
-        with run_lock(run_dir) if _is_writer() else contextlib.nullcontext():
-            return fn(run_dir, *args, **kwargs)
+class Run:
+    """A run folder with its state, fresh or resumed, and the compiled steps
+    (from `open_run`); `fit` trains it. `meta` is what its config.json and
+    checkpoints record, once `fit` has written it."""
 
-    return locked
+    def __init__(self, run_dir: Path, config: GPTConfig, tc: TrainConfig, *, identity, kind,
+                 task, params, start, trainable, optimizer, mesh, partition_rules, resume,
+                 fallback, keep, metric_names):
+        self.run_dir, self.config, self.tc, self.kind = run_dir, config, tc, kind
+        self.identity, self.mesh = identity, mesh
+        self.metric_names = dict(metric_names or {})
+        self.writer = _is_writer()
+        if mesh is not None:
+            sharding.check_batch(tc.batch_size, mesh, name="TrainConfig.batch_size")
+        elif partition_rules is not None:
+            raise ValueError("partition rules need a device mesh (mesh=...)")
+        # A rule of the user's that matches no parameter is an error (a typo, most
+        # likely); the default rules also name parameters some configs lack.
+        self.custom_rules = partition_rules is not None
+        rules = tuple(partition_rules) if self.custom_rules else sharding.DEFAULT_RULES
+        if not self.custom_rules and params is not None and lora.adapters_of(params)[0]:
+            rules = tuple(lora.sharding_rules())  # adapters replicated, not warned of
+        self.rules = rules
+
+        self.manager = checkpoint.open_manager(run_dir, keep=keep, create=True)
+        self.log = MetricsLog(run_dir, write=self.writer)
+        latest = self.manager.latest_step()
+        if latest is not None and not resume:
+            raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); "
+                             f"resume it (--resume) or choose another run folder")
+        if latest is not None:  # a damaged newest checkpoint: the newest intact one
+            latest = checkpoint.newest_intact(run_dir, fallback=fallback, manager=self.manager)
+        start = start or RandomInit(config, tc.init)
+        # The fresh state's shapes are the restore target: a checkpoint restores into
+        # whatever tree and optimizer state this run builds (a head, adapters).
+        abstract = jax.eval_shape(
+            lambda key: _init_fn(tc, optimizer, trainable, start)(key, params),
+            jax.random.key(tc.seed))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = (jax.tree.map(lambda _: device, abstract) if mesh is None else
+                     sharding.train_state_shardings(abstract, mesh, rules,
+                                                    strict=self.custom_rules))
+        self.saved: dict[str, Any] = {}
+        self.schedule_changes: list[dict[str, Any]] = []
+        if latest is not None:
+            self.saved = checkpoint.read_meta(run_dir, latest)
+            # A longer (or shorter) run is the same run: the schedule is recomputed for
+            # the new total from the resumed step on, and config.json records the change.
+            self.schedule_changes = check_resumable(run_dir, self.saved, identity, latest)
+            saved_total = self.saved.get("train", {}).get("total_steps", tc.total_steps)
+            if self.writer:
+                print(f"resuming {run_dir} from step {latest}"
+                      + (f" (total steps {saved_total} -> {tc.total_steps})"
+                         if saved_total != tc.total_steps else ""), file=sys.stderr)
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract, shardings)
+            self.state = checkpoint.restore(run_dir, latest, target=target).state
+            if self.saved.get("data_position") != int(self.state.step):
+                raise ValueError(f"checkpoint {latest} has data position "
+                                 f"{self.saved.get('data_position')} but step "
+                                 f"{int(self.state.step)}")
+        else:
+            if resume and self.writer:
+                say_nothing_to_resume(run_dir)
+            # Placed on the devices explicitly, like a restored state, so that fresh and
+            # resumed runs hit the same compiled step; sharded, no device holds it all.
+            init = _init_fn(tc, optimizer, trainable, start,
+                            shardings if mesh is not None else None)
+            self.state = init(jax.random.key(tc.seed), params)
+            if mesh is None:
+                self.state = jax.device_put(self.state, device)
+        self.resumed_from = latest
+        if mesh is None:
+            self.train_step, self.eval_step = _steps(config, tc, optimizer, task, trainable)
+        else:
+            self.train_step, self.eval_step = _sharded_steps(
+                config, tc, optimizer, task, trainable, mesh, rules, self.custom_rules, abstract)
+
+    def means(self, params, *sets: Sequence[dict]) -> list[dict[str, float]]:
+        """`mean_metrics` of each set of batches through the run's eval step."""
+        return mean_metrics(self.eval_step, params, sets, self.metric_names)
+
+    def write_config(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """config.json: the identity, the run's own `meta` and how it is laid out."""
+        meta = dict(self.identity, **meta, schedule_changes=self.schedule_changes,
+                    mesh=None if self.mesh is None else sharding.mesh_description(self.mesh),
+                    partition_rules=(sharding.rules_as_data(self.rules) if self.custom_rules
+                                     else None))
+        if self.kind is not None:
+            meta["kind"] = self.kind
+        if self.writer:
+            (self.run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        self.meta = meta
+        return meta
+
+    def fit(self, batches, *, meta: dict[str, Any], evaluations: Mapping[str, Evaluation],
+            log_every: int, eval_every: int, save_every: int, unit: str = "tokens",
+            stop_at: int | None = None, describe: Callable[[dict], str] | None = None,
+            finish: Callable[[list[dict]], None] | None = None,
+            tokens_per_step: int | None = None, progress: bool = True) -> Fitted:
+        """Train from the state's step to `TrainConfig.total_steps` (or `stop_at`).
+
+        `batches` is the batch source (`batch_at(step)` a dict of host arrays,
+        `batches_per_epoch`), `meta` what config.json and each checkpoint
+        record beside the identity. Each step adds the step's count (tokens,
+        examples, pairs: `unit`) to what the run has seen; rows of
+        metrics.jsonl carry it. `evaluations` name what each evaluation
+        record holds: `Means` give "<name>_loss" and the task's other means
+        (`metric_names`), functions the fields they return. `describe(record)`
+        is the line an evaluation prints; `finish(records)` writes the plots,
+        whatever ended the steps.
+        """
+        run_dir, tc, log, writer = self.run_dir, self.tc, self.log, self.writer
+        start = int(self.state.step)
+        if self.resumed_from is None:
+            log.clear()  # a fresh run: stale metrics of an unsaved run go
+        else:
+            log.truncate_after(start)
+        meta = self.write_config(dict(meta, batches_per_epoch=batches.batches_per_epoch))
+        end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
+        seen_key = f"{unit}_seen"
+        seen = int(self.saved.get(seen_key, 0))
+        last_saved = self.resumed_from
+        mesh = self.mesh
+        feed_local_rows = mesh is not None and jax.process_count() > 1
+        local_rows = sharding.process_rows(mesh, tc.batch_size) if feed_local_rows else None
+        means = [(name, e) for name, e in evaluations.items() if isinstance(e, Means)]
+
+        def evaluate(params, step: int) -> dict[str, Any]:
+            record = {"kind": "eval", "step": step, unit: seen}
+            for (name, e), m in zip(means, self.means(params, *(e.batches for _, e in means))):
+                m.pop("count")
+                record.update({f"{name}_{k}": v for k, v in m.items()})
+                if e.perplexity:
+                    record[f"{name}_perplexity"] = math.exp(min(m["loss"], 700.0))
+            for e in evaluations.values():
+                if not isinstance(e, Means):
+                    record.update(e(params, step, record) or {})
+            log.append([record])
+            if writer and describe is not None:
+                tqdm.write(describe(record))
+            return record
+
+        def diverged(step: int, what: str) -> TrainingDiverged:
+            where = (f"the last good checkpoint is step {last_saved} in "
+                     f"{checkpoint.checkpoint_dir(run_dir)}" if last_saved is not None
+                     else "no checkpoint was saved")
+            return TrainingDiverged(f"training diverged: {what} at step {step}; stopped without "
+                                    f"saving it ({where})", step, last_saved)
+
+        def save(state, step: int) -> None:
+            nonlocal last_saved
+            if not bool(_all_finite(state.params)):
+                raise diverged(step, "the parameters are not finite")
+            out = self.eval_step(state.params, batches.batch_at(step))
+            next_loss = float(out["loss_sum"] / jnp.maximum(out["count"], 1e-30))
+            if not math.isfinite(next_loss):
+                raise diverged(step, f"the parameters give loss {next_loss} on the next batch")
+            checkpoint.save(self.manager, state, dict(meta, data_position=step,
+                                                      **{seen_key: seen}))
+            last_saved = step
+
+        def batch_at(step: int):
+            batch = batches.batch_at(step)  # the data position is the step
+            if feed_local_rows:  # each process places only the rows its devices hold
+                batch = dict(zip(batch, sharding.shard_batch(
+                    mesh, *(v[local_rows] for v in batch.values()), per_process=True)))
+            return batch
+
+        def record(step: int, m) -> dict[str, Any]:
+            nonlocal seen
+            count = float(m["count"])
+            seen += int(count)
+            aux = {self.metric_names.get(k, k): float(v) / max(count, 1.0)
+                   for k, v in m.items() if k not in STEP_FIELDS}
+            return {"kind": "train", "step": step, unit: seen, "loss": float(m["loss"]), **aux,
+                    "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])}
+
+        wall_start = time.perf_counter()
+        state = self.state
+        try:
+            state, timing, first_eval = run_steps(
+                state, self.train_step, batch_at, start=start, end=end, log_every=log_every,
+                eval_every=eval_every, save_every=save_every, record=record,
+                evaluate=evaluate, save=save, log=log,
+                diverged=lambda step, loss: diverged(step, f"loss is {loss}"),
+                progress=progress and writer, tokens_per_step=tokens_per_step, run_dir=run_dir)
+        finally:
+            self.manager.close()
+            records = log.read()
+            if records and writer and finish is not None:
+                finish(records)
+        self.state = state
+        evals = [r for r in records if r["kind"] == "eval"]
+        return Fitted(state=state, records=records,
+                      first_eval=first_eval or (evals[0] if evals else None),
+                      last_saved=last_saved, seen=seen, timing=timing,
+                      wall_s=time.perf_counter() - wall_start)
 
 
-@_one_writer
-def train(run_dir, config: GPTConfig, tc: TrainConfig, lc: LoopConfig, tokenizer: Tokenizer,
-          tokens: np.ndarray, *, val_tokens: np.ndarray | None = None, data_name: str = "corpus",
-          resume: bool = False, stop_at: int | None = None, progress: bool = True,
-          mesh: jax.sharding.Mesh | None = None,
-          partition_rules: sharding.Rules | None = None, params=None, task: Task = lm_task,
-          trainable: Trainable = None, optimizer=None, fallback: bool = True,
-          make_batch: Callable[[np.ndarray, np.ndarray], dict] = lm_batch,
-          lora_record: dict | None = None) -> dict[str, Any]:
-    """Train (or resume) the run in `run_dir`; returns the summary dict.
+@contextlib.contextmanager
+def open_run(run_dir, config: GPTConfig, tc: TrainConfig, *, identity: dict[str, Any],
+             kind: str | None = None, task: Task = lm_task, params=None,
+             start: Callable | None = None, trainable: Trainable = None, optimizer=None,
+             mesh: jax.sharding.Mesh | None = None, partition_rules: sharding.Rules | None = None,
+             resume: bool = False, fallback: bool = True, keep: int = 3,
+             metric_names: Mapping[str, str] | None = None,
+             flag: str = "--out") -> Iterator[Run]:
+    """The run in `run_dir`, fresh or resumed, held locked while in use.
 
-    `params` are the starting parameters (a pretrained model, say; default: a
-    fresh `init_params`), `task` the loss (default `lm_task`) over the batches
-    `make_batch(tokens, targets)` builds from each batch of windows (default
-    `lm_batch`: {"tokens", "targets"}; a task of your own adds its keys there,
-    a mask say), `trainable` the leaves to train (default all) and `optimizer`
-    an optax transformation (default `make_optimizer(tc)`); a resumed run must
-    pass the same. `lora_record` is the record of the adapters' settings that
-    `params` carry (`jaxllm.cli.lora.lora_start`), kept in the run's metadata.
-
-    `tokens` is the token stream; unless `val_tokens` is given, its first
-    `lc.train_ratio` trains and the rest validates. `stop_at` ends the run
-    early at that step (saving a checkpoint there), as an interruption would.
-    Raises `TrainingDiverged` on a non-finite loss, with the last good
-    checkpoint left in place. With a `mesh` (`jaxllm.sharding.make_mesh`) the
-    batch is split over its devices and the state sharded by the default
-    partition rules (or `partition_rules`, which must each match a parameter);
-    checkpoints are written in shards and resume onto any mesh and layout.
-    In a multi-host run every process calls `train` with the same arguments;
-    all of them compute and checkpoint, and process 0 alone writes the
-    metrics, plots, samples and summary (the others return the summary of
-    their own view).
+    `identity` is what makes the run: its model, training and data settings;
+    a resume must bring the same (the cadence and the total step count may
+    change; see `runner.check_resumable`). `kind` names the run's kind in its
+    checkpoints ("classify", "instruct", "dpo"; None: pretraining); resuming
+    another kind is refused. `params` are the starting parameters (default:
+    `init_params` from the seed), donated to the train step; `start(key,
+    params)` builds the starting tree inside the compiled init (a new head,
+    say). `trainable` selects the leaves that train (default all) and
+    `optimizer` is an optax transformation (default `make_optimizer(tc)`).
+    With a `mesh` (`jaxllm.sharding.make_mesh`) the batch is split over its
+    devices and the state sharded by the default partition rules (or
+    `partition_rules`, which must each match a parameter); checkpoints are
+    written in shards and resume onto any mesh. `metric_names` renames the
+    task's aux sums in the records ({"correct": "accuracy"}). `fallback=False`
+    refuses a damaged newest checkpoint instead of taking the newest intact one.
     """
     run_dir = Path(run_dir)
-    writer = _is_writer()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the "
-                         f"model's vocab_size is {config.vocab_size}")
-    length = lc.max_length or config.context_length
-    if length > config.context_length:
-        raise ValueError(f"max_length {length} exceeds the context length {config.context_length}")
-    if val_tokens is None:
-        tokens, val_tokens = split_tokens(tokens, lc.train_ratio)
-    if mesh is not None:
-        sharding.check_batch(tc.batch_size, mesh, name="TrainConfig.batch_size")
-    elif partition_rules is not None:
-        raise ValueError("partition rules need a device mesh (mesh=...)")
-    # A rule of the user's that matches no parameter is an error (a typo, most
-    # likely); the default rules also name parameters some configs lack.
-    custom_rules = partition_rules is not None
-    rules = tuple(partition_rules) if custom_rules else sharding.DEFAULT_RULES
-    if not custom_rules and params is not None and lora.adapters_of(params)[0]:
-        rules = tuple(lora.sharding_rules())  # adapters replicated, not warned of
-
-    # -- data ----------------------------------------------------------------
-    if lc.random_windows:
-        batches = RandomWindowBatches(tokens, length, tc.batch_size, seed=tc.seed,
-                                      name="training split")
-    else:
-        windows = SlidingWindows(tokens, length, lc.stride or length, name="training split")
-        batches = WindowBatches(windows, tc.batch_size, shuffle=lc.shuffle, seed=tc.seed)
-    train_eval = _fixed_batches(tokens, length, tc.batch_size, lc.eval_batches, "training split",
-                                make_batch)
-    val_eval = _fixed_batches(val_tokens, length, tc.batch_size, lc.eval_batches,
-                              "validation split", make_batch)
-    tokens_per_step = tc.batch_size * length
-
-    # -- state: fresh or resumed -----------------------------------------------
-    identity = {
-        "model": config.to_dict(), "train": dataclasses.asdict(tc), "tokenizer": tokenizer.name,
-        "data": {"train_tokens": int(len(tokens)), "val_tokens": int(len(val_tokens)),
-                 "max_length": length, "stride": lc.stride or length, "shuffle": lc.shuffle,
-                 "random_windows": lc.random_windows, "eval_batches": lc.eval_batches},
-    }
-    manager = checkpoint.open_manager(run_dir, keep=lc.keep, create=True)
-    log = MetricsLog(run_dir, write=writer)
-    latest = manager.latest_step()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if latest is not None and not resume:
-        raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); resume it "
-                         f"(--resume) or choose another run folder")
-    if latest is not None:  # a damaged newest checkpoint: the newest intact one
-        latest = checkpoint.newest_intact(run_dir, fallback=fallback, manager=manager)
-    # The fresh state's shapes are the restore target: a checkpoint restores into
-    # whatever tree and optimizer state this run builds (extra heads, adapters).
-    abstract = jax.eval_shape(lambda key: _init_fn(config, tc, optimizer, trainable)(key, params),
-                              jax.random.key(tc.seed))
-    shardings = (jax.tree.map(lambda _: device, abstract) if mesh is None else
-                 sharding.train_state_shardings(abstract, mesh, rules, strict=custom_rules))
-    if latest is not None:
-        saved = checkpoint.read_meta(run_dir, latest)
-        # A longer (or shorter) run is the same run: the schedule is recomputed for the
-        # new total from the resumed step on, and config.json records the change.
-        schedule_changes = check_resumable(run_dir, saved, identity, latest)
-        saved_total = saved.get("train", {}).get("total_steps", tc.total_steps)
-        if writer:
-            print(f"resuming {run_dir} from step {latest}"
-                  + (f" (total steps {saved_total} -> {tc.total_steps})"
-                     if saved_total != tc.total_steps else ""), file=sys.stderr)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract, shardings)
-        state = checkpoint.restore(run_dir, latest, target=target).state
-        start = int(state.step)
-        if saved.get("data_position") != start:
-            raise ValueError(f"checkpoint {latest} has data position {saved.get('data_position')} "
-                             f"but step {start}")
-        log.truncate_after(start)
-    else:
-        if resume and writer:
-            say_nothing_to_resume(run_dir)
-        # Placed on the devices explicitly, like a restored state, so that fresh
-        # and resumed runs hit the same compiled step; sharded, no device ever
-        # holds the whole state.
-        init = _init_fn(config, tc, optimizer, trainable, shardings if mesh is not None else None)
-        state = init(jax.random.key(tc.seed), params)
-        if mesh is None:
-            state = jax.device_put(state, device)
-        start = 0
-        log.clear()  # a fresh run: stale metrics of an unsaved run go
-    if latest is None:
-        schedule_changes = []
-    meta = dict(identity, format=META_FORMAT, schedule_changes=schedule_changes, data_name=data_name,
-                tokenizer_dir=tokenizer.directory,
-                loop=dataclasses.asdict(lc), tokens_per_step=tokens_per_step,
-                batches_per_epoch=batches.batches_per_epoch,
-                mesh=None if mesh is None else sharding.mesh_description(mesh),
-                partition_rules=sharding.rules_as_data(rules) if custom_rules else None)
-    if lora_record is not None:
-        meta["lora"] = lora_record
-    if writer:
-        (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
-
-    train_step, eval_step = _steps(config, tc, optimizer, task, trainable) if mesh is None else \
-        _sharded_steps(config, tc, optimizer, task, trainable, mesh, rules, custom_rules,
-                       abstract)
-    feed_local_rows = mesh is not None and jax.process_count() > 1
-    local_rows = sharding.process_rows(mesh, tc.batch_size) if feed_local_rows else None
-    sample_key = jax.random.key(tc.seed + 1)
-    last_saved = latest
-
-    def evaluate(params, step: int, final: bool = False) -> dict[str, Any]:
-        # every batch dispatched before the one wait for their sums; the mean is
-        # over every counted target of the split
-        sums = jax.device_get([[eval_step(params, batch) for batch in split]
-                               for split in (train_eval, val_eval)])
-        train_loss, val_loss = (
-            float(sum(r["loss_sum"] for r in split) / max(sum(r["count"] for r in split), 1e-30))
-            for split in sums)
-        record = {"kind": "eval", "step": step, "tokens": step * tokens_per_step,
-                  "train_loss": train_loss, "val_loss": val_loss,
-                  "val_perplexity": math.exp(min(val_loss, 700.0)),
-                  "temperature": lc.temperature}
-        due = final or lc.sample_every is None or step % lc.sample_every == 0
-        if due and math.isfinite(train_loss) and math.isfinite(val_loss):
-            record["sample_greedy"] = sample_text(
-                params, config, tokenizer, lc.sample_prompt, lc.sample_tokens)
-            if lc.temperature > 0:
-                record["sample_temperature"] = sample_text(
-                    params, config, tokenizer, lc.sample_prompt, lc.sample_tokens,
-                    temperature=lc.temperature, key=jax.random.fold_in(sample_key, step))
-        log.append([record])
-        if not writer:
-            return record
-        tqdm.write(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, "
-                  f"val perplexity {record['val_perplexity']:.1f}")
-        if "sample_greedy" in record:
-            tqdm.write("  " + repr(record["sample_greedy"])[:160])
-        return record
-
-    def diverged(step: int, what: str) -> TrainingDiverged:
-        where = (f"the last good checkpoint is step {last_saved} in {checkpoint.checkpoint_dir(run_dir)}"
-                 if last_saved is not None else "no checkpoint was saved")
-        return TrainingDiverged(f"training diverged: {what} at step {step}; stopped without "
-                                f"saving it ({where})", step, last_saved)
-
-    def save(state, step: int) -> None:
-        nonlocal last_saved
-        if not bool(_all_finite(state.params)):
-            raise diverged(step, "the parameters are not finite")
-        out = eval_step(state.params, make_batch(*batches.batch_at(step)))
-        next_loss = float(out["loss_sum"] / out["count"])
-        if not math.isfinite(next_loss):
-            raise diverged(step, f"the parameters give loss {next_loss} on the next batch")
-        checkpoint.save(manager, state, dict(meta, data_position=step,
-                                             tokens_seen=step * tokens_per_step))
-        last_saved = step
-
-    def batch_at(step: int):
-        batch = make_batch(*batches.batch_at(step))  # the data position is the step
-        if feed_local_rows:  # each process places only the rows its devices hold
-            batch = dict(zip(batch, sharding.shard_batch(
-                mesh, *(v[local_rows] for v in batch.values()), per_process=True)))
-        return batch
-
-    def record(step: int, m) -> dict[str, Any]:
-        return {"kind": "train", "step": step, "tokens": step * tokens_per_step,
-                "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                "lr": float(m["lr"])}
-
-    wall_start = time.perf_counter()
-    try:
-        state, timing, first_eval = run_steps(
-            state, train_step, batch_at, start=start, end=end, log_every=lc.log_every,
-            eval_every=lc.eval_every, save_every=lc.save_every, record=record,
-            evaluate=lambda params, step: evaluate(params, step, final=step == end),
-            save=save, log=log, diverged=lambda step, loss: diverged(step, f"loss is {loss}"),
-            progress=progress and writer, tokens_per_step=tokens_per_step,
-            run_dir=run_dir)
-        if last_saved != int(state.step) and end > start:
-            save(state, int(state.step))
-    finally:
-        manager.close()
-        records = log.read()
-        if records and writer:
-            plot_losses(records, run_dir / "loss.png",
-                        tokens_per_epoch=batches.batches_per_epoch * tokens_per_step,
-                        title=f"{data_name}: {config.n_layers} layers, emb {config.emb_dim}, "
-                              f"{tokenizer.name} tokens",
-                        eval_batches=common_batch_count(train_eval, val_eval))
-            write_samples(records, run_dir / "samples.txt")
-
-    evals = [r for r in records if r["kind"] == "eval"]
-    first_eval = first_eval or (evals[0] if evals else None)
-    last = evals[-1] if evals else {}
-    summary = {
-        "run_dir": str(run_dir), "steps": int(state.step), "resumed_from": latest,
-        "tokens_seen": int(state.step) * tokens_per_step,
-        "epochs": int(state.step) / batches.batches_per_epoch,
-        "wall_s": time.perf_counter() - wall_start,
-        "compile_s": timing.compile_s,
-        "train_tokens_per_s": (timing.timed_steps * tokens_per_step / timing.train_s
-                               if timing.train_s else None),
-        "initial_val_loss": first_eval["val_loss"] if first_eval else None,
-        "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
-        "final_val_perplexity": last.get("val_perplexity"),
-        "last_checkpoint": last_saved,
-    }
-    if writer:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    check_run_folder(run_dir, resume=resume, kind=kind, flag=flag)
+    with run_lock(run_dir) if _is_writer() else contextlib.nullcontext():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run = Run(run_dir, config, tc, identity=identity, kind=kind, task=task, params=params,
+                  start=start, trainable=trainable, optimizer=optimizer, mesh=mesh,
+                  partition_rules=partition_rules, resume=resume, fallback=fallback, keep=keep,
+                  metric_names=metric_names)
+        try:
+            yield run
+        finally:
+            run.manager.close()
 
 
-def format_summary(s: dict[str, Any]) -> str:
-    rate = f"{s['train_tokens_per_s']:,.0f} tokens/s" if s["train_tokens_per_s"] else "n/a"
-    lines = [
-        f"trained {s['steps']} steps ({s['tokens_seen']:,} tokens, {s['epochs']:.2f} epochs) "
-        f"in {s['wall_s']:.1f} s, {rate} while training",
-        f"loss: train {s['final_train_loss']:.3f}, validation {s['final_val_loss']:.3f} "
-        f"(perplexity {s['final_val_perplexity']:.1f})" if s["final_val_loss"] is not None else "",
-        f"wrote {s['run_dir']}/: metrics.jsonl, loss.png, samples.txt, summary.json, "
-        f"checkpoints/{s['last_checkpoint']}",
-    ]
-    return "\n".join(line for line in lines if line)
+__all__ = ["Fitted", "Means", "Run", "TrainingDiverged", "mean_metrics", "open_run"]

@@ -1,7 +1,7 @@
-"""What the training loops share: the run folder's check (`check_run_folder`,
-every training command and loop), the resume checks (`check_resumable`, all
-three loops), starting or resuming a single-device state (`start_or_resume`,
-the fine-tuning loops) and the step loop (steps, logging, evaluation, saves).
+"""The one training loop's parts (`jaxllm.train.loop`): the run folder's check
+(`check_run_folder`, also what every training command checks before any
+work), the resume checks (`check_resumable`) and the step loop (steps,
+logging, evaluation, saves, stops).
 
 Metrics stay on the device between log points and are fetched in one
 transfer (`flush`), so the host never waits on a step it does not need to
@@ -125,40 +125,6 @@ def check_resumable(run_dir, saved: dict[str, Any], identity: dict[str, Any],
         identity["train"], total_steps=saved_total)))
     return [*saved.get("schedule_changes", []),
             {"at_step": step, "total_steps": total, "was": saved_total}]
-
-
-def start_or_resume(run_dir, manager, identity: dict[str, Any], init: Callable, params, *,
-                    seed: int, resume: bool, fallback: bool = True):
-    """(state, restored step or None, its saved metadata or {}, the schedule
-    changes) for a run folder.
-
-    A fresh folder: `init(jax.random.key(seed), params)`. A folder with
-    checkpoints: refused unless `resume`; else the newest intact checkpoint,
-    checked against `identity` (the settings that must not change; see
-    `check_resumable`), restored into the state `init` builds (a new head,
-    adapters, a trainable subset), so what the run trains decides the tree.
-    """
-    latest = manager.latest_step()
-    if latest is not None and not resume:
-        manager.close()
-        raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); resume it "
-                         f"(--resume) or choose another run folder")
-    if latest is not None:  # a damaged newest checkpoint: the newest intact one
-        latest = checkpoint.newest_intact(run_dir, fallback=fallback, manager=manager)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if latest is None and resume:
-        say_nothing_to_resume(run_dir)
-    if latest is None:
-        return jax.device_put(init(jax.random.key(seed), params), device), None, {}, []
-    saved = checkpoint.read_meta(run_dir, latest)
-    changes = check_resumable(run_dir, saved, identity, latest)
-    print(f"resuming {run_dir} from step {latest}" + (
-        f" (total steps {changes[-1]['was']} -> {changes[-1]['total_steps']})"
-        if changes and changes[-1]["at_step"] == latest else ""), file=sys.stderr)
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          jax.eval_shape(init, jax.random.key(0), params))
-    state = checkpoint.restore(run_dir, latest, target=target).state
-    return state, latest, saved, changes
 
 
 def progress_line(done: int, start: int, end: int, seconds: float,

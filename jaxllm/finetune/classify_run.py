@@ -1,16 +1,13 @@
-"""The classification fine-tuning loop: labelled texts in, a classifier and its accuracies out.
+"""The classification run: labelled texts in, a classifier and its accuracies out.
 
-`finetune_classify(...)` runs `TrainConfig.total_steps` steps of the engine's
-jitted train step with `classify_task` over the seeded training batches of a
-`ClassificationData`, and around them:
+`finetune_classify(...)` runs the one loop (`jaxllm.train.loop`) with
+`classify_task` over the seeded training batches of a `ClassificationData`,
+the LM head replaced by a class head:
 
-- every `log_every` steps, the pending step metrics (loss, batch accuracy)
-  to `metrics.jsonl` and the tqdm bar; a non-finite loss stops the run;
 - at step 0, every `eval_every` steps and at the end, loss and accuracy on
   the first `eval_batches` training and validation batches;
-- every `save_every` steps and at the end, an Orbax checkpoint (the engine's
-  `jaxllm.train.checkpoint`) whose metadata holds the classes, pooling and
-  padding, so `load_classifier` / `jaxllm classify` can use it;
+- checkpoints whose metadata holds the classes, pooling and padding, so
+  `load_classifier` / `jaxllm classify` can use them;
 - with `keep_best`, at each evaluation that beats every earlier one in
   validation accuracy, the parameters in `<run_dir>/best/` (a run folder of
   one checkpoint that `jaxllm classify --run-dir` reads);
@@ -19,14 +16,13 @@ jitted train step with `classify_task` over the seeded training batches of a
   `accuracy.png` (train and validation against examples seen) and
   `summary.json`.
 
-Batch k is a function of k and the seed, so `resume=True` continues from the
-last checkpoint and writes what an uninterrupted run would.
+The loop does the rest: logging, NaN stops, the run-folder lock, bitwise
+resume, a device mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -36,7 +32,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
 from jaxllm.config import GPTConfig
 from jaxllm.data.classification import ClassificationBatches, ClassificationData, fixed_batches
@@ -46,13 +41,10 @@ from jaxllm.layout import check_params
 from jaxllm.lora import trainable_label
 from jaxllm.model import init_params
 from jaxllm.train import checkpoint
-from jaxllm.train.lock import run_lock
-from jaxllm.train.loop import TrainingDiverged
-from jaxllm.train.metrics import MetricsLog
-from jaxllm.train.optim import TrainConfig, make_optimizer
+from jaxllm.train.loop import Means, open_run
+from jaxllm.train.optim import TrainConfig
 from jaxllm.train.plot import common_batch_count, plot_metric
-from jaxllm.train.step import TrainState, init_train_state, make_eval_step, make_train_step
-from jaxllm.train.runner import check_run_folder, run_steps, start_or_resume
+from jaxllm.train.step import TrainState
 from jaxllm.train.task import count_trainable
 
 META_KIND = "classify"
@@ -85,33 +77,22 @@ class ClassifyConfig:
                 raise ValueError(f"ClassifyConfig.{name} must be a positive int, got {v!r}")
 
 
-@functools.lru_cache(maxsize=4)
-def _programs(config: GPTConfig, tc: TrainConfig, cc: ClassifyConfig, n_classes: int):
-    """(optimizer, trainable regex, init, train step, eval step), compiled once per
-    configuration: a resumed run in the same process reuses them."""
-    optimizer = make_optimizer(tc)
-    trainable = trainable_for(cc.trainable, config)
-    task = classify_task(cc.pooling)
+@dataclasses.dataclass(frozen=True)
+class WithClassHead:
+    """The starting tree: the given parameters (or `init_params`) with a fresh
+    class head of `n_classes` in place of the LM head, unless they carry one."""
 
-    def init(key, params):
+    config: GPTConfig
+    scheme: str
+    n_classes: int
+
+    def __call__(self, key, params):
         k_model, k_head = jax.random.split(key)
         if params is None:
-            params = init_params(config, k_model, scheme=tc.init)
+            params = init_params(self.config, k_model, scheme=self.scheme)
         if HEAD not in params:
-            params = add_class_head(params, config, n_classes, k_head)
-        return init_train_state(params, tc, optimizer, trainable=trainable)
-
-    return (optimizer, trainable, jax.jit(init),
-            make_train_step(config, tc, optimizer, task=task, trainable=trainable),
-            make_eval_step(config, task=task))
-
-
-def _sums(eval_step, params, batches) -> dict[str, float]:
-    sums = jax.device_get([eval_step(params, b) for b in batches])
-    count = float(sum(s["count"] for s in sums))
-    return {"loss": float(sum(s["loss_sum"] for s in sums)) / max(count, 1e-30),
-            "accuracy": float(sum(s["correct"] for s in sums)) / max(count, 1e-30),
-            "rows": int(count)}
+            params = add_class_head(params, self.config, self.n_classes, k_head)
+        return params
 
 
 def plot_curves(records: list[dict[str, Any]], run_dir: Path, *, examples_per_epoch: int,
@@ -130,7 +111,8 @@ def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyC
                       tokenizer_dir: str | None = None, params=None,
                       resume: bool = False, progress: bool = True, data_name: str = "data",
                       source: str = "random", stop_at: int | None = None,
-                      fallback: bool = True, lora: dict | None = None) -> dict[str, Any]:
+                      fallback: bool = True, lora: dict | None = None,
+                      mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """Fine-tune (or resume) the classifier in `run_dir`; returns the summary.
 
     `params` are the starting weights: a model tree (its LM head is replaced),
@@ -139,153 +121,113 @@ def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyC
     record), `tokenizer_dir` the folder of the tokenizer's files (later commands
     on the run find them there); `stop_at` ends the run early at that step,
     saving there. `lora` records the settings of the adapters `params` carry
-    in the run's metadata.
+    in the run's metadata. With a `mesh` the batch is split over its devices
+    and the state sharded (`jaxllm.train.loop.open_run`).
     """
-    run_dir = Path(run_dir)
-    check_run_folder(run_dir, resume=resume, kind=META_KIND)
-    with run_lock(run_dir):
-        return _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress,
-                    data_name, source, stop_at, fallback, tokenizer_dir, lora)
-
-
-def _run(run_dir, config, tc, cc, data, tokenizer_name, params, resume, progress, data_name,
-         source, stop_at, fallback, tokenizer_dir=None, lora=None):
+    run_dir, wall_start = Path(run_dir), time.perf_counter()
     n_classes = len(data.classes)
     if params is not None and HEAD in params and params[HEAD]["bias"].shape[0] != n_classes:
         raise ValueError(f"the starting classifier has {params[HEAD]['bias'].shape[0]} classes "
                          f"but the data has {n_classes}: {data.classes}")
-    optimizer, trainable, init, train_step, eval_step = _programs(config, tc, cc, n_classes)
+    if not len(data.validation):
+        raise ValueError("the validation split is empty; give more rows or a larger fraction")
+    if params is not None:
+        # a classifier's class head replaced the LM head
+        check_params(params, config, skip=("out_head/",) if HEAD in params else ())
+    trainable = trainable_for(cc.trainable, config)
     batches = ClassificationBatches(data.train, tc.batch_size, seed=tc.seed)
     train_eval = fixed_batches(data.train, tc.batch_size, cc.eval_batches)
     val_eval = fixed_batches(data.validation, tc.batch_size, cc.eval_batches)
-    if not len(data.validation):
-        raise ValueError("the validation split is empty; give more rows or a larger fraction")
-
     identity = {"model": config.to_dict(), "train": dataclasses.asdict(tc),
                 "tokenizer": tokenizer_name, "classify": dataclasses.asdict(cc),
                 "classes": list(data.classes), "max_length": data.max_length,
                 "data": {k: data.info.get(k)
                          for k in ("train", "validation", "test", "seed", "sha256")}}
-    meta = dict(identity, kind=META_KIND, data_name=data_name, source=source,
-                tokenizer_dir=tokenizer_dir, pad_id=data.info.get("pad_id", 50256),
-                batches_per_epoch=batches.batches_per_epoch)
+    meta = dict(data_name=data_name, source=source, tokenizer_dir=tokenizer_dir,
+                pad_id=data.info.get("pad_id", 50256))
     if lora is not None:
         meta["lora"] = lora
-    manager = checkpoint.open_manager(run_dir, keep=cc.keep, create=True)
-    log = MetricsLog(run_dir)
-    if params is not None:
-        # a classifier's class head replaced the LM head
-        check_params(params, config, skip=("out_head/",) if HEAD in params else ())
-    state, latest, saved, changes = start_or_resume(run_dir, manager, identity, init, params,
-                                                    seed=tc.seed, resume=resume,
-                                                    fallback=fallback)
-    start, examples = int(state.step), int(saved.get("examples_seen", 0))
-    if latest is None:
-        log.clear()
-    else:
-        log.truncate_after(start)
-    if changes:  # a longer run than the checkpoint's: its schedule's new total, recorded
-        meta["schedule_changes"] = changes
-    (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    end = tc.total_steps if stop_at is None else min(stop_at, tc.total_steps)
-    last_saved = latest
-    n_trainable = count_trainable(state.params, trainable)
-    n_total = sum(int(x.size) for x in jax.tree.leaves(state.params))
     best_dir = run_dir / BEST_SUBDIR
-    earlier = [r for r in log.read() if r["kind"] == "eval"]  # a resumed run's, up to its step
-    best = max(earlier, key=lambda r: r["val_accuracy"], default=None) if cc.keep_best else None
-    if cc.keep_best and latest is None:
-        shutil.rmtree(best_dir, ignore_errors=True)  # a fresh run: an earlier run's best goes
+    best: dict[str, Any] | None = None
+    first_best = True
 
-    def evaluate(params, step: int) -> dict[str, Any]:
-        tr, va = _sums(eval_step, params, train_eval), _sums(eval_step, params, val_eval)
-        record = {"kind": "eval", "step": step, "examples": examples,
-                  "train_loss": tr["loss"], "val_loss": va["loss"],
-                  "train_accuracy": tr["accuracy"], "val_accuracy": va["accuracy"]}
-        log.append([record])
-        tqdm.write(f"step {step}: train loss {tr['loss']:.3f}, val loss {va['loss']:.3f}; "
-                  f"accuracy train {tr['accuracy']:.1%}, val {va['accuracy']:.1%}")
-        if cc.keep_best and (best is None or va["accuracy"] > best["val_accuracy"]):
-            keep_best(params, record)
-        return record
-
-    def keep_best(params, record: dict[str, Any]) -> None:
-        """The parameters alone (no optimizer state) as `best/`'s one checkpoint;
-        a resumed run reaching a step `best/` holds finds the same parameters."""
-        nonlocal best
+    def keep_best(params, step: int, record: dict[str, Any]) -> dict[str, Any]:
+        """The parameters alone (no optimizer state) as `best/`'s one checkpoint,
+        at an evaluation that beats every earlier one; a resumed run reaching a
+        step `best/` holds finds the same parameters."""
+        nonlocal best, first_best
+        if first_best:  # the evaluations logged before this process's first
+            first_best = False
+            if step == 0:
+                shutil.rmtree(best_dir, ignore_errors=True)  # a fresh run: an earlier run's goes
+            earlier = [r for r in run.log.read() if r["kind"] == "eval"]
+            best = max(earlier, key=lambda r: r["val_accuracy"], default=None)
+        if best is not None and record["val_accuracy"] <= best["val_accuracy"]:
+            return {}
         best = record
         manager = checkpoint.open_manager(best_dir, keep=1, create=True)
         try:
-            if record["step"] not in manager.all_steps():
-                checkpoint.save(manager, TrainState(jnp.int32(record["step"]), params, None,
+            if step not in manager.all_steps():
+                checkpoint.save(manager, TrainState(jnp.int32(step), params, None,
                                                     jnp.zeros(2, jnp.uint32)),
-                                dict(meta, best_of=str(run_dir),
+                                dict(run.meta, best_of=str(run_dir),
                                      val_accuracy=record["val_accuracy"]))
         finally:
             manager.close()
+        return {}
 
-    def save(state, step: int) -> None:
-        nonlocal last_saved
-        checkpoint.save(manager, state, dict(meta, data_position=step, examples_seen=examples))
-        last_saved = step
+    def describe(r: dict[str, Any]) -> str:
+        return (f"step {r['step']}: train loss {r['train_loss']:.3f}, val loss "
+                f"{r['val_loss']:.3f}; accuracy train {r['train_accuracy']:.1%}, val "
+                f"{r['val_accuracy']:.1%}")
 
-    def record(step: int, m) -> dict[str, Any]:
-        nonlocal examples
-        examples += int(m["count"])
-        return {"kind": "train", "step": step, "examples": examples, "loss": float(m["loss"]),
-                "accuracy": float(m["correct"]) / max(float(m["count"]), 1.0),
-                "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])}
+    def finish(records: list[dict[str, Any]]) -> None:
+        plot_curves(records, run_dir,
+                    examples_per_epoch=batches.batches_per_epoch * tc.batch_size,
+                    title=f"{data_name}: {config.n_layers} layers, emb {config.emb_dim}, "
+                          f"{cc.trainable}, {cc.pooling}",
+                    eval_batches=common_batch_count(train_eval, val_eval))
 
-    def diverged(step: int, loss: float) -> TrainingDiverged:
-        where = (f"the last good checkpoint is step {last_saved}"
-                 if last_saved is not None else "no checkpoint was saved")
-        return TrainingDiverged(f"training diverged: loss is {loss} at step {step} ({where})",
-                                step, last_saved)
+    evaluations = {"train": Means(train_eval), "val": Means(val_eval)}
+    if cc.keep_best:
+        evaluations["best"] = keep_best
+    with open_run(run_dir, config, tc, identity=identity, kind=META_KIND,
+                  task=classify_task(cc.pooling), params=params,
+                  start=WithClassHead(config, tc.init, n_classes), trainable=trainable,
+                  mesh=mesh, resume=resume, fallback=fallback, keep=cc.keep,
+                  metric_names={"correct": "accuracy"}) as run:
+        done = run.fit(batches, meta=meta, evaluations=evaluations, log_every=cc.log_every,
+                       eval_every=cc.eval_every, save_every=cc.save_every, unit="examples",
+                       stop_at=stop_at, describe=describe, finish=finish, progress=progress)
 
-    wall_start = time.perf_counter()
-    try:
-        state, timing, first_eval = run_steps(
-            state, train_step, batches.batch_at, start=start, end=end, log_every=cc.log_every,
-            eval_every=cc.eval_every, save_every=cc.save_every, record=record,
-            evaluate=evaluate, save=save, log=log, diverged=diverged, progress=progress,
-            run_dir=run_dir)
-    finally:
-        manager.close()
-        records = log.read()
-        if records:
-            plot_curves(records, run_dir, examples_per_epoch=batches.batches_per_epoch
-                        * tc.batch_size,
-                        title=f"{data_name}: {config.n_layers} layers, emb {config.emb_dim}, "
-                              f"{cc.trainable}, {cc.pooling}",
-                        eval_batches=common_batch_count(train_eval, val_eval))
-    wall_train = time.perf_counter() - wall_start
+        def whole_splits(params) -> dict[str, dict[str, float]]:
+            names = [name for name, split in data.splits().items() if len(split)]
+            return dict(zip(names, run.means(params, *(
+                fixed_batches(data.splits()[name], tc.batch_size) for name in names))))
 
-    def whole_splits(params) -> dict[str, dict[str, float]]:
-        return {name: _sums(eval_step, params, fixed_batches(split, tc.batch_size))
-                for name, split in data.splits().items() if len(split)}
-
-    final = whole_splits(state.params)
-    if best is not None:  # the kept parameters, scored as the final ones are
-        best_final = whole_splits(checkpoint.load_params(best_dir)[0])
-    evals = [r for r in records if r["kind"] == "eval"]
-    first_eval = first_eval or (evals[0] if evals else None)
-    train_time, compile_s, timed_steps = timing.train_s, timing.compile_s, timing.timed_steps
-    steps_timed_s = train_time if timed_steps else None
+        state = done.state
+        final = whole_splits(state.params)
+        if cc.keep_best:  # the best evaluation of the whole run; its parameters as the final
+            evals = [r for r in done.records if r["kind"] == "eval"]
+            best = max(evals, key=lambda r: r["val_accuracy"], default=None)
+        if best is not None:
+            best_final = whole_splits(checkpoint.load_params(best_dir)[0])
+    n_total = sum(int(x.size) for x in jax.tree.leaves(state.params))
     summary = {
         "run_dir": str(run_dir), "source": source, "data": data_name,
         "classes": list(data.classes), "pooling": cc.pooling, "trainable": cc.trainable,
-        "trainable_params": n_trainable, "total_params": n_total,
-        "steps": int(state.step), "resumed_from": latest,
-        "epochs": int(state.step) / batches.batches_per_epoch, "examples_seen": examples,
+        "trainable_params": count_trainable(state.params, trainable), "total_params": n_total,
+        "steps": int(state.step), "resumed_from": run.resumed_from,
+        "epochs": int(state.step) / batches.batches_per_epoch, "examples_seen": done.seen,
         "rows": {k: data.info[k] for k in ("train", "validation", "test")},
         "max_length": data.max_length,
-        "train_wall_s": wall_train, "compile_s": compile_s,
-        "examples_per_s": (timed_steps * tc.batch_size / steps_timed_s
-                           if steps_timed_s else None),
-        "initial_val_accuracy": first_eval["val_accuracy"] if first_eval else None,
+        "train_wall_s": done.wall_s, "compile_s": done.timing.compile_s,
+        "examples_per_s": (done.steps_per_s * tc.batch_size if done.steps_per_s else None),
+        "initial_val_accuracy": (done.first_eval["val_accuracy"] if done.first_eval
+                                 else None),
         "accuracy": {k: v["accuracy"] for k, v in final.items()},
         "loss": {k: v["loss"] for k, v in final.items()},
-        "last_checkpoint": last_saved, "wall_s": time.perf_counter() - wall_start,
+        "last_checkpoint": done.last_saved, "wall_s": time.perf_counter() - wall_start,
     }
     if best is not None:
         summary["best"] = {"step": best["step"], "run_dir": str(best_dir),
