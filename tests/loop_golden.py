@@ -49,16 +49,16 @@ def _metrics(run_dir: Path) -> list[dict]:
             for r in rows]
 
 
-def pretrain(run_dir: Path) -> list[dict]:
+def pretrain(run_dir: Path, **kw) -> list[dict]:
     tokens = tokenize_documents(default_corpus_documents()[:2], TOK)[:4000]
     lc = LoopConfig(eval_every=3, eval_batches=2, log_every=2, save_every=4, keep=2,
                     sample_prompt="The ", sample_tokens=4)
     tc = TrainConfig(total_steps=6, batch_size=4, lr=1e-2, warmup_steps=2, grad_accum=2)
-    train(run_dir, CONFIG, tc, lc, TOK, tokens, data_name="golden", progress=False)
+    train(run_dir, CONFIG, tc, lc, TOK, tokens, data_name="golden", progress=False, **kw)
     return _metrics(run_dir)
 
 
-def classify(run_dir: Path) -> list[dict]:
+def classify(run_dir: Path, **kw) -> list[dict]:
     rng = np.random.default_rng(0)
     path = run_dir.parent / (run_dir.name + ".csv")
     path.write_text("label,text\n" + "".join(
@@ -68,7 +68,8 @@ def classify(run_dir: Path) -> list[dict]:
                                   text_column="text")
     tc = TrainConfig.torch_adamw(lr=3e-3, weight_decay=0.1, batch_size=4, total_steps=6)
     cc = ClassifyConfig(eval_every=3, eval_batches=2, log_every=2, save_every=4)
-    finetune_classify(run_dir, FT_CONFIG, tc, cc, data, tokenizer_name="byte", progress=False)
+    finetune_classify(run_dir, FT_CONFIG, tc, cc, data, tokenizer_name="byte", progress=False,
+                      **kw)
     return _metrics(run_dir)
 
 
@@ -84,7 +85,7 @@ def _entries(n: int, preferences: bool = False) -> list[dict]:
     return out
 
 
-def instruct(run_dir: Path) -> list[dict]:
+def instruct(run_dir: Path, **kw) -> list[dict]:
     """With LoRA adapters: the trainable subset's path too."""
     tc = TrainConfig.torch_adamw(lr=3e-3, weight_decay=0.1, batch_size=4, total_steps=6,
                                  weight_decay_on="matrices")
@@ -97,19 +98,21 @@ def instruct(run_dir: Path) -> list[dict]:
     params = lora.with_adapters(base, lora.init_lora(base, FT_CONFIG, jax.random.key(4), rank=2),
                                 alpha=4)
     finetune_instruct(run_dir, FT_CONFIG, tc, ic, TOK, _entries(40), params=params,
-                      trainable=lora.TRAINABLE, progress=False)
+                      trainable=lora.TRAINABLE, progress=False, **kw)
     return _metrics(run_dir)
 
 
-def dpo(run_dir: Path) -> list[dict]:
+def dpo(run_dir: Path, **kw) -> list[dict]:
     tc = TrainConfig.torch_adamw(lr=3e-3, weight_decay=0.01, batch_size=4, total_steps=6)
     dc = DPOConfig(style="chat", eval_every=3, eval_batches=2, log_every=2, save_every=4, sample_count=0,
                    responses=False, pad_multiple=8)
     finetune_dpo(run_dir, FT_CONFIG, tc, dc, TOK, _entries(40, preferences=True),
-                 progress=False)
+                 progress=False, **kw)
     return _metrics(run_dir)
 
 
+# Each run's function takes the run folder and any further keyword of its command's
+# function (mesh=..., stop_at=..., resume=...).
 RUNS = {"pretrain": pretrain, "classify": classify, "instruct": instruct, "dpo": dpo}
 
 

@@ -24,3 +24,35 @@ def test_the_run_writes_the_golden_metrics(name, tmp_path):
         assert new == old, f"{name}, {new['kind']} at step {new['step']}"
     assert any(r["kind"] == "train" and r["loss"] > 0 for r in rows)  # a run that learns
 
+
+
+def test_a_nan_stops_a_fine_tuning_run_with_its_last_good_checkpoint(tmp_path, monkeypatch):
+    """Fine-tuning stops on a non-finite loss as pretraining does (one loop):
+    the rows before it logged, the checkpoint before it kept, nothing after."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.train import checkpoint, loop
+
+    real = loop._steps
+
+    def poisoned_steps(*args):
+        train_step, eval_step = real(*args)
+
+        def step(state, batch):
+            state, metrics = train_step(state, batch)
+            if int(state.step) >= 5:  # step 6 reports a NaN loss
+                state = state._replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+            return state, metrics
+
+        return step, eval_step
+
+    monkeypatch.setattr(loop, "_steps", poisoned_steps)
+    with pytest.raises(loop.TrainingDiverged, match="loss is nan at step 6.*last good "
+                                                    "checkpoint is step 4") as err:
+        loop_golden.dpo(tmp_path / "dpo")
+    assert err.value.last_checkpoint == 4
+    assert checkpoint.open_manager(tmp_path / "dpo").all_steps() == [4]
+    rows = [json.loads(x) for x in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 5
+    assert (tmp_path / "dpo" / "loss.png").is_file()  # the plots of what ran

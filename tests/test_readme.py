@@ -67,6 +67,8 @@ def test_readme_python_blocks_run_in_order():
     printed = done.stdout.splitlines()
     assert "198,144 of 841,088 parameters train" in printed, done.stdout
     assert any(re.fullmatch(r"step 4: loss 5\.2\d\d", x) for x in printed), done.stdout
+    one_loop = [x for x in printed if x.startswith("step 4: val perplexity ")]
+    assert one_loop and 100 < float(one_loop[0].split()[-1]) < 300, done.stdout
     assert "# 198,144 of 841,088 parameters train" in README.read_text()
     assert "reuse_host_memory" not in done.stderr, done.stderr[-4000:]  # called in time
     line = [x for x in done.stdout.splitlines() if x.startswith("README-REPORT ")][-1]

@@ -239,14 +239,14 @@ def _lora(args, config, tc, cc, params, trainable: str | None, n_classes: int,
 
 
 def run(args) -> int:
-    from jaxllm.config import count_params
-    from jaxllm.train.lock import RunFolderBusy
-    from jaxllm.train.loop import TrainingDiverged
+    from jaxllm.cli.run_options import mesh_from_args, run_training
 
-    try:
-        config, tc, cc, data, tokenizer, params, source, lora = build(args)
+    def body() -> str:
+        from jaxllm.config import count_params
         from jaxllm.finetune.classify_run import finetune_classify, format_summary
 
+        mesh, rules = mesh_from_args(args)
+        config, tc, cc, data, tokenizer, params, source, lora = build(args)
         info = data.info
         per_class = ", ".join(f"{c} {n:,}" for c, n in info["per_class"].items())
         print(f"{args.data}: {info['rows']:,} rows ({per_class}); "
@@ -255,20 +255,13 @@ def run(args) -> int:
               f"{config.emb_dim} ({count_params(config):,} parameters) from {source}; "
               f"{tc.total_steps} steps of {tc.batch_size}; run folder {args.out}",
               file=sys.stderr)
-        summary = finetune_classify(args.out, config, tc, cc, data, tokenizer_name=tokenizer.name,
-                                    tokenizer_dir=tokenizer.directory,
-                                    fallback=not args.no_fallback,
-                                    params=params, resume=args.resume, progress=not args.quiet,
-                                    data_name=os.path.basename(args.data), source=source,
-                                    lora=lora)
-    except TrainingDiverged as err:
-        print(f"jaxllm finetune classify: {err}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, RunFolderBusy) as err:
-        print(f"jaxllm finetune classify: error: {err}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+        return format_summary(finetune_classify(
+            args.out, config, tc, cc, data, tokenizer_name=tokenizer.name,
+            tokenizer_dir=tokenizer.directory, fallback=not args.no_fallback, params=params,
+            resume=args.resume, progress=not args.quiet, mesh=mesh, partition_rules=rules,
+            data_name=os.path.basename(args.data), source=source, lora=lora))
+
+    return run_training("finetune classify", body)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,31 +107,27 @@ def build(args):
 
 
 def run(args) -> int:
-    from jaxllm.cli.finetune_instruct import _lora
-    from jaxllm.config import count_params
-    from jaxllm.finetune.dpo_run import finetune_dpo, format_summary
-    from jaxllm.train.lock import RunFolderBusy
-    from jaxllm.train.loop import TrainingDiverged
+    from jaxllm.cli.run_options import mesh_from_args, run_training
 
-    try:
+    def body() -> str:
+        from jaxllm.cli.finetune_instruct import _lora
+        from jaxllm.config import count_params
+        from jaxllm.finetune.dpo_run import finetune_dpo, format_summary
+
+        mesh, rules = mesh_from_args(args)
         config, tc, dc, tokenizer, entries, params, source = build(args)
         print(f"{args.data}: {len(entries):,} preference pairs; model {config.n_layers} layers x "
               f"{config.emb_dim} ({count_params(config):,} parameters) from {source}; "
               f"{tc.total_steps} steps of {tc.batch_size}; beta {dc.beta}, {dc.logprob} "
               f"log-probabilities; run folder {args.out}", file=sys.stderr)
         params, trainable, lora = _lora(args, config, tc, params)
-        summary = finetune_dpo(args.out, config, tc, dc, tokenizer, entries, params=params,
-                               fallback=not args.no_fallback, resume=args.resume,
-                               progress=not args.quiet, trainable=trainable, lora=lora,
-                               data_name=os.path.basename(args.data), source=source)
-    except TrainingDiverged as err:
-        print(f"jaxllm finetune dpo: {err}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, RunFolderBusy) as err:
-        print(f"jaxllm finetune dpo: error: {err}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+        return format_summary(finetune_dpo(
+            args.out, config, tc, dc, tokenizer, entries, params=params,
+            fallback=not args.no_fallback, resume=args.resume, progress=not args.quiet,
+            trainable=trainable, lora=lora, mesh=mesh, partition_rules=rules,
+            data_name=os.path.basename(args.data), source=source))
+
+    return run_training("finetune dpo", body)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,34 +149,28 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from jaxllm.config import count_params
-    from jaxllm.finetune.instruct_run import finetune_instruct, format_summary
-    from jaxllm.train.lock import RunFolderBusy
-    from jaxllm.train.loop import TrainingDiverged
+    from jaxllm.cli.run_options import mesh_from_args, run_training
 
-    try:
+    def body() -> str:
+        from jaxllm.config import count_params
+        from jaxllm.finetune.instruct_run import finetune_instruct, format_summary
+
+        mesh, rules = mesh_from_args(args)
         config, tc, ic, tokenizer, entries, params, source = build(args)
         print(f"{args.data}: {len(entries):,} entries; model {config.n_layers} layers x "
               f"{config.emb_dim} ({count_params(config):,} parameters) from {source}; "
               f"{tc.total_steps} steps of {tc.batch_size}; run folder {args.out}",
               file=sys.stderr)
         params, trainable, lora = _lora(args, config, tc, params)
-        summary = finetune_instruct(args.out, config, tc, ic, tokenizer, entries, params=params,
-                                    fallback=not args.no_fallback,
-                                    resume=args.resume, progress=not args.quiet,
-                                    trainable=trainable, lora=lora,
-                                    data_name=os.path.basename(args.data), source=source,
-                                    judge=None if args.judge_url is None else {
-                                        "url": args.judge_url, "model": args.judge_model,
-                                        "timeout": args.judge_timeout})
-    except TrainingDiverged as err:
-        print(f"jaxllm finetune instruct: {err}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, RunFolderBusy) as err:
-        print(f"jaxllm finetune instruct: error: {err}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+        judge = None if args.judge_url is None else {
+            "url": args.judge_url, "model": args.judge_model, "timeout": args.judge_timeout}
+        return format_summary(finetune_instruct(
+            args.out, config, tc, ic, tokenizer, entries, params=params,
+            fallback=not args.no_fallback, resume=args.resume, progress=not args.quiet,
+            trainable=trainable, lora=lora, mesh=mesh, partition_rules=rules,
+            data_name=os.path.basename(args.data), source=source, judge=judge))
+
+    return run_training("finetune instruct", body)
 
 
 def main(argv: list[str] | None = None) -> int:

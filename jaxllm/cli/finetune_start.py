@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, NamedTuple
 
-from jaxllm.cli import add_fallback_argument, add_tokenizer_arguments, hf_source
+from jaxllm.cli import add_tokenizer_arguments, hf_source
 
 
 def add_start_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,21 +29,11 @@ def add_start_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, default_out: str,
                       task_config: str) -> None:
-    """--set (GPTConfig, TrainConfig and the task's `task_config` fields), --out,
-    --resume, --no-fallback, --quiet and the LoRA flags."""
-    from jaxllm.cli.lora import add_lora_arguments
+    """The options every training command shares (`jaxllm.cli.run_options`), for a
+    fine-tuning command whose own settings are `task_config`'s fields."""
+    from jaxllm.cli.run_options import add_run_arguments as add
 
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help=f"any GPTConfig, TrainConfig or {task_config} field (repeatable)")
-    parser.add_argument("--out", default=default_out, metavar="RUN_DIR",
-                        help=f"run folder (default {default_out})")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in --out")
-    add_fallback_argument(parser, resuming=True)
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress: neither the bar nor, into a log, its lines")
-    add_lora_arguments(parser)
+    add(parser, default_out=default_out, sections=f"GPTConfig, TrainConfig or {task_config}")
 
 
 def parse_overrides(items: list[str], section: str, task_config: type

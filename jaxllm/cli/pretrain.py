@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxllm import host_memory
-from jaxllm.cli import add_fallback_argument
-from jaxllm.cli.lora import add_lora_arguments
+from jaxllm.cli.run_options import add_run_arguments, mesh_from_args, run_training
 from jaxllm.config import PRESETS, GPTConfig, get_preset
 
 DEFAULT_OUT = "runs/pretrain"
@@ -43,9 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--config", metavar="FILE.json",
                        help="JSON config: a GPTConfig dict, or sections 'model', 'train', 'loop' "
                             "(a run's config.json works)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override any GPTConfig, TrainConfig or "
-                                                  "LoopConfig field (repeatable)")
     parser.add_argument("--cpu-recipe", action="store_true",
                         help="train with the implementation settings that are fastest on this "
                              "CPU (jaxllm.kernels.recipe.cpu_recipe: the native kernels, and "
@@ -67,11 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: gpt2 when the config's vocab_size is 50257, else byte")
     parser.add_argument("--tokenizer-dir", metavar="DIR",
                         help="folder with gpt2.tiktoken (or encoder.json + vocab.bpe)")
-    parser.add_argument("--out", default=DEFAULT_OUT, metavar="RUN_DIR",
-                        help=f"run folder for checkpoints, metrics and plots (default {DEFAULT_OUT})")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in --out (fresh start if none)")
-    add_fallback_argument(parser, resuming=True)
     from jaxllm.train.pretrain import LoopConfig
     from jaxllm.train.optim import TrainConfig
 
@@ -83,20 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, help=f"steps between checkpoints "
                         f"({given} {LoopConfig.save_every})")
     parser.add_argument("--keep", type=int, help=f"checkpoints kept ({given} {LoopConfig.keep})")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress: neither the bar nor, into a log, its lines")
-    parser.add_argument("--mesh", metavar="SPEC",
-                        help="device mesh, e.g. 'data=2,fsdp=4' or 'fsdp=-1' (all devices): split "
-                             "the batch over the devices and shard the state (jaxllm.sharding); "
-                             "default: one device")
-    parser.add_argument("--partition-rules", metavar="FILE",
-                        help="JSON file of partition rules for --mesh (default: jaxllm.sharding."
-                             "DEFAULT_RULES; `python -c \"from jaxllm import sharding; "
-                             "print(sharding.rules_to_json())\"` prints them to start from)")
     parser.add_argument("--distributed", action="store_true",
                         help="join a multi-host run first (jax.distributed; coordinator from "
                              "JAXLLM_COORDINATOR, JAXLLM_NUM_PROCESSES, JAXLLM_PROCESS_ID)")
-    add_lora_arguments(parser)
+    add_run_arguments(parser, default_out=DEFAULT_OUT,
+                      sections="GPTConfig, TrainConfig or LoopConfig",
+                      resume_note=" (fresh start if none)")
 
 
 # -- configuration -------------------------------------------------------------
@@ -339,23 +322,12 @@ def run(args) -> int:
         # first, before anything starts JAX's backend (host_memory says why)
         host_memory.reuse_host_memory()
     from jaxllm.tokenizer import get_tokenizer, recorded_places
-    from jaxllm.train.lock import RunFolderBusy
-    from jaxllm.train.pretrain import TrainingDiverged, format_summary, train
+    from jaxllm.train.pretrain import format_summary, train
     from jaxllm.train.runner import check_run_folder
 
-    try:
+    def body() -> str:
         check_run_folder(args.out, resume=args.resume)  # before any work
-        mesh = rules = None
-        if args.partition_rules and not (args.distributed or args.mesh):
-            raise ValueError("--partition-rules needs --mesh (or --distributed)")
-        if args.distributed or args.mesh:
-            from jaxllm import sharding
-
-            if args.distributed:
-                sharding.initialize_distributed()
-            mesh = sharding.make_mesh(args.mesh or "")
-            if args.partition_rules:
-                rules = sharding.load_rules(args.partition_rules)
+        mesh, rules = mesh_from_args(args)
         model, tc, lc, explicit = build_configs(args)
         name = args.tokenizer or ("gpt2" if model.vocab_size == 50257 else "byte")
         record = _run_record(args.out) if args.resume else {}
@@ -370,23 +342,13 @@ def run(args) -> int:
               f"{model.n_layers} layers x {model.emb_dim} ({_count(model):,} parameters); "
               f"run folder {args.out}", file=sys.stderr)
         params, trainable, lora_record = _lora_start(args, model, tc)
-        if trainable is not None and rules is not None:
-            from jaxllm import lora
+        return format_summary(train(
+            args.out, model, tc, lc, tokenizer, tokens, data_name=data_name,
+            resume=args.resume, fallback=not args.no_fallback, progress=not args.quiet,
+            mesh=mesh, partition_rules=rules, params=params, trainable=trainable,
+            lora_record=lora_record))
 
-            rules = lora.sharding_rules(rules)
-        summary = train(args.out, model, tc, lc, tokenizer, tokens, data_name=data_name,
-                        resume=args.resume, fallback=not args.no_fallback,
-                        progress=not args.quiet, mesh=mesh,
-                        partition_rules=rules, params=params, trainable=trainable,
-                        lora_record=lora_record)
-    except TrainingDiverged as err:
-        print(f"jaxllm pretrain: {err}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, RunFolderBusy) as err:
-        print(f"jaxllm pretrain: error: {err}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+    return run_training("pretrain", body)
 
 
 def _lora_start(args, model: GPTConfig, tc):

@@ -112,7 +112,8 @@ def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyC
                       resume: bool = False, progress: bool = True, data_name: str = "data",
                       source: str = "random", stop_at: int | None = None,
                       fallback: bool = True, lora: dict | None = None,
-                      mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+                      mesh: jax.sharding.Mesh | None = None,
+                      partition_rules=None) -> dict[str, Any]:
     """Fine-tune (or resume) the classifier in `run_dir`; returns the summary.
 
     `params` are the starting weights: a model tree (its LM head is replaced),
@@ -122,7 +123,8 @@ def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyC
     on the run find them there); `stop_at` ends the run early at that step,
     saving there. `lora` records the settings of the adapters `params` carry
     in the run's metadata. With a `mesh` the batch is split over its devices
-    and the state sharded (`jaxllm.train.loop.open_run`).
+    and the state sharded (by `partition_rules`, default
+    `jaxllm.sharding.DEFAULT_RULES`; see `jaxllm.train.loop.open_run`).
     """
     run_dir, wall_start = Path(run_dir), time.perf_counter()
     n_classes = len(data.classes)
@@ -194,7 +196,8 @@ def finetune_classify(run_dir, config: GPTConfig, tc: TrainConfig, cc: ClassifyC
     with open_run(run_dir, config, tc, identity=identity, kind=META_KIND,
                   task=classify_task(cc.pooling), params=params,
                   start=WithClassHead(config, tc.init, n_classes), trainable=trainable,
-                  mesh=mesh, resume=resume, fallback=fallback, keep=cc.keep,
+                  mesh=mesh, partition_rules=partition_rules, resume=resume,
+                  fallback=fallback, keep=cc.keep,
                   metric_names={"correct": "accuracy"}) as run:
         done = run.fit(batches, meta=meta, evaluations=evaluations, log_every=cc.log_every,
                        eval_every=cc.eval_every, save_every=cc.save_every, unit="examples",

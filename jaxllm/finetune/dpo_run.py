@@ -39,7 +39,7 @@ from jaxllm.data.preferences import (PreferenceBatches, fixed_pair_batches, spli
                                      tokenize_pairs)
 from jaxllm.finetune.dpo import REDUCTIONS, dpo_task, reference_logprobs
 from jaxllm.finetune.instruct import generate_responses
-from jaxllm.finetune.instruct_run import InstructConfig, answer_samples, check_tokenizer
+from jaxllm.finetune.instruct_run import AnswerConfig, answer_samples, check_tokenizer
 from jaxllm.layout import check_params
 from jaxllm.train.loop import Means, open_run
 from jaxllm.train.optim import TrainConfig
@@ -51,37 +51,19 @@ METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "reward_
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOConfig:
+class DPOConfig(AnswerConfig):
     """The DPO loss, data, evaluation, checkpoint and response settings of a run
     (weight decay is `TrainConfig.weight_decay_on`'s, as in every run)."""
 
     beta: float = 0.1
     logprob: str = "mean"  # "mean" (the book; rewards without beta) or "sum" (TRL; with beta)
-    style: str = "alpaca"  # prompt format: alpaca or chat
     book_collate: bool = False  # the book's sequences and masks exactly (no end-of-text)
-    allowed_max_length: int = 1024  # rows cut to this (and to the context length)
-    pad_multiple: int = 16  # batch widths rounded up to a multiple (fewer compilations)
-    eval_every: int = 5
-    eval_batches: int = 5  # batches of each split per evaluation
-    log_every: int = 5
-    save_every: int = 100
-    keep: int = 2  # checkpoints kept
-    sample_count: int = 3  # validation prompts answered at every evaluation (0: none)
-    sample_tokens: int = 64
-    response_tokens: int = 256  # max_new_tokens of the test responses
-    response_batch: int = 8  # prompts per generate call
-    responses: bool = True  # answer every test prompt after training
 
     def __post_init__(self) -> None:
         dpo_task(self.beta, self.logprob)  # names a bad beta or convention
+        super().__post_init__()
         if self.book_collate and self.style != "alpaca":
             raise ValueError("the book's collate (book_collate) needs the alpaca style")
-        shared = {f.name for f in dataclasses.fields(InstructConfig)} & \
-            {f.name for f in dataclasses.fields(self)}
-        try:  # the fields an instruction run has too, checked as it checks them
-            InstructConfig(**{k: getattr(self, k) for k in shared})
-        except ValueError as err:
-            raise ValueError(str(err).replace("InstructConfig.", "DPOConfig.")) from None
 
 
 def peak_memory_bytes() -> dict[str, int | None]:
@@ -97,7 +79,8 @@ def finetune_dpo(run_dir, config: GPTConfig, tc: TrainConfig, dc: DPOConfig, tok
                  progress: bool = True, data_name: str = "preferences", source: str = "random",
                  stop_at: int | None = None, fallback: bool = True,
                  trainable: Trainable = None, lora: dict | None = None,
-                 mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+                 mesh: jax.sharding.Mesh | None = None,
+                 partition_rules=None) -> dict[str, Any]:
     """DPO-tune (or resume) the run in `run_dir` on preference `entries`; returns the summary.
 
     `entries` are split 85 / 10 / rest (train / test / validation, in file
@@ -108,7 +91,8 @@ def finetune_dpo(run_dir, config: GPTConfig, tc: TrainConfig, dc: DPOConfig, tok
     for adapters) and `lora` records the adapters' settings in the run's
     metadata. `stop_at` ends the run early at that step, saving there.
     `fallback=False` refuses a damaged latest checkpoint on resume. With a
-    `mesh` the batch is split over its devices and the state sharded.
+    `mesh` the batch is split over its devices and the state sharded (by
+    `partition_rules`, default `jaxllm.sharding.DEFAULT_RULES`).
     """
     run_dir, wall_start = Path(run_dir), time.perf_counter()
     check_tokenizer(tokenizer, config)
@@ -157,7 +141,8 @@ def finetune_dpo(run_dir, config: GPTConfig, tc: TrainConfig, dc: DPOConfig, tok
 
     with open_run(run_dir, config, tc, identity=identity, kind=META_KIND,
                   task=dpo_task(dc.beta, dc.logprob), params=params, trainable=trainable,
-                  mesh=mesh, resume=resume, fallback=fallback, keep=dc.keep) as run:
+                  mesh=mesh, partition_rules=partition_rules, resume=resume,
+                  fallback=fallback, keep=dc.keep) as run:
         fresh = run.resumed_from is None
         ref_start = time.perf_counter()
         reference = _reference(run_dir, run.state, config, dc, splits, tc.batch_size,

@@ -50,14 +50,13 @@ META_KIND = "instruct"
 
 
 @dataclasses.dataclass(frozen=True)
-class InstructConfig:
-    """Data, evaluation, checkpoint and response settings of an instruction run."""
+class AnswerConfig:
+    """What runs that teach a model to answer prompts share (instruction tuning,
+    DPO): the prompt format, rows, cadence, samples and test responses."""
 
     style: str = "alpaca"  # prompt format: alpaca or chat
-    mask_prompt: bool = False  # train on the response tokens only
     allowed_max_length: int = 1024  # rows cut to this (and to the context length)
     pad_multiple: int = 16  # batch widths rounded up to a multiple (fewer compilations)
-    bucket: bool = False  # batches of similar lengths (less padding)
     eval_every: int = 5
     eval_batches: int = 5  # batches of each split per evaluation
     log_every: int = 5
@@ -70,19 +69,27 @@ class InstructConfig:
     responses: bool = True  # answer every test entry after training
 
     def __post_init__(self) -> None:
+        name = type(self).__name__
         if self.style not in PROMPT_STYLES:
-            raise ValueError(f"InstructConfig.style must be one of {PROMPT_STYLES}, "
-                             f"got {self.style!r}")
-        for name in ("allowed_max_length", "pad_multiple", "eval_every", "eval_batches",
-                     "log_every", "save_every", "keep", "sample_tokens", "response_tokens",
-                     "response_batch"):
-            v = getattr(self, name)
+            raise ValueError(f"{name}.style must be one of {PROMPT_STYLES}, got {self.style!r}")
+        for field in ("allowed_max_length", "pad_multiple", "eval_every", "eval_batches",
+                      "log_every", "save_every", "keep", "sample_tokens", "response_tokens",
+                      "response_batch"):
+            v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"InstructConfig.{name} must be a positive int, got {v!r}")
+                raise ValueError(f"{name}.{field} must be a positive int, got {v!r}")
         if isinstance(self.sample_count, bool) or not isinstance(self.sample_count, int) \
                 or self.sample_count < 0:
-            raise ValueError(f"InstructConfig.sample_count must be an int >= 0, "
+            raise ValueError(f"{name}.sample_count must be an int >= 0, "
                              f"got {self.sample_count!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructConfig(AnswerConfig):
+    """Data, evaluation, checkpoint and response settings of an instruction run."""
+
+    mask_prompt: bool = False  # train on the response tokens only
+    bucket: bool = False  # batches of similar lengths (less padding)
 
 
 def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructConfig,
@@ -91,7 +98,8 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
                       source: str = "random", stop_at: int | None = None,
                       judge: dict[str, Any] | None = None, fallback: bool = True,
                       trainable: Trainable = None, lora: dict | None = None,
-                      mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+                      mesh: jax.sharding.Mesh | None = None,
+                      partition_rules=None) -> dict[str, Any]:
     """Fine-tune (or resume) the run in `run_dir` on `entries`; returns the summary.
 
     `entries` are split 85 / 10 / 5 (train / test / validation, in order).
@@ -103,7 +111,8 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
     that train (default all; `jaxllm.lora.TRAINABLE` for adapters), and
     `lora` records the adapters' settings in the run's metadata.
     `fallback=False` refuses a damaged latest checkpoint on resume. With a
-    `mesh` the batch is split over its devices and the state sharded.
+    `mesh` the batch is split over its devices and the state sharded (by
+    `partition_rules`, default `jaxllm.sharding.DEFAULT_RULES`).
     """
     run_dir, wall_start = Path(run_dir), time.perf_counter()
     if judge is not None:
@@ -159,7 +168,8 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
                     eval_batches=common_batch_count(train_eval, val_eval))
 
     with open_run(run_dir, config, tc, identity=identity, kind=META_KIND, params=params,
-                  trainable=trainable, mesh=mesh, resume=resume, fallback=fallback,
+                  trainable=trainable, mesh=mesh, partition_rules=partition_rules,
+                  resume=resume, fallback=fallback,
                   keep=ic.keep) as run:
         if run.resumed_from is None:
             samples_path.write_text("")
@@ -288,5 +298,5 @@ def prompt_style_of(run_dir) -> str:
     return (meta.get("instruct") or meta.get("dpo") or {}).get("style", "alpaca")
 
 
-__all__ = ["InstructConfig", "finetune_instruct", "format_summary", "prompt_style_of",
+__all__ = ["AnswerConfig", "InstructConfig", "finetune_instruct", "format_summary", "prompt_style_of",
            "format_prompt"]

@@ -226,8 +226,9 @@ class Run:
         # likely); the default rules also name parameters some configs lack.
         self.custom_rules = partition_rules is not None
         rules = tuple(partition_rules) if self.custom_rules else sharding.DEFAULT_RULES
-        if not self.custom_rules and params is not None and lora.adapters_of(params)[0]:
-            rules = tuple(lora.sharding_rules())  # adapters replicated, not warned of
+        if params is not None and lora.adapters_of(params)[0]:
+            # adapters replicated after the rules, unless a rule shards them
+            rules = tuple(lora.sharding_rules(rules))
         self.rules = rules
 
         self.manager = checkpoint.open_manager(run_dir, keep=keep, create=True)

@@ -1,0 +1,36 @@
+"""`--mesh` for fine-tuning: classification, instruction tuning and DPO on a
+2-device FSDP mesh train as on one device, resume, and record the mesh."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_devices(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mesh")
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "finetune_mesh_worker.py"),
+                           str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["classify", "instruct", "dpo"])
+def test_fine_tuning_on_a_mesh_trains_as_on_one_device(two_devices, name):
+    run = two_devices[name]
+    assert two_devices["devices"] == 2 and len(run["mesh"]) == 6
+    np.testing.assert_allclose(run["mesh"], run["one_device"], rtol=2e-5, atol=1e-6)
+    assert "fsdp" in run["recorded_mesh"]
+
+
+def test_a_sharded_dpo_run_resumes_bitwise_and_the_command_takes_mesh(two_devices):
+    assert two_devices["dpo"]["resumed"] == two_devices["dpo"]["mesh"]
+    assert two_devices["cli_rc"] == 0 and "fsdp" in two_devices["cli_mesh"]
