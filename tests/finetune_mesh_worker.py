@@ -34,8 +34,7 @@ def main(out: Path) -> dict:
     result = {"devices": jax.device_count()}
     for name in ("classify", "instruct", "dpo"):
         run = loop_golden.RUNS[name]
-        result[name] = {"one_device": losses(run(out / f"{name}-1")),
-                        "mesh": losses(run(out / f"{name}-mesh", mesh=mesh))}
+        result[name] = {"mesh": losses(run(out / f"{name}-mesh", mesh=mesh))}
         saved = json.loads((out / f"{name}-mesh" / "config.json").read_text())
         result[name]["recorded_mesh"] = saved["mesh"]
     # stopped and resumed on the mesh: the uninterrupted mesh run's losses

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import loop_golden
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,9 +27,13 @@ def two_devices(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["classify", "instruct", "dpo"])
 def test_fine_tuning_on_a_mesh_trains_as_on_one_device(two_devices, name):
+    """The losses of the same run on one device (tests/data/loop_golden.json; the
+    worker compiles without LLVM optimisation, so to rounding, not bit for bit)."""
     run = two_devices[name]
-    assert two_devices["devices"] == 2 and len(run["mesh"]) == 6
-    np.testing.assert_allclose(run["mesh"], run["one_device"], rtol=2e-5, atol=1e-6)
+    one_device = [r["loss"] for r in json.loads(loop_golden.GOLDEN.read_text())[name]
+                  if r["kind"] == "train"]
+    assert two_devices["devices"] == 2 and len(run["mesh"]) == len(one_device) == 6
+    np.testing.assert_allclose(run["mesh"], one_device, rtol=2e-5, atol=1e-6)
     assert "fsdp" in run["recorded_mesh"]
 
 
