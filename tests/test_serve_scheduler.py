@@ -200,20 +200,20 @@ def test_a_failing_step_ends_every_request_with_an_error(scheduler):
 
 
 def test_a_decode_step_runs_on_the_occupied_slots_only(params):
-    """A lone request on a 4-slot engine decodes a batch of one; waiting
+    """A lone request on a 4-slot engine decodes a batch of two; waiting
     requests join as many at a step as one prefill of a context's worth of
     padded tokens holds, in the lowest free slots; when a slot frees in the
     middle (a hole before a busy slot), the step covers up to the last busy
     slot and every answer is still its prompt's own; `warm_up` compiles
     every program serving then runs."""
     engine = SlotEngine(params, CFG, slots=4)
-    assert engine.buckets == (1, 2, 4)
+    assert engine.buckets == (2, 4)
     engine.warm_up()
     traces = TRACE_COUNTS["serve_decode"], TRACE_COUNTS["serve_prefill"]
     scheduler = Scheduler(engine, lambda t: token_bytes(TOK, t), TOK.stop_ids)
     lone = scheduler.submit(Request(TOK.encode(PROMPTS[1]), 6))
     drain(scheduler)
-    assert engine.rows_decoded == {1: 6}
+    assert engine.rows_decoded == {2: 6}
     assert lone.tokens == alone(params, PROMPTS[1], 6)
 
     def run():
@@ -239,8 +239,8 @@ def test_a_decode_step_runs_on_the_occupied_slots_only(params):
         return dict(engine.rows_decoded)
 
     rows = run()
-    # two rows at the first step, four while a busy slot sits past the last
-    # free one (slot 2 until its 16th token, at step 17), one after
-    assert rows == {2: 1, 4: 16, 1: 3}
+    # two rows at the first step, four while a busy slot sits past the first
+    # two (slot 2 until its 16th token, at step 17), two after
+    assert rows == {2: 4, 4: 16}
     assert run() == rows
     assert (TRACE_COUNTS["serve_decode"], TRACE_COUNTS["serve_prefill"]) == traces  # no recompiling
