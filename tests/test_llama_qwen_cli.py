@@ -220,3 +220,49 @@ def test_pretrain_a_llama_preset_scaled_down_trains_and_resumes(tmp_path, capsys
     assert "gate" in params["blocks"][0]["ffn"]
     losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in losses) == 4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_the_template_style_tokenizes_as_transformers_renders_the_conversation(folders, family):
+    """An entry in the model's chat template: the prompt is transformers' user turn with
+    the generation prompt, the answer the assistant turn's ids up to its end of turn."""
+    from jaxllm.data.instructions import tokenize_entries
+    from jaxllm.data.preferences import tokenize_pairs
+
+    folder, _ = folders[family]
+    tok, theirs = HFTokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    entry = {"instruction": "Name a color.", "input": "One word.", "output": "Blue.",
+             "chosen": "Blue.", "rejected": "I cannot."}
+    user = [{"role": "user", "content": "Name a color.\n\nOne word."}]
+    prompt = theirs.apply_chat_template(user, add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    whole = theirs.apply_chat_template([*user, {"role": "assistant", "content": "Blue."}],
+                                       tokenize=True, return_dict=False)
+    end = next(i for i in range(len(prompt), len(whole)) if whole[i] in tok.stop_ids)
+    (example,) = tokenize_entries([entry], tok, "template")
+    assert example.prompt_length == len(prompt)
+    assert example.tokens.tolist() == whole[:end]
+    (pair,) = tokenize_pairs([entry], tok, "template")
+    assert pair.chosen.tolist() == [*whole[:end], tok.eot_id] and pair.prefix == len(prompt)
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        from jaxllm.tokenizer import ByteTokenizer
+
+        tokenize_entries([entry], ByteTokenizer(), "template")
+
+
+def test_dpo_in_the_chat_template_and_chat_reads_the_style(folders, tmp_path, capsys):
+    from jaxllm.finetune.instruct_run import prompt_style_of
+
+    folder, _ = folders["qwen3"]
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "chosen": f"{i}",
+                                 "rejected": f"{i + 1}"} for i in range(24)]))
+    run = tmp_path / "run"
+    assert main(["finetune", "dpo", "--hf", str(folder), "--data", str(data), "--style",
+                 "template", "--steps", "2", "--set", "batch_size=4", "--set", "sample_count=1",
+                 "--set", "eval_batches=1", "--max-new-tokens", "3", "--out", str(run),
+                 "--quiet"]) == 0, capsys.readouterr().err
+    assert prompt_style_of(run) == "template"
+    responses = json.loads((run / "responses.json").read_text())
+    assert len(responses) == 2 and all("<|im_end|>" not in r["model_response"] for r in responses)
+    assert main(["chat", "--run-dir", str(run), "--prompt", "Say 3.", "--max-new-tokens", "2"]) == 0

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a sequence's log-probability: the mean over the answer's tokens "
                              "(the book; rewards without beta) or the sum (TRL; rewards with "
                              "beta); default mean")
-    parser.add_argument("--style", choices=("alpaca", "chat"),
+    parser.add_argument("--style", choices=("alpaca", "chat", "template"),
                         help="prompt format (default: the --run-dir run's own, else alpaca)")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="default",
                         help="book: the book's notebook in every setting")

@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instruction data: a JSON list or JSON Lines (.jsonl) of "
                              "{instruction, input, output}")
     parser.add_argument("--limit", type=int, metavar="N", help="use only the first N entries")
-    parser.add_argument("--style", choices=("alpaca", "chat"), help="prompt format (default alpaca)")
+    parser.add_argument("--style", choices=("alpaca", "chat", "template"),
+                        help="prompt format; template: the --hf folder's chat template "
+                             "(default alpaca)")
     parser.add_argument("--mask-prompt", action="store_true",
                         help="train on the response tokens only (prompt targets -100)")
     parser.add_argument("--bucket", action="store_true",

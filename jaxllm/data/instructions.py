@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from jaxllm.finetune.instruct import format_entry
+from jaxllm.finetune.instruct import answer_ids, prompt_ids
 
 IGNORE_INDEX = -100
 EOT_ID = 50256
@@ -146,9 +146,8 @@ def tokenize_entries(entries: Sequence[dict[str, str]], tokenizer, style: str = 
     """Each entry as prompt ids followed by response ids (see `jaxllm.finetune.instruct`)."""
     out = []
     for entry in entries:
-        prompt, response = format_entry(entry, style)
-        p = tokenizer.encode(prompt)
-        r = tokenizer.encode(response)
+        p = prompt_ids(entry, style, tokenizer)
+        r = answer_ids(entry, style, tokenizer, entry["output"], p)
         out.append(Example(np.asarray(p + r, np.int32), len(p)))
     return out
 

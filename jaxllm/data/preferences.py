@@ -10,7 +10,7 @@
 - `tokenize_pairs(entries, tokenizer, style)`: each entry as a `Pair`: the
   chosen and the rejected sequence (prompt + answer ids) and how many leading
   tokens of each are not scored. The prompt is the instruction data's
-  (`jaxllm.finetune.instruct.format_prompt`, Alpaca or chat).
+  (`jaxllm.finetune.instruct.prompt_ids`: Alpaca, chat or the model's chat template).
 - `collate(pairs, ...)`: the batch rule as a pure function (below).
 - `PreferenceBatches`: the seeded, resumable batch order, with each pair's
   cached reference log-probabilities beside its tokens.
@@ -42,7 +42,7 @@ import numpy as np
 
 from jaxllm.data.instructions import (EOT_ID, InstructionBatches, _check_entry,
                                       read_instructions, split_instructions)
-from jaxllm.finetune.instruct import format_prompt
+from jaxllm.finetune.instruct import answer_ids, format_prompt, prompt_ids
 
 PAIR_KEYS = ("instruction", "chosen", "rejected")
 RESPONSE_HEADER = "\n\n### Response:\n"  # where the book's Alpaca prompt ends
@@ -82,8 +82,8 @@ def tokenize_pairs(entries: Sequence[dict[str, str]], tokenizer, style: str = "a
     eot = tokenizer.eot_id if eot_id is None else eot_id
     out = []
     for entry in entries:
-        prompt = format_prompt(entry, style)
         if book:
+            prompt = format_prompt(entry, style)
             if style != "alpaca":
                 raise ValueError("the book's preference collate is defined on Alpaca prompts; "
                                  f"got style {style!r}")
@@ -91,8 +91,9 @@ def tokenize_pairs(entries: Sequence[dict[str, str]], tokenizer, style: str = "a
             seqs = [tokenizer.encode(prompt + entry[k]) for k in ("chosen", "rejected")]
             prefix = len(head) + BOOK_OFFSET
         else:
-            p = tokenizer.encode(prompt)
-            seqs = [p + tokenizer.encode(entry[k]) + [eot] for k in ("chosen", "rejected")]
+            p = prompt_ids(entry, style, tokenizer)
+            seqs = [p + answer_ids(entry, style, tokenizer, entry[k], p) + [eot]
+                    for k in ("chosen", "rejected")]
             prefix = len(p)
         out.append(Pair(*(np.asarray(s, np.int32) for s in seqs), prefix))
     return out

@@ -13,6 +13,11 @@ text a trained model is asked to continue.
   "\\n<|assistant|>\\n" and the output. The markers are plain text to the
   GPT-2 tokenizer (a few ordinary tokens each), so no new embedding rows are
   needed.
+- `template`: the model's own chat template (a Hugging Face folder's
+  tokenizer, `jaxllm.hf_tokenizer`): the instruction (and input) as a user
+  turn with the generation prompt, then the output as the assistant turn's
+  ids up to its end of turn; the run's end-of-text follows, as in the other
+  styles. This one is made of ids, not text (`prompt_ids`, `answer_ids`).
 
 Both prompts end in a newline, a pre-token boundary of GPT-2's BPE, so
 encoding prompt and response apart and concatenating gives the tokens of
@@ -37,11 +42,12 @@ INSTRUCT_TASK = lm_task  # the masked next-token loss; padding and masked prompt
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
-PROMPT_STYLES = ("alpaca", "chat")
+PROMPT_STYLES = ("alpaca", "chat", "template")
 
 
 def format_prompt(entry: Mapping[str, str], style: str = "alpaca") -> str:
-    """The prompt of `entry` in `style`, up to where the response begins."""
+    """The prompt of `entry` in `style`, up to where the response begins (the
+    `template` style is the tokenizer's: see `prompt_ids`)."""
     instruction, extra = entry["instruction"], entry.get("input", "") or ""
     if style == "alpaca":
         text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
@@ -53,7 +59,46 @@ def format_prompt(entry: Mapping[str, str], style: str = "alpaca") -> str:
         if extra:
             text += f"\n\n{extra}"
         return text + "\n<|assistant|>\n"
+    if style == "template":
+        raise ValueError("the template style is rendered by the tokenizer: use prompt_ids")
     raise ValueError(f"unknown prompt style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
+
+
+def _user_turn(entry: Mapping[str, str], tokenizer) -> list[dict[str, str]]:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"the template prompt style needs a tokenizer with a chat template (a "
+                         f"Hugging Face folder's); the {tokenizer.name} tokenizer has none")
+    extra = entry.get("input", "") or ""
+    return [{"role": "user", "content": entry["instruction"] + (f"\n\n{extra}" if extra else "")}]
+
+
+def prompt_ids(entry: Mapping[str, str], style: str, tokenizer) -> list[int]:
+    """The ids of `entry`'s prompt in `style`: what the model is given."""
+    if style == "template":
+        user = _user_turn(entry, tokenizer)
+        return tokenizer.encode_chat(user, add_generation_prompt=True)
+    return tokenizer.encode(format_prompt(entry, style))
+
+
+def answer_ids(entry: Mapping[str, str], style: str, tokenizer, answer: str,
+               prompt: list[int]) -> list[int]:
+    """The ids of `answer` after `prompt` (`prompt_ids` of the entry): its text's
+    ids, or in the template style the assistant turn's ids up to (not
+    including) its end of turn, as the template renders the whole conversation."""
+    if style != "template":
+        return tokenizer.encode(answer)
+    whole = tokenizer.encode_chat([*_user_turn(entry, tokenizer),
+                                   {"role": "assistant", "content": answer}],
+                                  add_generation_prompt=False)
+    if whole[:len(prompt)] != prompt:
+        raise ValueError("the chat template renders the user turn differently with an answer "
+                         "after it than with the generation prompt, so the answer cannot be "
+                         f"told from the prompt (entry {entry['instruction'][:40]!r}); use "
+                         "--style alpaca or chat")
+    rest = whole[len(prompt):]
+    stops = set(getattr(tokenizer, "stop_ids", (tokenizer.eot_id,)))
+    end = next((i for i, t in enumerate(rest) if t in stops), len(rest))
+    return rest[:end]
 
 
 def format_entry(entry: Mapping[str, str], style: str = "alpaca") -> tuple[str, str]:
@@ -89,8 +134,9 @@ def generate_responses(params, config, tokenizer, entries: Sequence[Mapping[str,
 
     if not entries:
         return [], {"entries": 0, "seconds": 0.0, "responses_per_s": None, "new_tokens": 0}
-    prompts = [tokenizer.encode(format_prompt(e, style)) for e in entries]
+    prompts = [prompt_ids(e, style, tokenizer) for e in entries]
     order = np.argsort([len(p) for p in prompts], kind="stable")
+    stops = set(getattr(tokenizer, "stop_ids", (tokenizer.eot_id,)))
     batch_size = max(1, min(batch_size, len(prompts)))
     out: list[str | None] = [None] * len(prompts)
     new_tokens = 0
@@ -104,8 +150,8 @@ def generate_responses(params, config, tokenizer, entries: Sequence[Mapping[str,
         for k, i in enumerate(idx):
             n = int(gen.lengths[k])
             ids = gen.tokens[k, :n].tolist()
-            if ids and ids[-1] == tokenizer.eot_id:
-                ids = ids[:-1]
+            stop = next((j for j, t in enumerate(ids) if t in stops), len(ids))
+            ids = ids[:stop]  # an end of turn the tokenizer names stops it too
             new_tokens += len(ids)
             out[i] = clean_response(tokenizer.decode(ids))
     seconds = time.perf_counter() - start

@@ -166,7 +166,8 @@ def judge_responses(entries: Sequence[Mapping[str, Any]], url: str, model: str, 
     check_judge(url, timeout)  # a malformed URL or timeout fails before any request
     scores, failures_in_a_row = [], 0
     for entry in entries:
-        prompt = JUDGE_PROMPT.format(prompt=format_prompt(entry, style).rstrip(),
+        shown = "alpaca" if style == "template" else style  # the judge reads text
+        prompt = JUDGE_PROMPT.format(prompt=format_prompt(entry, shown).rstrip(),
                                      output=entry["output"], response=entry[response_key])
         try:
             answer = ask(url, model, prompt, timeout=timeout)
