@@ -233,6 +233,17 @@ class Run:
 
         self.manager = checkpoint.open_manager(run_dir, keep=keep, create=True)
         self.log = MetricsLog(run_dir, write=self.writer)
+        try:
+            self._start(params, start, trainable, optimizer, task, resume, fallback)
+        except BaseException:  # a refused resume, say: the manager's threads end with it
+            self.manager.close()
+            raise
+
+    def _start(self, params, start, trainable, optimizer, task, resume, fallback) -> None:
+        """The state, fresh or restored, and the compiled steps."""
+        run_dir, config, tc, mesh, rules = self.run_dir, self.config, self.tc, self.mesh, \
+            self.rules
+        identity = self.identity
         latest = self.manager.latest_step()
         if latest is not None and not resume:
             raise ValueError(f"{run_dir} already holds checkpoints (latest step {latest}); "
