@@ -52,7 +52,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 def pretrain(run_dir: Path, **kw) -> list[dict]:
     tokens = tokenize_documents(default_corpus_documents()[:2], TOK)[:4000]
     lc = LoopConfig(eval_every=3, eval_batches=2, log_every=2, save_every=4, keep=2,
-                    sample_prompt="The ", sample_tokens=4)
+                    sample_prompt="The ", sample_tokens=4, temperature=0.0)
     tc = TrainConfig(total_steps=6, batch_size=4, lr=1e-2, warmup_steps=2, grad_accum=2)
     train(run_dir, CONFIG, tc, lc, TOK, tokens, data_name="golden", progress=False, **kw)
     return _metrics(run_dir)
@@ -90,7 +90,7 @@ def instruct(run_dir: Path, **kw) -> list[dict]:
     tc = TrainConfig.torch_adamw(lr=3e-3, weight_decay=0.1, batch_size=4, total_steps=6,
                                  weight_decay_on="matrices")
     ic = InstructConfig(style="chat", mask_prompt=True, eval_every=3, eval_batches=2, log_every=2,
-                        save_every=4, sample_count=0, responses=False, pad_multiple=8)
+                        save_every=4, sample_count=0, responses=False, pad_multiple=32)
     import jax
 
 
@@ -105,7 +105,7 @@ def instruct(run_dir: Path, **kw) -> list[dict]:
 def dpo(run_dir: Path, **kw) -> list[dict]:
     tc = TrainConfig.torch_adamw(lr=3e-3, weight_decay=0.01, batch_size=4, total_steps=6)
     dc = DPOConfig(style="chat", eval_every=3, eval_batches=2, log_every=2, save_every=4, sample_count=0,
-                   responses=False, pad_multiple=8)
+                   responses=False, pad_multiple=32)
     finetune_dpo(run_dir, FT_CONFIG, tc, dc, TOK, _entries(40, preferences=True),
                  progress=False, **kw)
     return _metrics(run_dir)
