@@ -1,7 +1,7 @@
 """Load on `jaxllm serve` and on its peer, `transformers serve
 --continuous-batching`, in one run: tokens/s and p50/p99 latency at 1, 8 and
 32 concurrent clients, beside the same requests one after another through
-`jaxllm.generate` and transformers' `generate` in this process.
+`jaxllm.generate` in this process and transformers' `generate` in a fresh one.
 
     python -m experiments.bench_serve                  # GPT-2 124M shape, random weights
     python -m experiments.bench_serve --emb-dim 256 --layers 4 --heads 4 --context 256
@@ -16,8 +16,15 @@ port. Both get the same text prompts (5 to 15 random GPT-2 words) on
 counts the completion tokens each server reports. Each server answers one
 untimed request before the timed levels (jaxllm serve also compiles its
 buckets at start-up, as it does by default). PyTorch runs with its default
-threads, one per core (`torch.get_num_threads()`, recorded). Writes
-results/bench_serve/results.json, results.md and throughput.png.
+threads, one per core (`torch.get_num_threads()`, recorded); the
+sequential `generate` runs on one thread as well (both recorded; the plot
+shows the faster). Writes results/bench_serve/results.json, results.md and
+throughput.png.
+
+`--decode-steps` times the engine's decode step alone at 1, 2, 8 and `--slots`
+occupied slots, with the compiled step's scratch memory and any copy of 1 MiB
+or more (none: the cache is updated in place, and the idle slots are not
+touched).
 """
 
 from __future__ import annotations
@@ -133,9 +140,6 @@ def sequential(params_config, folder, tokenizer, prompts, args, summary) -> None
     """The same requests one after another in this process: `jaxllm.generate`
     and (unless --no-peer) transformers' `generate`, greedy, stopping at
     end-of-text as the servers do."""
-    import torch
-    import transformers
-
     from jaxllm.generate import generate
 
     params, config = params_config
@@ -153,8 +157,29 @@ def sequential(params_config, folder, tokenizer, prompts, args, summary) -> None
     summary(SEQ_JAXLLM, 1, latencies, time.perf_counter() - t0, tokens)
     if args.no_peer:
         return
+    # in a fresh process: beside XLA's thread pool, torch's threads ran up to
+    # 30x slower on this 2-core machine
+    import multiprocessing
+
+    for threads in sorted({os.cpu_count() or 1, 1}, reverse=True):
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            latencies, tokens, wall = pool.apply(torch_sequential, (
+                str(folder), ids, args.max_tokens, threads))
+        summary(f"{SEQ_TORCH}, {threads} torch thread{'s' * (threads > 1)}", 1, latencies,
+                wall, tokens)
+
+
+def torch_sequential(folder: str, ids, max_tokens: int, threads: int):
+    """transformers' `generate` on each prompt in turn (greedy, end-of-text
+    stops) on `threads` torch threads: the latencies, the tokens drawn and
+    the wall time."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    eot = 50256
     model = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
-    kwargs = dict(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=eot,
+    kwargs = dict(max_new_tokens=max_tokens, do_sample=False, eos_token_id=eot,
                   pad_token_id=eot)
     with torch.inference_mode():
         model.generate(torch.tensor([ids[0]]), **kwargs)  # warm up
@@ -164,7 +189,49 @@ def sequential(params_config, folder, tokenizer, prompts, args, summary) -> None
             out = model.generate(torch.tensor([p]), **kwargs)
             latencies.append(time.perf_counter() - t)
             tokens += out.shape[1] - len(p)
-    summary(SEQ_TORCH, 1, latencies, time.perf_counter() - t0, tokens)
+    return latencies, tokens, time.perf_counter() - t0
+
+
+def decode_steps(args) -> None:
+    """`--decode-steps`: the engine's decode step alone, in this process, at a
+    few numbers of occupied slots on a `--slots` cache: ms a step, the
+    compiled step's scratch memory, and its copies of 1 MiB or more (none
+    means the cache is updated in place)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    import jaxllm
+    from jaxllm.serve.engine import SlotEngine, _decode_step
+
+    config = jaxllm.GPTConfig(vocab_size=50257, context_length=args.context,
+                              emb_dim=args.emb_dim, n_heads=args.heads, n_layers=args.layers,
+                              drop_rate=0.0, qkv_bias=True)
+    engine = SlotEngine(jaxllm.init_params(config, jax.random.PRNGKey(0)), config, args.slots)
+    for used in sorted({1, 2, 8, args.slots} & set(range(1, args.slots + 1))):
+        active = np.arange(args.slots) < used
+        zeros = np.zeros(args.slots)
+        rows = next(b for b in engine.buckets if b >= used)
+        z = jnp.zeros(rows)
+        compiled = _decode_step.lower(
+            engine.params, engine.state, jnp.ones(rows, bool), z.astype(jnp.float32),
+            z.astype(jnp.float32) + 1, z.astype(jnp.uint32), z.astype(jnp.int32),
+            config=config, sampling=False, rows=rows).compile()
+        copies = [m.group(1) for m in re.finditer(r"= f32\[([0-9,]+)\]\{[^}]*\} copy\(",
+                                                  compiled.as_text())
+                  if 4 * np.prod([int(x) for x in m.group(1).split(",")]) >= 2 ** 20]
+        for _ in range(2):
+            engine.decode(active, zeros, zeros + 1, zeros, zeros)
+        t = time.perf_counter()
+        for _ in range(args.repeat):
+            engine.decode(active, zeros, zeros + 1, zeros, zeros)
+        ms = (time.perf_counter() - t) / args.repeat * 1e3
+        print(json.dumps({"occupied": used, "rows": rows, "ms_per_step": round(ms, 2),
+                          "scratch_mib": round(compiled.memory_analysis().temp_size_in_bytes
+                                               / 2 ** 20, 1),
+                          "copies_of_1mib_or_more": copies,
+                          "load_1min": round(os.getloadavg()[0], 2)}), flush=True)
 
 
 def write_markdown(results, path: Path) -> None:
@@ -205,10 +272,14 @@ def plot(results, path: Path) -> None:
         if rows:
             ax.plot([r["clients"] for r in rows], [r["tokens_per_s"] for r in rows], style,
                     label=mode)
+    torch_rows = [r for r in results["levels"] if r["mode"].startswith(SEQ_TORCH)]
     for mode, color in ((SEQ_JAXLLM, "tab:blue"), (SEQ_TORCH, "tab:orange")):
         rows = [r for r in results["levels"] if r["mode"] == mode]
+        if mode == SEQ_TORCH and torch_rows:  # the faster thread count
+            rows = [max(torch_rows, key=lambda r: r["tokens_per_s"])]
         if rows:
-            ax.axhline(rows[0]["tokens_per_s"], color=color, ls="--", lw=1, label=mode)
+            ax.axhline(rows[0]["tokens_per_s"], color=color, ls="--", lw=1,
+                       label=rows[0]["mode"])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("generated tokens / s")
@@ -234,7 +305,14 @@ def main(argv=None) -> int:
                         help="seconds a server may take to answer /health")
     parser.add_argument("--request-timeout", type=float, default=1200)
     parser.add_argument("--out", default="results/bench_serve")
+    parser.add_argument("--decode-steps", action="store_true",
+                        help="time the engine's decode step alone at 1, 2, 8 and --slots "
+                             "occupied slots (no servers)")
+    parser.add_argument("--repeat", type=int, default=10, help="steps timed (--decode-steps)")
     args = parser.parse_args(argv)
+    if args.decode_steps:
+        decode_steps(args)
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the server
 
     import torch
