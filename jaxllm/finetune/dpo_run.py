@@ -34,12 +34,12 @@ import jax
 import numpy as np
 
 from jaxllm.config import GPTConfig
-from jaxllm.data.instructions import entries_digest
 from jaxllm.data.preferences import (PreferenceBatches, fixed_pair_batches, split_preferences,
                                      tokenize_pairs)
 from jaxllm.finetune.dpo import REDUCTIONS, dpo_task, reference_logprobs
 from jaxllm.finetune.instruct import generate_responses
-from jaxllm.finetune.instruct_run import AnswerConfig, answer_samples, check_tokenizer
+from jaxllm.finetune.instruct_run import (AnswerConfig, answer_run_record, answer_samples,
+                                          check_tokenizer)
 from jaxllm.layout import check_params
 from jaxllm.train.loop import Means, open_run
 from jaxllm.train.optim import TrainConfig
@@ -110,17 +110,9 @@ def finetune_dpo(run_dir, config: GPTConfig, tc: TrainConfig, dc: DPOConfig, tok
                          f"{tc.batch_size}")
     if params is not None:
         check_params(params, config)
-    identity = {
-        "model": config.to_dict(), "train": dataclasses.asdict(tc), "tokenizer": tokenizer.name,
-        "dpo": dataclasses.asdict(dc),
-        "data": {"train": len(train_entries), "test": len(test_entries),
-                 "validation": len(val_entries), "sha256": entries_digest(entries)},
-    }
-    if trainable is not None:
-        identity["trainable"] = trainable if isinstance(trainable, str) else repr(trainable)
-    meta = dict(data_name=data_name, source=source, tokenizer_dir=tokenizer.directory)
-    if lora is not None:
-        meta["lora"] = lora
+    identity, meta = answer_run_record(
+        "dpo", dc, config, tc, tokenizer, entries, (train_entries, test_entries, val_entries),
+        trainable=trainable, lora=lora, data_name=data_name, source=source)
     samples_path = run_dir / "samples.txt"
 
     def samples(params, step: int, record: dict[str, Any]) -> dict[str, Any]:

@@ -140,17 +140,9 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
     if params is not None:
         check_params(params, config)
 
-    identity = {
-        "model": config.to_dict(), "train": dataclasses.asdict(tc), "tokenizer": tokenizer.name,
-        "instruct": dataclasses.asdict(ic),
-        "data": {"train": len(train_entries), "test": len(test_entries),
-                 "validation": len(val_entries), "sha256": entries_digest(entries)},
-    }
-    if trainable is not None:  # a subset trains (adapters, say): part of what the run is
-        identity["trainable"] = trainable if isinstance(trainable, str) else repr(trainable)
-    meta = dict(data_name=data_name, source=source, tokenizer_dir=tokenizer.directory)
-    if lora is not None:
-        meta["lora"] = lora
+    identity, meta = answer_run_record(
+        "instruct", ic, config, tc, tokenizer, entries, (train_entries, test_entries, val_entries),
+        trainable=trainable, lora=lora, data_name=data_name, source=source)
     samples_path = run_dir / "samples.txt"
 
     def samples(params, step: int, record: dict[str, Any]) -> dict[str, Any]:
@@ -211,6 +203,29 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def answer_run_record(section: str, settings: AnswerConfig, config: GPTConfig,
+                      tc: TrainConfig, tokenizer, entries: Sequence[dict], splits, *,
+                      trainable: Trainable, lora: dict | None, data_name: str,
+                      source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(identity, meta) of a run on prompt entries: what a resume must bring
+    again (the model, training and `section`'s settings, the tokenizer, the
+    splits' sizes and the data's digest, the trainable subset) and what the
+    run records beside it (where data, weights and tokenizer came from, LoRA)."""
+    train, test, validation = splits
+    identity = {
+        "model": config.to_dict(), "train": dataclasses.asdict(tc), "tokenizer": tokenizer.name,
+        section: dataclasses.asdict(settings),
+        "data": {"train": len(train), "test": len(test), "validation": len(validation),
+                 "sha256": entries_digest(entries)},
+    }
+    if trainable is not None:  # a subset trains (adapters, say): part of what the run is
+        identity["trainable"] = trainable if isinstance(trainable, str) else repr(trainable)
+    meta = dict(data_name=data_name, source=source, tokenizer_dir=tokenizer.directory)
+    if lora is not None:
+        meta["lora"] = lora
+    return identity, meta
 
 
 def check_tokenizer(tokenizer, config: GPTConfig) -> None:
