@@ -12,6 +12,10 @@ import pytest
 
 from tests import loop_golden
 
+# The module's fixtures are costly (a subprocess, a server, saved models): its tests
+# share one worker, so each fixture is built once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_finetune_mesh")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

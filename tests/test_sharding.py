@@ -18,6 +18,10 @@ from jaxllm import sharding as sh
 from jaxllm.config import GPTConfig
 from jaxllm.train import TrainConfig
 
+# The module's fixtures are costly (a subprocess, a server, saved models): its tests
+# share one worker, so each fixture is built once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_sharding")
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = GPTConfig(vocab_size=128, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
                    drop_rate=0.0)
