@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)  ## create .venv and install jaxllm with its test extras (constraints.txt pins)
 
 test: $(STAMP)  ## the whole test suite on every core, PyTorch parity included
-	$(RUN) -m pytest -q -n auto --dist loadgroup --durations=25
+	$(RUN) -m pytest -q -n auto --durations=25
 
 # Experiments: each writes results/<name>/results.json and results.md.
 experiments: tensors autodiff backprop config model  ## tensors, autodiff, backprop, config and model (results/)

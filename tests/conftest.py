@@ -49,3 +49,22 @@ def shared_data() -> Path:
                     f"cloned from), or from "
                     f"$JAXLLM_SHARED_DATA")
     return SHARED_DATA
+
+
+def once_per_session(tmp_path_factory, name: str, compute):
+    """`compute()`'s JSON-able result, computed by one pytest-xdist worker for all
+    of them (the others wait for it and read it): a module fixture that runs a
+    costly subprocess, the 8-device worker say, is then built once per test
+    session, not once per worker whose share of the module's tests needs it."""
+    import fcntl
+    import json
+
+    root = tmp_path_factory.getbasetemp().parent  # the workers' common folder
+    path = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return json.loads(path.read_text())
+        result = compute()
+        path.write_text(json.dumps(result))
+        return result

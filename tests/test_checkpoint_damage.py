@@ -10,10 +10,6 @@ import pytest
 from jaxllm.cli import main
 from jaxllm.train import checkpoint
 
-# The module's fixtures are costly (a subprocess, a server, saved models): its tests
-# share one worker, so each fixture is built once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_checkpoint_damage")
-
 TINY = ["pretrain", "--preset", "small", "--set", "context_length=16", "--set", "n_layers=1",
         "--set", "emb_dim=32", "--set", "n_heads=2", "--set", "batch_size=4",
         "--set", "eval_batches=1", "--set", "sample_tokens=2", "--eval-every", "4",

@@ -13,10 +13,6 @@ from jaxllm.generate import generate
 from jaxllm.hf import hf_config_kwargs, save_safetensors
 from jaxllm.tokenizer import ByteTokenizer
 
-# The module's fixtures are costly (a subprocess, a server, saved models): its tests
-# share one worker, so each fixture is built once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_cli_generate")
-
 # GPT-2's layout: biased qkv projection, head tied to the token embedding
 CFG = jaxllm.GPTConfig(vocab_size=257, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
                        drop_rate=0.0, qkv_bias=True, tie_embeddings=True)

@@ -20,10 +20,6 @@ from jaxllm.eval.harness import JaxLLM  # noqa: E402
 from jaxllm.hf import save_hf  # noqa: E402
 from jaxllm.parity.reference import random_params  # noqa: E402
 
-# The module's fixtures are costly (a subprocess, a server, saved models): its tests
-# share one worker, so each fixture is built once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_eval_harness")
-
 GPT2 = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=4, n_layers=2,
                  drop_rate=0.0, qkv_bias=True)
 TEXT = ("It had always been his fate to have women about him. He was a painter of some "

@@ -28,10 +28,6 @@ from jaxllm.model import apply, init_params
 from jaxllm.parity import assert_passed, families as family_parity
 from jaxllm.parity.families import QWEN3, TOKENS, hf_model as _hf_model
 
-# The module's fixtures are costly (a subprocess, a server, saved models): its tests
-# share one worker, so each fixture is built once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_families")
-
 TINY = GPTConfig(vocab_size=96, context_length=64, emb_dim=32, n_heads=4, n_layers=2,
                  ffn_dim=48, norm="rmsnorm", positions="rope", mlp="swiglu", out_bias=False,
                  mlp_bias=False, drop_rate=0.0, n_kv_heads=2)

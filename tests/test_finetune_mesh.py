@@ -9,24 +9,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import once_per_session
 
 from tests import loop_golden
-
-# The module's fixtures are costly (a subprocess, a server, saved models): its tests
-# share one worker, so each fixture is built once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_finetune_mesh")
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def two_devices(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mesh")
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "finetune_mesh_worker.py"),
-                           str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    def run() -> dict:
+        out = tmp_path_factory.mktemp("mesh")
+        env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "finetune_mesh_worker.py"),
+                               str(out)], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return once_per_session(tmp_path_factory, "two_devices", run)
 
 
 @pytest.mark.parametrize("name", ["classify", "instruct", "dpo"])

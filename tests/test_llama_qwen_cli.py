@@ -23,10 +23,6 @@ from jaxllm.model import apply
 from jaxllm.train import checkpoint
 from test_hf_tokenizer import LLAMA_TEMPLATE, QWEN_TEMPLATE, _byte_level_bpe, _save
 
-# The module's fixtures are costly (a subprocess, a server, saved models): its tests
-# share one worker, so each fixture is built once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_llama_qwen_cli")
-
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                   "<|end_header_id|>", "<|eot_id|>"]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

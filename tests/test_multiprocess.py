@@ -16,10 +16,6 @@ import pytest
 from jaxllm.train import checkpoint
 from jaxllm.train.task import path_str
 
-# The module's fixtures are costly (a subprocess, a server, saved models): its tests
-# share one worker, so each fixture is built once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_multiprocess")
-
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multiprocess_worker.py"
 PRETRAIN = ["pretrain", "--preset", "small", "--set", "context_length=32", "--set",

@@ -12,15 +12,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import once_per_session
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import sharding as sh
 from jaxllm.config import GPTConfig
 from jaxllm.train import TrainConfig
-
-# The module's fixtures are costly (a subprocess, a server, saved models): its tests
-# share one worker, so each fixture is built once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_sharding")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = GPTConfig(vocab_size=128, context_length=32, emb_dim=64, n_heads=4, n_layers=2,
@@ -145,13 +142,16 @@ def test_initialize_distributed_rejects_partial_settings(monkeypatch):
 # -- 8 fake devices, in one subprocess ------------------------------------------------
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharding")
-    # The worker adds the 8-device flag to XLA_FLAGS itself, before importing JAX.
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "sharding_worker.py"), str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    def run() -> dict:
+        out = tmp_path_factory.mktemp("sharding")
+        # The worker adds the 8-device flag to XLA_FLAGS itself, before importing JAX.
+        env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "sharding_worker.py"),
+                               str(out)], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return once_per_session(tmp_path_factory, "eight_devices", run)
 
 
 def test_worker_sees_eight_devices_in_one_process(eight_devices):

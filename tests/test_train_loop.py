@@ -14,10 +14,6 @@ from jaxllm.tokenizer import ByteTokenizer
 from jaxllm.train import TrainConfig, checkpoint, loop
 from jaxllm.train.pretrain import LoopConfig, TrainingDiverged, train
 
-# The module's fixtures are costly (a subprocess, a server, saved models): its tests
-# share one worker, so each fixture is built once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_train_loop")
-
 TOK = ByteTokenizer()
 # Dropout on, so that resuming must also reproduce the dropout masks.
 CONFIG = GPTConfig(vocab_size=257, context_length=16, emb_dim=32, n_heads=2, n_layers=2,
