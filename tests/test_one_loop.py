@@ -48,11 +48,13 @@ def test_a_nan_stops_a_fine_tuning_run_with_its_last_good_checkpoint(tmp_path, m
         return step, eval_step
 
     monkeypatch.setattr(loop, "_steps", poisoned_steps)
+    run = tmp_path / "classify"
     with pytest.raises(loop.TrainingDiverged, match="loss is nan at step 6.*last good "
-                                                    "checkpoint is step 4") as err:
-        loop_golden.dpo(tmp_path / "dpo")
+                                                    "checkpoint is step 4") as err, \
+            pytest.warns(UserWarning, match="truncated"):
+        loop_golden.classify(run)
     assert err.value.last_checkpoint == 4
-    assert checkpoint.open_manager(tmp_path / "dpo").all_steps() == [4]
-    rows = [json.loads(x) for x in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert checkpoint.open_manager(run).all_steps() == [4]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 5
-    assert (tmp_path / "dpo" / "loss.png").is_file()  # the plots of what ran
+    assert (run / "loss.png").is_file()  # the plots of what ran
