@@ -68,3 +68,24 @@ def once_per_session(tmp_path_factory, name: str, compute):
         result = compute()
         path.write_text(json.dumps(result))
         return result
+
+
+def device_worker(tmp_path_factory, script: str) -> dict:
+    """The JSON last line of `tests/<script>`, a worker that fakes several CPU
+    devices (their count is fixed when JAX starts, so it runs in its own
+    process), run once per test session (`once_per_session`)."""
+    import json
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def run() -> dict:
+        out = tmp_path_factory.mktemp(Path(script).stem)
+        # The worker sets its device count in XLA_FLAGS itself, before importing JAX.
+        env = dict(os.environ, PYTHONPATH=str(repo), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+        proc = subprocess.run([sys.executable, str(repo / "tests" / script), str(out)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return once_per_session(tmp_path_factory, Path(script).stem, run)

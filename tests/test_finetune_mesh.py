@@ -3,31 +3,17 @@ as on one device, resume, and record the mesh (instruction tuning runs DPO's pat
 with another task: `jaxllm.train.loop`)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import once_per_session
+from conftest import device_worker
 
 from tests import loop_golden
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def two_devices(tmp_path_factory):
-    def run() -> dict:
-        out = tmp_path_factory.mktemp("mesh")
-        env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", JAX_PLATFORMS="cpu")
-        proc = subprocess.run([sys.executable, str(REPO / "tests" / "finetune_mesh_worker.py"),
-                               str(out)], env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    return once_per_session(tmp_path_factory, "two_devices", run)
+    return device_worker(tmp_path_factory, "finetune_mesh_worker.py")
 
 
 @pytest.mark.parametrize("name", ["classify", "dpo"])

@@ -4,15 +4,12 @@ fake CPU devices) data parallel and FSDP training equal to one device."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import once_per_session
+from conftest import device_worker
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import sharding as sh
@@ -142,16 +139,7 @@ def test_initialize_distributed_rejects_partial_settings(monkeypatch):
 # -- 8 fake devices, in one subprocess ------------------------------------------------
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
-    def run() -> dict:
-        out = tmp_path_factory.mktemp("sharding")
-        # The worker adds the 8-device flag to XLA_FLAGS itself, before importing JAX.
-        env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", JAX_PLATFORMS="cpu")
-        proc = subprocess.run([sys.executable, str(REPO / "tests" / "sharding_worker.py"),
-                               str(out)], env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    return once_per_session(tmp_path_factory, "eight_devices", run)
+    return device_worker(tmp_path_factory, "sharding_worker.py")
 
 
 def test_worker_sees_eight_devices_in_one_process(eight_devices):

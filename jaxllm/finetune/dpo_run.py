@@ -34,12 +34,11 @@ import jax
 import numpy as np
 
 from jaxllm.config import GPTConfig
-from jaxllm.data.preferences import (PreferenceBatches, fixed_pair_batches, split_preferences,
-                                     tokenize_pairs)
+from jaxllm.data.preferences import PreferenceBatches, fixed_pair_batches, tokenize_pairs
 from jaxllm.finetune.dpo import REDUCTIONS, dpo_task, reference_logprobs
 from jaxllm.finetune.instruct import generate_responses
 from jaxllm.finetune.instruct_run import (AnswerConfig, answer_run_record, answer_samples,
-                                          check_tokenizer)
+                                          answer_splits)
 from jaxllm.layout import check_params
 from jaxllm.train.loop import Means, open_run
 from jaxllm.train.optim import TrainConfig
@@ -95,11 +94,7 @@ def finetune_dpo(run_dir, config: GPTConfig, tc: TrainConfig, dc: DPOConfig, tok
     `partition_rules`, default `jaxllm.sharding.DEFAULT_RULES`).
     """
     run_dir, wall_start = Path(run_dir), time.perf_counter()
-    check_tokenizer(tokenizer, config)
-    train_entries, test_entries, val_entries = split_preferences(entries)
-    if not val_entries or not test_entries:
-        raise ValueError(f"{len(entries)} entries leave an empty validation or test split; "
-                         f"give at least 20")
+    train_entries, test_entries, val_entries = answer_splits(entries, tokenizer, config)
     collate_kw = dict(allowed_max_length=min(dc.allowed_max_length, config.context_length),
                       pad_multiple=dc.pad_multiple, pad_id=tokenizer.eot_id)
     splits = {name: tokenize_pairs(e, tokenizer, dc.style, book=dc.book_collate)

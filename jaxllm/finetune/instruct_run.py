@@ -119,11 +119,7 @@ def finetune_instruct(run_dir, config: GPTConfig, tc: TrainConfig, ic: InstructC
         from jaxllm.finetune.judge import check_judge
 
         check_judge(judge["url"], judge.get("timeout", 60.0))  # before training, not after
-    check_tokenizer(tokenizer, config)
-    train_entries, test_entries, val_entries = split_instructions(entries)
-    if not val_entries or not test_entries:
-        raise ValueError(f"{len(entries)} entries leave an empty validation or test split; "
-                         f"give at least 20")
+    train_entries, test_entries, val_entries = answer_splits(entries, tokenizer, config)
     collate_kw = dict(allowed_max_length=min(ic.allowed_max_length, config.context_length),
                       mask_prompt=ic.mask_prompt, pad_multiple=ic.pad_multiple,
                       pad_id=tokenizer.eot_id)
@@ -228,11 +224,17 @@ def answer_run_record(section: str, settings: AnswerConfig, config: GPTConfig,
     return identity, meta
 
 
-def check_tokenizer(tokenizer, config: GPTConfig) -> None:
-    """Refuse a tokenizer whose ids the model's embedding cannot hold."""
+def answer_splits(entries: Sequence[dict], tokenizer, config: GPTConfig):
+    """(train, test, validation) of a run on prompt entries (85 / 10 / rest, in file
+    order), once the tokenizer's ids fit the model and every split has entries."""
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the "
                          f"model's vocab_size is {config.vocab_size}")
+    train, test, validation = split_instructions(entries)
+    if not validation or not test:
+        raise ValueError(f"{len(entries)} entries leave an empty validation or test split; "
+                         f"give at least 20")
+    return train, test, validation
 
 
 def warn_truncated(data_name: str, limit: int, **splits) -> None:
