@@ -203,11 +203,14 @@ def decode_steps(args) -> None:
     import jax.numpy as jnp
 
     import jaxllm
+    from jaxllm.cli.generate import inference_recipe
     from jaxllm.serve.engine import SlotEngine, _decode_step
 
     config = jaxllm.GPTConfig(vocab_size=50257, context_length=args.context,
                               emb_dim=args.emb_dim, n_heads=args.heads, n_layers=args.layers,
                               drop_rate=0.0, qkv_bias=True)
+    if not args.xla_kernels:
+        config = inference_recipe(config)
     engine = SlotEngine(jaxllm.init_params(config, jax.random.PRNGKey(0)), config, args.slots)
     for used in sorted({1, 2, 8, args.slots} & set(range(1, args.slots + 1))):
         active = np.arange(args.slots) < used
@@ -217,7 +220,7 @@ def decode_steps(args) -> None:
         compiled = _decode_step.lower(
             engine.params, engine.state, jnp.ones(rows, bool), z.astype(jnp.float32),
             z.astype(jnp.float32) + 1, z.astype(jnp.uint32), z.astype(jnp.int32),
-            config=config, sampling=False, rows=rows).compile()
+            config=config, rows=rows).compile()
         copies = [m.group(1) for m in re.finditer(r"= f32\[([0-9,]+)\]\{[^}]*\} copy\(",
                                                   compiled.as_text())
                   if 4 * np.prod([int(x) for x in m.group(1).split(",")]) >= 2 ** 20]
@@ -309,6 +312,9 @@ def main(argv=None) -> int:
                         help="time the engine's decode step alone at 1, 2, 8 and --slots "
                              "occupied slots (no servers)")
     parser.add_argument("--repeat", type=int, default=10, help="steps timed (--decode-steps)")
+    parser.add_argument("--xla-kernels", action="store_true",
+                        help="serve on XLA's own kernels (default: `jaxllm serve --cpu-recipe`, "
+                             "MKL's products on Intel CPUs, as torch uses them)")
     args = parser.parse_args(argv)
     if args.decode_steps:
         decode_steps(args)
@@ -348,7 +354,8 @@ def main(argv=None) -> int:
         sequential(jaxllm.load_hf(folder), folder, tokenizer, prompts, args, summary)
         ours = serve_levels(JAXLLM, [sys.executable, "-m", "jaxllm", "serve", "--hf",
                                      str(folder), "--tokenizer", "gpt2", "--slots",
-                                     str(args.slots), "--model-name", "gpt2"],
+                                     str(args.slots), "--model-name", "gpt2"]
+                            + ([] if args.xla_kernels else ["--cpu-recipe"]),
                             "gpt2", prompts, args, levels, summary, args.startup_timeout)
         theirs = {}
         if not args.no_peer:

@@ -205,20 +205,24 @@ def _write(cache_layer, new, start, slot_axis: int):
     """Write `new` (in the cache's layout) at slot `start` along `slot_axis`:
     one offset () for every row, or one per row (batch,).
 
-    Each write is a `dynamic_update_slice` with scalar offsets, which XLA
-    performs in place; a vmapped one would become a scatter that rewrites
-    the whole cache.
+    One offset is a `dynamic_update_slice`, one per row a scatter of one
+    position per row: XLA performs both in place on a donated cache (a
+    `dynamic_update_slice` per row did too, in as many ops as rows).
     """
     new = new.astype(cache_layer.dtype)
     if jnp.ndim(start) == 0:
         offsets = [0, 0, 0, 0]
         offsets[slot_axis] = start
         return jax.lax.dynamic_update_slice(cache_layer, new, offsets)
-    for row in range(new.shape[0]):
-        offsets = [row, 0, 0, 0]
-        offsets[slot_axis] = start[row]
-        cache_layer = jax.lax.dynamic_update_slice(cache_layer, new[row:row + 1], offsets)
-    return cache_layer
+    # index arrays (batch, seq) of rows and positions; the update's axes are
+    # theirs first, then the cache's heads and head_dim
+    positions = start[:, None] + jnp.arange(new.shape[slot_axis])
+    rows = jnp.broadcast_to(jnp.arange(new.shape[0])[:, None], positions.shape)
+    if slot_axis == 3:
+        return cache_layer.at[rows, :, :, positions].set(new.transpose(0, 3, 1, 2),
+                                                         mode="promise_in_bounds")
+    return cache_layer.at[rows, :, positions, :].set(new.transpose(0, 2, 1, 3),
+                                                     mode="promise_in_bounds")
 
 
 def _after(x, dependency):
@@ -294,8 +298,10 @@ def cache_bytes_per_token(config: GPTConfig) -> int:
     return 2 * config.n_layers * config.kv_heads * config.head_dim * itemsize
 
 
-def empty_cache(config: GPTConfig, batch: int) -> KVCache:
-    h, c, d = config.kv_heads, config.context_length, config.head_dim
+def empty_cache(config: GPTConfig, batch: int, positions: int | None = None) -> KVCache:
+    """Zeros for `batch` sequences of `positions` tokens (default: the context)."""
+    h, d = config.kv_heads, config.head_dim
+    c = config.context_length if positions is None else positions
     dtype = jnp.dtype(config.compute_dtype)
     return KVCache([jnp.zeros((batch, h, d, c), dtype) for _ in range(config.n_layers)],
                    [jnp.zeros((batch, h, c, d), dtype) for _ in range(config.n_layers)])

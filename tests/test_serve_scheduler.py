@@ -8,7 +8,7 @@ import pytest
 import jaxllm
 from jaxllm.cli.generate import token_bytes
 from jaxllm.generate import TRACE_COUNTS, generate
-from jaxllm.serve.engine import SlotEngine
+from jaxllm.serve.engine import SlotEngine, cache_lengths
 from jaxllm.serve.scheduler import Request, Scheduler
 from jaxllm.tokenizer import ByteTokenizer
 
@@ -244,3 +244,67 @@ def test_a_decode_step_runs_on_the_occupied_slots_only(params):
     assert rows == {2: 4, 4: 16}
     assert run() == rows
     assert (TRACE_COUNTS["serve_decode"], TRACE_COUNTS["serve_prefill"]) == traces  # no recompiling
+
+
+def test_cache_lengths_grow_by_four_up_to_the_context():
+    assert cache_lengths(1024) == (64, 256, 1024)
+    assert cache_lengths(100) == (64, 100)
+    assert cache_lengths(64) == (64,)
+    assert cache_lengths(32) == (32,)
+
+
+def test_the_cache_grows_for_a_long_request_and_shrinks_after_it():
+    """On a 256-token context the slots' cache starts at 64 positions; a
+    request that passes 64 tokens grows every slot's cache to 256 (the
+    short request beside it unharmed), and once it ends the next request
+    decodes on 64 again. Each answer equals `generate` alone, whose cache
+    always has the context's 256 positions; `warm_up` compiled both lengths."""
+    config = CFG.replace(context_length=256)
+    p = jaxllm.init_params(config, jax.random.PRNGKey(2))
+    engine = SlotEngine(p, config, slots=2)
+    assert engine.cache_lengths == (64, 256)
+    engine.warm_up()
+    kinds = ("serve_decode", "serve_prefill", "serve_insert", "serve_resize")
+    traces = [TRACE_COUNTS[k] for k in kinds]
+    scheduler = Scheduler(engine, lambda t: token_bytes(TOK, t), TOK.stop_ids)
+    prompt, new = TOK.encode(PROMPTS[3]), 70
+    long = scheduler.submit(Request(prompt, new))
+    short = scheduler.submit(Request(TOK.encode(PROMPTS[0]), 10))
+    drain(scheduler)
+    # the step that feeds a request's k-th new token holds len(prompt) + k positions
+    at_64 = 64 - len(prompt)
+    assert engine.lengths_decoded == {64: at_64, 256: new - at_64}
+    assert engine.cache_length == 256
+    late = scheduler.submit(Request(TOK.encode(PROMPTS[1]), 5))
+    drain(scheduler)
+    assert engine.lengths_decoded[64] == at_64 + 5 and engine.cache_length == 64
+    for r, q, n in ((long, PROMPTS[3], new), (short, PROMPTS[0], 10), (late, PROMPTS[1], 5)):
+        out = generate(p, config, TOK.encode(q), n, eos_id=TOK.eot_id)
+        assert r.tokens == [t for t in out.tokens[0, : out.lengths[0]].tolist()
+                            if t != TOK.eot_id], q
+    assert [TRACE_COUNTS[k] for k in kinds] == traces  # no recompiling
+
+
+def test_the_cpu_recipe_serves_what_generate_gives_on_it(params):
+    """`--cpu-recipe` (MKL's products and the row-wise LayerNorm on this
+    Intel CPU): the engine's greedy answers equal `generate` on the same
+    config, and its logits equal the XLA path's to float32 rounding."""
+    from jaxllm.cli.generate import inference_recipe
+    from jaxllm.kernels.recipe import cpu_recipe
+
+    config = inference_recipe(CFG)
+    expected = {k: v for k, v in cpu_recipe().items() if k in ("matmul_impl", "norm_impl")}
+    assert {k: getattr(config, k) for k in expected} == expected
+    assert config.replace(**{k: getattr(CFG, k) for k in expected}) == CFG
+    assert inference_recipe(CFG.replace(compute_dtype="bfloat16")).matmul_impl == "xla"
+    scheduler = Scheduler(SlotEngine(params, config, slots=2), lambda t: token_bytes(TOK, t),
+                          TOK.stop_ids)
+    prompts, lengths = ["Hi", "Every effort moves you"], [12, 7]
+    requests = [scheduler.submit(Request(TOK.encode(q), n)) for q, n in zip(prompts, lengths)]
+    drain(scheduler)
+    for r, q, n in zip(requests, prompts, lengths):
+        out = generate(params, config, TOK.encode(q), n, eos_id=TOK.eot_id, return_logits=True)
+        assert r.tokens == [t for t in out.tokens[0, : out.lengths[0]].tolist()
+                            if t != TOK.eot_id], q
+        plain = generate(params, CFG, TOK.encode(q), n, eos_id=TOK.eot_id, return_logits=True)
+        np.testing.assert_allclose(out.logits, plain.logits, atol=1e-4, rtol=1e-4)

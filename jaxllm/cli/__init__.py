@@ -69,6 +69,14 @@ def add_fallback_argument(parser: argparse.ArgumentParser, *, resuming: bool = F
                         + " a damaged latest checkpoint instead of using the newest intact one")
 
 
+def add_cpu_recipe_argument(parser: argparse.ArgumentParser) -> None:
+    """--cpu-recipe for the commands that run a trained model (generate, chat, serve)."""
+    parser.add_argument("--cpu-recipe", action="store_true",
+                        help="run the dense layers (and GPT-2's LayerNorms) on this CPU's fastest "
+                             "kernels: MKL's products on Intel CPUs (float32 models; "
+                             "jaxllm.kernels.recipe)")
+
+
 def add_tokenizer_arguments(parser: argparse.ArgumentParser, *, default: str) -> None:
     """--tokenizer and --tokenizer-dir, as every command takes them."""
     parser.add_argument("--tokenizer", choices=("byte", "gpt2", "hf"), default=None,

@@ -22,7 +22,8 @@ import argparse
 import codecs
 import sys
 
-from jaxllm.cli import add_fallback_argument, add_tokenizer_arguments, hf_source, utf8_text
+from jaxllm.cli import (add_cpu_recipe_argument, add_fallback_argument, add_tokenizer_arguments,
+                        hf_source, utf8_text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     add_tokenizer_arguments(parser, default="the run's own, or the --hf folder's")
+    add_cpu_recipe_argument(parser)
 
 
 def answer(params, config, tokenizer, instruction: str, style: str, args, out) -> str:

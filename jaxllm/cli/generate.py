@@ -24,7 +24,8 @@ import argparse
 import codecs
 import sys
 
-from jaxllm.cli import add_fallback_argument, add_tokenizer_arguments, hf_source, utf8_text
+from jaxllm.cli import (add_cpu_recipe_argument, add_fallback_argument, add_tokenizer_arguments,
+                        hf_source, utf8_text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse to run past the context length instead of sliding")
     parser.add_argument("--no-stream", action="store_true",
                         help="print the text once at the end instead of token by token")
+    add_cpu_recipe_argument(parser)
 
 
 def load_model(args, verb: str = "generate"):
@@ -75,7 +77,26 @@ def load_model(args, verb: str = "generate"):
     tokenizer = get_tokenizer(args.tokenizer or default_tokenizer, args.tokenizer_dir,
                               places=places, vocab_size=config.vocab_size)
     check_vocab(config.vocab_size, tokenizer)
+    if getattr(args, "cpu_recipe", False):
+        config = inference_recipe(config)
     return params, config, tokenizer, meta
+
+
+def inference_recipe(config):
+    """`config` with the CPU recipe's dense-layer and LayerNorm kernels where
+    they apply (`jaxllm.kernels.recipe.cpu_recipe`): MKL's products need
+    float32, the row-wise norm LayerNorm. The same numbers as the defaults
+    to float32 rounding (the parity tests of the recipe)."""
+    from jaxllm.kernels.recipe import cpu_recipe
+
+    recipe = cpu_recipe()
+    changes = {}
+    if recipe.get("matmul_impl", "xla") != "xla" and config.compute_dtype == "float32":
+        changes["matmul_impl"] = recipe["matmul_impl"]
+    if recipe.get("norm_impl", "xla") != "xla" and config.norm == "layernorm" \
+            and config.compute_dtype == "float32":
+        changes["norm_impl"] = recipe["norm_impl"]
+    return config.replace(**changes)
 
 
 def load_language_model(run_dir, *, fallback: bool = True):

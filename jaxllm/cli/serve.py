@@ -21,7 +21,8 @@ import os
 import sys
 import time
 
-from jaxllm.cli import add_fallback_argument, add_tokenizer_arguments, hf_source
+from jaxllm.cli import (add_cpu_recipe_argument, add_fallback_argument, add_tokenizer_arguments,
+                        hf_source)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-warmup", action="store_true",
                         help="compile on the first requests instead of before listening")
     add_tokenizer_arguments(parser, default="the run's own, or the --hf folder's")
+    add_cpu_recipe_argument(parser)
 
 
 def build(args: argparse.Namespace):
