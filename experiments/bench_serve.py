@@ -230,7 +230,8 @@ def decode_steps(args) -> None:
         for _ in range(args.repeat):
             engine.decode(active, zeros, zeros + 1, zeros, zeros)
         ms = (time.perf_counter() - t) / args.repeat * 1e3
-        print(json.dumps({"occupied": used, "rows": rows, "ms_per_step": round(ms, 2),
+        print(json.dumps({"occupied": used, "rows": rows, "cache_length": engine.cache_length,
+                          "ms_per_step": round(ms, 2),
                           "scratch_mib": round(compiled.memory_analysis().temp_size_in_bytes
                                                / 2 ** 20, 1),
                           "copies_of_1mib_or_more": copies,
@@ -254,7 +255,8 @@ def write_markdown(results, path: Path) -> None:
     m = results["model"]
     lines += ["", f"Model: GPT-2 architecture and vocabulary, random weights, {m['n_layers']} "
               f"layers, emb {m['emb_dim']}, {m['n_heads']} heads, context "
-              f"{m['context_length']}; `--slots {results['slots']}`, `max_tokens` "
+              f"{m['context_length']}; `jaxllm serve --slots {results['slots']}"
+              f"{results.get('jaxllm_flags', '')}`, `max_tokens` "
               f"{results['max_tokens']}, greedy. Machine: {results['machine']}; torch threads "
               f"{results['torch_threads']}; load average {results['load_before']} before, "
               f"{results['load_after']} after.",
@@ -336,6 +338,7 @@ def main(argv=None) -> int:
                          "n_heads": args.heads, "context_length": args.context,
                          "vocab_size": 50257},
                "slots": args.slots, "max_tokens": args.max_tokens,
+               "jaxllm_flags": "" if args.xla_kernels else " --cpu-recipe",
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                           f"{platform.platform(terse=True)}",
                "torch_threads": torch.get_num_threads(), "load_before": load_before,
