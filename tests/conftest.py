@@ -51,6 +51,22 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# The costly workers that fake several CPU devices, and the test modules that read
+# them: they start in the background as soon as the tests are collected, so no
+# xdist worker waits idle for one later.
+DEVICE_WORKERS = {"sharding_worker.py": "test_sharding.py",
+                  "finetune_mesh_worker.py": "test_finetune_mesh.py"}
+REPO = Path(__file__).resolve().parents[1]
+_STARTED: list = []  # the workers this process started (kept until it exits)
+
+
+def _session_root(tmp_path_factory) -> Path:
+    """A folder of this test session that every xdist worker shares (the
+    workers' base folders sit in it); a run without xdist has its own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def once_per_session(tmp_path_factory, name: str, compute):
     """`compute()`'s JSON-able result, computed by one pytest-xdist worker for all
     of them (the others wait for it and read it): a module fixture that runs a
@@ -59,7 +75,7 @@ def once_per_session(tmp_path_factory, name: str, compute):
     import fcntl
     import json
 
-    root = tmp_path_factory.getbasetemp().parent  # the workers' common folder
+    root = _session_root(tmp_path_factory)
     path = root / f"{name}.json"
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -70,22 +86,73 @@ def once_per_session(tmp_path_factory, name: str, compute):
         return result
 
 
+def _worker_command(script: str, out: Path) -> tuple[list, dict]:
+    import sys
+
+    # The worker sets its device count in XLA_FLAGS itself, before importing JAX.
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    return [sys.executable, str(REPO / "tests" / script), str(out)], env
+
+
+def pytest_collection_finish(session):
+    """Start the device workers the collected tests need, once per session:
+    the first xdist worker here starts them (a lock orders the workers, and
+    each passes here before its first test)."""
+    import fcntl
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: each fixture runs its worker when first asked
+    files = {Path(str(item.fspath)).name for item in session.items}
+    root = _session_root(session.config._tmp_path_factory)
+    with open(root / "device_workers.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for script, module in DEVICE_WORKERS.items():
+            stem = Path(script).stem
+            if module not in files or (root / f"{stem}.started").exists():
+                continue
+            out = root / stem
+            out.mkdir(exist_ok=True)
+            command, env = _worker_command(script, out)
+            # the shell writes the exit status last: its file says the worker ended
+            _STARTED.append(subprocess.Popen(
+                ["sh", "-c", '"$@" >"$0.stdout" 2>"$0.stderr"; echo $? >"$0.rc"',
+                 str(root / stem), *command], env=env, start_new_session=True))
+            (root / f"{stem}.started").touch()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Wait for the workers this process started (another xdist worker's tests
+    may still read them); an interrupted session stops them instead."""
+    import signal
+
+    for proc in _STARTED:
+        if exitstatus == pytest.ExitCode.INTERRUPTED and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+
+
 def device_worker(tmp_path_factory, script: str) -> dict:
     """The JSON last line of `tests/<script>`, a worker that fakes several CPU
     devices (their count is fixed when JAX starts, so it runs in its own
-    process), run once per test session (`once_per_session`)."""
+    process), run once per test session: started at collection under xdist
+    (`pytest_collection_finish`), else here."""
     import json
-    import sys
+    import time
 
-    repo = Path(__file__).resolve().parents[1]
+    root, stem = _session_root(tmp_path_factory), Path(script).stem
+    if (root / f"{stem}.started").exists():
+        rc, deadline = root / f"{stem}.rc", time.monotonic() + 900
+        while not (rc.exists() and rc.read_text().strip()):
+            assert time.monotonic() < deadline, f"{script} ran over 900 s"
+            time.sleep(0.5)
+        stderr = (root / f"{stem}.stderr").read_text()
+        assert rc.read_text().strip() == "0", stderr[-4000:]
+        return json.loads((root / f"{stem}.stdout").read_text().strip().splitlines()[-1])
 
     def run() -> dict:
-        out = tmp_path_factory.mktemp(Path(script).stem)
-        # The worker sets its device count in XLA_FLAGS itself, before importing JAX.
-        env = dict(os.environ, PYTHONPATH=str(repo), XLA_FLAGS="", JAX_PLATFORMS="cpu")
-        proc = subprocess.run([sys.executable, str(repo / "tests" / script), str(out)], env=env,
-                              capture_output=True, text=True, timeout=600)
+        command, env = _worker_command(script, tmp_path_factory.mktemp(stem))
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    return once_per_session(tmp_path_factory, Path(script).stem, run)
+    return once_per_session(tmp_path_factory, stem, run)

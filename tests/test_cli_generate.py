@@ -51,6 +51,22 @@ def test_streams_the_same_text_as_generate(model_dir, capsys):
     assert len(printed) > len(PROMPT) + 1
 
 
+def test_cpu_recipe_streams_what_generate_gives_on_its_kernels(model_dir, capsys):
+    """`--cpu-recipe`: MKL's products and the row-wise LayerNorm on this Intel
+    CPU, and the text `generate` gives on the same kernels."""
+    from jaxllm.cli.generate import inference_recipe
+
+    d, params = model_dir
+    config = inference_recipe(CFG)
+    assert (config.matmul_impl, config.norm_impl) != (CFG.matmul_impl, CFG.norm_impl)
+    assert main(["generate", "--hf", str(d), "--prompt", PROMPT, "--max-new-tokens", "12",
+                 "--tokenizer", "byte", "--cpu-recipe"]) == 0
+    tok = ByteTokenizer()
+    out = generate(params, config, tok.encode(PROMPT), 12, eos_id=tok.eot_id, chunk_size=1)
+    new = [t for t in out.tokens[0, : out.lengths[0]].tolist() if t != tok.eot_id]
+    assert capsys.readouterr().out == PROMPT + tok.decode(new) + "\n"
+
+
 def test_sampling_options_and_a_weights_file(model_dir, capsys, tmp_path):
     d, params = model_dir
     # the weights file names its folder; without config.json beside it, one line says so
