@@ -205,9 +205,9 @@ def _write(cache_layer, new, start, slot_axis: int):
     """Write `new` (in the cache's layout) at slot `start` along `slot_axis`:
     one offset () for every row, or one per row (batch,).
 
-    One offset is a `dynamic_update_slice`, one per row a scatter of one
-    position per row: XLA performs both in place on a donated cache (a
-    `dynamic_update_slice` per row did too, in as many ops as rows).
+    One offset is a `dynamic_update_slice`; one per row is a single scatter
+    of each row's positions (one op, whatever the batch). XLA performs both
+    in place on a donated cache.
     """
     new = new.astype(cache_layer.dtype)
     if jnp.ndim(start) == 0:

@@ -67,25 +67,6 @@ def _session_root(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-def once_per_session(tmp_path_factory, name: str, compute):
-    """`compute()`'s JSON-able result, computed by one pytest-xdist worker for all
-    of them (the others wait for it and read it): a module fixture that runs a
-    costly subprocess, the 8-device worker say, is then built once per test
-    session, not once per worker whose share of the module's tests needs it."""
-    import fcntl
-    import json
-
-    root = _session_root(tmp_path_factory)
-    path = root / f"{name}.json"
-    with open(root / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.exists():
-            return json.loads(path.read_text())
-        result = compute()
-        path.write_text(json.dumps(result))
-        return result
-
-
 def _worker_command(script: str, out: Path) -> tuple[list, dict]:
     import sys
 
@@ -115,7 +96,7 @@ def pytest_collection_finish(session):
             command, env = _worker_command(script, out)
             # the shell writes the exit status last: its file says the worker ended
             _STARTED.append(subprocess.Popen(
-                ["sh", "-c", '"$@" >"$0.stdout" 2>"$0.stderr"; echo $? >"$0.rc"',
+                ["sh", "-c", 'timeout 600 "$@" >"$0.stdout" 2>"$0.stderr"; echo $? >"$0.rc"',
                  str(root / stem), *command], env=env, start_new_session=True))
             (root / f"{stem}.started").touch()
 
@@ -135,7 +116,8 @@ def device_worker(tmp_path_factory, script: str) -> dict:
     """The JSON last line of `tests/<script>`, a worker that fakes several CPU
     devices (their count is fixed when JAX starts, so it runs in its own
     process), run once per test session: started at collection under xdist
-    (`pytest_collection_finish`), else here."""
+    (`pytest_collection_finish`), else here, by the module fixture that
+    asks."""
     import json
     import time
 
@@ -143,16 +125,13 @@ def device_worker(tmp_path_factory, script: str) -> dict:
     if (root / f"{stem}.started").exists():
         rc, deadline = root / f"{stem}.rc", time.monotonic() + 900
         while not (rc.exists() and rc.read_text().strip()):
-            assert time.monotonic() < deadline, f"{script} ran over 900 s"
+            assert time.monotonic() < deadline, f"{script} gave no exit status in 900 s"
             time.sleep(0.5)
         stderr = (root / f"{stem}.stderr").read_text()
         assert rc.read_text().strip() == "0", stderr[-4000:]
         return json.loads((root / f"{stem}.stdout").read_text().strip().splitlines()[-1])
 
-    def run() -> dict:
-        command, env = _worker_command(script, tmp_path_factory.mktemp(stem))
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    return once_per_session(tmp_path_factory, stem, run)
+    command, env = _worker_command(script, tmp_path_factory.mktemp(stem))
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

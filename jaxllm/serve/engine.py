@@ -84,7 +84,6 @@ def _insert(state: SlotState, new: KVCache, logits, length, slot) -> SlotState:
     donated state. A prompt's bucket longer than the slots' cache keeps its
     first positions (the engine made the cache hold the prompt)."""
     TRACE_COUNTS["serve_insert"] += 1
-    valid = True
 
     def put(big, rows, first, axis=None):
         """Scatter `rows` into `big` (holding slots first..) at positions
@@ -93,7 +92,7 @@ def _insert(state: SlotState, new: KVCache, logits, length, slot) -> SlotState:
             n = min(rows.shape[axis], big.shape[axis])
             rows = jax.lax.slice_in_dim(rows, 0, n, axis=axis)
         local = slot - first
-        where = jnp.where(valid & (local >= 0) & (local < big.shape[0]), local, big.shape[0])
+        where = jnp.where((local >= 0) & (local < big.shape[0]), local, big.shape[0])
         index = (where,) + (slice(None),) * (rows.ndim - 1)
         if axis is not None:
             index = index[:axis] + (slice(0, n),) + index[axis + 1:]
